@@ -1,0 +1,91 @@
+"""Streamed second- and fourth-order moments of one target's input rows.
+
+Everything the estimators of :mod:`flarc.calib.shrinkage` need is a sum over rows ``x_k``:
+
+    gram   = sum_k x_k x_k^T          count = N
+    sum4   = sum_k ||x_k||^4           (Ledoit-Wolf, uncentred)
+    sum1   = sum_k x_k                 sum2x = sum_k ||x_k||^2 x_k   (centred variant)
+
+so batches add up exactly and a statistic never holds an activation tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Moments:
+    gram: np.ndarray  # [n, n] float64
+    count: int
+    sum4: float
+    sum1: np.ndarray  # [n]
+    sum2x: np.ndarray  # [n]
+
+    @classmethod
+    def zeros(cls, n: int) -> Moments:
+        return cls(np.zeros((n, n)), 0, 0.0, np.zeros(n), np.zeros(n))
+
+    @classmethod
+    def from_rows(cls, x: np.ndarray) -> Moments:
+        """Reference computation from explicit rows (tests, small data)."""
+        x = np.asarray(x, dtype=np.float64)
+        r2 = np.einsum("ij,ij->i", x, x)
+        return cls(x.T @ x, x.shape[0], float(r2 @ r2), x.sum(0), r2 @ x)
+
+    @property
+    def n(self) -> int:
+        return self.gram.shape[0]
+
+    def add(self, other: Moments) -> None:
+        self.gram += other.gram
+        self.count += other.count
+        self.sum4 += other.sum4
+        self.sum1 += other.sum1
+        self.sum2x += other.sum2x
+
+    def covariance(self, centered: bool = False) -> np.ndarray:
+        """The empirical ``S = gram / N`` (minus ``mean mean^T`` when centred)."""
+        if self.count == 0:
+            raise ValueError("no rows")
+        s = self.gram / self.count
+        if centered:
+            mean = self.sum1 / self.count
+            s = s - np.outer(mean, mean)
+        return s
+
+    def fourth_moment(self, centered: bool = False) -> float:
+        """``sum_k ||x_k - c||^4`` with ``c`` the mean (centred) or 0, from the streamed sums."""
+        if not centered:
+            return self.sum4
+        n_rows = self.count
+        mean = self.sum1 / n_rows
+        c = float(mean @ mean)  # ||m||^2
+        # ||x - m||^2 = a - 2b + c with a = ||x||^2, b = x.m; expand (a - 2b + c)^2 and sum over rows.
+        sum_a = float(np.trace(self.gram))
+        sum_b = float(self.sum1 @ mean)
+        sum_a2 = self.sum4
+        sum_b2 = float(mean @ self.gram @ mean)
+        sum_ab = float(self.sum2x @ mean)
+        return sum_a2 + 4 * sum_b2 + n_rows * c * c - 4 * sum_ab + 2 * c * sum_a - 4 * c * sum_b
+
+    def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {
+            f"{prefix}gram": self.gram,
+            f"{prefix}count": np.array(self.count, dtype=np.int64),
+            f"{prefix}sum4": np.array(self.sum4),
+            f"{prefix}sum1": self.sum1,
+            f"{prefix}sum2x": self.sum2x,
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> Moments:
+        return cls(
+            np.array(arrays[f"{prefix}gram"], dtype=np.float64),
+            int(arrays[f"{prefix}count"]),
+            float(arrays[f"{prefix}sum4"]),
+            np.array(arrays[f"{prefix}sum1"], dtype=np.float64),
+            np.array(arrays[f"{prefix}sum2x"], dtype=np.float64),
+        )

@@ -1,0 +1,12 @@
+"""flarc: low-rank factorization of deployed ONNX models.
+
+The stages live in sub-packages: ``flarc.calib`` (statistics), ``flarc.rewrite``
+(whitening, SVD, ranks, graph surgery), ``flarc.latency`` (per-rank timing) and
+``flarc.export`` (engines, rank buckets, decoding runtime). ``flarc.pipeline`` runs them.
+"""
+
+from flarc.errors import BackendError, DataError, FlarcError, ModelError
+
+__version__ = "0.1.0"
+
+__all__ = ["BackendError", "DataError", "FlarcError", "ModelError", "__version__"]

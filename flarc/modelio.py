@@ -1,0 +1,252 @@
+"""Reading and writing ONNX models safely: hostile external data is refused before any byte
+is read, and every output is written atomically (a temporary name, then one rename)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import external_data_helper, numpy_helper
+
+from flarc.errors import FlarcError, ModelError
+
+# onnxruntime 1.2x rejects the IR version that onnx 1.23 writes by default.
+MAX_IR_VERSION = 10
+MIN_OPSET = 13
+# Protobuf cannot serialise a single message over 2 GiB; stay well under it.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# A tensor that claims more elements than this is treated as hostile, whatever its data says.
+MAX_TENSOR_ELEMENTS = 1 << 34
+
+
+def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor the model stores: initializers and Constant/attribute tensors, in subgraphs too."""
+    yield from external_data_helper._get_all_tensors(model)
+
+
+def check_external_data(model: onnx.ModelProto, base_dir: Path, model_path: Path) -> None:
+    """Refuse external-data references that leave the model's folder or do not fit their file."""
+    root = base_dir.resolve()
+    for tensor in _all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = _external_entries(tensor)
+        location = info.get("location", "")
+        where = f"{model_path}: tensor '{tensor.name}'"
+        if not location:
+            raise ModelError(f"{where} has external data with no location")
+        rel = Path(location)
+        if rel.is_absolute() or location.startswith(("/", "\\")) or ":" in rel.parts[0]:
+            raise ModelError(f"{where}: external data location '{location}' is absolute; refused")
+        if ".." in rel.parts:
+            raise ModelError(f"{where}: external data location '{location}' contains '..'; refused")
+        target = (root / rel).resolve()
+        if root != target and root not in target.parents:
+            raise ModelError(
+                f"{where}: external data location '{location}' resolves outside {root}; refused"
+            )
+        if not target.is_file():
+            raise ModelError(f"{where}: external data file '{location}' is missing")
+        size = target.stat().st_size
+        offset = int(info.get("offset", 0) or 0)
+        declared = _declared_nbytes(tensor, where)
+        length = int(info["length"]) if info.get("length") else size - offset
+        if offset < 0 or length < 0 or offset + length > size:
+            raise ModelError(
+                f"{where}: external data range [{offset}, {offset + length}) exceeds '{location}' "
+                f"({size} bytes)"
+            )
+        if declared is not None and length != declared:
+            raise ModelError(
+                f"{where}: shape {list(tensor.dims)} needs {declared} bytes but external data has {length}"
+            )
+
+
+def _declared_nbytes(tensor: onnx.TensorProto, where: str) -> int | None:
+    """Bytes the tensor's shape and type need, or None for types without a fixed width."""
+    if any(d < 0 for d in tensor.dims):
+        raise ModelError(f"{where}: negative dimension in shape {list(tensor.dims)}")
+    count = int(np.prod(tensor.dims, dtype=np.float64)) if tensor.dims else 1
+    if count > MAX_TENSOR_ELEMENTS:
+        raise ModelError(f"{where}: absurd shape {list(tensor.dims)} ({count} elements); refused")
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (count + 1) // 2
+    return count * itemsize
+
+
+def check_inline_sizes(model: onnx.ModelProto, model_path: Path) -> None:
+    """Raw tensor data whose length disagrees with the declared shape is refused."""
+    for tensor in _all_tensors(model):
+        where = f"{model_path}: tensor '{tensor.name}'"
+        declared = _declared_nbytes(tensor, where)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or declared is None:
+            continue
+        if tensor.HasField("raw_data") and len(tensor.raw_data) != declared:
+            raise ModelError(
+                f"{where}: shape {list(tensor.dims)} needs {declared} bytes but has {len(tensor.raw_data)}"
+            )
+
+
+def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
+    """Load and check an ONNX model; raise ModelError with the path on anything wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such file")
+    if not path.is_file():
+        raise ModelError(f"{path}: not a file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several unrelated types for garbage
+        raise ModelError(
+            f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})"
+        ) from None
+    if not model.HasField("graph") or len(model.graph.node) == 0:
+        raise ModelError(f"{path}: not an ONNX model (no graph or no nodes)")
+    check_inline_sizes(model, path)
+    check_external_data(model, path.parent, path)
+    opset = model_opset(model)
+    if opset < MIN_OPSET:
+        raise ModelError(
+            f"{path}: opset {opset} is not supported (need {MIN_OPSET}+); "
+            "convert it with onnx.version_converter first"
+        )
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise ModelError(f"{path}: invalid ONNX model: {exc}") from None
+    if load_external_data and uses_external_data(model):
+        external_data_helper.load_external_data_for_model(model, str(path.parent))
+    return model
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model))
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+def tensor_nbytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for tensor in model.graph.initializer:
+        declared = _declared_nbytes(tensor, tensor.name)
+        total += declared or 0
+    return total
+
+
+def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]) -> Path:
+    """Refuse an output that would overwrite an input or land in a folder we cannot write."""
+    out = Path(output)
+    for src in inputs:
+        if out.resolve() == Path(src).resolve():
+            raise FlarcError(f"{out}: output path is the input model; refusing to overwrite it")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise FlarcError(f"{out}: output folder '{folder}' does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FlarcError(f"{out}: output folder '{folder}' is not writable")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it over ``final`` only on success."""
+    final = Path(final)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes_atomic(final: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(final) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def write_text_atomic(final: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(final, text.encode("utf-8"))
+
+
+def prepare_for_save(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Clamp the IR version so current onnxruntime loads what we write."""
+    if model.ir_version > MAX_IR_VERSION:
+        model.ir_version = MAX_IR_VERSION
+    return model
+
+
+def save_model(
+    model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None
+) -> list[Path]:
+    """Write ``model`` to ``path`` atomically; large models get a ``<name>.data`` file beside it.
+
+    Returns the files written. Data goes first, the model file last, so a reader never
+    finds a model whose data is missing.
+    """
+    path = Path(path)
+    prepare_for_save(model)
+    if external_data is None:
+        external_data = tensor_nbytes(model) > EXTERNAL_DATA_THRESHOLD
+    if not external_data:
+        data = model.SerializeToString()
+        write_bytes_atomic(path, data)
+        return [path]
+    data_name = path.name + ".data"
+    with tempfile.TemporaryDirectory(prefix=".flarc-", dir=path.parent) as tmpdir:
+        tmp_model = Path(tmpdir) / path.name
+        onnx.save_model(
+            model,
+            str(tmp_model),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
+        # onnx.save_model turned the in-memory tensors into references: read the bytes back in.
+        external_data_helper.load_external_data_for_model(model, tmpdir)
+        os.replace(Path(tmpdir) / data_name, path.parent / data_name)
+        os.replace(tmp_model, path)
+    return [path, path.parent / data_name]
+
+
+def session_model_bytes_or_path(model: onnx.ModelProto, workdir: Path) -> str | bytes:
+    """What onnxruntime.InferenceSession accepts for ``model``: bytes, or a path for large ones."""
+    prepare_for_save(model)
+    if tensor_nbytes(model) <= EXTERNAL_DATA_THRESHOLD:
+        return model.SerializeToString()
+    target = workdir / "session.onnx"
+    save_model(model, target, external_data=True)
+    return str(target)
+
+
+def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for tensor in model.graph.initializer:
+        if tensor.name == name:
+            return numpy_helper.to_array(tensor)
+    raise KeyError(name)

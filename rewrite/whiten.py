@@ -1,0 +1,70 @@
+"""Whitening factors ``H = L L^T`` and their transposed solves (DESIGN.md section 3).
+
+Cholesky is the default: ``L`` lower triangular, ``L^{-T} Y`` by a triangular solve and never
+an explicit inverse. When Cholesky fails (a numerically indefinite ``H``), the eigen variant
+``L = Q diag(sqrt(e))`` with clamped eigenvalues is used, and the caller is told.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+log = logging.getLogger(__name__)
+
+# Eigenvalues below this fraction of the largest are clamped (dead channels, rank deficiency).
+EIG_FLOOR = 1e-12
+
+
+@dataclass
+class Whitener:
+    """``L`` with ``L L^T = H``; ``kind`` is 'cholesky' (triangular L) or 'eig' (L = Q sqrt(E))."""
+
+    kind: str
+    factor: np.ndarray  # cholesky: L (lower); eig: Q
+    scale: np.ndarray | None = None  # eig: sqrt(E)
+
+    def apply_t(self, b: np.ndarray) -> np.ndarray:
+        """``L^T B``."""
+        if self.kind == "cholesky":
+            return self.factor.T @ b
+        return self.scale[:, None] * (self.factor.T @ b)
+
+    def solve_t(self, y: np.ndarray) -> np.ndarray:
+        """``L^{-T} Y``."""
+        if self.kind == "cholesky":
+            return scipy.linalg.solve_triangular(
+                self.factor, y, trans="T", lower=True, check_finite=False
+            )
+        return self.factor @ (y / self.scale[:, None])
+
+
+def cholesky_whitener(h: np.ndarray) -> Whitener | None:
+    try:
+        return Whitener("cholesky", np.linalg.cholesky(h))
+    except np.linalg.LinAlgError:
+        return None
+
+
+def eig_whitener(h: np.ndarray) -> Whitener:
+    e, q = np.linalg.eigh((h + h.T) / 2)
+    floor = max(float(e.max()), 1e-300) * EIG_FLOOR
+    return Whitener("eig", q, np.sqrt(np.maximum(e, floor)))
+
+
+def whitener(h: np.ndarray, method: str = "cholesky", name: str = "") -> tuple[Whitener, bool]:
+    """A whitening factor of ``h`` by ``method``; the flag says Cholesky failed and eig was used."""
+    if method == "eig":
+        return eig_whitener(h), False
+    if method != "cholesky":
+        raise ValueError(f"unknown whitening '{method}' (choose cholesky or eig)")
+    w = cholesky_whitener(h)
+    if w is not None:
+        return w, False
+    log.warning(
+        "%s: Cholesky of the shrunk statistic failed; using eigendecomposition whitening", name
+    )
+    return eig_whitener(h), True
