@@ -1,0 +1,282 @@
+"""Calibration data: every source a user may bring, turned into checked feed dicts.
+
+Sources: a ``.npz`` (arrays keyed by input name, first axis = samples), a folder of them, a
+polygraphy-style data loader script (``script.py:load_data``; user code, run as such), an
+onnxruntime ``CalibrationDataReader`` (Python API), text with a Hugging Face tokenizer, or
+random inputs from the declared shapes when asked for explicitly. ``np.load`` never unpickles.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from flarc.errors import DataError
+
+log = logging.getLogger(__name__)
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]  # ints fixed; str symbolic; None unknown
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The inputs a caller must feed (graph inputs that are not initializers)."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
+        )
+        specs.append(InputSpec(vi.name, dtype, dims))
+    return specs
+
+
+def _batches_from_arrays(arrays: dict[str, np.ndarray], batch_size: int, where: str) -> list[Feed]:
+    lengths = {k: (v.shape[0] if v.ndim else None) for k, v in arrays.items()}
+    if any(n is None for n in lengths.values()):
+        bad = next(k for k, n in lengths.items() if n is None)
+        raise DataError(f"{where}: array '{bad}' is a scalar; the first axis must be samples")
+    counts = set(lengths.values())
+    if len(counts) != 1:
+        raise DataError(f"{where}: arrays have different sample counts {lengths}")
+    total = counts.pop()
+    if total == 0:
+        raise DataError(f"{where}: zero samples")
+    return [
+        {k: v[i : i + batch_size] for k, v in arrays.items()} for i in range(0, total, batch_size)
+    ]
+
+
+def load_npz(path: Path, batch_size: int) -> list[Feed]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except ValueError as exc:
+        raise DataError(f"{path}: cannot read without pickle ({exc})") from None
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    if not arrays:
+        raise DataError(f"{path}: no arrays")
+    return _batches_from_arrays(arrays, batch_size, str(path))
+
+
+def load_script(spec: str) -> Iterable[Feed]:
+    """Run a user's data loader ``file.py:function`` (this is user code, executed as such)."""
+    file, _, func = spec.rpartition(":")
+    if not file or not func.isidentifier():
+        file, func = spec, "load_data"
+    path = Path(file)
+    if not path.is_file():
+        raise DataError(f"{path}: data loader script not found")
+    module_spec = importlib.util.spec_from_file_location(f"flarc_user_loader_{path.stem}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise DataError(f"{path}: cannot import data loader script")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    loader = getattr(module, func, None)
+    if loader is None:
+        raise DataError(f"{path}: no function '{func}'")
+    return loader() if callable(loader) else loader
+
+
+def from_data_reader(reader: Any) -> Iterator[Feed]:
+    """Feeds from an onnxruntime ``CalibrationDataReader`` (``get_next()`` until None)."""
+    while (feed := reader.get_next()) is not None:
+        yield dict(feed)
+
+
+def load_text_lines(path: Path) -> list[str]:
+    """Non-empty paragraphs of a text file, whitespace folded."""
+    if not path.is_file():
+        raise DataError(f"{path}: text file not found")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    parts = [" ".join(p.split()) for p in re.split(r"\n\s*\n|(?<=[.!?])\s+(?=[A-Z])", text)]
+    return [p for p in parts if len(p.split()) >= 4]
+
+
+def tokenize(
+    texts: list[str],
+    tokenizer_dir: str | Path,
+    specs: list[InputSpec],
+    seq_len: int,
+    batch_size: int,
+) -> list[Feed]:
+    """Token batches for a language model: ``input_ids``, ``attention_mask`` (+ type/position ids)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise DataError("--text needs the 'transformers' package (pip install flarc[hf])") from None
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    wanted = {s.name for s in specs}
+    feeds = []
+    for i in range(0, len(texts), batch_size):
+        enc = tok(
+            texts[i : i + batch_size],
+            padding="longest",
+            truncation=True,
+            max_length=seq_len,
+            return_tensors="np",
+        )
+        feed = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in wanted}
+        if "position_ids" in wanted and "attention_mask" in enc:
+            mask = np.asarray(enc["attention_mask"], dtype=np.int64)
+            feed["position_ids"] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        feeds.append(feed)
+    return feeds
+
+
+def synthetic_feeds(
+    specs: list[InputSpec], count: int, shapes: dict[str, tuple[int, ...]], seed: int = 0
+) -> list[Feed]:
+    """Random inputs from declared shapes (only when the user asks for ``--synthetic``)."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(count):
+        feed = {}
+        for s in specs:
+            shape = shapes.get(s.name) or tuple(
+                d if isinstance(d, int) and d > 0 else 1 for d in s.shape
+            )
+            if np.issubdtype(s.dtype, np.floating):
+                feed[s.name] = rng.standard_normal(shape).astype(s.dtype)
+            elif s.dtype == np.bool_:
+                feed[s.name] = np.ones(shape, dtype=bool)
+            elif "mask" in s.name:
+                feed[s.name] = np.ones(shape, dtype=s.dtype)
+            else:
+                feed[s.name] = rng.integers(0, 100, size=shape).astype(s.dtype)
+        feeds.append(feed)
+    return feeds
+
+
+def check_feed(feed: Feed, specs: list[InputSpec], where: str) -> Feed:
+    """Names, ranks, fixed dims, dtypes and finiteness of one feed; safe casts applied."""
+    if not isinstance(feed, dict):
+        raise DataError(
+            f"{where}: expected a dict of input name -> array, got {type(feed).__name__}"
+        )
+    by_name = {s.name: s for s in specs}
+    unknown = sorted(set(feed) - set(by_name))
+    if unknown:
+        raise DataError(
+            f"{where}: '{unknown[0]}' is not an input of the model (inputs: {sorted(by_name)})"
+        )
+    missing = sorted(set(by_name) - set(feed))
+    if missing:
+        raise DataError(f"{where}: input '{missing[0]}' is missing")
+    out = {}
+    for name, value in feed.items():
+        spec = by_name[name]
+        arr = np.asarray(value)
+        if arr.dtype == object:
+            raise DataError(f"{where}: tensor '{name}' has dtype object")
+        if arr.ndim != len(spec.shape):
+            raise DataError(
+                f"{where}: tensor '{name}' has shape {list(arr.shape)}, the model expects rank "
+                f"{len(spec.shape)} {list(spec.shape)}"
+            )
+        for axis, (got, want) in enumerate(zip(arr.shape, spec.shape, strict=True)):
+            if isinstance(want, int) and want > 0 and got != want:
+                raise DataError(
+                    f"{where}: tensor '{name}' has shape {list(arr.shape)}; axis {axis} must be {want}"
+                )
+        if arr.size == 0:
+            raise DataError(f"{where}: tensor '{name}' is empty (shape {list(arr.shape)})")
+        if arr.dtype != spec.dtype:
+            same_kind = (
+                np.issubdtype(arr.dtype, np.floating) and np.issubdtype(spec.dtype, np.floating)
+            ) or (np.issubdtype(arr.dtype, np.integer) and np.issubdtype(spec.dtype, np.integer))
+            if not same_kind and not (
+                spec.dtype == np.bool_ and np.issubdtype(arr.dtype, np.integer)
+            ):
+                raise DataError(
+                    f"{where}: tensor '{name}' is {arr.dtype}, the model expects {spec.dtype}"
+                )
+            arr = arr.astype(spec.dtype)
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
+            raise DataError(f"{where}: tensor '{name}' has {bad} NaN or Inf values")
+        out[name] = arr
+    return out
+
+
+@dataclass
+class CalibrationSet:
+    """Checked feeds split into calibration and held-out parts (never evaluate on calibration)."""
+
+    calibration: list[Feed]
+    heldout: list[Feed]
+    source: str
+
+    @property
+    def heldout_is_calibration(self) -> bool:
+        return not self.heldout
+
+
+def split_holdout(feeds: list[Feed], holdout: float) -> tuple[list[Feed], list[Feed]]:
+    """The last ``holdout`` fraction of batches is held out (at least one when there are two)."""
+    if holdout <= 0 or len(feeds) < 2:
+        return feeds, []
+    n_hold = min(len(feeds) - 1, max(1, round(len(feeds) * holdout)))
+    return feeds[:-n_hold], feeds[-n_hold:]
+
+
+def load_calibration(
+    source: str | Path | Iterable[Feed] | Any,
+    specs: list[InputSpec],
+    batch_size: int = 8,
+    holdout: float = 0.25,
+    max_batches: int | None = None,
+) -> CalibrationSet:
+    """Feeds from any supported source, checked against ``specs`` and split for held-out checks."""
+    name = source if isinstance(source, str | Path) else type(source).__name__
+    if isinstance(source, str | Path):
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(path.glob("*.npz"))
+            if not files:
+                raise DataError(f"{path}: folder has no .npz files")
+            raw: Iterable[Feed] = [b for f in files for b in load_npz(f, batch_size)]
+        elif path.suffix == ".npz":
+            if not path.is_file():
+                raise DataError(f"{path}: calibration file not found")
+            raw = load_npz(path, batch_size)
+        elif ".py" in str(source):
+            raw = load_script(str(source))
+        else:
+            raise DataError(
+                f"{source}: unsupported calibration source (.npz, folder, or script.py:func)"
+            )
+    elif hasattr(source, "get_next"):
+        raw = from_data_reader(source)
+    else:
+        raw = source
+    feeds = []
+    for i, feed in enumerate(raw):
+        if max_batches is not None and i >= max_batches:
+            break
+        feeds.append(check_feed(feed, specs, f"{name} batch {i}"))
+    if not feeds:
+        raise DataError(f"{name}: no calibration batches")
+    calib, held = split_holdout(feeds, holdout)
+    return CalibrationSet(calib, held, str(name))

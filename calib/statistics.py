@@ -1,0 +1,291 @@
+"""Per-target input statistics computed inside the ONNX graph (no activation reaches Python).
+
+For every distinct target input (q, k and v share one) the model is extended with nodes that
+reduce the input rows ``X: [tokens, n]`` to the sums of :class:`Moments`; onnxruntime returns
+only those, and batches are added in float64. Conv inputs pass through a patch extractor, a
+Conv with a one-hot kernel of the target's geometry, so rows are im2col patches in the weight's
+(c, kh, kw) order. Rows at masked (padding) positions are dropped with ``Compress`` first.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from flarc.calib.data import Feed
+from flarc.calib.moments import Moments
+from onnx import TensorProto, helper, numpy_helper
+
+from flarc.errors import DataError
+from flarc.modelio import model_opset, session_model_bytes_or_path
+from flarc.progress import NoProgress, Progress
+from flarc.targets import ConvGeometry, Target
+
+log = logging.getLogger(__name__)
+
+FIELDS = ("gram", "count", "sum4", "sum1", "sum2x")
+MASK_NAMES = ("attention_mask",)
+
+
+@dataclass
+class StatPlan:
+    """One statistic: which tensor, how rows are formed, and the graph outputs that hold it."""
+
+    key: str
+    input: str
+    n: int
+    conv: ConvGeometry | None = None
+    channels: int = 0
+    masked: bool = False
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+def find_mask_input(model: onnx.ModelProto, mask_input: str | None) -> str | None:
+    names = [i.name for i in model.graph.input]
+    if mask_input is not None:
+        if mask_input not in names:
+            raise DataError(
+                f"--mask-input '{mask_input}' is not an input of the model (inputs: {names})"
+            )
+        return mask_input
+    return next((n for n in names if n in MASK_NAMES), None)
+
+
+def plan_statistics(targets: list[Target]) -> list[StatPlan]:
+    plans: dict[str, StatPlan] = {}
+    for t in targets:
+        if t.stat_key not in plans:
+            channels = t.weight_shape[1] if t.conv is not None else 0
+            plans[t.stat_key] = StatPlan(t.stat_key, t.input, t.n, t.conv, channels)
+    for i, plan in enumerate(plans.values()):
+        plan.outputs = {f: f"flarc_stats/{i}/{f}" for f in FIELDS}
+    return list(plans.values())
+
+
+def intermediate_shapes(
+    model: onnx.ModelProto, names: list[str], feed: Feed, workdir: Path
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of intermediate tensors on one feed (one extra forward pass, for the mask decision)."""
+    graph_inputs = {i.name for i in model.graph.input}
+    shapes = {n: tuple(feed[n].shape) for n in names if n in graph_inputs and n in feed}
+    wanted = [n for n in names if n not in shapes]
+    if not wanted:
+        return shapes
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in wanted)
+    sess = ort.InferenceSession(
+        session_model_bytes_or_path(probe, workdir), providers=["CPUExecutionProvider"]
+    )
+    for name, value in zip(wanted, sess.run(wanted, feed), strict=True):
+        shapes[name] = tuple(value.shape)
+    return shapes
+
+
+class _Builder:
+    """Appends nodes to a graph, in the forms the model's opset accepts."""
+
+    def __init__(self, graph: onnx.GraphProto, opset: int) -> None:
+        self.graph = graph
+        self.opset = opset
+        self.count = 0
+
+    def name(self, hint: str) -> str:
+        self.count += 1
+        return f"flarc_stats/{hint}_{self.count}"
+
+    def const(self, value: np.ndarray, hint: str) -> str:
+        name = self.name(hint)
+        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        return name
+
+    def node(
+        self, op: str, inputs: list[str], hint: str, output: str | None = None, **attrs
+    ) -> str:
+        out = output or self.name(hint)
+        self.graph.node.append(helper.make_node(op, inputs, [out], name=self.name(op), **attrs))
+        return out
+
+    def reduce(
+        self, op: str, x: str, axes: list[int] | None, keepdims: int, output: str | None = None
+    ) -> str:
+        # ReduceSum takes axes as an input from opset 13, the other reductions from opset 18.
+        axes_as_input = op == "ReduceSum" or self.opset >= 18
+        if axes is None:
+            return self.node(op, [x], op, output, keepdims=keepdims)
+        if axes_as_input:
+            ax = self.const(np.array(axes, dtype=np.int64), "axes")
+            return self.node(op, [x, ax], op, output, keepdims=keepdims)
+        return self.node(op, [x], op, output, keepdims=keepdims, axes=axes)
+
+
+def one_hot_kernel(channels: int, kernel: tuple[int, ...]) -> np.ndarray:
+    """Conv weight ``E[(c, i, j), c, i, j] = 1``: a Conv with it emits im2col patches."""
+    n = channels * int(np.prod(kernel))
+    return np.eye(n, dtype=np.float32).reshape(n, channels, *kernel)
+
+
+def build_statistics_model(
+    model: onnx.ModelProto,
+    plans: list[StatPlan],
+    mask_input: str | None,
+    precision: str = "float64",
+) -> onnx.ModelProto:
+    """A copy of ``model`` whose only outputs are the statistics of ``plans``."""
+    stats = onnx.ModelProto()
+    stats.CopyFrom(model)
+    graph = stats.graph
+    del graph.output[:]
+    b = _Builder(graph, model_opset(model))
+    acc_type = TensorProto.DOUBLE if precision == "float64" else TensorProto.FLOAT
+    mask_bool = None
+    if mask_input and any(p.masked for p in plans):
+        flat = b.node(
+            "Reshape", [mask_input, b.const(np.array([-1], np.int64), "shape")], "mask_flat"
+        )
+        mask_bool = b.node("Cast", [flat], "mask_bool", to=TensorProto.BOOL)
+    rows_shape = {}
+    for plan in plans:
+        if plan.n not in rows_shape:
+            rows_shape[plan.n] = b.const(np.array([-1, plan.n], np.int64), f"rows{plan.n}")
+        x = plan.input
+        if plan.conv is not None:
+            g = plan.conv
+            xf = b.node("Cast", [x], "as_float", to=TensorProto.FLOAT)
+            kernel = b.const(one_hot_kernel(plan.channels, g.kernel_shape), "patch_kernel")
+            attrs = {
+                "kernel_shape": list(g.kernel_shape),
+                "strides": list(g.strides),
+                "dilations": list(g.dilations),
+            }
+            if g.auto_pad not in ("NOTSET", ""):
+                attrs["auto_pad"] = g.auto_pad
+            else:
+                attrs["pads"] = list(g.pads)
+            patches = b.node("Conv", [xf, kernel], "patches", **attrs)
+            nd = len(g.kernel_shape)
+            x = b.node("Transpose", [patches], "patches_last", perm=[0, *range(2, nd + 2), 1])
+        rows = b.node("Reshape", [x, rows_shape[plan.n]], "rows")
+        if plan.masked:
+            rows = b.node("Compress", [rows, mask_bool], "rows_kept", axis=0)
+        xd = b.node("Cast", [rows], "rows_acc", to=acc_type)
+        out = plan.outputs
+        xt = b.node("Transpose", [xd], "rows_t", perm=[1, 0])
+        b.node("MatMul", [xt, xd], "gram", output=out["gram"])
+        shape = b.node("Shape", [xd], "shape")
+        b.node(
+            "Gather",
+            [shape, b.const(np.array(0, np.int64), "zero")],
+            "count",
+            output=out["count"],
+            axis=0,
+        )
+        r2 = b.reduce("ReduceSumSquare", xd, [1], keepdims=1)
+        b.reduce("ReduceSumSquare", r2, None, keepdims=0, output=out["sum4"])
+        b.reduce("ReduceSum", xd, [0], keepdims=0, output=out["sum1"])
+        weighted = b.node("Mul", [xd, r2], "r2x")
+        b.reduce("ReduceSum", weighted, [0], keepdims=0, output=out["sum2x"])
+        for f in FIELDS:
+            elem = TensorProto.INT64 if f == "count" else acc_type
+            graph.output.append(helper.make_tensor_value_info(out[f], elem, None))
+    return stats
+
+
+class StatisticsSession:
+    """One onnxruntime session that turns feeds into per-key :class:`Moments`."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        targets: list[Target],
+        sample_feed: Feed,
+        mask_input: str | None = None,
+        precision: str = "float64",
+        threads: int | None = None,
+    ) -> None:
+        self.plans = plan_statistics(targets)
+        self.mask_input = find_mask_input(model, mask_input)
+        self._tmp = tempfile.TemporaryDirectory(prefix="flarc-stats-")
+        workdir = Path(self._tmp.name)
+        if self.mask_input is not None and self.mask_input in sample_feed:
+            mask_shape = tuple(sample_feed[self.mask_input].shape)
+            candidates = [p.input for p in self.plans if p.conv is None]
+            shapes = intermediate_shapes(model, candidates, sample_feed, workdir)
+            for p in self.plans:
+                shape = shapes.get(p.input)
+                p.masked = (
+                    p.conv is None
+                    and shape is not None
+                    and len(shape) == len(mask_shape) + 1
+                    and shape[:-1] == mask_shape
+                )
+        stats_model = build_statistics_model(model, self.plans, self.mask_input, precision)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(
+            session_model_bytes_or_path(stats_model, workdir),
+            opts,
+            providers=["CPUExecutionProvider"],
+        )
+        self.output_names = [p.outputs[f] for p in self.plans for f in FIELDS]
+
+    def run(self, feed: Feed) -> dict[str, Moments]:
+        values = dict(
+            zip(self.output_names, self.session.run(self.output_names, feed), strict=True)
+        )
+        out = {}
+        for p in self.plans:
+            v = {f: values[p.outputs[f]] for f in FIELDS}
+            out[p.key] = Moments(
+                gram=np.asarray(v["gram"], dtype=np.float64),
+                count=int(v["count"]),
+                sum4=float(v["sum4"]),
+                sum1=np.asarray(v["sum1"], dtype=np.float64),
+                sum2x=np.asarray(v["sum2x"], dtype=np.float64),
+            )
+        return out
+
+    def collect(
+        self,
+        feeds: Iterable[Feed],
+        progress: Progress | None = None,
+        description: str = "calibrating",
+    ) -> dict[str, Moments]:
+        progress = progress or NoProgress()
+        feeds = list(feeds) if not isinstance(feeds, list) else feeds
+        totals = {p.key: Moments.zeros(p.n) for p in self.plans}
+        for feed in progress.track(feeds, total=len(feeds), description=description):
+            for key, moments in self.run(feed).items():
+                totals[key].add(moments)
+        for p in self.plans:
+            if totals[p.key].count == 0:
+                raise DataError(f"tensor '{p.input}': no unmasked rows in the calibration data")
+        return totals
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+
+def collect_statistics(
+    model: onnx.ModelProto,
+    targets: list[Target],
+    feeds: list[Feed],
+    mask_input: str | None = None,
+    precision: str = "float64",
+    progress: Progress | None = None,
+) -> dict[str, Moments]:
+    """Moments of every target's input over ``feeds``, keyed by :attr:`Target.stat_key`."""
+    session = StatisticsSession(model, targets, feeds[0], mask_input, precision)
+    try:
+        return session.collect(feeds, progress)
+    finally:
+        session.close()

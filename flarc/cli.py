@@ -1,0 +1,329 @@
+"""``flarc``: the command line, a thin layer over :mod:`flarc.pipeline`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from flarc import __version__
+from flarc.errors import DataError, FlarcError
+
+log = logging.getLogger("flarc")
+
+RATIO_HELP = (
+    "keep a fraction R of each target's parameters (SVD-LLM's convention: rank k with "
+    "k(n+m) ~ R*n*m, rounded up to --align; 0.8 removes about 20%%). Default when no rank "
+    "option is given: 0.8"
+)
+
+
+def console():
+    """The CLI's console: stdout, wide enough for tables when stdout is not a terminal."""
+    from rich.console import Console
+
+    out = Console()
+    return out if out.is_terminal else Console(width=160)
+
+
+def parse_shapes(items: list[str] | None) -> dict[str, tuple[int, ...]]:
+    """``name:1x128`` (or ``name:1,128``) -> {name: (1, 128)}."""
+    shapes = {}
+    for item in items or []:
+        name, sep, dims = item.rpartition(":")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.replace(",", "x").split("x") if d)
+        except ValueError:
+            raise DataError(f"--shape '{item}': expected name:DIMxDIM...") from None
+        if not sep or not name:
+            raise DataError(f"--shape '{item}': expected name:DIMxDIM...")
+    return shapes
+
+
+def add_target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--include", metavar="REGEX", help="only targets whose node name matches")
+    p.add_argument("--exclude", metavar="REGEX", help="skip targets whose node name matches")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration data")
+    g.add_argument(
+        "--calib",
+        metavar="DATA",
+        help="a .npz (arrays keyed by input name, first axis = samples), a folder of them, or a "
+        "data loader script 'file.py:function' yielding feed dicts (user code: it is executed)",
+    )
+    g.add_argument("--text", metavar="FILE", help="a text file, tokenized with --tokenizer")
+    g.add_argument("--tokenizer", metavar="DIR", help="a local Hugging Face tokenizer folder")
+    g.add_argument("--seq-len", type=int, default=128, help="tokens per sequence for --text (128)")
+    g.add_argument(
+        "--synthetic", type=int, metavar="N", help="N random batches from the declared shapes"
+    )
+    g.add_argument(
+        "--shape",
+        action="append",
+        metavar="NAME:DIMS",
+        help="input shape for --synthetic, e.g. x:1x3x224x224",
+    )
+    g.add_argument("--batch-size", type=int, default=8, help="samples per batch (8)")
+    g.add_argument("--max-batches", type=int, help="use at most this many batches")
+    g.add_argument(
+        "--holdout",
+        type=float,
+        default=0.25,
+        help="fraction of batches held out for validation (0.25)",
+    )
+    g.add_argument(
+        "--mask-input",
+        metavar="NAME",
+        help="attention mask input (default: found by name 'attention_mask')",
+    )
+
+
+def add_analysis_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("whitening")
+    g.add_argument(
+        "--shrinkage",
+        choices=("ledoit-wolf", "oas", "none"),
+        default="ledoit-wolf",
+        help="shrinkage of the input statistic (ledoit-wolf)",
+    )
+    g.add_argument(
+        "--shrinkage-lambda",
+        type=float,
+        metavar="X",
+        help="fix the shrinkage intensity at X in [0, 1] instead of estimating it",
+    )
+    g.add_argument(
+        "--centered",
+        action="store_true",
+        help="centre the statistic before shrinking (FLAR-SVD paper); default uncentred, which matches the output-error objective",
+    )
+    g.add_argument(
+        "--whiten",
+        choices=("cholesky", "eig"),
+        default="cholesky",
+        help="whitening factor (cholesky; falls back to eig with a warning)",
+    )
+    g.add_argument(
+        "--stats-precision",
+        choices=("float64", "float32"),
+        default="float64",
+        help="accumulation type of the in-graph statistics (float64)",
+    )
+
+
+def load_data(args, model):
+    from flarc.calib.data import (
+        CalibrationSet,
+        load_calibration,
+        load_text_lines,
+        model_inputs,
+        split_holdout,
+        synthetic_feeds,
+        tokenize,
+    )
+
+    specs = model_inputs(model)
+    sources = [x for x in (args.calib, args.text, args.synthetic) if x]
+    if len(sources) != 1:
+        raise DataError("give exactly one of --calib, --text (with --tokenizer) or --synthetic N")
+    if args.text:
+        if not args.tokenizer:
+            raise DataError("--text needs --tokenizer DIR")
+        texts = load_text_lines(Path(args.text))
+        feeds = tokenize(texts, args.tokenizer, specs, args.seq_len, args.batch_size)
+        if args.max_batches:
+            feeds = feeds[: args.max_batches]
+        return load_calibration(feeds, specs, holdout=args.holdout)
+    if args.synthetic:
+        feeds = synthetic_feeds(specs, args.synthetic, parse_shapes(args.shape))
+        calib, held = split_holdout(feeds, args.holdout)
+        return CalibrationSet(calib, held, "synthetic")
+    return load_calibration(args.calib, specs, args.batch_size, args.holdout, args.max_batches)
+
+
+def analysis_options(args):
+    from flarc.pipeline import AnalysisOptions
+
+    return AnalysisOptions(
+        shrinkage=args.shrinkage,
+        centered=args.centered,
+        shrinkage_lambda=args.shrinkage_lambda,
+        whiten=args.whiten,
+        precision=args.stats_precision,
+        mask_input=args.mask_input,
+    )
+
+
+def cmd_inspect(args) -> int:
+    import json
+
+    from flarc.modelio import load_model
+    from flarc.report import targets_table
+    from flarc.targets import find_targets
+
+    model = load_model(args.model)
+    ts = find_targets(model, args.include, args.exclude)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "targets": [t.to_dict() for t in ts.targets],
+                    "skipped": [s.__dict__ for s in ts.skipped],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    con = console()
+    t1, t2 = targets_table(ts.targets, ts.skipped, f"{args.model}: {len(ts.targets)} targets")
+    con.print(t1)
+    if ts.skipped:
+        con.print(t2)
+    return 0
+
+
+def _prepare_output(args, extra: list[str] | None = None) -> None:
+    from flarc.modelio import check_output_path
+
+    check_output_path(args.output, [args.model, *(extra or [])])
+    for opt in ("report", "plot"):
+        if getattr(args, opt, None):
+            check_output_path(getattr(args, opt), [args.model])
+
+
+def cmd_compress(args) -> int:
+    from flarc.modelio import load_model, save_model
+    from flarc.pipeline import analyze, compress, file_sha256, simple_policy
+    from flarc.progress import RichProgress
+    from flarc.report import (
+        comparison_table,
+        plot_ranks,
+        report_dict,
+        rows_table,
+        summary_lines,
+        write_json,
+    )
+    from flarc.targets import find_targets, require_targets
+
+    _prepare_output(args)
+    con = console()
+    progress = RichProgress()
+    t0 = time.perf_counter()
+    model = load_model(args.model)
+    sha = file_sha256(args.model)
+    targets = find_targets(model, args.include, args.exclude)
+    require_targets(targets, args.model)
+    data = load_data(args, model)
+    analysis = analyze(model, targets, data, analysis_options(args), sha, progress)
+    heldout = data.heldout or data.calibration
+    result = compress(
+        model, analysis, simple_policy(args.ratio, args.energy, args.align), heldout, progress
+    )
+    written = save_model(result.model, args.output)
+    elapsed = time.perf_counter() - t0
+    con.print(rows_table(result.rows))
+    con.print(
+        comparison_table(result, "held-out" if data.heldout else "calibration (no held-out batch)")
+    )
+    for line in summary_lines(result):
+        con.print(line)
+    con.print(f"wrote {', '.join(map(str, written))} in {elapsed:.1f} s")
+    meta = {
+        "model": str(args.model),
+        "model_sha256": sha,
+        "output": str(args.output),
+        "flarc_version": __version__,
+        "options": {k: v for k, v in vars(args).items() if k != "func"},
+        "mask_input": analysis.mask_input,
+        "calibration_batches": len(data.calibration),
+        "heldout_batches": len(data.heldout),
+    }
+    if args.report:
+        write_json(args.report, report_dict(result, meta))
+    if args.plot:
+        plot_ranks(result.rows, args.plot, f"{Path(args.model).name}: rank allocation")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from flarc.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flarc",
+        description="Low-rank factorization of deployed ONNX models (FLAR-SVD + FLRC).",
+    )
+    parser.add_argument("--version", action="version", version=f"flarc {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="list the targets of a model and why others are skipped")
+    p.add_argument("model")
+    add_target_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("compress", help="factorize a model's MatMul/Gemm/Conv weights")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="the compressed model (.onnx)")
+    add_data_args(p)
+    add_analysis_args(p)
+    add_target_args(p)
+    g = p.add_argument_group("ranks")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--ratio", type=float, metavar="R", help=RATIO_HELP)
+    x.add_argument(
+        "--energy",
+        type=float,
+        metavar="E",
+        help="smallest rank keeping a fraction E of the whitened energy",
+    )
+    g.add_argument("--align", type=int, default=8, help="ranks are multiples of this (8)")
+    p.add_argument("--report", metavar="JSON", help="write the report as JSON")
+    p.add_argument("--plot", metavar="PNG", help="plot the rank allocation")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser(
+        "demo", help="compress all-MiniLM-L6-v2 (the built-in default model) and show what changed"
+    )
+    p.add_argument(
+        "--ratio", type=float, default=0.9, help="parameter fraction kept per target (0.9)"
+    )
+    p.add_argument(
+        "--out-dir", default=None, help="where to write the models (default: the flarc cache)"
+    )
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except FlarcError as exc:
+        print(f"flarc: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (ValueError, OSError) as exc:
+        # Option values and file-system failures are user-facing too: one line, non-zero exit.
+        print(f"flarc: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flarc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

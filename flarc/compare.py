@@ -1,0 +1,114 @@
+"""Compare two models on the same inputs through polygraphy's comparator (onnxruntime, CPU).
+
+Per output: cosine similarity, max and mean absolute error, and max and mean relative error
+(relative to the largest magnitude of the reference output, so zeros do not blow it up).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+from flarc.calib.data import Feed
+from flarc.modelio import prepare_for_save
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OutputComparison:
+    name: str
+    cosine: float
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    mean_rel: float
+    passed: bool  # polygraphy's verdict at the given tolerances
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def _quiet_polygraphy() -> Iterator[None]:
+    from polygraphy.logger import G_LOGGER
+
+    old = G_LOGGER.module_severity
+    G_LOGGER.module_severity = G_LOGGER.CRITICAL
+    try:
+        yield
+    finally:
+        G_LOGGER.module_severity = old
+
+
+def _metrics(ref: list[np.ndarray], out: list[np.ndarray]) -> tuple[float, ...]:
+    a = np.concatenate([np.asarray(r, dtype=np.float64).ravel() for r in ref])
+    b = np.concatenate([np.asarray(o, dtype=np.float64).ravel() for o in out])
+    diff = np.abs(a - b)
+    scale = max(float(np.abs(a).max()), 1e-30)
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    cosine = float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b))
+    return (
+        cosine,
+        float(diff.max()),
+        float(diff.mean()),
+        float(diff.max() / scale),
+        float(diff.mean() / scale),
+    )
+
+
+def compare_models(
+    reference: onnx.ModelProto | str,
+    candidate: onnx.ModelProto | str,
+    feeds: list[Feed],
+    rtol: float = 1e-3,
+    atol: float = 1e-3,
+) -> list[OutputComparison]:
+    """Run both models on ``feeds`` with polygraphy's Comparator; metrics per common output."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator, CompareFunc
+
+    def model_bytes(m: onnx.ModelProto | str) -> bytes | str:
+        if isinstance(m, str):
+            return m
+        prepare_for_save(m)
+        return m.SerializeToString()
+
+    runners = [
+        OnnxrtRunner(
+            SessionFromOnnx(model_bytes(reference), providers=["CPUExecutionProvider"]),
+            name="original",
+        ),
+        OnnxrtRunner(
+            SessionFromOnnx(model_bytes(candidate), providers=["CPUExecutionProvider"]),
+            name="compressed",
+        ),
+    ]
+    with _quiet_polygraphy():
+        results = Comparator.run(runners, data_loader=feeds)
+        verdicts = Comparator.compare_accuracy(
+            results, compare_func=CompareFunc.simple(rtol=rtol, atol=atol, check_shapes=True)
+        )
+    (_, ref_iters), (_, out_iters) = results[0], results[1]
+    passed: dict[str, bool] = {}
+    # polygraphy 0.53 returns a list of AccuracyResult (one per compare function); older ones a dict.
+    per_function = [verdicts] if hasattr(verdicts, "values") else list(verdicts)
+    for result in per_function:
+        for it in (it for iterations in result.values() for it in iterations):
+            for name, ok in it.items():
+                passed[name] = passed.get(name, True) and bool(ok)
+    comparisons = []
+    for name in ref_iters[0].keys():
+        if name not in out_iters[0]:
+            continue
+        ref = [it[name] for it in ref_iters]
+        out = [it[name] for it in out_iters]
+        if not np.issubdtype(np.asarray(ref[0]).dtype, np.number):
+            continue
+        comparisons.append(OutputComparison(name, *_metrics(ref, out), passed.get(name, False)))
+    return comparisons

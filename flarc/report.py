@@ -1,0 +1,176 @@
+"""What a compression did, for people (a console table, a plot) and for programs (JSON)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from flarc.modelio import write_bytes_atomic, write_text_atomic
+from flarc.pipeline import CompressResult, TargetRow
+from flarc.targets import Skipped, Target
+
+
+def _fmt(x: float | None, spec: str = ".2e") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def targets_table(targets: list[Target], skipped: list[Skipped], title: str = "targets"):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("node", "op", "n x m", "params", "k_equiv", "weight"):
+        table.add_column(col, justify="right" if col in ("params", "k_equiv") else "left")
+    for t in targets:
+        table.add_row(
+            t.name, t.op_type, f"{t.n} x {t.m}", f"{t.params:,}", f"{t.k_equiv:.1f}", t.weight
+        )
+    skipped_table = Table(title="skipped")
+    skipped_table.add_column("node")
+    skipped_table.add_column("op")
+    skipped_table.add_column("reason")
+    for s in skipped:
+        skipped_table.add_row(s.node, s.op_type, s.reason)
+    return table, skipped_table
+
+
+def short_names(names: list[str]) -> list[str]:
+    """Node names without the prefix they all share (tables stay readable)."""
+    if len(names) < 2:
+        return names
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[: prefix.rfind("/") + 1] if "/" in prefix else ""
+    return [n[len(prefix) :] or n for n in names]
+
+
+def rows_table(rows: list[TargetRow]):
+    from rich.table import Table
+
+    table = Table(title="factorization")
+    cols = (
+        "node",
+        "n x m",
+        "rank",
+        "k_equiv",
+        "kept params",
+        "pred. err",
+        "held-out err",
+        "lambda",
+        "rows",
+    )
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("node", "n x m") else "right")
+    if any(r.alpha is not None for r in rows):
+        table.add_column("alpha", justify="right")
+    for r, label in zip(rows, short_names([r.name for r in rows]), strict=True):
+        cells = [
+            label,
+            f"{r.n} x {r.m}",
+            "dense" if r.rank is None else str(r.rank),
+            f"{r.k_equiv:.0f}",
+            f"{r.kept_params / r.params:.0%}",
+            _fmt(r.predicted_error),
+            _fmt(r.heldout_error),
+            f"{r.shrinkage:.3f}",
+            f"{r.rows:,}",
+        ]
+        if any(x.alpha is not None for x in rows):
+            cells.append(_fmt(r.alpha))
+        table.add_row(*cells)
+    return table
+
+
+def comparison_table(result: CompressResult, label: str = "held-out"):
+    from rich.table import Table
+
+    table = Table(title=f"original vs compressed ({label} inputs, polygraphy comparator)")
+    for col in ("output", "cosine", "max abs", "mean abs", "max rel", "mean rel"):
+        table.add_column(col, justify="left" if col == "output" else "right")
+    for c in result.comparison:
+        table.add_row(
+            c.name,
+            f"{c.cosine:.6f}",
+            _fmt(c.max_abs),
+            _fmt(c.mean_abs),
+            _fmt(c.max_rel),
+            _fmt(c.mean_rel),
+        )
+    return table
+
+
+def summary_lines(result: CompressResult) -> list[str]:
+    factorized = sum(1 for r in result.rows if r.rank is not None)
+    return [
+        f"targets factorized: {factorized} of {len(result.rows)}",
+        f"target parameters: {result.params_before:,} -> {result.params_after:,} "
+        f"({1 - result.params_after / max(result.params_before, 1):.1%} fewer)",
+        f"model parameters:  {result.model_params_before:,} -> {result.model_params_after:,} "
+        f"({1 - result.model_params_after / max(result.model_params_before, 1):.1%} fewer)",
+    ]
+
+
+def report_dict(result: CompressResult, meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "flarc_report": 1,
+        **meta,
+        "summary": {
+            "targets": len(result.rows),
+            "factorized": sum(1 for r in result.rows if r.rank is not None),
+            "target_params_before": result.params_before,
+            "target_params_after": result.params_after,
+            "model_params_before": result.model_params_before,
+            "model_params_after": result.model_params_after,
+        },
+        "targets": [r.to_dict() for r in result.rows],
+        "comparison": [c.to_dict() for c in result.comparison],
+    }
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=float) + "\n")
+
+
+def projection_type(name: str) -> str:
+    """A coarse label for grouping targets across depth: the node name without layer indices."""
+    parts = [p for p in re.split(r"[/.]", name) if p and not p.isdigit()]
+    base = re.sub(
+        r"_\d+$",
+        "",
+        parts[-2]
+        if len(parts) >= 2 and parts[-1] in ("MatMul", "Gemm", "Conv")
+        else parts[-1]
+        if parts
+        else name,
+    )
+    return re.sub(r"\d+", "", base) or name
+
+
+def plot_ranks(rows: list[TargetRow], path: str | Path, title: str = "rank allocation") -> None:
+    """Kept fraction of k_equiv per target in graph order, one series per projection type."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6, len(rows) * 0.18), 6), sharex=True)
+    groups: dict[str, list[tuple[int, TargetRow]]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(projection_type(r.name), []).append((i, r))
+    for label, items in groups.items():
+        xs = [i for i, _ in items]
+        ax1.plot(xs, [(r.rank or r.k_equiv) / r.k_equiv for _, r in items], "o", label=label)
+        ax2.plot(xs, [r.predicted_error or 0.0 for _, r in items], "o", label=label)
+    ax1.set_ylabel("rank / k_equiv (1 = dense)")
+    ax2.set_ylabel("predicted whitened error")
+    ax2.set_yscale("symlog", linthresh=1e-4)
+    ax2.set_xlabel("target (graph order)")
+    ax1.set_title(title)
+    ax1.legend(fontsize="small", ncol=min(4, len(groups)))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())

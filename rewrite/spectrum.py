@@ -1,0 +1,53 @@
+"""The whitened SVD of one weight, kept so that any rank can be cut from it without a new SVD.
+
+With ``H = L L^T`` and ``M = L^T B = U diag(s) V^T`` (DESIGN.md section 3):
+
+    A_k = L^{-T} U_k diag(s_k)^{1/2},   C_k = diag(s_k)^{1/2} V_k^T
+    relative output error at rank k = sum_{i>k} s_i^2 / sum_i s_i^2   (an identity on the data of H)
+
+``basis = L^{-T} U`` and ``vt = V^T`` are stored up to ``max_rank`` columns, in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from flarc.rewrite.whiten import Whitener
+
+
+@dataclass
+class Spectrum:
+    sigma: np.ndarray  # all whitened singular values, descending
+    basis: np.ndarray  # [n, r] = L^{-T} U[:, :r]
+    vt: np.ndarray  # [r, m] = V^T[:r]
+
+    @property
+    def max_rank(self) -> int:
+        return self.basis.shape[1]
+
+    def energy(self) -> np.ndarray:
+        """``retained[k]`` = fraction of whitened energy kept at rank k, for k = 0..len(sigma)."""
+        e = self.sigma**2
+        total = e.sum()
+        cum = np.concatenate([[0.0], np.cumsum(e)])
+        return cum / total if total > 0 else np.ones_like(cum)
+
+    def error(self, k: int) -> float:
+        """Predicted relative output error ``sum_{i>k} s_i^2 / sum s_i^2`` at rank k."""
+        return float(max(0.0, 1.0 - self.energy()[min(k, len(self.sigma))]))
+
+    def factors(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(A [n, k], C [k, m])`` in float64 with ``A C`` the best rank-k weight in the H-metric."""
+        if not 0 < k <= self.max_rank:
+            raise ValueError(f"rank {k} outside 1..{self.max_rank}")
+        root = np.sqrt(self.sigma[:k])
+        return self.basis[:, :k] * root, root[:, None] * self.vt[:k]
+
+
+def whitened_svd(b: np.ndarray, whitener: Whitener, max_rank: int | None = None) -> Spectrum:
+    """SVD of ``L^T B`` for ``B: [n, m]``, keeping ``max_rank`` directions (default: all)."""
+    m_white = whitener.apply_t(np.asarray(b, dtype=np.float64))
+    u, s, vt = np.linalg.svd(m_white, full_matrices=False)
+    r = len(s) if max_rank is None else min(max_rank, len(s))
+    return Spectrum(sigma=s, basis=whitener.solve_t(u[:, :r]), vt=vt[:r].copy())

@@ -1,0 +1,111 @@
+"""Graph surgery: each chosen target becomes a factor pair (DESIGN.md section 2).
+
+    MatMul(X, B)          ->  MatMul(MatMul(X, A), C)
+    Gemm(X, B, bias)      ->  Gemm(MatMul(X, A), alpha * C, bias)       (transB normalised away)
+    Conv(X, W, bias)      ->  Conv1x1(Conv_k(X, A as [k, c, kh, kw]), C as [m, k, 1, 1], bias)
+
+The first node is named ``<node>/lowrank_A``, the second keeps the original's output as
+``<node>/lowrank_C``; their weights carry the same names. Inputs, outputs, opset and metadata
+of the model are kept; unused originals are removed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from flarc.targets import Target, node_names
+
+
+def _factor_constant(name: str, value: np.ndarray, dtype: str) -> gs.Constant:
+    return gs.Constant(name, np.ascontiguousarray(value.astype(np.dtype(dtype))))
+
+
+def _rewrite_matmul(
+    graph: gs.Graph, node: gs.Node, t: Target, a: np.ndarray, c: np.ndarray
+) -> None:
+    x = node.inputs[0]
+    mid = gs.Variable(f"{t.name}/lowrank_mid", dtype=x.dtype)
+    first = gs.Node(
+        "MatMul",
+        name=f"{t.name}/lowrank_A",
+        inputs=[x, _factor_constant(f"{t.name}/lowrank_A", a, t.dtype)],
+        outputs=[mid],
+    )
+    if t.op_type == "Gemm":
+        alpha = float(node.attrs.get("alpha", 1.0))
+        c = c * alpha
+        node.attrs["alpha"] = 1.0
+        node.attrs["transB"] = 0
+    node.inputs[0] = mid
+    node.inputs[1] = _factor_constant(f"{t.name}/lowrank_C", c, t.dtype)
+    node.name = f"{t.name}/lowrank_C"
+    graph.nodes.append(first)
+
+
+def _rewrite_conv(graph: gs.Graph, node: gs.Node, t: Target, a: np.ndarray, c: np.ndarray) -> None:
+    g = t.conv
+    k = a.shape[1]
+    x = node.inputs[0]
+    mid = gs.Variable(f"{t.name}/lowrank_mid", dtype=x.dtype)
+    attrs = {
+        "kernel_shape": list(g.kernel_shape),
+        "strides": list(g.strides),
+        "dilations": list(g.dilations),
+    }
+    if g.auto_pad not in ("NOTSET", ""):
+        attrs["auto_pad"] = g.auto_pad
+    else:
+        attrs["pads"] = list(g.pads)
+    a_kernel = a.T.reshape(k, *t.weight_shape[1:])
+    first = gs.Node(
+        "Conv",
+        name=f"{t.name}/lowrank_A",
+        attrs=attrs,
+        inputs=[x, _factor_constant(f"{t.name}/lowrank_A", a_kernel, t.dtype)],
+        outputs=[mid],
+    )
+    nd = len(g.kernel_shape)
+    c_kernel = c.T.reshape(t.m, k, *([1] * nd))
+    node.attrs = {"kernel_shape": [1] * nd, "group": 1}
+    node.inputs[0] = mid
+    node.inputs[1] = _factor_constant(f"{t.name}/lowrank_C", c_kernel, t.dtype)
+    node.name = f"{t.name}/lowrank_C"
+    graph.nodes.append(first)
+
+
+def factorize(
+    model: onnx.ModelProto, targets: list[Target], factors: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> onnx.ModelProto:
+    """A new model in which each target named in ``factors`` is replaced by its factor pair."""
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    for node, name in zip(named.graph.node, node_names(named), strict=True):
+        node.name = name
+    graph = gs.import_onnx(named)
+    by_name = {node.name: node for node in graph.nodes}
+    for t in targets:
+        if t.name not in factors:
+            continue
+        a, c = factors[t.name]
+        node = by_name[t.name]
+        if t.op_type == "Conv":
+            _rewrite_conv(graph, node, t, a, c)
+        else:
+            _rewrite_matmul(graph, node, t, a, c)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out = gs.export_onnx(graph, do_type_check=False)
+    out.ir_version = model.ir_version
+    out.producer_name = model.producer_name
+    out.producer_version = model.producer_version
+    out.domain = model.domain
+    out.model_version = model.model_version
+    out.doc_string = model.doc_string
+    del out.opset_import[:]
+    out.opset_import.extend(model.opset_import)
+    del out.metadata_props[:]
+    out.metadata_props.extend(model.metadata_props)
+    if not out.functions and model.functions:
+        out.functions.extend(model.functions)
+    return out
