@@ -41,7 +41,7 @@ def short_names(names: list[str]) -> list[str]:
     """Node names without the prefix they all share (tables stay readable)."""
     if len(names) < 2:
         return names
-    prefix = os.path.commonprefix(names)
+    prefix = os.path.commonprefix(names)  # noqa: RUF071 (cut at the last "/" below)
     prefix = prefix[: prefix.rfind("/") + 1] if "/" in prefix else ""
     return [n[len(prefix) :] or n for n in names]
 
