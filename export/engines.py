@@ -127,8 +127,8 @@ def compare(
     Returns ``{"passed", "atol", "rtol", "shapes", "outputs": {name: {max_abs, max_rel, passed}}}``
     with each output's worst error over the iterations.
     """
+    from polygraphy import comparator as pc
     from polygraphy.common import TensorMetadata
-    from polygraphy.comparator import Comparator, CompareFunc, DataLoader
 
     model_path, other = Path(model_path), Path(engine_or_model_path)
     model = load_model(model_path)
@@ -142,19 +142,24 @@ def compare(
             dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
             meta.add(inp.name, dtype=dtype, shape=fixed[inp.name])
     runners = [_runner(model_path, "onnxruntime"), _runner(other, other.name)]
-    loader = DataLoader(seed=seed, iterations=iterations, input_metadata=meta)
+    loader = pc.DataLoader(seed=seed, iterations=iterations, input_metadata=meta)
+    # Polygraphy 0.53 added SimpleCompareFunc and deprecated CompareFunc.simple; accept both.
+    if hasattr(pc, "SimpleCompareFunc"):
+        compare_func = pc.SimpleCompareFunc(atol=atol, rtol=rtol)
+    else:
+        compare_func = pc.CompareFunc.simple(atol=atol, rtol=rtol)
     try:
         with _quiet_polygraphy():
-            results = Comparator.run(runners, data_loader=loader)
-            accuracy = Comparator.compare_accuracy(
-                results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol)
-            )
+            results = pc.Comparator.run(runners, data_loader=loader)
+            accuracy = pc.Comparator.compare_accuracy(results, compare_func=compare_func)
     except FlarcError:
         raise
     except Exception as exc:  # polygraphy wraps runner failures in PolygraphyException
         raise FlarcError(f"compare {model_path} vs {other}: {exc}") from None
+    # Newer polygraphy returns a list of AccuracyResult (one per compare function), older one.
+    per_func = list(accuracy) if not hasattr(accuracy, "values") else [accuracy]
     outputs: dict[str, dict] = {}
-    for iteration_results in accuracy.values():
+    for iteration_results in (r for result in per_func for r in result.values()):
         for iteration in iteration_results:
             for name, res in iteration.items():
                 worst = outputs.setdefault(name, {"max_abs": 0.0, "max_rel": 0.0, "passed": True})

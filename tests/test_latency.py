@@ -1,0 +1,478 @@
+"""Latency stage: shapes, cache, monotone predictor, LatencyModel seam, backends, CLI (no GPU)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+
+import numpy as np
+import onnx
+import pytest
+from flarc.latency import cli
+from flarc.latency.backend import Backend, get_backend
+from flarc.latency.cache import LatencyCache, default_cache_dir
+from flarc.latency.end_to_end import measure_end_to_end
+from flarc.latency.model import LatencyModel, load_latency_model
+from flarc.latency.predictor import LatencyRegressor, MonotoneCurve, isotonic
+from flarc.latency.profile import LatencyProfile, ShapeProfile, profile_model
+from flarc.latency.shapes import input_shapes, parse_shape_args, target_input_shapes
+from flarc.latency.spec import LayerSpec, spec_for_target
+from flarc.latency.timing import Stats, TimingConfig, measure
+from onnx import TensorProto, helper, numpy_helper
+
+from flarc.errors import BackendError, DataError
+from flarc.modelio import prepare_for_save
+from flarc.targets import ConvGeometry, find_targets
+
+QUICK = TimingConfig.quick()
+
+
+def mlp_model(n: int = 32, hidden: int = 64, scale: float = 1.0) -> onnx.ModelProto:
+    """X [batch, seq, n] -> MatMul -> Relu -> MatMul -> Y, with symbolic batch and seq."""
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((n, hidden)) * scale).astype(np.float32)
+    w2 = (rng.standard_normal((hidden, n)) * scale).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["X", "W1"], ["H"], name="fc1"),
+            helper.make_node("Relu", ["H"], ["R"], name="act"),
+            helper.make_node("MatMul", ["R", "W2"], ["Y"], name="fc2"),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", "seq", n])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", "seq", n])],
+        initializer=[numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return prepare_for_save(model)
+
+
+def conv_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "Conv", ["X", "W"], ["Y"], name="conv", pads=[1, 1, 1, 1], strides=[2, 2]
+            )
+        ],
+        "conv",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 8, 12, 12])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(w, "W")],
+    )
+    return prepare_for_save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def stats(t: float) -> Stats:
+    return Stats.from_samples([t * 0.99, t, t * 1.01])
+
+
+class CountingBackend(Backend):
+    """Deterministic fake: dense costs n*m, a pair k*(n+m) plus a fixed overhead; counts calls."""
+
+    name = "fake"
+
+    def __init__(self, device: str = "fake-device", **kw) -> None:
+        super().__init__(**kw)
+        self.device = device
+        self.calls: list[tuple[str, int | None]] = []
+
+    def version(self) -> str:
+        return "1.0"
+
+    def fingerprint(self) -> str:
+        return self.device
+
+    def time_dense(self, spec: LayerSpec) -> Stats:
+        self.calls.append((spec.key, None))
+        return stats(1e-9 * spec.tokens * spec.n * spec.m + 1e-6)
+
+    def time_pair(self, spec: LayerSpec, k: int) -> Stats:
+        self.calls.append((spec.key, k))
+        return stats(1e-9 * spec.tokens * k * (spec.n + spec.m) + 2e-6)
+
+
+# --- shapes ---------------------------------------------------------------------------------
+
+
+def test_symbolic_dims_default_and_override():
+    model = mlp_model()
+    assert input_shapes(model) == {"X": [1, 128, 32]}
+    assert input_shapes(model, {"X": [2, 16, 32]}) == {"X": [2, 16, 32]}
+    with pytest.raises(DataError, match="not a model input"):
+        input_shapes(model, {"nope": [1]})
+    with pytest.raises(DataError, match="fixes 32"):
+        input_shapes(model, {"X": [1, 16, 31]})
+
+
+def test_parse_shape_args():
+    assert parse_shape_args(["X:1x128", "ids:0:2x8"]) == {"X": [1, 128], "ids:0": [2, 8]}
+    for bad in ["X", "X:", "X:1xa", "X:0x3", ":3"]:
+        with pytest.raises(DataError, match="NAME:DIMS"):
+            parse_shape_args([bad])
+
+
+def test_target_shapes_by_inference_and_by_running_ort():
+    model = mlp_model()
+    targets = find_targets(model).targets
+    shapes = target_input_shapes(model, targets, {"X": [2, 8, 32]})
+    assert shapes == {"fc1": (2, 8, 32), "fc2": (2, 8, 64)}
+    # Without any shape information in value_info or outputs, onnxruntime must supply them.
+    from flarc.latency import shapes as shapes_mod
+
+    observed = shapes_mod._observed_shapes(
+        model, {"X": np.zeros((2, 8, 32), np.float32)}, {"X", "R"}
+    )
+    assert observed == {"X": (2, 8, 32), "R": (2, 8, 64)}
+    spec = spec_for_target(targets[1], shapes["fc2"])
+    assert (spec.kind, spec.tokens, spec.n, spec.m) == ("linear", 16, 64, 32)
+    assert spec.key == "linear:16x64->32"
+
+
+def test_conv_spec_geometry():
+    model = conv_model()
+    (target,) = find_targets(model).targets
+    shapes = target_input_shapes(model, [target], {"X": [2, 8, 12, 12]})
+    spec = spec_for_target(target, shapes["conv"])
+    assert spec.out_spatial == (6, 6) and spec.tokens == 2 * 36 and spec.n == 72
+    same = ConvGeometry((3, 3), (2, 2), (0, 0, 0, 0), (1, 1), "SAME_UPPER")
+    assert LayerSpec("conv", 72, 16, (1, 8, 11, 11), same).out_spatial == (6, 6)
+    assert LayerSpec("conv", 72, 16, (1, 8, 11, 11), same).pads == (1, 1, 1, 1)
+    assert LayerSpec.from_dict(spec.to_dict()) == spec
+
+
+# --- predictor ------------------------------------------------------------------------------
+
+
+def test_curve_interpolates_measured_points_exactly():
+    ks, ts = [8, 16, 24, 32], [1.0, 1.5, 2.7, 3.0]
+    curve = MonotoneCurve(ks, ts)
+    for k, t in zip(ks, ts, strict=True):
+        assert curve(k) == t
+    assert curve(12) == pytest.approx(1.25)
+    assert curve(4) == 1.0  # held below the grid
+    assert curve(40) == pytest.approx(3.3)  # last slope continued
+
+
+def test_curve_is_monotone_on_noisy_data():
+    rng = np.random.default_rng(3)
+    ks = list(range(8, 200, 8))
+    ts = [k * 0.01 + rng.normal(0, 0.3) for k in ks]
+    curve = MonotoneCurve(ks, ts)
+    values = [curve(k) for k in np.linspace(1, 260, 500)]
+    assert all(b >= a for a, b in zip(values, values[1:], strict=False))
+    assert not all(b >= a for a, b in zip(ts, ts[1:], strict=False))  # the data really were noisy
+    fit = isotonic(ts)
+    assert np.mean(fit) == pytest.approx(np.mean(ts))  # least squares keeps the mean
+
+
+def test_regressor_is_monotone_in_rank_and_fits_its_data():
+    specs = [
+        LayerSpec("linear", n, m, (t, n))
+        for t, n, m in [(128, 384, 384), (128, 384, 1536), (64, 256, 256)]
+    ]
+    samples = []
+    for s in specs:
+        samples.append((s, None, 1e-9 * s.flops(None) + 1e-5))
+        samples += [(s, k, 1e-9 * s.flops(k) + 2e-5) for k in s.grid(32)]
+    reg = LatencyRegressor().fit(samples)
+    new = LayerSpec("linear", 512, 512, (100, 512))
+    preds = [reg.predict(new, k) for k in range(8, 257, 8)]
+    assert all(p > 0 and math.isfinite(p) for p in preds)
+    assert all(b >= a for a, b in zip(preds, preds[1:], strict=False))
+    errors = [abs(math.log(reg.predict(s, k) / t)) for s, k, t in samples]
+    assert max(errors) < math.log(2)
+
+
+def synthetic_profile() -> LatencyProfile:
+    spec = LayerSpec("linear", 64, 64, (16, 64))
+    pair = {8: stats(0.2), 16: stats(0.45), 24: stats(0.8), 32: stats(1.3)}
+    sp = ShapeProfile(spec=spec, dense=stats(1.0), pair=pair, targets=["a"])
+    return LatencyProfile(
+        "fake", "1", "dev", None, "fp32", 8, {"X": [16, 64]}, {spec.key: sp}, {"a": spec.key}
+    )
+
+
+def test_latency_model_exact_monotone_break_even():
+    profile = synthetic_profile()
+    spec = next(iter(profile.shapes.values())).spec
+    lm = LatencyModel(profile)
+    for k, s in profile.shapes[spec.key].pair.items():
+        assert lm.lat_recov(spec, k) == pytest.approx(s.median / 1.0)
+    recov = [lm.lat_recov(spec, k) for k in range(1, 40)]
+    assert all(b >= a for a, b in zip(recov, recov[1:], strict=False))
+    assert lm.break_even(spec, 8) == 24  # 0.8 < 1 at 24, 1.3 at 32
+    # A shape never measured is predicted, still monotone.
+    other = LayerSpec("linear", 128, 128, (16, 128))
+    assert lm.t_dense(other) > 0
+    preds = [lm.t_pair(other, k) for k in (8, 16, 32, 64)]
+    assert all(b >= a for a, b in zip(preds, preds[1:], strict=False))
+
+
+# --- cache ----------------------------------------------------------------------------------
+
+
+def test_cache_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLARC_CACHE_DIR", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "latency"
+
+
+def test_second_run_hits_the_cache(tmp_path):
+    model = mlp_model()
+    targets = find_targets(model).targets
+    cache = LatencyCache(tmp_path)
+    first = CountingBackend()
+    p1 = profile_model(model, targets, first, {"X": [1, 16, 32]}, align=8, cache=cache)
+    # fc1 32->64 (k_equiv 21.3: ranks 8, 16) and fc2 64->32: two shapes, dense + 2 ranks each.
+    assert len(first.calls) == 6
+    second = CountingBackend()
+    p2 = profile_model(
+        model, targets, second, {"X": [1, 16, 32]}, align=8, cache=LatencyCache(tmp_path)
+    )
+    assert second.calls == []
+    assert p2.to_dict() == p1.to_dict()
+    # Another device shares nothing.
+    third = CountingBackend(device="other-device")
+    profile_model(model, targets, third, {"X": [1, 16, 32]}, align=8, cache=LatencyCache(tmp_path))
+    assert len(third.calls) == 6
+
+
+@pytest.mark.parametrize("damage", ["garbage", "foreign", "schema", "bad-stats"])
+def test_damaged_cache_entry_is_rejected_and_remeasured(tmp_path, caplog, damage):
+    model = mlp_model()
+    targets = find_targets(model).targets
+    profile_model(
+        model, targets, CountingBackend(), {"X": [1, 16, 32]}, cache=LatencyCache(tmp_path)
+    )
+    files = sorted(tmp_path.rglob("*.json"))
+    assert len(files) == 6
+    victim = files[0]
+    entry = json.loads(victim.read_text())
+    if damage == "garbage":
+        victim.write_bytes(b"\x00{not json")
+    elif damage == "foreign":
+        entry["key"]["device"] = "someone-elses-gpu"
+        victim.write_text(json.dumps(entry))
+    elif damage == "schema":
+        entry["schema"] = 999
+        victim.write_text(json.dumps(entry))
+    else:
+        entry["stats"]["median"] = -1.0
+        victim.write_text(json.dumps(entry))
+    again = CountingBackend()
+    with caplog.at_level(logging.WARNING, logger="flarc.latency.cache"):
+        profile_model(model, targets, again, {"X": [1, 16, 32]}, cache=LatencyCache(tmp_path))
+    assert len(again.calls) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(victim) in warnings[0] and "measuring again" in warnings[0]
+    # The entry was rewritten: a third run measures nothing.
+    third = CountingBackend()
+    profile_model(model, targets, third, {"X": [1, 16, 32]}, cache=LatencyCache(tmp_path))
+    assert third.calls == []
+
+
+# --- profile files and the seam -------------------------------------------------------------
+
+
+def test_profile_json_roundtrip_and_load_latency_model(tmp_path):
+    model = mlp_model()
+    targets = find_targets(model).targets
+    profile = profile_model(
+        model, targets, CountingBackend(), {"X": [1, 16, 32]}, cache=LatencyCache(tmp_path / "c")
+    )
+    path = tmp_path / "latency.json"
+    profile.save(path)
+    assert LatencyProfile.load(path).to_dict() == profile.to_dict()
+    lm = load_latency_model(str(path), model, targets)
+    fc1 = targets[0]
+    sp = profile.shapes[profile.targets["fc1"]]
+    for k, s in sp.pair.items():
+        assert lm.t_pair(fc1, k) == s.median
+        assert lm.lat_recov(fc1, k) == pytest.approx(s.median / sp.dense.median)
+    assert lm.t_dense(fc1) == sp.dense.median
+    expected = max(k for k, s in sp.pair.items() if s.median < sp.dense.median)
+    assert lm.break_even(fc1, 8) == expected == 16
+    # A dense layer cheaper than any pair (the fake's 2 us pair overhead dominates): never faster.
+    tiny = LayerSpec("linear", 8, 8, (1, 8))
+    lm_tiny = LatencyModel(profile_model_for_spec(tiny, tmp_path / "t"))
+    assert lm_tiny.break_even(tiny, 2) is None
+    # Targets the file does not name get their shapes found and are predicted.
+    bigger = find_targets(mlp_model(n=48, hidden=96)).targets
+    lm2 = load_latency_model(str(path), mlp_model(n=48, hidden=96), bigger, {"X": [1, 16, 48]})
+    assert all(lm2.t_dense(t) > 0 and not lm2.is_measured(t) for t in bigger)
+
+
+def profile_model_for_spec(spec: LayerSpec, cache_dir) -> LatencyProfile:
+    from flarc.latency.profile import profile_specs
+
+    shapes = profile_specs([spec], CountingBackend(), align=2, cache=LatencyCache(cache_dir))
+    return LatencyProfile("fake", "1", "dev", None, "fp32", 2, {}, shapes, {})
+
+
+def test_bad_latency_files(tmp_path):
+    model = mlp_model()
+    targets = find_targets(model).targets
+    with pytest.raises(DataError, match="not a backend name"):
+        load_latency_model(str(tmp_path / "missing.json"), model, targets)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(DataError, match="not a readable latency JSON"):
+        LatencyProfile.load(bad)
+    bad.write_text(json.dumps({"format": "flarc-latency", "version": 1, "shapes": {}}))
+    with pytest.raises(DataError, match="malformed"):
+        LatencyProfile.load(bad)
+
+
+# --- real backends --------------------------------------------------------------------------
+
+
+def test_timing_stops_when_median_is_stable():
+    calls = []
+
+    def run(number: int) -> float:
+        calls.append(number)
+        return 1e-3 * number
+
+    s = measure(run, TimingConfig(warmup=2, min_repeats=5, max_repeats=50, min_sample_s=0.0))
+    assert s.median == pytest.approx(1e-3) and s.repeats == 5 and s.number == 1
+
+
+def test_gpu_backends_fail_in_one_line():
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        cuda = False
+    if not cuda:
+        with pytest.raises(BackendError) as err:
+            get_backend("torch-cuda")
+        assert "\n" not in str(err.value) and str(err.value).startswith("torch-cuda:")
+        assert (
+            "CPU-only" in str(err.value)
+            or "no CUDA device" in str(err.value)
+            or "not installed" in str(err.value)
+        )
+    try:
+        import tensorrt  # noqa: F401
+
+        has_trt = True
+    except ImportError:
+        has_trt = False
+    if not has_trt:
+        with pytest.raises(
+            BackendError, match=r"^tensorrt: Python module 'tensorrt' is not installed"
+        ):
+            get_backend("tensorrt")
+    with pytest.raises(BackendError, match="unknown latency backend"):
+        get_backend("tpu")
+
+
+def test_ort_cpu_profiles_tiny_matmul_model(tmp_path):
+    model = mlp_model()
+    targets = find_targets(model).targets
+    backend = get_backend("ort-cpu", threads=1, timing=QUICK)
+    profile = profile_model(
+        model, targets, backend, {"X": [1, 16, 32]}, align=4, cache=LatencyCache(tmp_path)
+    )
+    assert set(profile.targets) == {"fc1", "fc2"}
+    for sp in profile.shapes.values():
+        assert sp.spec.grid(4) == sorted(sp.pair) == [4, 8, 12, 16, 20]
+        for s in [sp.dense, *sp.pair.values()]:
+            assert math.isfinite(s.median) and 0 < s.min <= s.median <= s.max < 1.0
+    assert profile.backend_version and profile.device.startswith("cpu:")
+
+
+def test_ort_cpu_times_conv_layers(tmp_path):
+    backend = get_backend("ort-cpu", threads=1, timing=QUICK)
+    geo = ConvGeometry((3, 3), (1, 1), (1, 0, 1, 0), (1, 1))  # asymmetric pads
+    spec = LayerSpec("conv", 72, 16, (1, 8, 10, 10), geo)
+    assert backend.time_dense(spec).median > 0 and backend.time_pair(spec, 8).median > 0
+
+
+def test_measure_end_to_end():
+    a, b = mlp_model(), mlp_model(scale=0.5)
+    feeds = {"X": np.ones((1, 8, 32), np.float32)}
+    r = measure_end_to_end(a, b, feeds, threads=1, timing=QUICK)
+    assert r["original"]["median"] > 0 and r["compressed"]["median"] > 0
+    assert r["speedup"] == pytest.approx(r["original"]["median"] / r["compressed"]["median"])
+    assert r["feeds"] == {"X": [1, 8, 32]} and r["backend"] == "ort-cpu"
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flarc")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cli.register(sub)
+    return parser
+
+
+def test_cli_parses():
+    args = make_parser().parse_args(
+        [
+            "latency",
+            "profile",
+            "m.onnx",
+            "--backend",
+            "ort-cpu",
+            "--threads",
+            "2",
+            "--dtype",
+            "fp16",
+            "--shape",
+            "input_ids:1x128",
+            "attention_mask:1x128",
+            "--align",
+            "16",
+            "-o",
+            "l.json",
+        ]
+    )
+    assert args.func is cli.profile_handler and args.threads == 2 and args.align == 16
+    assert args.shape == ["input_ids:1x128", "attention_mask:1x128"] and args.dtype == "fp16"
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["latency", "profile", "m.onnx", "--backend", "tpu", "-o", "x"])
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["latency", "profile", "m.onnx", "--threads", "0", "-o", "x"])
+    assert make_parser().parse_args(["latency", "show", "l.json"]).func is cli.show_handler
+
+
+def test_cli_profile_then_show(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLARC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps long cells at pytest's 80 columns
+    model_path = tmp_path / "mlp.onnx"
+    onnx.save_model(mlp_model(), str(model_path))
+    out = tmp_path / "latency.json"
+    parser = make_parser()
+    args = parser.parse_args(
+        [
+            "latency",
+            "profile",
+            str(model_path),
+            "--threads",
+            "1",
+            "--shape",
+            "X:1x8x32",
+            "--max-repeats",
+            "3",
+            "--max-seconds",
+            "0.1",
+            "-o",
+            str(out),
+        ]
+    )
+    assert args.func(args) == 0
+    data = json.loads(out.read_text())
+    assert data["input_shapes"] == {"X": [1, 8, 32]} and set(data["targets"]) == {"fc1", "fc2"}
+    assert any((tmp_path / "cache" / "latency").rglob("*.json"))
+    png = tmp_path / "plot.png"
+    args = parser.parse_args(["latency", "show", str(out), "-o", str(png)])
+    assert args.func(args) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shown = capsys.readouterr().out
+    assert "linear:8x32->64" in shown and "k_equiv" in shown
