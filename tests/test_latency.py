@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -163,8 +164,8 @@ def test_curve_is_monotone_on_noisy_data():
     ts = [k * 0.01 + rng.normal(0, 0.3) for k in ks]
     curve = MonotoneCurve(ks, ts)
     values = [curve(k) for k in np.linspace(1, 260, 500)]
-    assert all(b >= a for a, b in zip(values, values[1:], strict=False))
-    assert not all(b >= a for a, b in zip(ts, ts[1:], strict=False))  # the data really were noisy
+    assert all(b >= a for a, b in itertools.pairwise(values))
+    assert not all(b >= a for a, b in itertools.pairwise(ts))  # the data really were noisy
     fit = isotonic(ts)
     assert np.mean(fit) == pytest.approx(np.mean(ts))  # least squares keeps the mean
 
@@ -182,7 +183,7 @@ def test_regressor_is_monotone_in_rank_and_fits_its_data():
     new = LayerSpec("linear", 512, 512, (100, 512))
     preds = [reg.predict(new, k) for k in range(8, 257, 8)]
     assert all(p > 0 and math.isfinite(p) for p in preds)
-    assert all(b >= a for a, b in zip(preds, preds[1:], strict=False))
+    assert all(b >= a for a, b in itertools.pairwise(preds))
     errors = [abs(math.log(reg.predict(s, k) / t)) for s, k, t in samples]
     assert max(errors) < math.log(2)
 
@@ -203,13 +204,13 @@ def test_latency_model_exact_monotone_break_even():
     for k, s in profile.shapes[spec.key].pair.items():
         assert lm.lat_recov(spec, k) == pytest.approx(s.median / 1.0)
     recov = [lm.lat_recov(spec, k) for k in range(1, 40)]
-    assert all(b >= a for a, b in zip(recov, recov[1:], strict=False))
+    assert all(b >= a for a, b in itertools.pairwise(recov))
     assert lm.break_even(spec, 8) == 24  # 0.8 < 1 at 24, 1.3 at 32
     # A shape never measured is predicted, still monotone.
     other = LayerSpec("linear", 128, 128, (16, 128))
     assert lm.t_dense(other) > 0
     preds = [lm.t_pair(other, k) for k in (8, 16, 32, 64)]
-    assert all(b >= a for a, b in zip(preds, preds[1:], strict=False))
+    assert all(b >= a for a, b in itertools.pairwise(preds))
 
 
 # --- cache ----------------------------------------------------------------------------------

@@ -1,0 +1,144 @@
+"""Rank-latency curves on onnxruntime CPU for MiniLM layer shapes.
+
+For tokens in {128, 8x128} and (n -> m) in {384->384, 384->1536, 1536->384}, at 1 and 2 threads:
+dense time, the pair's time over the aligned rank grid, and the break-even rank (the largest
+aligned rank whose pair is still faster) against k_equiv. Prints a table, writes
+bench/results/latency_curves.json and .png. Numbers depend on the machine; nothing is asserted.
+
+    python bench/latency_curves.py [--threads 1 2] [--tokens 128 1024] [--align 8] [--no-cache]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from flarc.latency.backend import get_backend
+from flarc.latency.cache import LatencyCache
+from flarc.latency.model import LatencyModel
+from flarc.latency.profile import LatencyProfile, profile_specs
+from flarc.latency.show import plot_profiles
+from flarc.latency.spec import LayerSpec
+from flarc.latency.timing import TimingConfig
+from rich.console import Console
+from rich.table import Table
+
+from flarc.modelio import write_text_atomic
+from flarc.progress import RichProgress
+
+SHAPES = [(384, 384), (384, 1536), (1536, 384)]
+RESULTS = Path(__file__).resolve().parent / "results"
+# Fewer repeats than the CLI default: ~400 layers in a few minutes, median CI still ~3%.
+TIMING = TimingConfig(warmup=3, min_repeats=9, max_repeats=40, rel_ci=0.03, max_seconds=1.0)
+
+
+def run(threads: list[int], tokens: list[int], align: int, cache: LatencyCache) -> dict:
+    specs = [LayerSpec("linear", n, m, (t, n)) for t in tokens for n, m in SHAPES]
+    profiles = {}
+    for th in threads:
+        backend = get_backend("ort-cpu", threads=th, timing=TIMING)
+        shapes = profile_specs(specs, backend, align, cache, RichProgress())
+        profiles[f"{th}T"] = LatencyProfile(
+            backend=backend.name,
+            backend_version=backend.version(),
+            device=backend.fingerprint(),
+            threads=th,
+            dtype="fp32",
+            align=align,
+            input_shapes={},
+            shapes=shapes,
+            targets={},
+        )
+    return profiles
+
+
+def rows(profiles: dict[str, LatencyProfile]) -> list[dict]:
+    out = []
+    for label, profile in profiles.items():
+        lm = LatencyModel(profile)
+        for key, sp in profile.shapes.items():
+            half = int(sp.spec.k_equiv / 2 // profile.align * profile.align)
+            out.append(
+                {
+                    "threads": profile.threads,
+                    "shape": key,
+                    "tokens": sp.spec.tokens,
+                    "n": sp.spec.n,
+                    "m": sp.spec.m,
+                    "dense_ms": sp.dense.median * 1e3,
+                    "dense_spread": sp.dense.spread,
+                    "k_equiv": sp.spec.k_equiv,
+                    "break_even": lm.break_even(sp.spec, profile.align),
+                    "recov_at_half_k_equiv": lm.lat_recov(sp.spec, half) if half else None,
+                    "half_k_equiv_rank": half,
+                    "label": label,
+                }
+            )
+    return out
+
+
+def table(result_rows: list[dict]) -> Table:
+    t = Table(title="ort-cpu rank-latency curves (MiniLM shapes)")
+    for col in (
+        "threads",
+        "tokens",
+        "n->m",
+        "dense ms",
+        "IQR",
+        "break-even",
+        "k_equiv",
+        "be/k_eq",
+        "recov@k_eq/2",
+    ):
+        t.add_column(col, justify="right")
+    for r in result_rows:
+        be = r["break_even"]
+        t.add_row(
+            str(r["threads"]),
+            str(r["tokens"]),
+            f"{r['n']}->{r['m']}",
+            f"{r['dense_ms']:.3f}",
+            f"{100 * r['dense_spread']:.1f}%",
+            "never" if be is None else str(be),
+            f"{r['k_equiv']:.0f}",
+            "-" if be is None else f"{be / r['k_equiv']:.2f}",
+            "-" if r["recov_at_half_k_equiv"] is None else f"{r['recov_at_half_k_equiv']:.2f}",
+        )
+    return t
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[128, 8 * 128])
+    parser.add_argument("--align", type=int, default=8)
+    parser.add_argument("--no-cache", action="store_true", help="measure again, ignore the cache")
+    parser.add_argument("--out", default=str(RESULTS / "latency_curves.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    cache = LatencyCache(enabled=not args.no_cache)
+    profiles = run(args.threads, args.tokens, args.align, cache)
+    result_rows = rows(profiles)
+    console = Console()
+    console.print(table(result_rows))
+    first = next(iter(profiles.values()))
+    console.print(f"device: {first.device}; onnxruntime {first.backend_version}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "timing": TIMING.__dict__,
+        "rows": result_rows,
+        "profiles": {label: p.to_dict() for label, p in profiles.items()},
+    }
+    write_text_atomic(out, json.dumps(payload, indent=1) + "\n")
+    plot_profiles(profiles, out.with_suffix(".png"))
+    console.print(f"-> {out}, {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
