@@ -71,7 +71,14 @@ def compare_models(
 ) -> list[OutputComparison]:
     """Run both models on ``feeds`` with polygraphy's Comparator; metrics per common output."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.comparator import Comparator
+
+    try:
+        from polygraphy.comparator import SimpleCompareFunc
+    except ImportError:  # polygraphy before 0.53
+        from polygraphy.comparator import CompareFunc
+
+        SimpleCompareFunc = CompareFunc.simple
 
     def model_bytes(m: onnx.ModelProto | str) -> bytes | str:
         if isinstance(m, str):
@@ -92,7 +99,7 @@ def compare_models(
     with _quiet_polygraphy():
         results = Comparator.run(runners, data_loader=feeds)
         verdicts = Comparator.compare_accuracy(
-            results, compare_func=CompareFunc.simple(rtol=rtol, atol=atol, check_shapes=True)
+            results, compare_func=SimpleCompareFunc(rtol=rtol, atol=atol, check_shapes=True)
         )
     (_, ref_iters), (_, out_iters) = results[0], results[1]
     passed: dict[str, bool] = {}

@@ -1,0 +1,159 @@
+"""Factor pairs in the graph: full rank reproduces the model; the whitened-error identity holds."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from _models import Mlp2d, Mlp3d, SmallCnn, TinyDecoder, TinyEncoder, export, token_batch
+
+from flarc.calib.data import CalibrationSet
+from flarc.pipeline import AnalysisOptions, analyze, chosen_factors
+from flarc.rewrite.ranks import RankChoice
+from flarc.rewrite.surgery import factorize
+from flarc.targets import constant_tensors, find_targets, weight_matrix
+
+
+def run(model: onnx.ModelProto, feed: dict, outputs: list[str] | None = None) -> list[np.ndarray]:
+    model.ir_version = min(model.ir_version, 10)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(outputs, feed)
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    return probe
+
+
+CASES = {
+    "gemm_transB": (lambda: Mlp2d(), lambda r: {"x": r.standard_normal((16, 24)).astype(np.float32)}),
+    "matmul": (lambda: Mlp3d(), lambda r: {"x": r.standard_normal((4, 6, 24)).astype(np.float32)}),
+    "conv": (lambda: SmallCnn(), lambda r: {"x": r.standard_normal((16, 3, 12, 12)).astype(np.float32)}),
+}
+
+
+def _export_case(tmp_path, name: str):
+    make, feed_fn = CASES[name]
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    feed = feed_fn(rng)
+    path = export(make(), (torch.from_numpy(feed["x"]),), tmp_path / f"{name}.onnx", ["x"])
+    return onnx.load(str(path)), feed_fn, rng
+
+
+def gemm_model(trans_b: int) -> onnx.ModelProto:
+    """A Gemm with transB=0 and alpha/beta, which torch never writes."""
+    rng = np.random.default_rng(1)
+    b = rng.standard_normal((12, 10) if not trans_b else (10, 12)).astype(np.float32)
+    c = rng.standard_normal(10).astype(np.float32)
+    node = onnx.helper.make_node("Gemm", ["x", "B", "C"], ["y"], name="gemm", alpha=0.5, beta=2.0, transB=trans_b)
+    graph = onnx.helper.make_graph(
+        [node],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 12])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 10])],
+        [onnx.numpy_helper.from_array(b, "B"), onnx.numpy_helper.from_array(c, "C")],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10)
+
+
+def full_rank_compare(model: onnx.ModelProto, feeds: list[dict]) -> float:
+    targets = find_targets(model)
+    data = CalibrationSet(feeds, [], "test")
+    analysis = analyze(model, targets, data, AnalysisOptions(shrinkage="none", full_rank=True))
+    ranks = {t.name: RankChoice(min(t.n, t.m), "full") for t in targets.targets}
+    new = factorize(model, targets.targets, chosen_factors(analysis, ranks))
+    onnx.checker.check_model(new)
+    assert sum(n.op_type in ("MatMul", "Gemm", "Conv") for n in new.graph.node) == sum(
+        n.op_type in ("MatMul", "Gemm", "Conv") for n in model.graph.node
+    ) + len(targets.targets)
+    worst = 0.0
+    for feed in feeds:
+        for a, b in zip(run(model, feed), run(new, feed), strict=True):
+            worst = max(worst, float(np.abs(a - b).max() / np.abs(a).max()))
+    return worst
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_full_rank_reproduces_exported_models(tmp_path, case):
+    model, feed_fn, rng = _export_case(tmp_path, case)
+    assert find_targets(model).targets
+    assert full_rank_compare(model, [feed_fn(rng) for _ in range(3)]) < 2e-5
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_full_rank_reproduces_gemm_with_alpha_beta(trans_b):
+    model = gemm_model(trans_b)
+    rng = np.random.default_rng(2)
+    feeds = [{"x": rng.standard_normal((20, 12)).astype(np.float32)} for _ in range(2)]
+    (t,) = find_targets(model).targets
+    assert (t.n, t.m, t.transposed) == (12, 10, bool(trans_b))
+    assert full_rank_compare(model, feeds) < 2e-5
+
+
+def test_depthwise_conv_is_skipped(tmp_path):
+    model, _, _ = _export_case(tmp_path, "conv")
+    skipped = find_targets(model).skipped
+    assert any("depthwise" in s.reason for s in skipped)
+
+
+@pytest.mark.parametrize("case", ["matmul", "conv"])
+def test_whitened_error_identity_against_forward_pass(tmp_path, case):
+    """Predicted sum_{i>k} s_i^2 / sum s_i^2 equals ||X(B - B_k)||^2 / ||X B||^2 on the calibration data."""
+    model, feed_fn, rng = _export_case(tmp_path, case)
+    feeds = [feed_fn(rng) for _ in range(3)]
+    targets = find_targets(model)
+    analysis = analyze(model, targets, CalibrationSet(feeds, [], "t"), AnalysisOptions(shrinkage="none", full_rank=True))
+    consts = constant_tensors(model)
+    # The activations each target sees, from a real forward pass of the original model.
+    probe = with_outputs(model, [t.input for t in targets.targets])
+    acts = [run(probe, f, [t.input for t in targets.targets]) for f in feeds]
+    checked = 0
+    for i, t in enumerate(targets.targets):
+        if t.conv is not None:
+            x = torch.cat(
+                [
+                    torch.nn.functional.unfold(
+                        torch.from_numpy(a[i]).double(), t.conv.kernel_shape, t.conv.dilations, t.conv.pads[:2], t.conv.strides
+                    )
+                    .transpose(1, 2)
+                    .reshape(-1, t.n)
+                    for a in acts
+                ]
+            ).numpy()
+        else:
+            x = np.concatenate([a[i].reshape(-1, t.n) for a in acts]).astype(np.float64)
+        b = weight_matrix(t, consts[t.weight])
+        spectrum = analysis.entries[t.name].spectrum
+        for k in sorted({1, 2, min(t.n, t.m) // 2, min(t.n, t.m) - 1}):
+            a_k, c_k = spectrum.factors(k)
+            measured = np.linalg.norm(x @ (b - a_k @ c_k)) ** 2 / np.linalg.norm(x @ b) ** 2
+            assert spectrum.error(k) == pytest.approx(measured, rel=1e-6), (t.name, k)
+            checked += 1
+    assert checked >= 4
+
+
+def test_full_rank_of_transformers_both_exporters(tmp_path):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    for dynamo in (False, True):
+        for cls in (TinyEncoder, TinyDecoder):
+            feed = token_batch(rng, 2, 10, pad_from=6)
+            args = tuple(torch.from_numpy(feed[k]) for k in ("input_ids", "attention_mask"))
+            dyn = {"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}}
+            path = export(cls(), args, tmp_path / f"{cls.__name__}{dynamo}.onnx", ["input_ids", "attention_mask"], dyn, dynamo)
+            model = onnx.load(str(path))
+            targets = find_targets(model)
+            # q, k, v, o, up, down per block; a tied head is skipped unless the exporter
+            # folded its transpose into a separate initializer (then it is a weight of its own).
+            assert len(targets.targets) in (12, 13), (cls.__name__, dynamo)
+            weights = [t.weight for t in targets.targets]
+            assert len(set(weights)) == len(weights)
+            if cls is TinyDecoder and len(targets.targets) == 12:
+                assert any("shared" in s.reason for s in targets.skipped)
+            feeds = [token_batch(rng, 3, 9, pad_from=5) for _ in range(2)]
+            assert full_rank_compare(model, feeds) < 5e-5, (cls.__name__, dynamo)

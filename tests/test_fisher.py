@@ -1,0 +1,254 @@
+"""Fisher importance from ONNX-graph gradients against torch autograd on the original modules."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import _fisher_models as fm
+import numpy as np
+import pytest
+import torch
+from flarc.calib.fisher import (
+    LOSSES,
+    fisher_importance,
+    resolve_loss,
+    weight_gradients,
+)
+from torch.nn import functional as F
+
+from flarc.errors import DataError, ModelError
+from flarc.targets import find_targets
+
+EXPORTERS = ["legacy", "dynamo"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(kind, exporter) -> (float32 torch module, exported ONNX model), exported once per module."""
+    cache: dict = {}
+
+    def get(kind: str, exporter: str):
+        if (kind, exporter) not in cache:
+            module = fm.build(kind)
+            path = tmp_path_factory.mktemp(f"{kind}_{exporter}") / "model.onnx"
+            cache[kind, exporter] = (module, fm.export(module, kind, exporter, path))
+        return cache[kind, exporter]
+
+    return get
+
+
+def _batches(kind: str) -> list[dict]:
+    """Three batches of different shapes, padded where the model takes a mask."""
+    return [
+        fm.example_batch(kind, seed=10, batch=2, seq=6),
+        fm.example_batch(kind, seed=11, batch=3, seq=5),
+        fm.example_batch(kind, seed=12, batch=2, seq=7),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch references, written from the definitions in flarc.calib.fisher's docstring
+
+
+def _ref_labels(logits: torch.Tensor, seed: int, batch_index: int) -> torch.Tensor:
+    probs = torch.softmax(logits.detach(), -1).reshape(-1, logits.shape[-1]).numpy()
+    u = np.random.default_rng([seed, batch_index]).random(probs.shape[0])
+    labels = [np.searchsorted(np.cumsum(p), ui * p.sum()) for p, ui in zip(probs, u, strict=True)]
+    return torch.tensor(labels, dtype=torch.int64).reshape(logits.shape[:-1])
+
+
+def _ref_loss(
+    loss: str, outputs: dict[str, torch.Tensor], batch: dict, seed: int, b: int
+) -> torch.Tensor:
+    mask = torch.from_numpy(batch["attention_mask"]).bool() if "attention_mask" in batch else None
+    if loss == "lm":
+        logits, ids = outputs["logits"], torch.from_numpy(batch["input_ids"])
+        keep = mask[:, :-1] & mask[:, 1:]
+        return F.cross_entropy(logits[:, :-1][keep], ids[:, 1:][keep])
+    if loss == "sampled":
+        logits = outputs["logits"]
+        labels = _ref_labels(logits, seed, b)
+        if logits.dim() == 3:
+            return F.cross_entropy(logits[mask], labels[mask])
+        return F.cross_entropy(logits, labels)
+    total = torch.zeros((), dtype=torch.float64)
+    for j, y in enumerate(outputs.values()):
+        d = y.shape[-1]
+        cols = min(d, 64)
+        r = np.random.default_rng([seed, 1, j]).standard_normal((d, cols)) / math.sqrt(cols)
+        per_row = 0.5 * (y @ torch.from_numpy(r)).pow(2).sum(-1)
+        total = total + (per_row[mask].mean() if y.dim() == 3 else per_row.mean())
+    return total
+
+
+def _reference_alpha(module, model, kind, targets, batches, loss, seed=0):
+    """alpha_t = sum_b sum (dL_b/dW * W)^2 on the double torch module; targets whose weight is a
+    folded copy of a parameter stored more than once (a tied lm head) are left out."""
+    ref = copy.deepcopy(module).double()
+    matches = fm.match_initializers(model, ref)
+    owner = {i: p for p, found in matches.items() for i, _ in found if len(found) == 1}
+    params = dict(ref.named_parameters())
+    alpha = {t.name: 0.0 for t in targets if t.weight in owner}
+    for b, batch in enumerate(batches):
+        ref.zero_grad()
+        outs = ref(*fm.torch_inputs(kind, batch))
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        named = dict(zip(fm.OUTPUT_NAMES[kind], outs, strict=True))
+        _ref_loss(loss, named, batch, seed, b).backward()
+        for t in targets:
+            if t.weight in owner:
+                p = params[owner[t.weight]]
+                alpha[t.name] += float(((p.grad * p.detach()) ** 2).sum())
+    return alpha
+
+
+def _assert_alpha(result, reference, targets):
+    assert len(reference) >= len(targets) - 1 and len(reference) >= 3
+    for name, ref in reference.items():
+        assert ref > 0
+        assert result.alpha[name] == pytest.approx(ref, rel=1e-5), name
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_lm_fisher_matches_torch(exported, exporter):
+    module, model = exported("gpt", exporter)
+    targets = find_targets(model).targets
+    batches = _batches("gpt")
+    result = fisher_importance(model, targets, batches)
+    assert result.loss == "lm" and result.outputs == ("logits",) and result.batches == 3
+    assert "\n" not in result.description and "lm" in result.description
+    assert set(result.alpha) == {t.name for t in targets}
+    _assert_alpha(result, _reference_alpha(module, model, "gpt", targets, batches, "lm"), targets)
+
+
+def test_tied_weight_gradients_per_batch(exported):
+    """The dynamo export keeps embedding and lm head as one initializer: its per-batch gradient is
+    torch's gradient of the tied parameter (the sum over both uses)."""
+    module, model = exported("gpt", "dynamo")
+    (tied,) = [i for i, _ in fm.match_initializers(model, module)["wte.weight"]]
+    batches = _batches("gpt")
+    grads = weight_gradients(model, [tied], batches, loss="lm")
+    assert len(grads[tied]) == len(batches)
+    ref = copy.deepcopy(module).double()
+    for b, batch in enumerate(batches):
+        ref.zero_grad()
+        logits = ref(*fm.torch_inputs("gpt", batch))
+        _ref_loss("lm", {"logits": logits}, batch, 0, b).backward()
+        expected = ref.wte.weight.grad.numpy()
+        np.testing.assert_allclose(grads[tied][b], expected, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_projection_fisher_matches_torch(exported, exporter):
+    module, model = exported("bert", exporter)
+    targets = find_targets(model).targets
+    batches = _batches("bert")
+    result = fisher_importance(model, targets, batches, seed=3)
+    assert result.loss == "projection"
+    assert result.outputs == ("last_hidden_state", "pooler_output")
+    reference = _reference_alpha(module, model, "bert", targets, batches, "projection", seed=3)
+    _assert_alpha(result, reference, targets)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_sampled_fisher_matches_torch(exported, exporter):
+    module, model = exported("cnn", exporter)
+    targets = find_targets(model).targets
+    batches = _batches("cnn")
+    result = fisher_importance(model, targets, batches, seed=5)
+    assert result.loss == "sampled" and result.outputs == ("logits",)
+    reference = _reference_alpha(module, model, "cnn", targets, batches, "sampled", seed=5)
+    _assert_alpha(result, reference, targets)
+
+
+@pytest.mark.parametrize("loss", ["sampled", "projection"])
+def test_explicit_losses_on_a_decoder(exported, loss):
+    """[B, S, V] logits under the sampled and projection losses, padded positions excluded."""
+    module, model = exported("gpt", "legacy")
+    targets = find_targets(model).targets
+    batches = _batches("gpt")
+    result = fisher_importance(model, targets, batches, loss=loss, seed=1)
+    assert result.loss == loss
+    reference = _reference_alpha(module, model, "gpt", targets, batches, loss, seed=1)
+    _assert_alpha(result, reference, targets)
+
+
+def test_float32_interpreter_is_close(exported):
+    _, model = exported("cnn", "legacy")
+    targets = find_targets(model).targets
+    r64 = fisher_importance(model, targets, _batches("cnn"))
+    r32 = fisher_importance(model, targets, _batches("cnn"), dtype="float32")
+    for name, value in r64.alpha.items():
+        assert r32.alpha[name] == pytest.approx(value, rel=1e-3)
+
+
+def test_deterministic_given_seed(exported):
+    _, model = exported("cnn", "legacy")
+    targets = find_targets(model).targets
+    first = fisher_importance(model, targets, _batches("cnn"), seed=7)
+    again = fisher_importance(model, targets, _batches("cnn"), seed=7)
+    other = fisher_importance(model, targets, _batches("cnn"), seed=8)
+    assert first.alpha == again.alpha
+    assert first.alpha != other.alpha
+
+
+def test_masks_fully_padded_batch_and_explicit_mask_input(exported):
+    _, model = exported("gpt", "legacy")
+    targets = find_targets(model).targets
+    batches = _batches("gpt")
+    padded = fm.example_batch("gpt", seed=13)
+    padded["attention_mask"][:] = 0
+    base = fisher_importance(model, targets, batches)
+    with_padding = fisher_importance(model, targets, [*batches[:1], padded, *batches[1:]])
+    assert with_padding.batches == 3
+    for name, value in base.alpha.items():
+        assert with_padding.alpha[name] == pytest.approx(value, rel=1e-12)
+    # The mask may be any batch entry named by mask_input; here one the model does not take.
+    renamed = [{**b, "keep": b["attention_mask"]} for b in batches]
+    for b in renamed:
+        b["attention_mask"] = np.ones_like(b["attention_mask"])
+    named = fisher_importance(model, targets, renamed, mask_input="keep")
+    unmasked = fisher_importance(model, targets, [dict(b) for b in renamed])
+    first = targets[0].name
+    assert named.alpha[first] != pytest.approx(unmasked.alpha[first], rel=1e-6)
+    with pytest.raises(DataError, match="mask input 'nope'"):
+        fisher_importance(model, targets, batches, mask_input="nope")
+
+
+def test_auto_loss_rules():
+    ids = {"input_ids": np.array([[1, 2, 3]], dtype=np.int64)}
+    t = torch.zeros
+    assert resolve_loss("auto", {"logits": t(1, 3, 8)}, ids).kind == "lm"
+    # Hidden states with a last axis that could index the ids are still not logits.
+    assert resolve_loss("auto", {"last_hidden_state": t(1, 3, 8)}, ids).kind == "projection"
+    assert resolve_loss("auto", {"logits": t(1, 3, 8)}, {"x": np.zeros(3)}).kind == "sampled"
+    assert resolve_loss("auto", {"emb": t(1, 8), "logits": t(1, 5)}, {}).outputs == ("logits",)
+    plan = resolve_loss("auto", {"a": t(2, 4), "n": torch.zeros(2, dtype=torch.int64)}, {})
+    assert plan.kind == "projection" and plan.outputs == ("a",)
+    assert resolve_loss("lm", {"out": t(1, 3, 8)}, ids).outputs == ("out",)
+    with pytest.raises(DataError, match="input_ids"):
+        resolve_loss("lm", {"logits": t(1, 3, 8)}, {})
+    with pytest.raises(ModelError, match="Fisher loss 'lm' needs an output"):
+        resolve_loss("lm", {"logits": t(1, 3, 2)}, ids)
+    with pytest.raises(ModelError, match="'sampled'"):
+        resolve_loss("sampled", {"y": t(4)}, {})
+    with pytest.raises(ValueError, match="unknown Fisher loss"):
+        resolve_loss("mse", {"y": t(4)}, {})
+    assert set(LOSSES) == {"auto", "lm", "sampled", "projection"}
+
+
+def test_errors(exported):
+    _, model = exported("cnn", "legacy")
+    targets = find_targets(model).targets
+    with pytest.raises(DataError, match="no calibration batch"):
+        fisher_importance(model, targets, [])
+    with pytest.raises(ModelError, match="no targets"):
+        fisher_importance(model, [], _batches("cnn"))
+    with pytest.raises(DataError, match="input_ids"):
+        fisher_importance(model, targets, _batches("cnn"), loss="lm")
+    with pytest.raises(DataError, match="model input 'pixel_values' is missing"):
+        fisher_importance(model, targets, [{"x": np.zeros(3, np.float32)}])
