@@ -88,7 +88,9 @@ class Block(nn.Module):
 class TinyEncoder(nn.Module):
     """BERT-like: token + position embeddings, bidirectional blocks, an attention mask input."""
 
-    def __init__(self, vocab: int = 64, d: int = 32, layers: int = 2, heads: int = 4, causal: bool = False):
+    def __init__(
+        self, vocab: int = 64, d: int = 32, layers: int = 2, heads: int = 4, causal: bool = False
+    ):
         super().__init__()
         self.tok = nn.Embedding(vocab, d)
         self.pos = nn.Embedding(64, d)
@@ -132,10 +134,16 @@ def export(
             dims = None
             if dynamic:
                 dims = {
-                    name: {ax: torch.export.Dim.AUTO for ax in axes} for name, axes in dynamic.items()
+                    name: {ax: torch.export.Dim.AUTO for ax in axes}
+                    for name, axes in dynamic.items()
                 }
             prog = torch.onnx.export(
-                module, args, input_names=input_names, dynamic_shapes=dims, dynamo=True, opset_version=18
+                module,
+                args,
+                input_names=input_names,
+                dynamic_shapes=dims,
+                dynamo=True,
+                opset_version=18,
             )
             model = prog.model_proto
         else:
@@ -156,7 +164,9 @@ def export(
     return path
 
 
-def token_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int = 64, pad_from: int | None = None):
+def token_batch(
+    rng: np.random.Generator, batch: int, seq: int, vocab: int = 64, pad_from: int | None = None
+):
     ids = rng.integers(1, vocab, size=(batch, seq)).astype(np.int64)
     mask = np.ones((batch, seq), dtype=np.int64)
     if pad_from is not None:

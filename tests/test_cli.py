@@ -12,9 +12,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from _models import Mlp3d, export
 
 from flarc.cli import main
+
+from _models import Mlp3d, export
 
 
 def sha(path) -> str:
@@ -24,7 +25,9 @@ def sha(path) -> str:
 @pytest.fixture
 def mlp(tmp_path):
     torch.manual_seed(0)
-    path = export(Mlp3d(), (torch.randn(2, 5, 24),), tmp_path / "mlp.onnx", ["x"], {"x": {0: "b", 1: "s"}})
+    path = export(
+        Mlp3d(), (torch.randn(2, 5, 24),), tmp_path / "mlp.onnx", ["x"], {"x": {0: "b", 1: "s"}}
+    )
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "calib.npz", x=rng.standard_normal((64, 5, 24)).astype(np.float32))
     return path
@@ -47,8 +50,20 @@ def test_compress_end_to_end(tmp_path, mlp, capsys):
     out = tmp_path / "small.onnx"
     code = main(
         [
-            "compress", str(mlp), "-o", str(out), "--calib", str(tmp_path / "calib.npz"),
-            "--ratio", "0.5", "--align", "4", "--report", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"),
+            "compress",
+            str(mlp),
+            "-o",
+            str(out),
+            "--calib",
+            str(tmp_path / "calib.npz"),
+            "--ratio",
+            "0.5",
+            "--align",
+            "4",
+            "--report",
+            str(tmp_path / "r.json"),
+            "--plot",
+            str(tmp_path / "r.png"),
         ]
     )
     assert code == 0, capsys.readouterr().err
@@ -72,7 +87,9 @@ def test_inspect_lists_targets(mlp, capsys):
 
 
 def test_console_script_runs(mlp):
-    proc = subprocess.run([sys.executable, "-m", "flarc.cli", "inspect", str(mlp)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flarc.cli", "inspect", str(mlp)], capture_output=True, text=True
+    )
     assert proc.returncode == 0 and "MatMul" in proc.stdout
 
 
@@ -98,8 +115,18 @@ def test_model_without_targets(tmp_path, capsys):
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
     )
     path = tmp_path / "relu.onnx"
-    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10), str(path))
-    fail(capsys, ["compress", str(path), "-o", str(tmp_path / "o.onnx"), "--synthetic", "2"], "relu.onnx", "no MatMul")
+    onnx.save(
+        onnx.helper.make_model(
+            graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10
+        ),
+        str(path),
+    )
+    fail(
+        capsys,
+        ["compress", str(path), "-o", str(tmp_path / "o.onnx"), "--synthetic", "2"],
+        "relu.onnx",
+        "no MatMul",
+    )
 
 
 @pytest.mark.parametrize(
@@ -117,7 +144,9 @@ def test_model_without_targets(tmp_path, capsys):
 def test_bad_calibration_arrays(tmp_path, mlp, capsys, arrays, expect):
     np.savez(tmp_path / "bad.npz", **arrays)
     out = tmp_path / "o.onnx"
-    fail(capsys, ["compress", str(mlp), "-o", str(out), "--calib", str(tmp_path / "bad.npz")], expect)
+    fail(
+        capsys, ["compress", str(mlp), "-o", str(out), "--calib", str(tmp_path / "bad.npz")], expect
+    )
     assert not out.exists()
 
 
@@ -128,14 +157,21 @@ def test_pickled_calibration_is_refused(tmp_path, mlp, capsys):
 
     with zipfile.ZipFile(tmp_path / "p.npz", "w") as z:
         z.write(tmp_path / "x.npy", "x.npy")
-    fail(capsys, ["compress", str(mlp), "-o", str(tmp_path / "o.onnx"), "--calib", str(tmp_path / "p.npz")], "p.npz", "pickle")
+    fail(
+        capsys,
+        ["compress", str(mlp), "-o", str(tmp_path / "o.onnx"), "--calib", str(tmp_path / "p.npz")],
+        "p.npz",
+        "pickle",
+    )
 
 
 def test_external_data_outside_folder_is_refused(tmp_path, mlp, capsys):
     model = onnx.load(str(mlp))
     sub = tmp_path / "m"
     sub.mkdir()
-    onnx.save(model, str(sub / "m.onnx"), save_as_external_data=True, location="w.bin", size_threshold=0)
+    onnx.save(
+        model, str(sub / "m.onnx"), save_as_external_data=True, location="w.bin", size_threshold=0
+    )
     (tmp_path / "secret.bin").write_bytes((sub / "w.bin").read_bytes())
     for location in ("../secret.bin", str(tmp_path / "secret.bin")):
         m = onnx.load(str(sub / "m.onnx"), load_external_data=False)
@@ -165,9 +201,15 @@ def test_output_equal_to_input(mlp, capsys):
 def test_unwritable_output_folder(tmp_path, mlp, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    fail(capsys, ["compress", str(mlp), "-o", str(blocker / "o.onnx"), "--synthetic", "2"], "o.onnx")
+    fail(
+        capsys, ["compress", str(mlp), "-o", str(blocker / "o.onnx"), "--synthetic", "2"], "o.onnx"
+    )
     if os.geteuid() != 0:  # root writes anywhere, so the permission case needs a normal user
         ro = tmp_path / "ro"
         ro.mkdir()
         ro.chmod(0o555)
-        fail(capsys, ["compress", str(mlp), "-o", str(ro / "o.onnx"), "--synthetic", "2"], "not writable")
+        fail(
+            capsys,
+            ["compress", str(mlp), "-o", str(ro / "o.onnx"), "--synthetic", "2"],
+            "not writable",
+        )

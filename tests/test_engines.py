@@ -8,11 +8,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from flarc.export.engines import compare, export_ort, export_trt
-from flarc.latency import cli
 from onnx import TensorProto, helper, numpy_helper
 
 from flarc.errors import BackendError, FlarcError
+from flarc.export.engines import compare, export_ort, export_trt
+from flarc.latency import cli
 from flarc.modelio import save_model
 
 

@@ -7,13 +7,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from _models import Mlp2d, Mlp3d, SmallCnn, TinyDecoder, TinyEncoder, export, token_batch
 
 from flarc.calib.data import CalibrationSet
 from flarc.pipeline import AnalysisOptions, analyze, chosen_factors
 from flarc.rewrite.ranks import RankChoice
 from flarc.rewrite.surgery import factorize
 from flarc.targets import constant_tensors, find_targets, weight_matrix
+
+from _models import Mlp2d, Mlp3d, SmallCnn, TinyDecoder, TinyEncoder, export, token_batch
 
 
 def run(model: onnx.ModelProto, feed: dict, outputs: list[str] | None = None) -> list[np.ndarray]:
@@ -30,9 +31,15 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 
 CASES = {
-    "gemm_transB": (lambda: Mlp2d(), lambda r: {"x": r.standard_normal((16, 24)).astype(np.float32)}),
+    "gemm_transB": (
+        lambda: Mlp2d(),
+        lambda r: {"x": r.standard_normal((16, 24)).astype(np.float32)},
+    ),
     "matmul": (lambda: Mlp3d(), lambda r: {"x": r.standard_normal((4, 6, 24)).astype(np.float32)}),
-    "conv": (lambda: SmallCnn(), lambda r: {"x": r.standard_normal((16, 3, 12, 12)).astype(np.float32)}),
+    "conv": (
+        lambda: SmallCnn(),
+        lambda r: {"x": r.standard_normal((16, 3, 12, 12)).astype(np.float32)},
+    ),
 }
 
 
@@ -50,7 +57,9 @@ def gemm_model(trans_b: int) -> onnx.ModelProto:
     rng = np.random.default_rng(1)
     b = rng.standard_normal((12, 10) if not trans_b else (10, 12)).astype(np.float32)
     c = rng.standard_normal(10).astype(np.float32)
-    node = onnx.helper.make_node("Gemm", ["x", "B", "C"], ["y"], name="gemm", alpha=0.5, beta=2.0, transB=trans_b)
+    node = onnx.helper.make_node(
+        "Gemm", ["x", "B", "C"], ["y"], name="gemm", alpha=0.5, beta=2.0, transB=trans_b
+    )
     graph = onnx.helper.make_graph(
         [node],
         "g",
@@ -58,7 +67,9 @@ def gemm_model(trans_b: int) -> onnx.ModelProto:
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 10])],
         [onnx.numpy_helper.from_array(b, "B"), onnx.numpy_helper.from_array(c, "C")],
     )
-    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10)
+    return onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10
+    )
 
 
 def full_rank_compare(model: onnx.ModelProto, feeds: list[dict]) -> float:
@@ -107,7 +118,12 @@ def test_whitened_error_identity_against_forward_pass(tmp_path, case):
     model, feed_fn, rng = _export_case(tmp_path, case)
     feeds = [feed_fn(rng) for _ in range(3)]
     targets = find_targets(model)
-    analysis = analyze(model, targets, CalibrationSet(feeds, [], "t"), AnalysisOptions(shrinkage="none", full_rank=True))
+    analysis = analyze(
+        model,
+        targets,
+        CalibrationSet(feeds, [], "t"),
+        AnalysisOptions(shrinkage="none", full_rank=True),
+    )
     consts = constant_tensors(model)
     # The activations each target sees, from a real forward pass of the original model.
     probe = with_outputs(model, [t.input for t in targets.targets])
@@ -118,7 +134,11 @@ def test_whitened_error_identity_against_forward_pass(tmp_path, case):
             x = torch.cat(
                 [
                     torch.nn.functional.unfold(
-                        torch.from_numpy(a[i]).double(), t.conv.kernel_shape, t.conv.dilations, t.conv.pads[:2], t.conv.strides
+                        torch.from_numpy(a[i]).double(),
+                        t.conv.kernel_shape,
+                        t.conv.dilations,
+                        t.conv.pads[:2],
+                        t.conv.strides,
                     )
                     .transpose(1, 2)
                     .reshape(-1, t.n)
@@ -145,7 +165,14 @@ def test_full_rank_of_transformers_both_exporters(tmp_path):
             feed = token_batch(rng, 2, 10, pad_from=6)
             args = tuple(torch.from_numpy(feed[k]) for k in ("input_ids", "attention_mask"))
             dyn = {"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}}
-            path = export(cls(), args, tmp_path / f"{cls.__name__}{dynamo}.onnx", ["input_ids", "attention_mask"], dyn, dynamo)
+            path = export(
+                cls(),
+                args,
+                tmp_path / f"{cls.__name__}{dynamo}.onnx",
+                ["input_ids", "attention_mask"],
+                dyn,
+                dynamo,
+            )
             model = onnx.load(str(path))
             targets = find_targets(model)
             # q, k, v, o, up, down per block; a tied head is skipped unless the exporter

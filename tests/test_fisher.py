@@ -9,14 +9,14 @@ import _fisher_models as fm
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
+
 from flarc.calib.fisher import (
     LOSSES,
     fisher_importance,
     resolve_loss,
     weight_gradients,
 )
-from torch.nn import functional as F
-
 from flarc.errors import DataError, ModelError
 from flarc.targets import find_targets
 

@@ -10,9 +10,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from flarc.calib.onnx_torch import OPS, TorchGraph
 from onnx import TensorProto, helper, numpy_helper
 
+from flarc.calib.onnx_torch import OPS, TorchGraph
 from flarc.errors import DataError, ModelError
 
 KINDS = ["gpt", "bert", "cnn"]

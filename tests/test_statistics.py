@@ -6,13 +6,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from _models import SmallCnn, TinyEncoder, export, token_batch
 from sklearn.covariance import ledoit_wolf, oas
 
 from flarc.calib.moments import Moments
 from flarc.calib.shrinkage import ledoit_wolf_lambda, shrink
 from flarc.calib.statistics import collect_statistics
 from flarc.targets import find_targets
+
+from _models import SmallCnn, TinyEncoder, export, token_batch
 from test_factorize import run, with_outputs
 
 
@@ -21,15 +22,24 @@ def test_conv_statistics_are_im2col_moments(tmp_path, precision):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     feeds = [{"x": rng.standard_normal((4, 3, 11, 11)).astype(np.float32)} for _ in range(2)]
-    model = onnx.load(str(export(SmallCnn(), (torch.from_numpy(feeds[0]["x"]),), tmp_path / "c.onnx", ["x"])))
+    model = onnx.load(
+        str(export(SmallCnn(), (torch.from_numpy(feeds[0]["x"]),), tmp_path / "c.onnx", ["x"]))
+    )
     targets = [t for t in find_targets(model).targets if t.conv is not None]
     stats = collect_statistics(model, targets, feeds, precision=precision)
-    acts = [run(with_outputs(model, [t.input for t in targets]), f, [t.input for t in targets]) for f in feeds]
+    acts = [
+        run(with_outputs(model, [t.input for t in targets]), f, [t.input for t in targets])
+        for f in feeds
+    ]
     for i, t in enumerate(targets):
         rows = np.concatenate(
             [
                 torch.nn.functional.unfold(
-                    torch.from_numpy(a[i]).double(), t.conv.kernel_shape, t.conv.dilations, t.conv.pads[:2], t.conv.strides
+                    torch.from_numpy(a[i]).double(),
+                    t.conv.kernel_shape,
+                    t.conv.dilations,
+                    t.conv.pads[:2],
+                    t.conv.strides,
                 )
                 .transpose(1, 2)
                 .reshape(-1, t.n)
@@ -44,7 +54,9 @@ def test_conv_statistics_are_im2col_moments(tmp_path, precision):
         np.testing.assert_allclose(got.gram, ref.gram, rtol=tol, atol=tol * np.abs(ref.gram).max())
         assert got.sum4 == pytest.approx(ref.sum4, rel=tol)
         np.testing.assert_allclose(got.sum1, ref.sum1, rtol=tol, atol=tol * np.abs(ref.sum1).max())
-        np.testing.assert_allclose(got.sum2x, ref.sum2x, rtol=tol, atol=tol * np.abs(ref.sum2x).max())
+        np.testing.assert_allclose(
+            got.sum2x, ref.sum2x, rtol=tol, atol=tol * np.abs(ref.sum2x).max()
+        )
 
 
 def test_masked_rows_never_count(tmp_path):
@@ -54,7 +66,9 @@ def test_masked_rows_never_count(tmp_path):
     feed = token_batch(rng, 3, 8)
     args = tuple(torch.from_numpy(feed[k]) for k in ("input_ids", "attention_mask"))
     dyn = {"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}}
-    model = onnx.load(str(export(TinyEncoder(), args, tmp_path / "e.onnx", ["input_ids", "attention_mask"], dyn)))
+    model = onnx.load(
+        str(export(TinyEncoder(), args, tmp_path / "e.onnx", ["input_ids", "attention_mask"], dyn))
+    )
     targets = find_targets(model).targets
     short = token_batch(rng, 3, 8)
     padded = {k: np.concatenate([v, np.zeros((3, 5), np.int64)], axis=1) for k, v in short.items()}
@@ -64,7 +78,9 @@ def test_masked_rows_never_count(tmp_path):
     for key in a:
         assert a[key].count == b[key].count == 24
         # Masked keys must agree to rounding; attention is causal-free so real rows see no padding.
-        np.testing.assert_allclose(a[key].gram, b[key].gram, rtol=1e-9, atol=1e-9 * np.abs(a[key].gram).max())
+        np.testing.assert_allclose(
+            a[key].gram, b[key].gram, rtol=1e-9, atol=1e-9 * np.abs(a[key].gram).max()
+        )
         assert a[key].sum4 == pytest.approx(b[key].sum4, rel=1e-9)
 
 
@@ -84,7 +100,9 @@ def test_moments_add_up_over_batches():
 @pytest.mark.parametrize("centered", [False, True])
 def test_shrinkage_matches_scikit_learn(shape, centered):
     rng = np.random.default_rng(sum(shape))
-    x = rng.standard_normal(shape) @ rng.standard_normal((shape[1], shape[1])) + 3 * rng.standard_normal(shape[1])
+    x = rng.standard_normal(shape) @ rng.standard_normal(
+        (shape[1], shape[1])
+    ) + 3 * rng.standard_normal(shape[1])
     moments = Moments.from_rows(x)
     cov, lam = ledoit_wolf(x, assume_centered=not centered)
     got = shrink(moments, "ledoit-wolf", centered)
