@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from flarc.calib.data import Feed
-from flarc.calib.moments import Moments
 from onnx import TensorProto, helper, numpy_helper
 
+from flarc.calib.data import Feed
+from flarc.calib.moments import Moments
 from flarc.errors import DataError
 from flarc.modelio import model_opset, session_model_bytes_or_path
 from flarc.progress import NoProgress, Progress

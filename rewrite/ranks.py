@@ -8,7 +8,6 @@ import math
 from dataclasses import dataclass
 
 from flarc.rewrite.spectrum import Spectrum
-
 from flarc.targets import Target
 
 
