@@ -44,10 +44,10 @@ from types import MappingProxyType
 import numpy as np
 import onnx
 import torch
-from flarc.calib.onnx_torch import TorchGraph
 from onnx import numpy_helper
 from torch.nn import functional as F
 
+from flarc.calib.onnx_torch import TorchGraph
 from flarc.errors import DataError, ModelError
 from flarc.progress import NoProgress, Progress
 from flarc.targets import Target, constant_tensors
