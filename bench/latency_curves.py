@@ -15,6 +15,9 @@ import json
 import logging
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 from flarc.latency.backend import get_backend
 from flarc.latency.cache import LatencyCache
 from flarc.latency.model import LatencyModel
@@ -22,9 +25,6 @@ from flarc.latency.profile import LatencyProfile, profile_specs
 from flarc.latency.show import plot_profiles
 from flarc.latency.spec import LayerSpec
 from flarc.latency.timing import TimingConfig
-from rich.console import Console
-from rich.table import Table
-
 from flarc.modelio import write_text_atomic
 from flarc.progress import RichProgress
 

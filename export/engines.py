@@ -12,10 +12,10 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
-from flarc.latency.shapes import input_shapes
-from flarc.latency.tensorrt import require_tensorrt
 
 from flarc.errors import BackendError, FlarcError, ModelError
+from flarc.latency.shapes import input_shapes
+from flarc.latency.tensorrt import require_tensorrt
 from flarc.modelio import atomic_path, check_output_path, load_model, write_bytes_atomic
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,10 @@ from typing import ClassVar
 
 import numpy as np
 import onnx
-from flarc.latency.spec import LayerSpec
-from flarc.latency.timing import Stats, TimingConfig
 
 from flarc.errors import BackendError
+from flarc.latency.spec import LayerSpec
+from flarc.latency.timing import Stats, TimingConfig
 
 # name -> "module:Class"; adding a backend adds its file and one line here.
 BACKENDS = MappingProxyType(

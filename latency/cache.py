@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 
 from flarc.latency.timing import Stats
-
 from flarc.modelio import write_text_atomic
 
 log = logging.getLogger(__name__)

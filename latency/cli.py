@@ -11,10 +11,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from flarc.latency.backend import BACKENDS, DTYPES
-from flarc.latency.timing import TimingConfig
 from rich.console import Console
 from rich.table import Table
+
+from flarc.latency.backend import BACKENDS, DTYPES
+from flarc.latency.timing import TimingConfig
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,6 @@ def profile_handler(args: argparse.Namespace) -> int:
     from flarc.latency.profile import profile_model
     from flarc.latency.shapes import parse_shape_args
     from flarc.latency.show import summary_table
-
     from flarc.modelio import check_output_path, load_model
     from flarc.progress import RichProgress
     from flarc.targets import find_targets, require_targets
@@ -141,7 +141,6 @@ def profile_handler(args: argparse.Namespace) -> int:
 def show_handler(args: argparse.Namespace) -> int:
     from flarc.latency.profile import LatencyProfile
     from flarc.latency.show import plot_profiles, summary_table
-
     from flarc.modelio import check_output_path
 
     profile = LatencyProfile.load(args.latency)

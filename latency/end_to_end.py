@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+
 from flarc.latency.backend import get_backend
 from flarc.latency.timing import TimingConfig
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from flarc.latency.spec import LayerSpec
 from onnx import TensorProto, helper, numpy_helper
 
+from flarc.latency.spec import LayerSpec
 from flarc.modelio import prepare_for_save
 
 OPSET = 17

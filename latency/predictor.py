@@ -20,8 +20,9 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
-from flarc.latency.spec import LayerSpec
 from scipy.optimize import lsq_linear
+
+from flarc.latency.spec import LayerSpec
 
 BYTES = {"fp32": 4, "fp16": 2}
 

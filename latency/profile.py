@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+
+from flarc.errors import DataError
 from flarc.latency.backend import Backend
 from flarc.latency.cache import LatencyCache
 from flarc.latency.shapes import input_shapes, target_input_shapes
 from flarc.latency.spec import LayerSpec, spec_for_target
 from flarc.latency.timing import Stats
-
-from flarc.errors import DataError
 from flarc.modelio import write_text_atomic
 from flarc.progress import NoProgress, Progress
 from flarc.targets import Target

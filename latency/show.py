@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 
-from flarc.latency.model import LatencyModel
-from flarc.latency.profile import LatencyProfile
 from rich.table import Table
 
+from flarc.latency.model import LatencyModel
+from flarc.latency.profile import LatencyProfile
 from flarc.modelio import atomic_path
 
 

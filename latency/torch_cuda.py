@@ -11,11 +11,10 @@ import logging
 import subprocess
 from collections.abc import Callable
 
+from flarc.errors import BackendError
 from flarc.latency.backend import Backend
 from flarc.latency.spec import LayerSpec
 from flarc.latency.timing import Stats, TimingConfig, measure
-
-from flarc.errors import BackendError
 
 log = logging.getLogger(__name__)
 
