@@ -212,3 +212,37 @@ def verify_export(wrapper, path: Path, layout: CacheLayout, vocab: int) -> float
             raise ModelError(f"{path}: logits differ from torch by {err:.3g} (past={past})")
         worst = max(worst, err)
     return worst
+
+
+def layout_from_onnx(model) -> CacheLayout:
+    """The cache layout an exported model declares through its ``past_key_values.*`` inputs."""
+    import re
+
+    pattern = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
+    found: dict[int, tuple[int, int]] = {}
+    for vi in model.graph.input:
+        match = pattern.match(vi.name)
+        if not match:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) != 4 or not dims[1].HasField("dim_value") or not dims[3].HasField("dim_value"):
+            raise ModelError(
+                f"input '{vi.name}' is not [batch, kv_heads, past_seq, head_dim] with fixed "
+                "kv_heads and head_dim"
+            )
+        found[int(match.group(1))] = (dims[1].dim_value, dims[3].dim_value)
+    if not found:
+        raise ModelError(
+            "the model has no past_key_values.{i}.key|value inputs (not a KV-cache LM)"
+        )
+    layers = max(found) + 1
+    if sorted(found) != list(range(layers)) or len(set(found.values())) != 1:
+        raise ModelError("past_key_values.* inputs are not one uniform layer per index")
+    heads, dim = next(iter(found.values()))
+    return CacheLayout(layers, heads, dim)
+
+
+def empty_cache(layout: CacheLayout, batch: int = 1, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Past tensors with ``past_seq = 0``: the first step of every sequence."""
+    shape = (batch, layout.kv_heads, 0, layout.head_dim)
+    return {name: np.zeros(shape, dtype=dtype) for name in layout.past_names()}
