@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx.inliner
 import torch
 from onnx import numpy_helper
 from torch.nn import functional as F
@@ -927,7 +928,16 @@ class TorchGraph:
                 raise ModelError(f"weight '{name}' is not floating point; no gradient")
             self.params[name] = torch.nn.Parameter(value.clone())
         self.nodes = list(graph.node)
-        self.order = _topological(self.nodes, set(self.inputs) | set(self.constants))
+        available = set(self.inputs) | set(self.constants)
+        self._producer = {out: i for i, n in enumerate(self.nodes) for out in n.output if out}
+        for i, node in enumerate(self.nodes):
+            for name in node.input:
+                if name and name not in available and name not in self._producer:
+                    raise ModelError(
+                        f"node '{self.names[i]}' (op {node.op_type}): input '{name}' is neither a "
+                        "graph input, an initializer nor a node output"
+                    )
+        self.order = _topological(self.nodes, available)
         for i in self.order:
             node = self.nodes[i]
             if node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
@@ -951,29 +961,45 @@ class TorchGraph:
             for name in self.nodes[i].input:
                 self._last_use[name] = pos
 
+    def _needed(self, wanted: Sequence[str]) -> list[int]:
+        """Positions in ``self.order`` of the nodes that the wanted tensors depend on."""
+        needed, stack = set(), list(wanted)
+        while stack:
+            i = self._producer.get(stack.pop())
+            if i is not None and i not in needed:
+                needed.add(i)
+                stack.extend(n for n in self.nodes[i].input if n)
+        return [pos for pos, i in enumerate(self.order) if i in needed]
+
+    def _feed(self, value: np.ndarray | Tensor) -> Tensor:
+        if isinstance(value, Tensor):
+            return value.to(self.dtype) if value.is_floating_point() else value
+        return _to_torch(value, self.dtype)
+
     def run(
         self, feeds: Mapping[str, np.ndarray | Tensor], outputs: Sequence[str] | None = None
     ) -> dict[str, Tensor]:
-        """Evaluate the graph; returns the requested outputs (default: the graph's outputs)."""
+        """Evaluate the nodes the requested outputs need (default: all the graph's outputs)."""
         wanted = list(outputs) if outputs is not None else self.outputs
+        known = self._producer.keys() | self.constants.keys() | set(self.inputs)
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            raise ModelError(f"output '{unknown[0]}' is not computed by the graph")
         env: dict[str, Tensor | None] = dict(self.constants)
         env.update(self.params)
+        positions = self._needed(wanted)
+        used = {n for pos in positions for n in self.nodes[self.order[pos]].input} | set(wanted)
         for name in self.inputs:
-            if name not in feeds:
+            if name in used and name not in feeds:
                 raise DataError(f"model input '{name}' is missing from the batch")
         for name, value in feeds.items():
+            if name in self.params:
+                raise DataError(f"input '{name}' is a weight being differentiated; not a feed")
             if name in self.inputs or name in self.optional_inputs:
-                if name in self.params:
-                    raise DataError(f"input '{name}' is a weight being differentiated; not a feed")
-                env[name] = (
-                    value.to(self.dtype)
-                    if isinstance(value, Tensor) and value.is_floating_point()
-                    else value
-                    if isinstance(value, Tensor)
-                    else _to_torch(value, self.dtype)
-                )
-        keep = set(wanted)
-        for pos, i in enumerate(self.order):
+                env[name] = self._feed(value)
+        keep = set(wanted) | set(self.params)
+        for pos in positions:
+            i = self.order[pos]
             node = self.nodes[i]
             if node.op_type == "Constant" and node.output[0] in self.params:
                 continue
@@ -989,13 +1015,13 @@ class TorchGraph:
                     f"node '{self.names[i]}' (op {node.op_type}) failed on input shapes {shapes}: "
                     f"{exc}"
                 ) from exc
-            for name, value in zip(node.output, results, strict=False):
-                if name:
-                    env[name] = value
+            for k, name in enumerate(node.output):
+                if not name:
+                    continue
+                if k >= len(results):
+                    raise ctx.fail(f"output {k} ('{name}') not supported for gradients")
+                env[name] = results[k]
             for name in node.input:
-                if self._last_use.get(name) == pos and name not in keep and name not in self.params:
+                if self._last_use.get(name) == pos and name not in keep:
                     env.pop(name, None)
-        missing = [name for name in wanted if name not in env]
-        if missing:
-            raise ModelError(f"output '{missing[0]}' is not computed by the graph")
         return {name: env[name] for name in wanted}

@@ -498,3 +498,52 @@ def test_constant_node_weight_becomes_a_parameter():
     # d/dW sum(x W) = x^T 1
     _close(grad.numpy(), x.astype(np.float64).T @ np.ones((4, 2)), rtol=1e-12)
     onnx.checker.check_model(model)
+
+
+def test_unsupported_extra_output_and_unknown_output():
+    model, feeds = _op_model("MaxPool", [_rand(1, 1, 4, 4)], {"kernel_shape": [2, 2]}, 17, [F, INT])
+    with pytest.raises(ModelError, match=r"output 1 \('out1'\) not supported"):
+        TorchGraph(model).run(feeds)
+    with pytest.raises(ModelError, match="output 'nope' is not computed"):
+        TorchGraph(model).run(feeds, outputs=["nope"])
+
+
+def test_requested_outputs_only_run_what_they_need(exported):
+    _, model = exported("bert", "legacy")
+    graph = TorchGraph(model)
+    feeds = fm.example_batch("bert")
+    both = graph.run(feeds)
+    # input_ids alone suffices for the embeddings: the mask branch is never evaluated.
+    emb = next(n.output[0] for n in model.graph.node if n.op_type == "LayerNormalization")
+    only = graph.run({"input_ids": feeds["input_ids"]}, outputs=[emb])
+    assert list(only) == [emb]
+    pooled = graph.run(feeds, outputs=["pooler_output"])
+    assert torch.equal(pooled["pooler_output"], both["pooler_output"])
+
+
+def test_local_functions_are_inlined():
+    fn = helper.make_function(
+        "local",
+        "Scaled",
+        ["a", "b"],
+        ["c"],
+        [helper.make_node("Mul", ["a", "b"], ["ab"]), helper.make_node("Tanh", ["ab"], ["c"])],
+        [helper.make_opsetid("", 17)],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Scaled", ["x", "W"], ["y"], domain="local")],
+        "f",
+        [helper.make_tensor_value_info("x", F, [3])],
+        [helper.make_tensor_value_info("y", F, [3])],
+        [numpy_helper.from_array(_rand(3, seed=1), "W")],
+    )
+    model = helper.make_model(
+        graph,
+        functions=[fn],
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+    )
+    x = _rand(3)
+    tg = TorchGraph(model, params=["W"])
+    (grad,) = torch.autograd.grad(tg.run({"x": x})["y"].sum(), [tg.params["W"]])
+    xw = x.astype(np.float64) * _rand(3, seed=1).astype(np.float64)
+    _close(grad.numpy(), x * (1 - np.tanh(xw) ** 2), rtol=1e-6)
