@@ -10,6 +10,7 @@ from pathlib import Path
 
 from flarc import __version__
 from flarc.errors import DataError, FlarcError
+from flarc.progress import RichProgress
 
 log = logging.getLogger("flarc")
 
@@ -186,51 +187,143 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _prepare_output(args, extra: list[str] | None = None) -> None:
+def _prepare_output(args) -> None:
     from flarc.modelio import check_output_path
 
-    check_output_path(args.output, [args.model, *(extra or [])])
+    check_output_path(args.output, [args.model])
     for opt in ("report", "plot"):
         if getattr(args, opt, None):
             check_output_path(getattr(args, opt), [args.model])
 
 
+def _fisher_loss(args) -> str | None:
+    """The loss to compute Fisher importances with, when the options need them."""
+    wanted = (
+        getattr(args, "allocate", None) == "fisher"
+        or getattr(args, "fisher_weighted", False)
+        or getattr(args, "fisher", False)
+    )
+    return args.fisher_loss if wanted else None
+
+
+def _analysis_for(args, model, sha: str, progress):
+    """A stored analysis (``--analysis``) or a new one from the calibration data."""
+    from flarc.analysis_file import load_analysis
+    from flarc.pipeline import analyze
+    from flarc.targets import find_targets, require_targets
+
+    if getattr(args, "analysis", None):
+        analysis = load_analysis(args.analysis, sha)
+        if _fisher_loss(args) and not analysis.fisher:
+            raise DataError(
+                f"{args.analysis}: has no Fisher importances; run 'flarc analyze --fisher'"
+            )
+        return analysis
+    targets = find_targets(model, args.include, args.exclude)
+    require_targets(targets, args.model)
+    data = load_data(args, model)
+    options = analysis_options(args)
+    options.fisher = _fisher_loss(args)
+    return analyze(model, targets, data, options, sha, progress)
+
+
+def rank_options(args, model, analysis):
+    from flarc.policy import RankOptions
+
+    threshold = args.threshold
+    if threshold not in (None, "auto"):
+        try:
+            threshold = float(threshold)
+        except ValueError:
+            raise DataError(f"--threshold '{threshold}': expected a number or 'auto'") from None
+    if args.latency_budget is not None and (args.allocate != "global" or not args.latency):
+        raise DataError("--latency-budget goes with --allocate global and --latency")
+    opts = RankOptions(
+        ratio=args.ratio,
+        energy=args.energy,
+        align=args.align,
+        search=args.search,
+        criterion=args.criterion,
+        threshold=threshold,
+        allocate=args.allocate,
+        budget=args.budget,
+        fisher_weighted=args.fisher_weighted,
+        max_lat_recov=args.max_lat_recov,
+        latency_budget=args.latency_budget,
+        output_batches=args.output_batches,
+    )
+    if args.latency:
+        from flarc.latency.model import load_latency_model
+
+        opts.latency = load_latency_model(
+            args.latency,
+            model,
+            analysis.targets,
+            # The shapes the end-to-end check runs at, unless the user names others.
+            {k: list(v) for k, v in parse_shapes(args.shape).items()}
+            or {k: list(v.shape) for k, v in analysis.heldout_feeds[0].items()},
+            args.threads,
+            align=args.align,
+            progress=RichProgress(),
+        )
+    return opts
+
+
+def cmd_analyze(args) -> int:
+    from flarc.analysis_file import save_analysis
+    from flarc.modelio import check_output_path, load_model
+    from flarc.pipeline import file_sha256
+
+    check_output_path(args.output, [args.model])
+    t0 = time.perf_counter()
+    model = load_model(args.model)
+    analysis = _analysis_for(args, model, file_sha256(args.model), RichProgress())
+    save_analysis(analysis, args.output)
+    fisher = ", with Fisher importances" if analysis.fisher else ""
+    console().print(
+        f"analysed {len(analysis.targets)} targets ({len(analysis.skipped)} skipped){fisher} "
+        f"in {time.perf_counter() - t0:.1f} s; wrote {args.output}"
+    )
+    return 0
+
+
 def cmd_compress(args) -> int:
     from flarc.modelio import load_model, save_model
-    from flarc.pipeline import analyze, compress, file_sha256, simple_policy
-    from flarc.progress import RichProgress
+    from flarc.pipeline import compress, file_sha256
     from flarc.report import (
         comparison_table,
+        latency_lines,
         plot_ranks,
         report_dict,
         rows_table,
         summary_lines,
         write_json,
     )
-    from flarc.targets import find_targets, require_targets
 
     _prepare_output(args)
     con = console()
-    progress = RichProgress()
     t0 = time.perf_counter()
     model = load_model(args.model)
     sha = file_sha256(args.model)
-    targets = find_targets(model, args.include, args.exclude)
-    require_targets(targets, args.model)
-    data = load_data(args, model)
-    analysis = analyze(model, targets, data, analysis_options(args), sha, progress)
-    heldout = data.heldout or data.calibration
-    result = compress(
-        model, analysis, simple_policy(args.ratio, args.energy, args.align), heldout, progress
-    )
+    analysis = _analysis_for(args, model, sha, RichProgress())
+    options = rank_options(args, model, analysis)
+    result = compress(model, analysis, options, force=args.force)
     written = save_model(result.model, args.output)
     elapsed = time.perf_counter() - t0
     con.print(rows_table(result.rows))
-    con.print(
-        comparison_table(result, "held-out" if data.heldout else "calibration (no held-out batch)")
-    )
+    con.print(comparison_table(result, analysis.heldout_label))
     for line in summary_lines(result):
         con.print(line)
+    timing = None
+    if options.latency is not None:
+        from flarc.latency.end_to_end import measure_end_to_end
+
+        timing = measure_end_to_end(
+            model, result.model, analysis.heldout_feeds[0], args.latency_backend, args.threads
+        )
+        timing["predicted_speedup"] = result.predicted_speedup(options.latency, timing)
+        for line in latency_lines(timing):
+            con.print(line)
     con.print(f"wrote {', '.join(map(str, written))} in {elapsed:.1f} s")
     meta = {
         "model": str(args.model),
@@ -239,13 +332,23 @@ def cmd_compress(args) -> int:
         "flarc_version": __version__,
         "options": {k: v for k, v in vars(args).items() if k != "func"},
         "mask_input": analysis.mask_input,
-        "calibration_batches": len(data.calibration),
-        "heldout_batches": len(data.heldout),
+        "fisher_loss": analysis.fisher_loss,
+        "latency": timing,
     }
     if args.report:
         write_json(args.report, report_dict(result, meta))
     if args.plot:
         plot_ranks(result.rows, args.plot, f"{Path(args.model).name}: rank allocation")
+    if timing is not None and timing["speedup"] < 1.0:
+        con.print(
+            f"[bold red]WARNING: the compressed model is SLOWER than the original on "
+            f"{timing['backend']} ({timing['speedup']:.2f}x)[/]"
+        )
+        if args.require_speedup:
+            raise FlarcError(
+                f"{args.output}: the compressed model is slower ({timing['speedup']:.2f}x) "
+                "and --require-speedup was given"
+            )
     return 0
 
 
@@ -253,6 +356,104 @@ def cmd_demo(args) -> int:
     from flarc.demo import run_demo
 
     return run_demo(args)
+
+
+def add_rank_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ranks")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--ratio", type=float, metavar="R", help=RATIO_HELP)
+    x.add_argument(
+        "--energy",
+        type=float,
+        metavar="E",
+        help="smallest rank keeping a fraction E of the whitened energy",
+    )
+    g.add_argument("--align", type=int, default=8, help="ranks are multiples of this (8)")
+    g.add_argument(
+        "--search",
+        choices=("bisect",),
+        help="per-layer bisection (FLAR-SVD) over aligned ranks below k_equiv",
+    )
+    g.add_argument(
+        "--criterion",
+        choices=("whitened", "cosine", "output"),
+        default="whitened",
+        help="bisection criterion: whitened = closed-form relative output error of the layer (<= T); "
+        "cosine = weight cosine similarity (>= T); output = normalised error of the model's final "
+        "outputs with only that layer factorized (<= T; one onnxruntime session serves all candidates)",
+    )
+    g.add_argument(
+        "--threshold",
+        metavar="T",
+        help="criterion threshold (defaults: whitened 0.05, cosine 0.95, output 1e-3), or 'auto' with "
+        "--criterion output: FLAR-SVD's end-output error of the uniform model at the budget divided "
+        "by the number of targets, then all ranks rescaled to land on the budget",
+    )
+    g.add_argument(
+        "--output-batches",
+        type=int,
+        default=2,
+        help="calibration batches the output criterion runs on (2)",
+    )
+    g.add_argument(
+        "--allocate",
+        choices=("fisher", "global"),
+        help="fisher: ranks proportional to the Fisher importance alpha = sum_b sum (G_b * W)^2 under "
+        "--budget (FLRC); global: minimise the total whitened error under --budget (or --latency-budget)",
+    )
+    g.add_argument(
+        "--budget",
+        type=float,
+        metavar="P",
+        help="fraction of the targets' parameters kept (0.8 = 20%% fewer)",
+    )
+    g.add_argument(
+        "--fisher-weighted",
+        action="store_true",
+        help="global: weight each target's error by its Fisher importance",
+    )
+    add_fisher_loss_arg(g)
+    g = p.add_argument_group("latency")
+    g.add_argument(
+        "--latency",
+        metavar="JSON|BACKEND",
+        help="a 'flarc latency profile' file, or a backend to profile on the fly (ort-cpu, torch-cuda, "
+        "tensorrt): ranks predicted slower than the dense layer are rejected, and the end-to-end "
+        "speedup is measured",
+    )
+    g.add_argument(
+        "--max-lat-recov",
+        type=float,
+        default=1.0,
+        help="largest accepted t_pair(k) / t_dense (1.0)",
+    )
+    g.add_argument(
+        "--latency-budget",
+        type=float,
+        metavar="L",
+        help="global: predicted time of the targets at most L x their dense time",
+    )
+    g.add_argument(
+        "--latency-backend", default="ort-cpu", help="backend of the end-to-end check (ort-cpu)"
+    )
+    g.add_argument("--threads", type=int, help="threads for latency measurements")
+    g.add_argument(
+        "--require-speedup",
+        action="store_true",
+        help="fail if the compressed model is slower than the original",
+    )
+
+
+def add_fisher_loss_arg(g) -> None:
+    g.add_argument(
+        "--fisher-loss",
+        choices=("auto", "lm", "sampled", "projection"),
+        default="auto",
+        help="loss of the Fisher gradients: lm = next-token cross-entropy (logits [B,S,V] and input_ids; "
+        "padding excluded); sampled = cross-entropy against labels sampled from the model's own output "
+        "distribution (classifiers); projection = 0.5 ||R^T y||^2 with a seeded random Gaussian R "
+        "(embeddings and anything else); auto picks lm, then sampled, then projection",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,22 +471,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("compress", help="factorize a model's MatMul/Gemm/Conv weights")
+    p = sub.add_parser("analyze", help="compute statistics, spectra (and Fisher importances) once")
     p.add_argument("model")
-    p.add_argument("-o", "--output", required=True, help="the compressed model (.onnx)")
+    p.add_argument("-o", "--output", required=True, help="the analysis file (e.g. model.analysis)")
     add_data_args(p)
     add_analysis_args(p)
     add_target_args(p)
-    g = p.add_argument_group("ranks")
-    x = g.add_mutually_exclusive_group()
-    x.add_argument("--ratio", type=float, metavar="R", help=RATIO_HELP)
-    x.add_argument(
-        "--energy",
-        type=float,
-        metavar="E",
-        help="smallest rank keeping a fraction E of the whitened energy",
+    p.add_argument(
+        "--fisher", action="store_true", help="also compute Fisher importances (gradients)"
     )
-    g.add_argument("--align", type=int, default=8, help="ranks are multiples of this (8)")
+    add_fisher_loss_arg(p)
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("compress", help="factorize a model's MatMul/Gemm/Conv weights")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="the compressed model (.onnx)")
+    p.add_argument(
+        "--analysis", metavar="FILE", help="a 'flarc analyze' file: no new calibration, no SVD"
+    )
+    add_data_args(p)
+    add_analysis_args(p)
+    add_target_args(p)
+    add_rank_args(p)
+    p.add_argument(
+        "--force", action="store_true", help="write the model even when the output guard refuses it"
+    )
     p.add_argument("--report", metavar="JSON", help="write the report as JSON")
     p.add_argument("--plot", metavar="PNG", help="plot the rank allocation")
     p.set_defaults(func=cmd_compress)
@@ -300,6 +510,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--out-dir", default=None, help="where to write the models (default: the flarc cache)"
     )
     p.set_defaults(func=cmd_demo)
+
+    from flarc.latency import cli as latency_cli
+
+    latency_cli.register(sub)
+    latency_cli.register_compare(sub)
+    export = sub.add_parser("export", help="engines (.ort, TensorRT) and rank buckets")
+    export_sub = export.add_subparsers(dest="export_command", required=True)
+    latency_cli.register_export(export_sub)
     return parser
 
 

@@ -152,7 +152,8 @@ def run_demo(args) -> int:
     from flarc.calib.data import CalibrationSet, model_inputs
     from flarc.cli import console as cli_console
     from flarc.modelio import load_model, save_model
-    from flarc.pipeline import AnalysisOptions, analyze, compress, file_sha256, simple_policy
+    from flarc.pipeline import AnalysisOptions, analyze, compress, file_sha256
+    from flarc.policy import RankOptions
     from flarc.progress import RichProgress
     from flarc.report import comparison_table, rows_table, summary_lines
     from flarc.targets import find_targets
@@ -176,7 +177,7 @@ def run_demo(args) -> int:
     t0 = time.perf_counter()
     targets = find_targets(model)
     analysis = analyze(model, targets, data, AnalysisOptions(), file_sha256(src), progress)
-    result = compress(model, analysis, simple_policy(ratio=args.ratio), data.heldout, progress)
+    result = compress(model, analysis, RankOptions(ratio=args.ratio))
     save_model(result.model, out)
     elapsed = time.perf_counter() - t0
     console.print(rows_table(result.rows))

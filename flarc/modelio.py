@@ -173,6 +173,9 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     final = Path(final)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -233,6 +236,11 @@ def save_model(
         os.replace(Path(tmpdir) / data_name, path.parent / data_name)
         os.replace(tmp_model, path)
     return [path, path.parent / data_name]
+
+
+def session_bytes(model: onnx.ModelProto) -> bytes:
+    """Serialised ``model`` for onnxruntime (IR version clamped)."""
+    return prepare_for_save(model).SerializeToString()
 
 
 def session_model_bytes_or_path(model: onnx.ModelProto, workdir: Path) -> str | bytes:

@@ -7,64 +7,36 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
+from flarc.analysis import Analysis, AnalysisOptions, TargetAnalysis
 from flarc.calib.data import CalibrationSet
 from flarc.calib.moments import Moments
 from flarc.calib.shrinkage import shrink
 from flarc.calib.statistics import StatisticsSession
 from flarc.compare import OutputComparison, compare_models
 from flarc.errors import ModelError
+from flarc.modelio import session_bytes
+from flarc.policy import RankOptions, choose_ranks
 from flarc.progress import NoProgress, Progress
-from flarc.rewrite.ranks import RankChoice, energy_rank, ratio_rank
-from flarc.rewrite.spectrum import Spectrum, whitened_svd
+from flarc.rewrite.output_error import OutputErrorProbe
+from flarc.rewrite.ranks import RankChoice
+from flarc.rewrite.spectrum import whitened_svd
 from flarc.rewrite.surgery import factorize
 from flarc.rewrite.whiten import whitener
-from flarc.targets import Skipped, Target, TargetSet, constant_tensors, weight_matrix
+from flarc.targets import Target, TargetSet, constant_tensors, weight_matrix
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class AnalysisOptions:
-    shrinkage: str = "ledoit-wolf"  # ledoit-wolf | oas | none
-    centered: bool = False
-    shrinkage_lambda: float | None = None  # fixed intensity instead of an estimate
-    whiten: str = "cholesky"  # cholesky | eig
-    precision: str = "float64"  # accumulation type inside the statistics graph
-    mask_input: str | None = None
-    full_rank: bool = False  # keep every singular direction, not only those below k_equiv
-
-
-@dataclass
-class TargetAnalysis:
-    target: Target
-    spectrum: Spectrum
-    lam: float  # shrinkage intensity used
-    whitening: str  # cholesky | eig | eig (fallback)
-    rows: int  # unmasked rows the statistic was computed from
-
-
-@dataclass
-class Analysis:
-    """Everything expensive, computed once: ranks can be chosen again without redoing it."""
-
-    model_sha256: str
-    options: AnalysisOptions
-    targets: list[Target]
-    skipped: list[Skipped]
-    stats: dict[str, Moments]
-    heldout_stats: dict[str, Moments]
-    entries: dict[str, TargetAnalysis]
-    fisher: dict[str, float] | None = None
-    fisher_loss: str | None = None
-    mask_input: str | None = None
-    extra: dict = field(default_factory=dict)
+# Batches an analysis keeps for comparisons and output criteria (held out, and calibration).
+MAX_KEPT_FEEDS = 4
+# Largest relative difference between the factor pairs and their dense product that is rounding.
+GUARD_TOLERANCE = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 5e-2}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -108,9 +80,23 @@ def analyze(
         heldout = (
             session.collect(data.heldout, progress, "held-out statistics") if data.heldout else {}
         )
-        mask = session.mask_input if any(p.masked for p in session.plans) else None
+        mask_name = session.mask_input
+        mask = mask_name if any(p.masked for p in session.plans) else None
     finally:
         session.close()
+    fisher = None
+    if options.fisher:
+        from flarc.calib.fisher import fisher_importance
+
+        fisher = fisher_importance(
+            model,
+            targets.targets,
+            data.calibration,
+            options.fisher,
+            mask_name,
+            options.seed,
+            progress,
+        )
     consts = constant_tensors(model)
     entries = {}
     for t in progress.track(
@@ -125,30 +111,13 @@ def analyze(
         stats,
         heldout,
         entries,
+        fisher=fisher.alpha if fisher else None,
+        fisher_loss=fisher.description if fisher else None,
         mask_input=mask,
+        heldout_feeds=(data.heldout or data.calibration)[:MAX_KEPT_FEEDS],
+        probe_feeds=data.calibration[:MAX_KEPT_FEEDS],
+        heldout_is_calibration=not data.heldout,
     )
-
-
-RankPolicy = Callable[[Analysis], dict[str, RankChoice]]
-
-
-def simple_policy(
-    ratio: float | None = None, energy: float | None = None, align: int = 8
-) -> RankPolicy:
-    """``--ratio`` or ``--energy`` applied to every target on its own."""
-    if ratio is not None and energy is not None:
-        raise ValueError("give --ratio or --energy, not both")
-
-    def choose(analysis: Analysis) -> dict[str, RankChoice]:
-        out = {}
-        for t in analysis.targets:
-            if energy is not None:
-                out[t.name] = energy_rank(t, analysis.entries[t.name].spectrum, energy, align)
-            else:
-                out[t.name] = ratio_rank(t, 0.8 if ratio is None else ratio, align)
-        return out
-
-    return choose
 
 
 def chosen_factors(
@@ -201,6 +170,7 @@ class TargetRow:
 @dataclass
 class CompressResult:
     model: onnx.ModelProto
+    targets: list[Target]
     ranks: dict[str, RankChoice]
     rows: list[TargetRow]
     comparison: list[OutputComparison]
@@ -208,6 +178,19 @@ class CompressResult:
     params_after: int
     model_params_before: int
     model_params_after: int
+    guard: float = 0.0  # relative difference to the dense equivalent (rounding)
+
+    def predicted_speedup(self, latency, timing: dict) -> float:
+        """End-to-end speedup the latency model expects: the measured original time minus what
+        the factorized targets save by prediction."""
+        by_name = {t.name: t for t in self.targets}
+        saved = sum(
+            latency.t_dense(by_name[name]) - latency.t_pair(by_name[name], c.rank)
+            for name, c in self.ranks.items()
+            if c.rank is not None
+        )
+        t0 = timing["original"]["median"]
+        return t0 / max(t0 - saved, 1e-12)
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -250,24 +233,58 @@ def target_rows(
     return rows
 
 
+def output_guard(
+    model: onnx.ModelProto, new_model: onnx.ModelProto, analysis: Analysis, factors
+) -> float:
+    """Relative difference between the rewritten model and the original with each chosen weight
+    replaced by its dense product ``A C``: rounding only, unless the rewrite is wrong."""
+    if not factors:
+        return 0.0
+    feeds = analysis.heldout_feeds[:2]
+    probe = OutputErrorProbe(model, analysis.targets, feeds)
+    try:
+        expected = probe.outputs({name: a @ c for name, (a, c) in factors.items()})
+    finally:
+        probe.close()
+    sess = ort.InferenceSession(session_bytes(new_model), providers=["CPUExecutionProvider"])
+    num = den = 0.0
+    for feed, ys in zip(feeds, expected, strict=True):
+        for y, y_ref in zip(sess.run(probe.outputs_names, feed), ys, strict=True):
+            num += float(np.sum((y.astype(np.float64) - y_ref) ** 2))
+            den += float(np.sum(y_ref.astype(np.float64) ** 2))
+    return math.sqrt(num / den) if den > 0 else 0.0
+
+
 def compress(
     model: onnx.ModelProto,
     analysis: Analysis,
-    policy: RankPolicy,
-    heldout: list | None = None,
-    progress: Progress | None = None,
+    options: RankOptions,
+    force: bool = False,
 ) -> CompressResult:
-    """Choose ranks, rewrite the graph, check it, and compare it with the original."""
-    ranks = policy(analysis)
-    new_model = factorize(model, analysis.targets, chosen_factors(analysis, ranks))
+    """Choose ranks, rewrite the graph, check it, guard it, and compare it with the original."""
+    ranks = choose_ranks(analysis, options, model, analysis.probe_feeds)
+    factors = chosen_factors(analysis, ranks)
+    new_model = factorize(model, analysis.targets, factors)
     try:
         onnx.checker.check_model(new_model)
     except Exception as exc:  # a rewrite bug, not bad input: say which check failed
         raise ModelError(f"compressed model fails onnx.checker: {exc}") from None
-    comparison = compare_models(model, new_model, heldout) if heldout else []
+    guard = output_guard(model, new_model, analysis, factors)
+    dtypes = {t.dtype for t in analysis.targets}
+    tolerance = max(GUARD_TOLERANCE.get(d, 1e-3) for d in dtypes)
+    if guard > tolerance:
+        message = (
+            f"output guard: the rewritten model differs from its own dense equivalent by {guard:.2e} "
+            f"(tolerance {tolerance:.0e}), a sign of a rewrite bug, not of compression"
+        )
+        if not force:
+            raise ModelError(message + "; not written (use --force to write it anyway)")
+        log.warning("%s; written because of --force", message)
+    comparison = compare_models(model, new_model, analysis.heldout_feeds)
     rows = target_rows(analysis, ranks, model)
     return CompressResult(
         model=new_model,
+        targets=analysis.targets,
         ranks=ranks,
         rows=rows,
         comparison=comparison,
@@ -275,4 +292,5 @@ def compress(
         params_after=sum(r.kept_params for r in rows),
         model_params_before=count_params(model),
         model_params_after=count_params(new_model),
+        guard=guard,
     )

@@ -112,6 +112,15 @@ def summary_lines(result: CompressResult) -> list[str]:
     ]
 
 
+def latency_lines(timing: dict) -> list[str]:
+    o, c = timing["original"], timing["compressed"]
+    return [
+        f"{timing['backend']} latency on {timing['feeds']}: original {o['median'] * 1e3:.2f} ms "
+        f"(spread {o['spread']:.1%}), compressed {c['median'] * 1e3:.2f} ms (spread {c['spread']:.1%})",
+        f"measured speedup {timing['speedup']:.2f}x, predicted {timing['predicted_speedup']:.2f}x",
+    ]
+
+
 def report_dict(result: CompressResult, meta: dict[str, Any]) -> dict[str, Any]:
     return {
         "flarc_report": 1,
@@ -124,6 +133,7 @@ def report_dict(result: CompressResult, meta: dict[str, Any]) -> dict[str, Any]:
             "model_params_before": result.model_params_before,
             "model_params_after": result.model_params_after,
         },
+        "output_guard": result.guard,
         "targets": [r.to_dict() for r in result.rows],
         "comparison": [c.to_dict() for c in result.comparison],
     }

@@ -271,3 +271,13 @@ def weight_matrix(target: Target, tensor: onnx.TensorProto | np.ndarray) -> np.n
     if target.op_type == "Conv":
         return w.reshape(target.m, target.n).T
     return w.T if target.transposed else w
+
+
+def stored_weight(target: Target, b: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`weight_matrix`: ``B [n, m]`` back in the layout and dtype the model stores."""
+    b = np.asarray(b)
+    if target.op_type == "Conv":
+        w = b.T.reshape(target.weight_shape)
+    else:
+        w = b.T if target.transposed else b
+    return np.ascontiguousarray(w.astype(np.dtype(target.dtype)))

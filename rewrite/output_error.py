@@ -1,0 +1,91 @@
+"""End-output error of the whole model with some target weights replaced (FLAR-SVD's criterion).
+
+Target weights become graph inputs, so one onnxruntime session evaluates every candidate: a
+candidate is a feed, never a new session. The error is normalised so one threshold means
+the same across layers and models:
+
+    err = sum_batches sum_outputs ||y - y_ref||^2  /  sum_batches sum_outputs ||y_ref||^2
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from flarc.calib.data import Feed
+from flarc.modelio import session_model_bytes_or_path
+from flarc.targets import Target, constant_tensors, stored_weight
+
+
+def weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of ``model`` in which the constants ``names`` are graph inputs."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    consts = constant_tensors(model)
+    keep = [t for t in graph.initializer if t.name not in names]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    nodes = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in names)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for name in sorted(names):
+        t = consts[name]
+        graph.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+    return out
+
+
+class OutputErrorProbe:
+    """Evaluates the model's outputs with any set of target weights swapped for candidates."""
+
+    def __init__(self, model: onnx.ModelProto, targets: list[Target], feeds: list[Feed]) -> None:
+        self.targets = {t.name: t for t in targets}
+        consts = constant_tensors(model)
+        self.weights = {t.weight: numpy_helper.to_array(consts[t.weight]) for t in targets}
+        probe = weights_as_inputs(model, set(self.weights))
+        self._tmp = tempfile.TemporaryDirectory(prefix="flarc-probe-")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(
+            session_model_bytes_or_path(probe, Path(self._tmp.name)),
+            opts,
+            providers=["CPUExecutionProvider"],
+        )
+        self.outputs_names = [
+            o.name
+            for o in model.graph.output
+            if np.issubdtype(
+                helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type), np.floating
+            )
+        ]
+        self.feeds = feeds
+        self.reference = self.outputs({})
+        self.reference_energy = sum(
+            float(np.sum(y.astype(np.float64) ** 2)) for ys in self.reference for y in ys
+        )
+        self.evaluations = 0
+
+    def outputs(self, replaced: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
+        """Model outputs on every feed with target ``name -> B [n, m]`` replacements."""
+        weights = dict(self.weights)
+        for name, b in replaced.items():
+            t = self.targets[name]
+            weights[t.weight] = stored_weight(t, b)
+        return [self.session.run(self.outputs_names, {**feed, **weights}) for feed in self.feeds]
+
+    def error(self, replaced: dict[str, np.ndarray]) -> float:
+        """Normalised output error with target ``name -> B [n, m]`` replacements."""
+        self.evaluations += 1
+        num = 0.0
+        for ys, refs in zip(self.outputs(replaced), self.reference, strict=True):
+            for y, y0 in zip(ys, refs, strict=True):
+                num += float(np.sum((y.astype(np.float64) - y0) ** 2))
+        return num / max(self.reference_energy, 1e-300)
+
+    def close(self) -> None:
+        self._tmp.cleanup()
