@@ -57,8 +57,8 @@ log = logging.getLogger(__name__)
 LOSSES: Mapping[str, str] = MappingProxyType(
     {
         "auto": (
-            "lm if the batch has input_ids and a '*logits*' output is [B, S, V]; else sampled "
-            "if a '*logits*' output has 2 or 3 axes; else projection"
+            "lm if the batch has input_ids and an output named *logits* is [B, S, V] matching "
+            "them; else sampled if an output named *logits* has 2 or 3 axes; else projection"
         ),
         "lm": (
             "next-token cross-entropy of language-model logits [B, S, V] on the batch's "
