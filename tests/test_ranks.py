@@ -1,0 +1,193 @@
+"""Rank selection: bisection against an exhaustive scan, allocations against their budgets,
+global against uniform ratios, and the analysis file reproducing a run bit for bit."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from flarc.analysis_file import load_analysis, save_analysis
+from flarc.calib.data import CalibrationSet
+from flarc.cli import main
+from flarc.pipeline import AnalysisOptions, analyze
+from flarc.policy import RankOptions, _criterion, allowed_grid, choose_ranks, evaluations_bound
+from flarc.rewrite.allocate import fisher_ranks, global_ranks
+from flarc.rewrite.output_error import OutputErrorProbe
+from flarc.rewrite.ranks import ratio_rank
+from flarc.rewrite.search import Criterion, bisect_rank, scan_rank
+from flarc.targets import constant_tensors, find_targets, weight_matrix
+
+from _models import TinyEncoder, export, token_batch
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("enc")
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    feed = token_batch(rng, 2, 12)
+    args = tuple(torch.from_numpy(feed[k]) for k in ("input_ids", "attention_mask"))
+    dyn = {"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}}
+    path = export(TinyEncoder(d=48, layers=2), args, tmp / "enc.onnx", ["input_ids", "attention_mask"], dyn)
+    feeds = [token_batch(rng, 4, 16, pad_from=10) for _ in range(6)]
+    np.savez(
+        tmp / "calib.npz",
+        input_ids=np.concatenate([f["input_ids"] for f in feeds]),
+        attention_mask=np.concatenate([f["attention_mask"] for f in feeds]),
+    )
+    model = onnx.load(str(path))
+    data = CalibrationSet(feeds[:4], feeds[4:], "t")
+    analysis = analyze(model, find_targets(model), data, AnalysisOptions(fisher="projection"))
+    return path, model, analysis
+
+
+@pytest.mark.parametrize("criterion", ["whitened", "cosine", "output"])
+def test_bisection_equals_exhaustive_scan(encoder, criterion):
+    _, model, analysis = encoder
+    probe = OutputErrorProbe(model, analysis.targets, analysis.probe_feeds[:1]) if criterion == "output" else None
+    consts = constant_tensors(model)
+    opts = RankOptions(align=4)
+    try:
+        for t in analysis.targets:
+            b = weight_matrix(t, consts[t.weight])
+            grid = allowed_grid(t, opts)
+            # Thresholds that land inside the grid, at its ends and outside it.
+            base = _criterion(criterion, t, analysis, b, 0.0, probe)
+            values = [base.value(k) for k in grid]
+            picks = [values[0], values[len(values) // 2], values[-1], values[-1] * (0.5 if criterion != "cosine" else 1.0001)]
+            for thr in picks:
+                crit = _criterion(criterion, t, analysis, b, thr, probe)
+                counted = {"n": 0}
+
+                def value(k, crit=crit, counted=counted):
+                    counted["n"] += 1
+                    return crit.value(k)
+
+                k_bis, _, evals = bisect_rank(grid, Criterion(crit.name, value, crit.passes))
+                k_scan, _ = scan_rank(grid, crit)
+                assert k_bis == k_scan, (t.name, criterion, thr)
+                assert counted["n"] == evals <= evaluations_bound(t, opts.align)
+    finally:
+        if probe is not None:
+            probe.close()
+
+
+def test_fisher_allocation_meets_budget_and_bounds(encoder):
+    _, _, analysis = encoder
+    targets = analysis.targets
+    assert all(a > 0 for a in analysis.fisher.values())
+    total = sum(t.params for t in targets)
+    for budget in (0.3, 0.5, 0.7):
+        ranks = fisher_ranks(targets, analysis.fisher, budget, 4)
+        spent = sum(t.rank_params(ranks[t.name].rank) for t in targets)
+        assert spent <= budget * total
+        # Met to alignment: no single aligned step could still be added anywhere.
+        assert budget * total - spent < max(4 * (t.n + t.m) for t in targets)
+        for t in targets:
+            k = ranks[t.name].rank
+            assert k % 4 == 0 and 4 <= k < t.k_equiv
+
+
+def test_fisher_ranks_follow_importance():
+    from flarc.targets import Target
+
+    ts = [Target(f"t{i}", "MatMul", "x", "y", f"w{i}", (256, 256), 256, 256, False, "float32") for i in range(3)]
+    ranks = fisher_ranks(ts, {"t0": 1.0, "t1": 2.0, "t2": 4.0}, 0.4, 8)
+    k = [ranks[f"t{i}"].rank for i in range(3)]
+    assert k[0] < k[1] < k[2]
+    assert k[2] <= max(r for r in range(8, 128, 8))
+
+
+def test_global_never_worse_than_uniform_ratio(encoder):
+    _, _, analysis = encoder
+    targets = analysis.targets
+    spectra = {t.name: analysis.entries[t.name].spectrum for t in targets}
+    for ratio in (0.3, 0.5, 0.7):
+        uniform = {t.name: ratio_rank(t, ratio, 4) for t in targets}
+        params = sum(t.params if c.rank is None else t.rank_params(c.rank) for t, c in ((t, uniform[t.name]) for t in targets))
+        err_uniform = sum(spectra[t.name].error(uniform[t.name].rank) if uniform[t.name].rank else 0.0 for t in targets)
+        budget = params / sum(t.params for t in targets)
+        chosen = global_ranks(targets, spectra, budget, 4)
+        spent = sum(t.params if chosen[t.name].rank is None else t.rank_params(chosen[t.name].rank) for t in targets)
+        err_global = sum(spectra[t.name].error(chosen[t.name].rank) if chosen[t.name].rank else 0.0 for t in targets)
+        assert spent <= params
+        assert err_global <= err_uniform + 1e-12, (ratio, err_global, err_uniform)
+
+
+def test_latency_filter_rejects_slow_ranks(encoder):
+    _, _, analysis = encoder
+
+    class HalfwayFaster:
+        """Pairs are faster than the dense layer only below half of k_equiv."""
+
+        def lat_recov(self, t, k):
+            return 2 * k / t.k_equiv
+
+    for opts in (
+        RankOptions(ratio=0.9, align=4, latency=HalfwayFaster()),
+        RankOptions(search="bisect", criterion="whitened", threshold=1e-4, align=4, latency=HalfwayFaster()),
+        RankOptions(allocate="global", budget=0.9, align=4, latency=HalfwayFaster()),
+    ):
+        for t in analysis.targets:
+            choice = choose_ranks(analysis, opts)[t.name]
+            assert choice.rank is None or HalfwayFaster().lat_recov(t, choice.rank) <= 1.0
+
+
+def test_latency_budget_is_met(encoder):
+    _, _, analysis = encoder
+
+    class Flops:
+        def t_dense(self, t):
+            return float(t.n * t.m)
+
+        def t_pair(self, t, k):
+            return float(k * (t.n + t.m)) + 100.0
+
+        def lat_recov(self, t, k):
+            return self.t_pair(t, k) / self.t_dense(t)
+
+    lat = Flops()
+    opts = RankOptions(allocate="global", latency=lat, latency_budget=0.6, align=4)
+    ranks = choose_ranks(analysis, opts)
+    total = sum(lat.t_dense(t) if ranks[t.name].rank is None else lat.t_pair(t, ranks[t.name].rank) for t in analysis.targets)
+    assert total <= 0.6 * sum(lat.t_dense(t) for t in analysis.targets)
+
+
+def test_analysis_file_reproduces_compress_bit_for_bit(encoder, tmp_path):
+    path, _, _ = encoder
+    calib = str(path.parent / "calib.npz")
+    common = ["--allocate", "fisher", "--budget", "0.6", "--align", "4", "--fisher-loss", "projection"]
+    assert main(["analyze", str(path), "--calib", calib, "--batch-size", "4", "--fisher", "--fisher-loss", "projection", "-o", str(tmp_path / "m.analysis")]) == 0
+    assert main(["compress", str(path), "--calib", calib, "--batch-size", "4", "-o", str(tmp_path / "a.onnx"), *common]) == 0
+    assert main(["compress", str(path), "--analysis", str(tmp_path / "m.analysis"), "-o", str(tmp_path / "b.onnx"), *common]) == 0
+    a, b = (hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("a.onnx", "b.onnx"))
+    assert a == b
+    # A stored analysis survives a round trip unchanged.
+    loaded = load_analysis(tmp_path / "m.analysis")
+    save_analysis(loaded, tmp_path / "again.analysis")
+    again = load_analysis(tmp_path / "again.analysis")
+    for name, e in loaded.entries.items():
+        np.testing.assert_array_equal(e.spectrum.basis, again.entries[name].spectrum.basis)
+
+
+def test_analysis_for_another_model_is_refused(encoder, tmp_path, capsys):
+    path, _, analysis = encoder
+    save_analysis(dataclasses.replace(analysis, model_sha256="0" * 64), tmp_path / "x.analysis")
+    code = main(["compress", str(path), "--analysis", str(tmp_path / "x.analysis"), "-o", str(tmp_path / "o.onnx")])
+    assert code != 0 and "another model" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_output_criterion_auto_threshold_lands_on_budget(encoder, tmp_path):
+    _, model, analysis = encoder
+    opts = RankOptions(search="bisect", criterion="output", threshold="auto", budget=0.6, align=4, output_batches=1)
+    ranks = choose_ranks(analysis, opts, model, analysis.probe_feeds)
+    total = sum(t.params for t in analysis.targets)
+    spent = sum(t.params if ranks[t.name].rank is None else t.rank_params(ranks[t.name].rank) for t in analysis.targets)
+    assert spent <= 0.6 * total
+    assert spent > 0.45 * total
