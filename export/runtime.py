@@ -1,0 +1,417 @@
+"""Progressive low-rank decoding: one session per rank bucket, one KV cache carried across bucket
+switches (every bucket has the same cache layout), greedy or nucleus sampling.
+
+Weight sharing (onnxruntime CPU). ``factors.bin`` and ``dense.bin`` are read once into two
+buffers; every initializer of every bucket is a view into them (bucket rank r of a target is a
+row prefix), handed to onnxruntime as an OrtValue through
+``SessionOptions.add_initializer`` (which keeps the caller's buffer;
+``add_external_initializers`` would copy it), so no session reads or owns a copy. Prepacking is
+disabled (``session.disable_prepacking``): onnxruntime would otherwise repack each constant
+MatMul/Gemm weight into a private buffer per session. :func:`weight_memory_report` measures the
+resident memory this actually takes.
+
+TensorRT (``backend="tensorrt"``) builds one engine per bucket through polygraphy's loaders with a
+profile covering prefill and decode shapes; engines own their weights (no sharing).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnx
+
+from flarc.errors import BackendError, DataError, ModelError
+from flarc.export.hf import CacheLayout, empty_cache, layout_from_onnx
+from flarc.export.manifest import Manifest, load_manifest
+from flarc.export.schedule import Schedule, entropy, parse_schedule
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("ort-cpu", "tensorrt")
+
+
+class Runner(Protocol):
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name: ``logits`` and ``present.*``."""
+        ...
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class SharedWeights:
+    """The folder's weight files, each read once; views of them as numpy arrays and OrtValues."""
+
+    def __init__(self, folder: Path, names: list[str]) -> None:
+        self.folder = folder
+        self.buffers = {name: np.fromfile(folder / name, dtype=np.uint8) for name in names}
+        self._values: list = []  # OrtValues must outlive the sessions that use them
+
+    def view(self, tensor: onnx.TensorProto) -> np.ndarray:
+        info = {e.key: e.value for e in tensor.external_data}
+        buf = self.buffers.get(info.get("location", ""))
+        if buf is None:
+            raise ModelError(
+                f"tensor '{tensor.name}': external file '{info.get('location')}' "
+                "is not a weights file of the manifest"
+            )
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        offset, length = int(info.get("offset", 0)), int(info["length"])
+        count = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+        if length != count * dtype.itemsize or offset + length > buf.size:
+            raise ModelError(f"tensor '{tensor.name}': external range does not fit its shape")
+        return buf[offset : offset + length].view(dtype).reshape(tuple(tensor.dims))
+
+    def ort_value(self, tensor: onnx.TensorProto):
+        import onnxruntime as ort
+
+        value = ort.OrtValue.ortvalue_from_numpy(self.view(tensor))
+        self._values.append(value)
+        return value
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers.values())
+
+
+def session_options(threads: int | None = None, disable_prepacking: bool = True):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    if disable_prepacking:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    return so
+
+
+class OrtRunner:
+    """An onnxruntime CPU session; initializers optionally supplied from shared buffers."""
+
+    def __init__(
+        self,
+        path: Path,
+        shared: SharedWeights | None = None,
+        threads: int | None = None,
+        disable_prepacking: bool = True,
+    ) -> None:
+        import onnxruntime as ort
+
+        so = session_options(threads, disable_prepacking and shared is not None)
+        if shared is not None:
+            graph = onnx.load(str(path), load_external_data=False)
+            external = [
+                t for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+            ]
+            for t in external:
+                # add_initializer keeps the caller's buffer; add_external_initializers copies it.
+                so.add_initializer(t.name, shared.ort_value(t))
+        try:
+            self.session = ort.InferenceSession(
+                str(path), sess_options=so, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise ModelError(f"{path}: onnxruntime cannot load it ({exc})") from None
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.outputs, self.session.run(self.outputs, feed), strict=True))
+
+
+class TensorRTRunner:
+    """One TensorRT engine for a bucket, built through polygraphy (needs tensorrt and CUDA)."""
+
+    def __init__(self, path: Path, layout: CacheLayout, max_tokens: int = 2048) -> None:
+        from flarc.latency.tensorrt import require_tensorrt
+
+        require_tensorrt()
+        from polygraphy.backend.trt import (
+            CreateConfig,
+            EngineFromNetwork,
+            NetworkFromOnnxPath,
+            Profile,
+            TrtRunner,
+        )
+
+        profile = Profile()
+        for name in ("input_ids", "position_ids"):
+            profile.add(name, min=(1, 1), opt=(1, 1), max=(1, max_tokens))
+        profile.add("attention_mask", min=(1, 1), opt=(1, max_tokens // 2), max=(1, max_tokens))
+        kv = (layout.kv_heads, layout.head_dim)
+        for name in layout.past_names():
+            profile.add(
+                name,
+                min=(1, kv[0], 0, kv[1]),
+                opt=(1, kv[0], max_tokens // 2, kv[1]),
+                max=(1, kv[0], max_tokens, kv[1]),
+            )
+        engine = EngineFromNetwork(NetworkFromOnnxPath(str(path)), CreateConfig(profiles=[profile]))
+        self.runner = TrtRunner(engine)
+        self.runner.activate()
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v) for k, v in self.runner.infer(feed).items()}
+
+
+@dataclass
+class GenerationResult:
+    prompt: list[int]
+    tokens: list[int]  # generated ids
+    budgets: list[float]  # bucket of each step (step t produced tokens[t])
+    entropies: list[float]  # entropy (nats) of each step's next-token distribution
+    prefill_s: float
+    decode_s: float
+    logits: list[np.ndarray] = field(default_factory=list)  # per step, when keep_logits
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens after the first over decode time (prefill excluded)."""
+        n = len(self.tokens) - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
+
+    @property
+    def mean_budget(self) -> float:
+        return float(np.mean(self.budgets)) if self.budgets else float("nan")
+
+
+class KVCache:
+    """The past tensors of one sequence, the same layout in every bucket."""
+
+    def __init__(self, layout: CacheLayout) -> None:
+        self.layout = layout
+        self.past = empty_cache(layout)
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.past.values())).shape[2]
+
+    def update(self, outputs: dict[str, np.ndarray]) -> None:
+        for past, present in zip(
+            self.layout.past_names(), self.layout.present_names(), strict=True
+        ):
+            self.past[past] = outputs[present]
+
+    def copy(self) -> KVCache:
+        out = KVCache(self.layout)
+        out.past = dict(self.past)  # arrays are replaced, never written in place
+        return out
+
+
+def sample_token(
+    logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0, top_p: float = 1.0
+) -> int:
+    """Nucleus sampling: the smallest set of tokens with probability >= top_p, renormalised."""
+    z = np.asarray(logits, dtype=np.float64) / max(temperature, 1e-6)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p)
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
+        q = np.zeros_like(p)
+        q[keep] = p[keep]
+        p = q / q.sum()
+    return int(rng.choice(p.size, p=p))
+
+
+class Generator:
+    """Token generation over rank buckets (or one plain model) with a carried KV cache."""
+
+    def __init__(
+        self,
+        runners: dict[float, Runner],
+        layout: CacheLayout,
+        manifest: Manifest | None = None,
+        shared: SharedWeights | None = None,
+    ) -> None:
+        if not runners:
+            raise ModelError("no bucket to generate with")
+        self.runners = runners
+        self.layout = layout
+        self.manifest = manifest
+        self.shared = shared
+
+    @property
+    def budgets(self) -> list[float]:
+        return sorted(self.runners, reverse=True)
+
+    @classmethod
+    def from_buckets(
+        cls,
+        folder: str | os.PathLike,
+        backend: str = "ort-cpu",
+        budgets: list[float] | None = None,
+        threads: int | None = None,
+        verify: bool = True,
+        share_weights: bool = True,
+    ) -> Generator:
+        """Sessions for the buckets of ``folder`` (all, or those in ``budgets``).
+
+        ``verify`` hashes every file against the manifest first; ``share_weights=False`` lets
+        each onnxruntime session read its own copy (the baseline for memory measurements).
+        """
+        if backend not in BACKENDS:
+            raise BackendError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
+        manifest = load_manifest(folder, verify=verify)
+        cache = manifest.data["cache"]
+        layout = CacheLayout(cache["num_layers"], cache["kv_heads"], cache["head_dim"])
+        wanted = manifest.budgets if budgets is None else budgets
+        rows = []
+        for b in wanted:
+            try:
+                rows.append(manifest.bucket(b))
+            except KeyError:
+                raise DataError(f"{folder}: no bucket with budget {b:g}") from None
+        if backend == "tensorrt":
+            from flarc.latency.tensorrt import require_tensorrt
+
+            try:
+                require_tensorrt()
+            except BackendError as exc:
+                raise BackendError(f"--backend tensorrt for {folder}: {exc}") from None
+            runners = {r["budget"]: TensorRTRunner(manifest.path(r["file"]), layout) for r in rows}
+            return cls(runners, layout, manifest)
+        shared = None
+        if share_weights:
+            w = manifest.data["weights"]
+            shared = SharedWeights(manifest.folder, [w["factors"], w["dense"]])
+        runners = {r["budget"]: OrtRunner(manifest.path(r["file"]), shared, threads) for r in rows}
+        return cls(runners, layout, manifest, shared)
+
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike, threads: int | None = None) -> Generator:
+        """A single plain model (e.g. the uncompressed export) as the only bucket, budget 1.0."""
+        from flarc.modelio import load_model
+
+        layout = layout_from_onnx(load_model(path, load_external_data=False))
+        return cls({1.0: OrtRunner(Path(path), None, threads, False)}, layout)
+
+    def step(self, budget: float, ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Run ``ids [1, s]`` after ``cache`` in bucket ``budget``; update the cache in place.
+
+        Returns the logits ``[s, vocab]`` of the new positions.
+        """
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        past = cache.length
+        seq = ids.shape[1]
+        feed = {
+            "input_ids": ids,
+            "attention_mask": np.ones((1, past + seq), dtype=np.int64),
+            "position_ids": np.arange(past, past + seq, dtype=np.int64)[None, :],
+            **cache.past,
+        }
+        outputs = self.runners[budget].run(feed)
+        cache.update(outputs)
+        return outputs["logits"][0]
+
+    def generate(
+        self,
+        prompt: list[int] | np.ndarray,
+        max_new_tokens: int,
+        schedule: str | Schedule | None = None,
+        sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        eos_token_id: int | list[int] | None = None,
+        on_token: Callable[[int], None] | None = None,
+        keep_logits: bool = False,
+    ) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` ids after ``prompt``; the schedule picks the bucket.
+
+        ``schedule`` defaults to the largest bucket. ``on_token`` is called with each new id as
+        soon as it exists (streaming).
+        """
+        prompt = [int(x) for x in np.asarray(prompt).reshape(-1)]
+        if not prompt:
+            raise DataError("empty prompt")
+        if max_new_tokens < 1:
+            raise DataError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if not 0 < top_p <= 1:
+            raise DataError(f"top_p must be in (0, 1], got {top_p}")
+        if sample and temperature <= 0:
+            raise DataError(f"temperature must be positive when sampling, got {temperature}")
+        if schedule is None:
+            schedule = f"static:{self.budgets[0]:g}"
+        if isinstance(schedule, str):
+            schedule = parse_schedule(schedule, self.budgets)
+        stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+        rng = np.random.default_rng(seed)
+        cache = KVCache(self.layout)
+        result = GenerationResult(prompt, [], [], [], 0.0, 0.0)
+        ids = np.asarray(prompt, dtype=np.int64)
+        previous: float | None = None
+        for t in range(max_new_tokens):
+            start = time.perf_counter()
+            budget = schedule.budget(t, previous)
+            logits = self.step(budget, ids, cache)[-1]
+            h = entropy(logits) if schedule.needs_entropy or keep_logits else float("nan")
+            token = (
+                sample_token(logits, rng, temperature, top_p) if sample else int(np.argmax(logits))
+            )
+            elapsed = time.perf_counter() - start
+            if t == 0:
+                result.prefill_s = elapsed
+            else:
+                result.decode_s += elapsed
+            result.tokens.append(token)
+            result.budgets.append(budget)
+            result.entropies.append(h)
+            if keep_logits:
+                result.logits.append(np.array(logits))
+            previous = h
+            if on_token is not None:
+                on_token(token)
+            if token in stops:
+                break
+            ids = np.asarray([token], dtype=np.int64)
+        return result
+
+
+def generate(
+    folder: str | os.PathLike,
+    prompt: list[int],
+    max_new_tokens: int,
+    schedule: str | None = None,
+    backend: str = "ort-cpu",
+    **options,
+) -> GenerationResult:
+    """One-shot :meth:`Generator.generate` over a bucket folder."""
+    return Generator.from_buckets(folder, backend).generate(
+        prompt, max_new_tokens, schedule, **options
+    )
+
+
+def weight_memory_report(
+    folder: str | os.PathLike, share_weights: bool = True, budgets: list[float] | None = None
+) -> dict:
+    """RSS growth from loading the buckets' sessions and running one step in each.
+
+    Run it in a fresh process for clean numbers. ``largest_bucket_weight_bytes`` is what one
+    session of the largest bucket needs for its initializers (from the manifest).
+    """
+    manifest = load_manifest(folder, verify=False)
+    before = rss_bytes()
+    gen = Generator.from_buckets(folder, budgets=budgets, verify=False, share_weights=share_weights)
+    for b in gen.budgets:
+        gen.step(b, np.array([[1, 2, 3]]), KVCache(gen.layout))
+    after = rss_bytes()
+    largest = max(r["weight_bytes"] for r in manifest.data["buckets"] if r["budget"] in gen.runners)
+    return {
+        "buckets": gen.budgets,
+        "share_weights": share_weights,
+        "rss_delta_bytes": after - before,
+        "largest_bucket_weight_bytes": largest,
+        "shared_buffer_bytes": gen.shared.nbytes if gen.shared else 0,
+        "ratio": (after - before) / largest,
+    }
