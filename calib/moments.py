@@ -23,6 +23,7 @@ class Moments:
     sum4: float
     sum1: np.ndarray  # [n]
     sum2x: np.ndarray  # [n]
+    cross: np.ndarray | None = None  # [n, n] sum_k x_k p_k^T with a partner tensor (closed loop)
 
     @classmethod
     def zeros(cls, n: int) -> Moments:
@@ -45,6 +46,8 @@ class Moments:
         self.sum4 += other.sum4
         self.sum1 += other.sum1
         self.sum2x += other.sum2x
+        if other.cross is not None:
+            self.cross = other.cross.copy() if self.cross is None else self.cross + other.cross
 
     def covariance(self, centered: bool = False) -> np.ndarray:
         """The empirical ``S = gram / N`` (minus ``mean mean^T`` when centred)."""

@@ -44,6 +44,7 @@ class StatPlan:
     channels: int = 0
     masked: bool = False
     outputs: dict[str, str] = field(default_factory=dict)
+    partner: str | None = None  # a second tensor: adds the cross-statistic ``X^T P``
 
 
 def find_mask_input(model: onnx.ModelProto, mask_input: str | None) -> str | None:
@@ -64,7 +65,7 @@ def plan_statistics(targets: list[Target]) -> list[StatPlan]:
             channels = t.weight_shape[1] if t.conv is not None else 0
             plans[t.stat_key] = StatPlan(t.stat_key, t.input, t.n, t.conv, channels)
     for i, plan in enumerate(plans.values()):
-        plan.outputs = {f: f"flarc_stats/{i}/{f}" for f in FIELDS}
+        plan.outputs = {f: f"flarc_stats/{i}/{f}" for f in (*FIELDS, "cross")}
     return list(plans.values())
 
 
@@ -151,11 +152,12 @@ def build_statistics_model(
             "Reshape", [mask_input, b.const(np.array([-1], np.int64), "shape")], "mask_flat"
         )
         mask_bool = b.node("Cast", [flat], "mask_bool", to=TensorProto.BOOL)
-    rows_shape = {}
-    for plan in plans:
+    rows_shape: dict[int, str] = {}
+
+    def rows_of(plan: StatPlan, x: str) -> str:
+        """The rows ``[tokens, n]`` of tensor ``x`` as the plan forms them, in accumulation type."""
         if plan.n not in rows_shape:
             rows_shape[plan.n] = b.const(np.array([-1, plan.n], np.int64), f"rows{plan.n}")
-        x = plan.input
         if plan.conv is not None:
             g = plan.conv
             xf = b.node("Cast", [x], "as_float", to=TensorProto.FLOAT)
@@ -175,7 +177,10 @@ def build_statistics_model(
         rows = b.node("Reshape", [x, rows_shape[plan.n]], "rows")
         if plan.masked:
             rows = b.node("Compress", [rows, mask_bool], "rows_kept", axis=0)
-        xd = b.node("Cast", [rows], "rows_acc", to=acc_type)
+        return b.node("Cast", [rows], "rows_acc", to=acc_type)
+
+    for plan in plans:
+        xd = rows_of(plan, plan.input)
         out = plan.outputs
         xt = b.node("Transpose", [xd], "rows_t", perm=[1, 0])
         b.node("MatMul", [xt, xd], "gram", output=out["gram"])
@@ -192,7 +197,12 @@ def build_statistics_model(
         b.reduce("ReduceSum", xd, [0], keepdims=0, output=out["sum1"])
         weighted = b.node("Mul", [xd, r2], "r2x")
         b.reduce("ReduceSum", weighted, [0], keepdims=0, output=out["sum2x"])
-        for f in FIELDS:
+        fields = list(FIELDS)
+        if plan.partner is not None:
+            # Cross-statistic X^T P of the plan's rows with the partner's rows at the same positions.
+            b.node("MatMul", [xt, rows_of(plan, plan.partner)], "cross", output=out["cross"])
+            fields.append("cross")
+        for f in fields:
             elem = TensorProto.INT64 if f == "count" else acc_type
             graph.output.append(helper.make_tensor_value_info(out[f], elem, None))
     return stats
@@ -209,8 +219,9 @@ class StatisticsSession:
         mask_input: str | None = None,
         precision: str = "float64",
         threads: int | None = None,
+        plans: list[StatPlan] | None = None,
     ) -> None:
-        self.plans = plan_statistics(targets)
+        self.plans = plans if plans is not None else plan_statistics(targets)
         self.mask_input = find_mask_input(model, mask_input)
         self._tmp = tempfile.TemporaryDirectory(prefix="flarc-stats-")
         workdir = Path(self._tmp.name)
@@ -236,7 +247,11 @@ class StatisticsSession:
             opts,
             providers=["CPUExecutionProvider"],
         )
-        self.output_names = [p.outputs[f] for p in self.plans for f in FIELDS]
+        self.output_names = [p.outputs[f] for p in self.plans for f in self._fields(p)]
+
+    @staticmethod
+    def _fields(plan: StatPlan) -> tuple[str, ...]:
+        return (*FIELDS, "cross") if plan.partner is not None else FIELDS
 
     def run(self, feed: Feed) -> dict[str, Moments]:
         values = dict(
@@ -244,13 +259,14 @@ class StatisticsSession:
         )
         out = {}
         for p in self.plans:
-            v = {f: values[p.outputs[f]] for f in FIELDS}
+            v = {f: values[p.outputs[f]] for f in self._fields(p)}
             out[p.key] = Moments(
                 gram=np.asarray(v["gram"], dtype=np.float64),
                 count=int(v["count"]),
                 sum4=float(v["sum4"]),
                 sum1=np.asarray(v["sum1"], dtype=np.float64),
                 sum2x=np.asarray(v["sum2x"], dtype=np.float64),
+                cross=np.asarray(v["cross"], dtype=np.float64) if "cross" in v else None,
             )
         return out
 
