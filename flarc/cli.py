@@ -81,6 +81,20 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="attention mask input (default: found by name 'attention_mask')",
     )
+    g.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="save the running calibration sums in DIR every --checkpoint-every batches",
+    )
+    g.add_argument(
+        "--checkpoint-every", type=int, default=8, metavar="N", help="batches per checkpoint (8)"
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint in --checkpoint DIR (same model, options and data); "
+        "the statistics are bit-identical to an uninterrupted run",
+    )
 
 
 def add_analysis_args(p: argparse.ArgumentParser) -> None:
@@ -218,13 +232,25 @@ def _analysis_for(args, model, sha: str, progress):
             raise DataError(
                 f"{args.analysis}: has no Fisher importances; run 'flarc analyze --fisher'"
             )
-        return analysis
+        has_data = any(getattr(args, k, None) for k in ("calib", "text", "synthetic"))
+        return analysis, (load_data(args, model) if has_data else None)
     targets = find_targets(model, args.include, args.exclude)
     require_targets(targets, args.model)
     data = load_data(args, model)
     options = analysis_options(args)
     options.fisher = _fisher_loss(args)
-    return analyze(model, targets, data, options, sha, progress)
+    analysis = analyze(
+        model,
+        targets,
+        data,
+        options,
+        sha,
+        progress,
+        checkpoint=args.checkpoint,
+        resume=args.resume,
+        checkpoint_every=args.checkpoint_every,
+    )
+    return analysis, data
 
 
 def rank_options(args, model, analysis):
@@ -277,7 +303,7 @@ def cmd_analyze(args) -> int:
     check_output_path(args.output, [args.model])
     t0 = time.perf_counter()
     model = load_model(args.model)
-    analysis = _analysis_for(args, model, file_sha256(args.model), RichProgress())
+    analysis, _ = _analysis_for(args, model, file_sha256(args.model), RichProgress())
     save_analysis(analysis, args.output)
     fisher = ", with Fisher importances" if analysis.fisher else ""
     console().print(
@@ -305,9 +331,15 @@ def cmd_compress(args) -> int:
     t0 = time.perf_counter()
     model = load_model(args.model)
     sha = file_sha256(args.model)
-    analysis = _analysis_for(args, model, sha, RichProgress())
+    progress = RichProgress()
+    analysis, data = _analysis_for(args, model, sha, progress)
     options = rank_options(args, model, analysis)
-    result = compress(model, analysis, options, force=args.force)
+    closed_loop = None
+    if args.closed_loop or args.compensate:
+        if data is None:
+            raise DataError("--closed-loop needs calibration data (--calib, --text or --synthetic)")
+        closed_loop = data.calibration
+    result = compress(model, analysis, options, args.force, closed_loop, args.compensate, progress)
     written = save_model(result.model, args.output)
     elapsed = time.perf_counter() - t0
     con.print(rows_table(result.rows))
@@ -493,6 +525,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_analysis_args(p)
     add_target_args(p)
     add_rank_args(p)
+    g = p.add_argument_group("closed loop")
+    g.add_argument(
+        "--closed-loop",
+        action="store_true",
+        help="refactorize targets level by level on the activations of the partly compressed model "
+        "(ranks chosen first), so later layers correct for earlier errors",
+    )
+    g.add_argument(
+        "--compensate",
+        action="store_true",
+        help="closed loop with error compensation: each target reproduces the original layer's "
+        "output from the compressed activations (implies --closed-loop)",
+    )
     p.add_argument(
         "--force", action="store_true", help="write the model even when the output guard refuses it"
     )

@@ -4,6 +4,7 @@ over these functions."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -15,7 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from flarc.analysis import Analysis, AnalysisOptions, TargetAnalysis
-from flarc.calib.data import CalibrationSet
+from flarc.calib.data import CalibrationSet, Feed
 from flarc.calib.moments import Moments
 from flarc.calib.shrinkage import shrink
 from flarc.calib.statistics import StatisticsSession
@@ -66,17 +67,39 @@ def analyze(
     options: AnalysisOptions | None = None,
     model_sha256: str = "",
     progress: Progress | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 8,
 ) -> Analysis:
-    """Statistics on calibration (and held-out) data, then the whitened spectrum of every target."""
+    """Statistics on calibration (and held-out) data, then the whitened spectrum of every target.
+
+    With ``checkpoint`` (a folder), the calibration sums are saved every ``checkpoint_every``
+    batches; ``resume`` continues from a saved checkpoint of the same model, options and data.
+    """
     options = options or AnalysisOptions()
     progress = progress or NoProgress()
     if not targets.targets:
         raise ModelError("no targets to analyse")
+    checkpointer = None
+    if checkpoint is not None:
+        from flarc.calib.checkpoint import Checkpointer
+
+        model_id = model_sha256 or hashlib.sha256(model.SerializeToString()).hexdigest()
+        identity = {
+            "model": model_id,
+            "precision": options.precision,
+            "mask_input": options.mask_input,
+        }
+        checkpointer = Checkpointer(Path(checkpoint), identity, checkpoint_every, resume)
+    elif resume:
+        raise ModelError("resume needs a checkpoint folder (--checkpoint DIR)")
     session = StatisticsSession(
         model, targets.targets, data.calibration[0], options.mask_input, options.precision
     )
     try:
-        stats = session.collect(data.calibration, progress, "calibration statistics")
+        stats = session.collect(
+            data.calibration, progress, "calibration statistics", checkpoint=checkpointer
+        )
         heldout = (
             session.collect(data.heldout, progress, "held-out statistics") if data.heldout else {}
         )
@@ -260,9 +283,21 @@ def compress(
     analysis: Analysis,
     options: RankOptions,
     force: bool = False,
+    closed_loop: list[Feed] | None = None,
+    compensate: bool = False,
+    progress: Progress | None = None,
 ) -> CompressResult:
-    """Choose ranks, rewrite the graph, check it, guard it, and compare it with the original."""
+    """Choose ranks, rewrite the graph, check it, guard it, and compare it with the original.
+
+    With ``closed_loop`` calibration feeds, the chosen targets are refactorized in closed loop
+    (:mod:`flarc.closed_loop`), with error compensation when ``compensate``.
+    """
     ranks = choose_ranks(analysis, options, model, analysis.probe_feeds)
+    if closed_loop:
+        from flarc.closed_loop import closed_loop_entries
+
+        entries = closed_loop_entries(model, analysis, ranks, closed_loop, compensate, progress)
+        analysis = dataclasses.replace(analysis, entries=entries)
     factors = chosen_factors(analysis, ranks)
     new_model = factorize(model, analysis.targets, factors)
     try:

@@ -48,7 +48,24 @@ class Spectrum:
 
 def whitened_svd(b: np.ndarray, whitener: Whitener, max_rank: int | None = None) -> Spectrum:
     """SVD of ``L^T B`` for ``B: [n, m]``, keeping ``max_rank`` directions (default: all)."""
-    m_white = whitener.apply_t(np.asarray(b, dtype=np.float64))
-    u, s, vt = np.linalg.svd(m_white, full_matrices=False)
+    return _spectrum(whitener.apply_t(np.asarray(b, dtype=np.float64)), whitener, max_rank)
+
+
+def _spectrum(whitened: np.ndarray, whitener: Whitener, max_rank: int | None) -> Spectrum:
+    """SVD of a whitened target ``L^T B_hat``, mapped back through ``L^{-T}``."""
+    u, s, vt = np.linalg.svd(whitened, full_matrices=False)
     r = len(s) if max_rank is None else min(max_rank, len(s))
     return Spectrum(sigma=s, basis=whitener.solve_t(u[:, :r]), vt=vt[:r].copy())
+
+
+def compensated_svd(
+    b: np.ndarray, whitener: Whitener, cross: np.ndarray, max_rank: int | None = None
+) -> Spectrum:
+    """Error compensation (closed loop): the rank-k ``B_hat`` minimising ``||X_o B - X_c B_hat||``.
+
+    With ``H_c = X_c^T X_c = L L^T`` and ``C = X_c^T X_o``, expanding the objective gives
+    ``||L^T B_hat - L^{-1} C B||_F^2 + const``, so ``L^T B_hat = trunc_k(L^{-1} C B)`` and
+    ``B_hat = L^{-T} U_k diag(s_k) V_k^T`` from the SVD of ``L^{-1} C B``. When the two
+    activations agree, ``C = H_c`` and ``L^{-1} C B = L^T B``: plain whitening.
+    """
+    return _spectrum(whitener.solve(cross @ np.asarray(b, dtype=np.float64)), whitener, max_rank)

@@ -33,6 +33,12 @@ class Whitener:
             return self.factor.T @ b
         return self.scale[:, None] * (self.factor.T @ b)
 
+    def solve(self, y: np.ndarray) -> np.ndarray:
+        """``L^{-1} Y``."""
+        if self.kind == "cholesky":
+            return scipy.linalg.solve_triangular(self.factor, y, lower=True, check_finite=False)
+        return (self.factor.T @ y) / self.scale[:, None]
+
     def solve_t(self, y: np.ndarray) -> np.ndarray:
         """``L^{-T} Y``."""
         if self.kind == "cholesky":

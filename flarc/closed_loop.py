@@ -1,0 +1,110 @@
+"""Closed-loop factorization: each target's statistics come from the model as it will run.
+
+Ranks are chosen first (on the open-loop analysis); then targets are refactorized level by
+level (:func:`flarc.calib.twin.target_levels`), each level's statistics taken from the twin
+graph in which every upstream target already carries its rank-k product, so later layers
+correct for earlier errors instead of inheriting them. With ``compensate`` each target
+reproduces the *original* layer's output from the compressed activations
+(:func:`flarc.rewrite.spectrum.compensated_svd`); the cross-statistic is shrunk like the Gram
+(same intensity, same target ``mu I``), so identical activations give plain whitening exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from flarc.analysis import Analysis, AnalysisOptions, TargetAnalysis
+from flarc.calib.data import Feed
+from flarc.calib.moments import Moments
+from flarc.calib.shrinkage import shrink
+from flarc.calib.statistics import FIELDS, StatisticsSession, StatPlan
+from flarc.calib.twin import target_levels, twin_model, twin_name, weight_input
+from flarc.progress import NoProgress, Progress
+from flarc.rewrite.ranks import RankChoice
+from flarc.rewrite.spectrum import compensated_svd, whitened_svd
+from flarc.rewrite.whiten import whitener
+from flarc.targets import Target, constant_tensors, stored_weight, weight_matrix
+
+log = logging.getLogger(__name__)
+
+
+def refactor_target(
+    target: Target,
+    weight,
+    moments: Moments,
+    options: AnalysisOptions,
+    compensate: bool,
+) -> TargetAnalysis:
+    """Shrink, whiten and take the (compensated) SVD of one target from closed-loop moments."""
+    shrunk = shrink(moments, options.shrinkage, options.centered, options.shrinkage_lambda)
+    w, fell_back = whitener(shrunk.covariance, options.whiten, target.name)
+    b = weight_matrix(target, weight)
+    max_rank = None if options.full_rank else math.ceil(target.k_equiv)
+    if compensate:
+        lam, n_rows = shrunk.lam, moments.count
+        cross = (1.0 - lam) * moments.cross / n_rows
+        cross[np.diag_indices_from(cross)] += lam * shrunk.mu
+        spectrum = compensated_svd(b, w, cross, max_rank)
+    else:
+        spectrum = whitened_svd(b, w, max_rank)
+    kind = "eig (fallback)" if fell_back else w.kind
+    return TargetAnalysis(target, spectrum, shrunk.lam, kind, moments.count)
+
+
+def level_plans(model: onnx.ModelProto, level: list[Target], compensate: bool) -> list[StatPlan]:
+    plans: dict[str, StatPlan] = {}
+    for t in level:
+        if t.stat_key in plans:
+            continue
+        plans[t.stat_key] = StatPlan(
+            key=t.stat_key,
+            input=twin_name(model, t.input),
+            n=t.n,
+            conv=t.conv,
+            channels=t.weight_shape[1] if t.conv is not None else 0,
+            partner=t.input if compensate else None,
+        )
+    for i, plan in enumerate(plans.values()):
+        plan.outputs = {f: f"flarc_stats/cl{i}/{f}" for f in (*FIELDS, "cross")}
+    return list(plans.values())
+
+
+def closed_loop_entries(
+    model: onnx.ModelProto,
+    analysis: Analysis,
+    ranks: dict[str, RankChoice],
+    feeds: list[Feed],
+    compensate: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, TargetAnalysis]:
+    """Closed-loop spectra of every factorized target (others keep their open-loop entry)."""
+    progress = progress or NoProgress()
+    chosen = [t for t in analysis.targets if ranks[t.name].rank is not None]
+    entries = dict(analysis.entries)
+    if not chosen:
+        return entries
+    consts = constant_tensors(model)
+    twin = twin_model(model, chosen)
+    weights = {weight_input(t.weight): numpy_helper.to_array(consts[t.weight]) for t in chosen}
+    options = analysis.options
+    levels = target_levels(model, chosen)
+    for i, level in enumerate(progress.track(levels, total=len(levels), description="closed loop")):
+        plans = level_plans(model, level, compensate)
+        session = StatisticsSession(
+            twin, [], {**feeds[0], **weights}, options.mask_input, options.precision, plans=plans
+        )
+        try:
+            stats = session.collect(({**f, **weights} for f in feeds), description=f"level {i}")
+        finally:
+            session.close()
+        for t in level:
+            entry = refactor_target(t, consts[t.weight], stats[t.stat_key], options, compensate)
+            entries[t.name] = entry
+            a, c = entry.spectrum.factors(ranks[t.name].rank)
+            weights[weight_input(t.weight)] = stored_weight(t, a @ c)
+    return entries
