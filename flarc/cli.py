@@ -556,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo)
 
+    from flarc.export import cli as export_cli
     from flarc.latency import cli as latency_cli
 
     latency_cli.register(sub)
@@ -563,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="engines (.ort, TensorRT) and rank buckets")
     export_sub = export.add_subparsers(dest="export_command", required=True)
     latency_cli.register_export(export_sub)
+    export_cli.register_buckets(export_sub)
+    export_cli.register(sub)
     return parser
 
 
