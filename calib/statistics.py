@@ -20,6 +20,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from flarc.calib.checkpoint import Checkpointer, feeds_digest
 from flarc.calib.data import Feed
 from flarc.calib.moments import Moments
 from flarc.errors import DataError
@@ -275,13 +276,37 @@ class StatisticsSession:
         feeds: Iterable[Feed],
         progress: Progress | None = None,
         description: str = "calibrating",
+        checkpoint: Checkpointer | None = None,
     ) -> dict[str, Moments]:
+        """Sum the moments of ``feeds`` in batch order.
+
+        With ``checkpoint``, the running sums are saved every ``checkpoint.every`` batches and,
+        when resuming, the saved sums are the starting point and the loop continues at the next
+        batch: the order of additions is unchanged, so the result is bit-identical.
+        """
         progress = progress or NoProgress()
         feeds = list(feeds) if not isinstance(feeds, list) else feeds
         totals = {p.key: Moments.zeros(p.n) for p in self.plans}
-        for feed in progress.track(feeds, total=len(feeds), description=description):
+        start = 0
+        if checkpoint is not None:
+            checkpoint.identity = {
+                **checkpoint.identity,
+                "plans": [[p.key, p.input, p.n, p.masked, p.partner] for p in self.plans],
+                "feeds": feeds_digest(feeds),
+                "batches": len(feeds),
+            }
+            checkpoint.clean_stale()
+            saved = checkpoint.load({p.key: p.n for p in self.plans})
+            if saved is not None:
+                start, totals = saved
+        todo = feeds[start:]
+        for i, feed in enumerate(
+            progress.track(todo, total=len(todo), description=description), start + 1
+        ):
             for key, moments in self.run(feed).items():
                 totals[key].add(moments)
+            if checkpoint is not None and checkpoint.due(i, len(feeds)):
+                checkpoint.save(i, len(feeds), totals)
         for p in self.plans:
             if totals[p.key].count == 0:
                 raise DataError(f"tensor '{p.input}': no unmasked rows in the calibration data")

@@ -1,0 +1,271 @@
+"""Interrupted runs resume bit for bit; the same inputs give byte-identical outputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from flarc.analysis_file import load_analysis
+from flarc.calib.checkpoint import CRASH_ENV, FILE_NAME
+from flarc.cli import main
+
+from _models import Mlp3d, export
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Wide(nn.Module):
+    """Three wide layers: enough work per batch that a kill lands mid-run."""
+
+    def __init__(self, d: int = 96, layers: int = 3) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wide")
+    torch.manual_seed(0)
+    model = export(Wide(), (torch.randn(4, 8, 96),), folder / "w.onnx", ["x"], {"x": {0: "b"}})
+    rng = np.random.default_rng(0)
+    # 200 batches of 4: 150 calibration batches, 50 held out.
+    np.savez(folder / "c.npz", x=rng.standard_normal((800, 8, 96)).astype(np.float32))
+    return model, folder / "c.npz"
+
+
+def analyze_args(model: Path, calib: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "analyze",
+        str(model),
+        "-o",
+        str(out),
+        "--calib",
+        str(calib),
+        "--batch-size",
+        "4",
+        *extra,
+    ]
+
+
+def spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flarc.cli", *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def manifest(folder: Path) -> dict:
+    with np.load(folder / FILE_NAME, allow_pickle=False) as data:
+        return json.loads(str(data["manifest"]))
+
+
+def assert_same_statistics(a_path: Path, b_path: Path) -> None:
+    a, b = load_analysis(a_path), load_analysis(b_path)
+    assert list(a.stats) == list(b.stats)
+    for attr in ("stats", "heldout_stats"):
+        for key, ma in getattr(a, attr).items():
+            mb = getattr(b, attr)[key]
+            assert ma.count == mb.count
+            assert ma.sum4 == mb.sum4
+            for field in ("gram", "sum1", "sum2x"):
+                # Bit for bit, not approximately.
+                assert getattr(ma, field).tobytes() == getattr(mb, field).tobytes(), (key, field)
+    for name, ea in a.entries.items():
+        assert ea.spectrum.sigma.tobytes() == b.entries[name].spectrum.sigma.tobytes()
+
+
+@pytest.fixture(scope="module")
+def reference(wide, tmp_path_factory):
+    model, calib = wide
+    out = tmp_path_factory.mktemp("ref") / "ref.analysis"
+    assert main(analyze_args(model, calib, out)) == 0
+    return out
+
+
+def kill_after_checkpoint(args: list[str], ckpt: Path, after_batch: int) -> int:
+    """Start the CLI, SIGKILL it as soon as a checkpoint past ``after_batch`` is on disk."""
+    proc = spawn(args)
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (ckpt / FILE_NAME).exists() and manifest(ckpt)["batches_done"] > after_batch:
+                break
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(30)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done = manifest(ckpt)["batches_done"]
+    assert after_batch < done < manifest(ckpt)["batches_total"]
+    return done
+
+
+def test_kill9_then_resume_is_bit_identical(wide, reference, tmp_path):
+    model, calib = wide
+    ckpt = tmp_path / "ckpt"
+    out = tmp_path / "resumed.analysis"
+    args = analyze_args(model, calib, out, "--checkpoint", str(ckpt), "--checkpoint-every", "1")
+    first = kill_after_checkpoint(args, ckpt, 0)
+    # Killed again while resuming: the second run continues from the first one's checkpoint.
+    second = kill_after_checkpoint([*args, "--resume"], ckpt, first)
+    assert second > first
+    assert not out.exists()
+    assert main([*args, "--resume"]) == 0
+    assert manifest(ckpt)["batches_done"] == manifest(ckpt)["batches_total"] == 150
+    assert_same_statistics(reference, out)
+    assert not list(ckpt.glob(".*.tmp"))
+
+
+def test_crash_inside_checkpoint_write_keeps_the_old_one(wide, reference, tmp_path, capsys):
+    model, calib = wide
+    ckpt = tmp_path / "ckpt"
+    out = tmp_path / "resumed.analysis"
+    args = analyze_args(model, calib, out, "--checkpoint", str(ckpt), "--checkpoint-every", "5")
+    # The third write dies after its temporary file is complete, before the rename.
+    proc = spawn(args, {CRASH_ENV: "3"})
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 77, err.decode()
+    assert manifest(ckpt)["batches_done"] == 10  # the second write, intact
+    stale = list(ckpt.glob(".*.tmp"))
+    assert len(stale) == 1 and stale[0].stat().st_size > 0
+    assert not out.exists()
+    assert main([*args, "--resume"]) == 0, capsys.readouterr().err
+    assert_same_statistics(reference, out)
+    assert not list(ckpt.glob(".*.tmp"))
+
+
+def test_crash_in_first_checkpoint_write_starts_over(wide, reference, tmp_path, capsys):
+    model, calib = wide
+    ckpt = tmp_path / "ckpt"
+    out = tmp_path / "resumed.analysis"
+    args = analyze_args(model, calib, out, "--checkpoint", str(ckpt), "--checkpoint-every", "50")
+    proc = spawn(args, {CRASH_ENV: "1"})
+    proc.communicate(timeout=120)
+    assert proc.returncode == 77
+    assert not (ckpt / FILE_NAME).exists()  # the half-made one was never renamed into place
+    assert main([*args, "--resume"]) == 0, capsys.readouterr().err
+    assert_same_statistics(reference, out)
+
+
+def one_error(capsys, argv: list[str], *expect: str) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code != 0, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flarc: error:"), err
+    for word in expect:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def test_checkpoint_of_another_model_options_or_data_is_refused(wide, tmp_path, capsys):
+    model, calib = wide
+    ckpt = tmp_path / "ckpt"
+    out = tmp_path / "a.analysis"
+    base = ["--checkpoint", str(ckpt), "--checkpoint-every", "40"]
+    assert main(analyze_args(model, calib, out, *base)) == 0
+    before = sha(ckpt / FILE_NAME)
+    resume = [*base, "--resume"]
+    # Another model (a different seed, same shapes).
+    torch.manual_seed(1)
+    other = export(Wide(), (torch.randn(4, 8, 96),), tmp_path / "o.onnx", ["x"], {"x": {0: "b"}})
+    one_error(capsys, analyze_args(other, calib, out, *resume), FILE_NAME, "model")
+    # Other statistics options.
+    one_error(
+        capsys,
+        analyze_args(model, calib, out, *resume, "--stats-precision", "float32"),
+        "precision",
+    )
+    # Other calibration data, and the same data in another order of batches.
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "c2.npz", x=rng.standard_normal((800, 8, 96)).astype(np.float32))
+    one_error(capsys, analyze_args(model, tmp_path / "c2.npz", out, *resume), "feeds")
+    one_error(capsys, analyze_args(model, calib, out, *resume, "--batch-size", "8"), "feeds")
+    assert sha(ckpt / FILE_NAME) == before  # a refused resume never touches the checkpoint
+    # A checkpoint whose arrays were changed after it was written fails its checksum.
+    with np.load(ckpt / FILE_NAME, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["s0/gram"] = arrays["s0/gram"] + 1.0
+    with open(ckpt / FILE_NAME, "wb") as fh:
+        np.savez(fh, **arrays)
+    one_error(capsys, analyze_args(model, calib, out, *resume), "checksum")
+    # --resume without a folder.
+    one_error(capsys, analyze_args(model, calib, out, "--resume"), "--checkpoint")
+
+
+def test_completed_checkpoint_resumes_without_running(wide, reference, tmp_path):
+    model, calib = wide
+    ckpt = tmp_path / "ckpt"
+    args = analyze_args(model, calib, tmp_path / "a.analysis", "--checkpoint", str(ckpt))
+    assert main(args) == 0
+    assert manifest(ckpt)["batches_done"] == 150  # written after the last batch, too
+    args[3] = str(tmp_path / "b.analysis")
+    assert main([*args, "--resume"]) == 0
+    assert_same_statistics(reference, tmp_path / "b.analysis")
+
+
+# -- determinism ---------------------------------------------------------------------------
+
+# Report fields that legitimately differ between two runs: wall-clock and where files went.
+VOLATILE = {"output", "latency", "report", "plot"}
+
+
+def stable_report(path: Path) -> dict:
+    report = json.loads(path.read_text())
+    for key in ("output",):
+        report.pop(key, None)
+    report["options"] = {k: v for k, v in report["options"].items() if k not in VOLATILE}
+    return report
+
+
+@pytest.mark.parametrize(
+    "extra", [["--ratio", "0.5"], ["--search", "bisect", "--criterion", "output"]]
+)
+def test_same_inputs_give_byte_identical_outputs(tmp_path, extra):
+    torch.manual_seed(0)
+    model = export(Mlp3d(), (torch.randn(2, 5, 24),), tmp_path / "m.onnx", ["x"], {"x": {0: "b"}})
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((48, 5, 24)).astype(np.float32))
+    before = sha(model)
+    outputs = []
+    for run, hash_seed in (("a", "1"), ("b", "2")):
+        out, report = tmp_path / f"{run}.onnx", tmp_path / f"{run}.json"
+        argv = ["compress", str(model), "-o", str(out), "--calib", str(tmp_path / "c.npz")]
+        argv += ["--align", "4", *extra, "--report", str(report)]
+        # Separate processes with different string hashing: set/dict-order accidents show up.
+        proc = subprocess.run(
+            [sys.executable, "-m", "flarc.cli", *argv],
+            cwd=REPO,
+            env={**os.environ, "PYTHONHASHSEED": hash_seed},
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr
+        outputs.append((sha(out), stable_report(report)))
+    assert outputs[0][0] == outputs[1][0], "the output model differs between two identical runs"
+    assert outputs[0][1] == outputs[1][1], "the report differs between two identical runs"
+    assert sha(model) == before
