@@ -1,0 +1,227 @@
+"""Progressive decoding: exactness at full rank, the KV cache carried across bucket switches,
+schedules, sampling, the CLI, the TensorRT error, and measured weight sharing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from flarc.calib.data import CalibrationSet
+from flarc.errors import BackendError, FlarcError
+from flarc.export.buckets import build_buckets
+from flarc.export.cli import register
+from flarc.export.hf import export_hf
+from flarc.export.runtime import Generator, KVCache
+from flarc.export.schedule import entropy, entropy_budget, parse_schedule
+from flarc.modelio import load_model
+from flarc.targets import find_targets
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+PROMPT = [5, 17, 42, 99, 3, 64, 7]
+
+
+def _qwen(path, hidden, inter, vocab, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+    )
+    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
+
+
+def _tokens(vocab, count=2, batch=4, seq=24):
+    rng = np.random.default_rng(1)
+    return [
+        {
+            "input_ids": rng.integers(0, vocab, (batch, seq)).astype(np.int64),
+            "attention_mask": np.ones((batch, seq), np.int64),
+            "position_ids": np.tile(np.arange(seq, dtype=np.int64), (batch, 1)),
+        }
+        for _ in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    _qwen(root / "hf", 64, 128, 256)
+    export_hf(root / "hf", root / "lm.onnx", check=False)
+    model = load_model(root / "lm.onnx")
+    build_buckets(
+        model,
+        find_targets(model),
+        CalibrationSet(_tokens(256), [], "test"),
+        [1.0, 0.8, 0.6, 0.4],
+        root / "lm.buckets",
+    )
+    return {"root": root, "gen": Generator.from_buckets(root / "lm.buckets")}
+
+
+def test_full_rank_bucket_generates_exactly_what_the_original_does(lm):
+    original = Generator.from_onnx(lm["root"] / "lm.onnx").generate(PROMPT, 24)
+    full = lm["gen"].generate(PROMPT, 24, "static:1.0")
+    assert full.tokens == original.tokens
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(str(lm["root"] / "hf")).eval()
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False, pad_token_id=0
+        )
+    assert out[0, len(PROMPT) :].tolist() == original.tokens
+    smaller = lm["gen"].generate(PROMPT, 24, "static:0.4")
+    assert smaller.tokens != original.tokens  # the small bucket really is a different model
+
+
+def _prefill(gen, budget, ids):
+    """Logits of the last position when ``budget`` runs ``ids`` from an empty cache."""
+    cache = KVCache(gen.layout)
+    return gen.step(budget, np.asarray(ids), cache)[-1], cache
+
+
+def test_incremental_decoding_equals_a_prefill_from_scratch(lm):
+    gen = lm["gen"]
+    run = gen.generate(PROMPT, 10, "static:0.6", keep_logits=True)
+    for t in (0, 4, 9):
+        want, _ = _prefill(gen, 0.6, PROMPT + run.tokens[:t])
+        np.testing.assert_allclose(run.logits[t], want, atol=1e-4)
+
+
+def test_switching_buckets_carries_the_cache(lm):
+    """After a switch at step S, bucket 0.6 continues from the cache bucket 1.0 built: the logits
+    equal bucket 1.0 run from scratch over the prefix, then bucket 0.6 over the new tokens."""
+    gen, switch = lm["gen"], 5
+    run = gen.generate(PROMPT, 12, f"steps:1.0@0,0.6@{switch}", keep_logits=True)
+    assert run.budgets == [1.0] * switch + [0.6] * (12 - switch)
+    _, cache = _prefill(gen, 1.0, PROMPT + run.tokens[: switch - 1])
+    for t in range(switch, 12):
+        logits = gen.step(0.6, np.asarray([run.tokens[t - 1]]), cache)[-1]
+        np.testing.assert_allclose(run.logits[t], logits, atol=1e-4)
+    # Before the switch it is bucket 1.0 alone.
+    want, _ = _prefill(gen, 1.0, PROMPT + run.tokens[: switch - 1])
+    np.testing.assert_allclose(run.logits[switch - 1], want, atol=1e-4)
+    # The carried cache is the large bucket's: not the same as the small bucket from scratch.
+    scratch, _ = _prefill(gen, 0.6, PROMPT + run.tokens[:switch])
+    assert np.abs(run.logits[switch] - scratch).max() > 1e-3
+
+
+def test_schedule_parsing_and_rules():
+    budgets = [1.0, 0.8, 0.6, 0.4]
+    steps = parse_schedule("steps:1.0@0,0.8@32,0.6@96", budgets)
+    assert [steps.budget(t, None) for t in (0, 31, 32, 95, 96, 500)] == [
+        1.0, 1.0, 0.8, 0.8, 0.6, 0.6,
+    ]  # fmt: skip
+    assert parse_schedule("static:0.8", budgets).budget(7, None) == 0.8
+    for bad, why in [
+        ("steps:0.6@0,0.8@32", "non-increasing"),
+        ("steps:1.0@4,0.8@32", "start at step 0"),
+        ("steps:1.0@0,0.8@32,0.6@16", "must increase"),
+        ("static:0.7", "no bucket with budget 0.7"),
+        ("entropy:3:1", "LOW < HIGH"),
+        ("linear:1", "unknown kind"),
+        ("steps:1.0", "BUDGET@STEP"),
+    ]:
+        with pytest.raises(FlarcError, match=why) as info:
+            parse_schedule(bad, budgets)
+        assert "\n" not in str(info.value)
+    rule = parse_schedule("entropy:1:3", budgets)
+    assert rule.budget(0, None) == 1.0
+    assert [entropy_budget(h, 1, 3, tuple(budgets)) for h in (0.5, 1.5, 2.0, 2.9, 3.5)] == [
+        0.4, 0.6, 0.8, 1.0, 1.0,
+    ]  # fmt: skip
+    z = np.array([2.0, 1.0, 0.0, -1.0])
+    p = np.exp(z) / np.exp(z).sum()
+    assert entropy(z) == pytest.approx(-(p * np.log(p)).sum())
+
+
+def test_entropy_schedule_follows_the_rule(lm):
+    gen = lm["gen"]
+    probe = gen.generate(PROMPT, 12, "static:1.0", keep_logits=True)
+    low, high = float(np.min(probe.entropies)), float(np.max(probe.entropies))
+    run = gen.generate(PROMPT, 12, f"entropy:{low}:{high}", keep_logits=True)
+    assert run.budgets[0] == 1.0
+    for t in range(1, 12):
+        assert run.budgets[t] == entropy_budget(run.entropies[t - 1], low, high, tuple(gen.budgets))
+    assert len(set(run.budgets)) > 1
+
+
+def test_sampling_is_seeded_and_top_p_narrows(lm):
+    gen = lm["gen"]
+    a = gen.generate(PROMPT, 8, "static:0.8", sample=True, temperature=0.9, top_p=0.95, seed=3)
+    b = gen.generate(PROMPT, 8, "static:0.8", sample=True, temperature=0.9, top_p=0.95, seed=3)
+    assert a.tokens == b.tokens
+    greedy = gen.generate(PROMPT, 8, "static:0.8")
+    narrow = gen.generate(PROMPT, 8, "static:0.8", sample=True, top_p=1e-6, seed=5)
+    assert narrow.tokens == greedy.tokens
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="flarc")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_cli_generate(lm, capsys):
+    folder = str(lm["root"] / "lm.buckets")
+    args = _parser().parse_args(
+        ["generate", folder, "--prompt-ids", "5,17,42", "--max-new-tokens", "6", "--json",
+         "--schedule", "steps:1.0@0,0.4@3"]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["budgets"] == [1.0, 1.0, 1.0, 0.4, 0.4, 0.4] and len(out["tokens"]) == 6
+    args = _parser().parse_args(
+        ["generate", folder, "--prompt-ids", "5,17", "--schedule", "steps:0.4@0,1.0@2"]
+    )
+    with pytest.raises(FlarcError, match="non-increasing"):
+        args.func(args)
+    args = _parser().parse_args(["generate", folder, "--prompt-ids", "5", "--backend", "tensorrt"])
+    with pytest.raises(BackendError, match="tensorrt") as info:
+        args.func(args)
+    assert "\n" not in str(info.value)
+
+
+MEMORY_SCRIPT = """
+import json, sys
+from flarc.export.runtime import weight_memory_report
+print(json.dumps(weight_memory_report(sys.argv[1], share_weights=sys.argv[2] == "1")))
+"""
+
+
+def test_bucket_sessions_share_weight_memory(tmp_path):
+    """RSS growth of four bucket sessions (each run once) vs the largest bucket's weights; a
+    model big enough (about 130 MB of weights) that per-session overhead (about 2 MB) is small."""
+    _qwen(tmp_path / "hf", 512, 1024, 24576)
+    export_hf(tmp_path / "hf", tmp_path / "m.onnx", check=False)
+    model = load_model(tmp_path / "m.onnx")
+    targets = find_targets(model)
+    build_buckets(
+        model,
+        targets,
+        CalibrationSet(_tokens(24576, count=1, batch=2, seq=16), [], "test"),
+        [1.0, 0.8, 0.6, 0.4],
+        tmp_path / "m.buckets",
+        alpha={t.name: 1.0 for t in targets.targets},  # allocation is not what is measured here
+    )
+    reports = {}
+    for share in ("1", "0"):
+        proc = subprocess.run(
+            [sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path / "m.buckets"), share],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        reports[share] = json.loads(proc.stdout.strip().splitlines()[-1])
+    shared, private = reports["1"], reports["0"]
+    print("shared", shared, "private", private)
+    assert shared["ratio"] <= 1.1
+    assert private["rss_delta_bytes"] > 1.5 * shared["rss_delta_bytes"]  # copies would show
