@@ -586,6 +586,15 @@ def main(argv: list[str] | None = None) -> int:
         # Option values and file-system failures are user-facing too: one line, non-zero exit.
         print(f"flarc: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        # onnxruntime refusing the model (no kernel for an op or dtype, a custom domain, shapes
+        # that do not fit) is bad input, not a flarc bug: one line naming the model.
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        where = getattr(args, "model", None)
+        prefix = f"{where}: " if where else ""
+        print(f"flarc: error: {prefix}onnxruntime: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("flarc: interrupted", file=sys.stderr)
         return 130

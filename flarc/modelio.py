@@ -22,6 +22,10 @@ MIN_OPSET = 13
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # A tensor that claims more elements than this is treated as hostile, whatever its data says.
 MAX_TENSOR_ELEMENTS = 1 << 34
+# A declared input/output/intermediate shape with more elements than this (8 GiB of float32 for
+# one batch) cannot be calibrated on; refusing it up front beats an out-of-memory kill later
+# (random --synthetic inputs are allocated from the declared shapes).
+MAX_ACTIVATION_ELEMENTS = 1 << 31
 
 
 def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
@@ -102,6 +106,23 @@ def check_inline_sizes(model: onnx.ModelProto, model_path: Path) -> None:
             )
 
 
+def check_declared_shapes(model: onnx.ModelProto, model_path: Path) -> None:
+    """Graph inputs, outputs and value_info whose fixed dims are negative or absurdly large."""
+    graph = model.graph
+    for vi in [*graph.input, *graph.output, *graph.value_info]:
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim if d.HasField("dim_value")]
+        where = f"{model_path}: tensor '{vi.name}'"
+        if any(d < 0 for d in dims):
+            raise ModelError(f"{where}: negative dimension in declared shape {dims}")
+        count = float(np.prod(dims, dtype=np.float64)) if dims else 1.0
+        if count > MAX_ACTIVATION_ELEMENTS:
+            raise ModelError(
+                f"{where}: absurd declared shape {dims} ({count:.3g} elements); refused"
+            )
+
+
 def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
     """Load and check an ONNX model; raise ModelError with the path on anything wrong."""
     path = Path(path)
@@ -119,6 +140,7 @@ def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx
         raise ModelError(f"{path}: not an ONNX model (no graph or no nodes)")
     check_inline_sizes(model, path)
     check_external_data(model, path.parent, path)
+    check_declared_shapes(model, path)
     opset = model_opset(model)
     if opset < MIN_OPSET:
         raise ModelError(
@@ -126,7 +148,12 @@ def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx
             "convert it with onnx.version_converter first"
         )
     try:
-        onnx.checker.check_model(model)
+        # The in-memory proto has no folder: external data files would be looked up in the
+        # current directory. Checking the file finds them beside the model (checked above).
+        if uses_external_data(model):
+            onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(model)
     except Exception as exc:
         raise ModelError(f"{path}: invalid ONNX model: {exc}") from None
     if load_external_data and uses_external_data(model):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from flarc.analysis import Analysis, AnalysisOptions, TargetAnalysis
 from flarc.calib.data import CalibrationSet, Feed
@@ -80,6 +81,15 @@ def analyze(
     progress = progress or NoProgress()
     if not targets.targets:
         raise ModelError("no targets to analyse")
+    weights = constant_tensors(model)
+    for t in targets.targets:
+        # NaN/Inf in a weight would surface much later as "SVD did not converge"; name it now.
+        bad = int((~np.isfinite(numpy_helper.to_array(weights[t.weight]))).sum())
+        if bad:
+            raise ModelError(
+                f"tensor '{t.weight}' (weight of node '{t.name}') has {bad} NaN or Inf values"
+            )
+    del weights
     checkpointer = None
     if checkpoint is not None:
         from flarc.calib.checkpoint import Checkpointer
@@ -299,6 +309,9 @@ def compress(
         entries = closed_loop_entries(model, analysis, ranks, closed_loop, compensate, progress)
         analysis = dataclasses.replace(analysis, entries=entries)
     factors = chosen_factors(analysis, ranks)
+    for name, (a, c) in factors.items():
+        if not (np.isfinite(a).all() and np.isfinite(c).all()):
+            raise ModelError(f"node '{name}': factors are not finite (degenerate statistics)")
     new_model = factorize(model, analysis.targets, factors)
     try:
         onnx.checker.check_model(new_model)
@@ -307,7 +320,7 @@ def compress(
     guard = output_guard(model, new_model, analysis, factors)
     dtypes = {t.dtype for t in analysis.targets}
     tolerance = max(GUARD_TOLERANCE.get(d, 1e-3) for d in dtypes)
-    if guard > tolerance:
+    if not guard <= tolerance:  # NaN included
         message = (
             f"output guard: the rewritten model differs from its own dense equivalent by {guard:.2e} "
             f"(tolerance {tolerance:.0e}), a sign of a rewrite bug, not of compression"

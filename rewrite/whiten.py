@@ -57,7 +57,12 @@ def cholesky_whitener(h: np.ndarray) -> Whitener | None:
 
 def eig_whitener(h: np.ndarray) -> Whitener:
     e, q = np.linalg.eigh((h + h.T) / 2)
-    floor = max(float(e.max()), 1e-300) * EIG_FLOOR
+    if not float(e.max()) > 0:
+        # No energy at all (an input that is zero on every calibration row): any L would be
+        # arbitrary and a floor of ~1e-300 makes L^{-T} overflow, so whiten with the identity
+        # (plain SVD of the weight).
+        return Whitener("eig", np.eye(len(e)), np.ones(len(e)))
+    floor = float(e.max()) * EIG_FLOOR
     return Whitener("eig", q, np.sqrt(np.maximum(e, floor)))
 
 
