@@ -118,9 +118,10 @@ def add_analysis_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--whiten",
-        choices=("cholesky", "eig"),
+        choices=("cholesky", "eig", "diag", "none"),
         default="cholesky",
-        help="whitening factor (cholesky; falls back to eig with a warning)",
+        help="whitening factor: cholesky (default; falls back to eig with a warning), eig; baselines: "
+        "diag (ASVD-style per-channel RMS scaling), none (plain SVD of the weight)",
     )
     g.add_argument(
         "--stats-precision",

@@ -3,6 +3,9 @@
 Cholesky is the default: ``L`` lower triangular, ``L^{-T} Y`` by a triangular solve and never
 an explicit inverse. When Cholesky fails (a numerically indefinite ``H``), the eigen variant
 ``L = Q diag(sqrt(e))`` with clamped eigenvalues is used, and the caller is told.
+
+Two baselines share the interface: ``diag`` (ASVD-style activation scaling, ``L = diag(sqrt(H_ii))``,
+the input channels' RMS) and ``none`` (``L = I``: plain SVD of the weight, no data).
 """
 
 from __future__ import annotations
@@ -24,20 +27,26 @@ class Whitener:
     """``L`` with ``L L^T = H``; ``kind`` is 'cholesky' (triangular L) or 'eig' (L = Q sqrt(E))."""
 
     kind: str
-    factor: np.ndarray  # cholesky: L (lower); eig: Q
-    scale: np.ndarray | None = None  # eig: sqrt(E)
+    factor: np.ndarray | None  # cholesky: L (lower); eig: Q; diag and none: None (Q = I)
+    scale: np.ndarray | None = None  # eig: sqrt(E); diag: sqrt(H_ii); none: ones
+
+    def _qt(self, y: np.ndarray) -> np.ndarray:
+        return y if self.factor is None else self.factor.T @ y
+
+    def _q(self, y: np.ndarray) -> np.ndarray:
+        return y if self.factor is None else self.factor @ y
 
     def apply_t(self, b: np.ndarray) -> np.ndarray:
         """``L^T B``."""
         if self.kind == "cholesky":
             return self.factor.T @ b
-        return self.scale[:, None] * (self.factor.T @ b)
+        return self.scale[:, None] * self._qt(b)
 
     def solve(self, y: np.ndarray) -> np.ndarray:
         """``L^{-1} Y``."""
         if self.kind == "cholesky":
             return scipy.linalg.solve_triangular(self.factor, y, lower=True, check_finite=False)
-        return (self.factor.T @ y) / self.scale[:, None]
+        return self._qt(y) / self.scale[:, None]
 
     def solve_t(self, y: np.ndarray) -> np.ndarray:
         """``L^{-T} Y``."""
@@ -45,7 +54,7 @@ class Whitener:
             return scipy.linalg.solve_triangular(
                 self.factor, y, trans="T", lower=True, check_finite=False
             )
-        return self.factor @ (y / self.scale[:, None])
+        return self._q(y / self.scale[:, None])
 
 
 def cholesky_whitener(h: np.ndarray) -> Whitener | None:
@@ -70,8 +79,13 @@ def whitener(h: np.ndarray, method: str = "cholesky", name: str = "") -> tuple[W
     """A whitening factor of ``h`` by ``method``; the flag says Cholesky failed and eig was used."""
     if method == "eig":
         return eig_whitener(h), False
+    if method == "diag":
+        d = np.sqrt(np.maximum(np.diag(h), max(float(np.diag(h).max()), 1e-300) * EIG_FLOOR))
+        return Whitener("diag", None, d), False
+    if method == "none":
+        return Whitener("none", None, np.ones(h.shape[0])), False
     if method != "cholesky":
-        raise ValueError(f"unknown whitening '{method}' (choose cholesky or eig)")
+        raise ValueError(f"unknown whitening '{method}' (choose cholesky, eig, diag or none)")
     w = cholesky_whitener(h)
     if w is not None:
         return w, False

@@ -184,3 +184,22 @@ def test_full_rank_of_transformers_both_exporters(tmp_path):
                 assert any("shared" in s.reason for s in targets.skipped)
             feeds = [token_batch(rng, 3, 9, pad_from=5) for _ in range(2)]
             assert full_rank_compare(model, feeds) < 5e-5, (cls.__name__, dynamo)
+
+
+def test_baseline_whitenings_are_their_definitions():
+    """diag scales rows by the channel RMS; none is the plain SVD of the weight."""
+    from flarc.rewrite.spectrum import whitened_svd
+    from flarc.rewrite.whiten import whitener
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((300, 9)) * np.arange(1, 10)
+    b = rng.standard_normal((9, 6))
+    h = x.T @ x
+    plain = whitened_svd(b, whitener(h, "none")[0])
+    np.testing.assert_allclose(plain.sigma, np.linalg.svd(b, compute_uv=False))
+    diag = whitened_svd(b, whitener(h, "diag")[0])
+    d = np.sqrt(np.diag(h))
+    np.testing.assert_allclose(diag.sigma, np.linalg.svd(d[:, None] * b, compute_uv=False))
+    for s in (plain, diag):
+        a, c = s.factors(6)
+        np.testing.assert_allclose(a @ c, b, atol=1e-10)
