@@ -109,6 +109,18 @@ def check_inline_sizes(model: onnx.ModelProto, model_path: Path) -> None:
 def check_declared_shapes(model: onnx.ModelProto, model_path: Path) -> None:
     """Graph inputs, outputs and value_info whose fixed dims are negative or absurdly large."""
     graph = model.graph
+    inits = {t.name for t in graph.initializer}
+    for vi in graph.input:
+        if vi.name in inits or not vi.type.HasField("tensor_type"):
+            continue
+        elem = vi.type.tensor_type.elem_type
+        try:
+            onnx.helper.tensor_dtype_to_np_dtype(elem)
+        except (KeyError, TypeError, ValueError):
+            # Inputs are fed from numpy arrays: a type with no numpy equivalent cannot be fed.
+            raise ModelError(
+                f"{model_path}: input '{vi.name}' has unsupported element type {elem}"
+            ) from None
     for vi in [*graph.input, *graph.output, *graph.value_info]:
         if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
             continue
