@@ -214,16 +214,18 @@ class CompressResult:
     guard: float = 0.0  # relative difference to the dense equivalent (rounding)
 
     def predicted_speedup(self, latency, timing: dict) -> float:
-        """End-to-end speedup the latency model expects: the measured original time minus what
-        the factorized targets save by prediction."""
+        """End-to-end speedup the latency model expects: the targets' predicted times, plus the
+        rest of the measured original time (what no target accounts for) on both sides."""
         by_name = {t.name: t for t in self.targets}
-        saved = sum(
-            latency.t_dense(by_name[name]) - latency.t_pair(by_name[name], c.rank)
+        dense = sum(latency.t_dense(t) for t in self.targets)
+        new = sum(
+            latency.t_dense(by_name[name])
+            if c.rank is None
+            else latency.t_pair(by_name[name], c.rank)
             for name, c in self.ranks.items()
-            if c.rank is not None
         )
-        t0 = timing["original"]["median"]
-        return t0 / max(t0 - saved, 1e-12)
+        rest = max(timing["original"]["median"] - dense, 0.0)
+        return (rest + dense) / max(rest + new, 1e-12)
 
 
 def count_params(model: onnx.ModelProto) -> int:

@@ -213,3 +213,16 @@ def test_unwritable_output_folder(tmp_path, mlp, capsys):
             ["compress", str(mlp), "-o", str(ro / "o.onnx"), "--synthetic", "2"],
             "not writable",
         )
+
+
+def test_compress_with_latency_reports_speedups(tmp_path, mlp, capsys, monkeypatch):
+    monkeypatch.setenv("FLARC_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "small.onnx"
+    argv = ["compress", str(mlp), "-o", str(out), "--calib", str(tmp_path / "calib.npz"), "--ratio", "0.5", "--align", "4"]
+    assert main([*argv, "--latency", "ort-cpu", "--report", str(tmp_path / "r.json")]) == 0, capsys.readouterr().err
+    timing = json.loads((tmp_path / "r.json").read_text())["latency"]
+    assert timing["backend"] == "ort-cpu"
+    assert timing["speedup"] > 0 and timing["predicted_speedup"] > 0
+    assert timing["original"]["median"] > 0 and timing["compressed"]["median"] > 0
+    profiled = json.loads((tmp_path / "r.json").read_text())["targets"]
+    assert all(r["rank"] is None or r["rank"] < r["k_equiv"] for r in profiled)

