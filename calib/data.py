@@ -141,8 +141,24 @@ def tokenize(
         if "position_ids" in wanted and "attention_mask" in enc:
             mask = np.asarray(enc["attention_mask"], dtype=np.int64)
             feed["position_ids"] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        feeds.append(feed)
+        feeds.append({**feed, **empty_past(specs, feed["input_ids"].shape[0])})
     return feeds
+
+
+def is_past(spec: InputSpec) -> bool:
+    """A KV-cache input (optimum layout ``past_key_values.{i}.key|value``)."""
+    return "past" in spec.name.lower() and len(spec.shape) == 4
+
+
+def empty_past(specs: list[InputSpec], batch: int) -> Feed:
+    """Empty KV caches (past length 0): calibration then sees a plain prefill."""
+    out = {}
+    for s in specs:
+        if is_past(s):
+            dims = [batch, *(d if isinstance(d, int) and d > 0 else 0 for d in s.shape[1:])]
+            dims[2] = 0
+            out[s.name] = np.zeros(dims, dtype=s.dtype)
+    return out
 
 
 def synthetic_feeds(
@@ -200,7 +216,7 @@ def check_feed(feed: Feed, specs: list[InputSpec], where: str) -> Feed:
                 raise DataError(
                     f"{where}: tensor '{name}' has shape {list(arr.shape)}; axis {axis} must be {want}"
                 )
-        if arr.size == 0:
+        if arr.size == 0 and not is_past(spec):
             raise DataError(f"{where}: tensor '{name}' is empty (shape {list(arr.shape)})")
         if arr.dtype != spec.dtype:
             same_kind = (
