@@ -163,16 +163,7 @@ def build_statistics_model(
             g = plan.conv
             xf = b.node("Cast", [x], "as_float", to=TensorProto.FLOAT)
             kernel = b.const(one_hot_kernel(plan.channels, g.kernel_shape), "patch_kernel")
-            attrs = {
-                "kernel_shape": list(g.kernel_shape),
-                "strides": list(g.strides),
-                "dilations": list(g.dilations),
-            }
-            if g.auto_pad not in ("NOTSET", ""):
-                attrs["auto_pad"] = g.auto_pad
-            else:
-                attrs["pads"] = list(g.pads)
-            patches = b.node("Conv", [xf, kernel], "patches", **attrs)
+            patches = b.node("Conv", [xf, kernel], "patches", **g.onnx_attrs())
             nd = len(g.kernel_shape)
             x = b.node("Transpose", [patches], "patches_last", perm=[0, *range(2, nd + 2), 1])
         rows = b.node("Reshape", [x, rows_shape[plan.n]], "rows")

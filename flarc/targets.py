@@ -24,6 +24,19 @@ class ConvGeometry:
     dilations: tuple[int, ...]
     auto_pad: str = "NOTSET"
 
+    def onnx_attrs(self) -> dict:
+        """The Conv attributes that reproduce this geometry (pads, or auto_pad when set)."""
+        attrs = {
+            "kernel_shape": list(self.kernel_shape),
+            "strides": list(self.strides),
+            "dilations": list(self.dilations),
+        }
+        if self.auto_pad not in ("NOTSET", ""):
+            attrs["auto_pad"] = self.auto_pad
+        else:
+            attrs["pads"] = list(self.pads)
+        return attrs
+
     @property
     def key(self) -> str:
         return (

@@ -49,15 +49,7 @@ def _rewrite_conv(graph: gs.Graph, node: gs.Node, t: Target, a: np.ndarray, c: n
     k = a.shape[1]
     x = node.inputs[0]
     mid = gs.Variable(f"{t.name}/lowrank_mid", dtype=x.dtype)
-    attrs = {
-        "kernel_shape": list(g.kernel_shape),
-        "strides": list(g.strides),
-        "dilations": list(g.dilations),
-    }
-    if g.auto_pad not in ("NOTSET", ""):
-        attrs["auto_pad"] = g.auto_pad
-    else:
-        attrs["pads"] = list(g.pads)
+    attrs = g.onnx_attrs()
     a_kernel = a.T.reshape(k, *t.weight_shape[1:])
     first = gs.Node(
         "Conv",

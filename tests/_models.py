@@ -173,3 +173,11 @@ def token_batch(
         mask[-1, pad_from:] = 0
         ids[-1, pad_from:] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def im2col_rows(x: np.ndarray, conv) -> np.ndarray:
+    """Rows of im2col patches in the weight's (c, kh, kw) order, float64 (torch's unfold)."""
+    cols = torch.nn.functional.unfold(
+        torch.from_numpy(x).double(), conv.kernel_shape, conv.dilations, conv.pads[:2], conv.strides
+    )
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1]).numpy()

@@ -14,7 +14,16 @@ from flarc.rewrite.ranks import RankChoice
 from flarc.rewrite.surgery import factorize
 from flarc.targets import constant_tensors, find_targets, weight_matrix
 
-from _models import Mlp2d, Mlp3d, SmallCnn, TinyDecoder, TinyEncoder, export, token_batch
+from _models import (
+    Mlp2d,
+    Mlp3d,
+    SmallCnn,
+    TinyDecoder,
+    TinyEncoder,
+    export,
+    im2col_rows,
+    token_batch,
+)
 
 
 def run(model: onnx.ModelProto, feed: dict, outputs: list[str] | None = None) -> list[np.ndarray]:
@@ -131,20 +140,7 @@ def test_whitened_error_identity_against_forward_pass(tmp_path, case):
     checked = 0
     for i, t in enumerate(targets.targets):
         if t.conv is not None:
-            x = torch.cat(
-                [
-                    torch.nn.functional.unfold(
-                        torch.from_numpy(a[i]).double(),
-                        t.conv.kernel_shape,
-                        t.conv.dilations,
-                        t.conv.pads[:2],
-                        t.conv.strides,
-                    )
-                    .transpose(1, 2)
-                    .reshape(-1, t.n)
-                    for a in acts
-                ]
-            ).numpy()
+            x = np.concatenate([im2col_rows(a[i], t.conv) for a in acts])
         else:
             x = np.concatenate([a[i].reshape(-1, t.n) for a in acts]).astype(np.float64)
         b = weight_matrix(t, consts[t.weight])

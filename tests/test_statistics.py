@@ -13,7 +13,7 @@ from flarc.calib.shrinkage import ledoit_wolf_lambda, shrink
 from flarc.calib.statistics import collect_statistics
 from flarc.targets import find_targets
 
-from _models import SmallCnn, TinyEncoder, export, token_batch
+from _models import SmallCnn, TinyEncoder, export, im2col_rows, token_batch
 from test_factorize import run, with_outputs
 
 
@@ -32,21 +32,7 @@ def test_conv_statistics_are_im2col_moments(tmp_path, precision):
         for f in feeds
     ]
     for i, t in enumerate(targets):
-        rows = np.concatenate(
-            [
-                torch.nn.functional.unfold(
-                    torch.from_numpy(a[i]).double(),
-                    t.conv.kernel_shape,
-                    t.conv.dilations,
-                    t.conv.pads[:2],
-                    t.conv.strides,
-                )
-                .transpose(1, 2)
-                .reshape(-1, t.n)
-                .numpy()
-                for a in acts
-            ]
-        )
+        rows = np.concatenate([im2col_rows(a[i], t.conv) for a in acts])
         ref = Moments.from_rows(rows)
         got = stats[t.stat_key]
         tol = 1e-12 if precision == "float64" else 1e-5
