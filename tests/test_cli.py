@@ -226,3 +226,35 @@ def test_compress_with_latency_reports_speedups(tmp_path, mlp, capsys, monkeypat
     assert timing["original"]["median"] > 0 and timing["compressed"]["median"] > 0
     profiled = json.loads((tmp_path / "r.json").read_text())["targets"]
     assert all(r["rank"] is None or r["rank"] < r["k_equiv"] for r in profiled)
+
+
+def test_data_loader_script_and_calibration_data_reader(tmp_path, mlp):
+    """A polygraphy-style loader script and an onnxruntime CalibrationDataReader give the same feeds."""
+    from flarc.calib.data import load_calibration, model_inputs
+
+    script = tmp_path / "loader.py"
+    script.write_text(
+        "import numpy as np\n"
+        "def load_data():\n"
+        "    rng = np.random.default_rng(0)\n"
+        "    for _ in range(4):\n"
+        "        yield {'x': rng.standard_normal((2, 5, 24)).astype(np.float32)}\n"
+    )
+    specs = model_inputs(onnx.load(str(mlp)))
+    from_script = load_calibration(f"{script}:load_data", specs, holdout=0.25)
+
+    class Reader:  # the onnxruntime.quantization.CalibrationDataReader protocol
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.feeds = iter([{"x": rng.standard_normal((2, 5, 24)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    from_reader = load_calibration(Reader(), specs, holdout=0.25)
+    assert len(from_script.calibration) == len(from_reader.calibration) == 3
+    assert len(from_script.heldout) == 1
+    for a, b in zip(from_script.calibration + from_script.heldout, from_reader.calibration + from_reader.heldout, strict=True):
+        np.testing.assert_array_equal(a["x"], b["x"])
+    code = main(["compress", str(mlp), "-o", str(tmp_path / "o.onnx"), "--calib", f"{script}:load_data"])
+    assert code == 0
