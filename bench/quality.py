@@ -125,6 +125,9 @@ METHODS = {
     "flarc global": (dict(), lambda b: RankOptions(allocate="global", budget=b), False, False),
     "global + closed loop": (dict(), lambda b: RankOptions(allocate="global", budget=b), True, False),
     "global + compensation": (dict(), lambda b: RankOptions(allocate="global", budget=b), True, True),
+    # The robustness knob: a fixed shrinkage intensity instead of Ledoit-Wolf's estimate.
+    "global, lambda 0.05": (dict(shrinkage_lambda=0.05), lambda b: RankOptions(allocate="global", budget=b), False, False),
+    "compensation, lambda 0.05": (dict(shrinkage_lambda=0.05), lambda b: RankOptions(allocate="global", budget=b), True, True),
 }
 
 
@@ -132,6 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model", choices=("minilm", "vit"))
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--tag", default="", help="suffix of the result files")
     args = parser.parse_args()
     path, data, evaluate, metric = (minilm_setup if args.model == "minilm" else vit_setup)()
     model = load_model(path)
@@ -156,7 +160,7 @@ def main() -> None:
             rows.append({"method": method, "budget": budget, "kept": kept, "seconds": seconds, **scores})
             print(f"{method:24s} budget {budget:.1f} kept {kept:.3f} {scores} {seconds:.1f}s", flush=True)
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"quality_{args.model}"
+    out = RESULTS / f"quality_{args.model}{args.tag}"
     out.with_suffix(".json").write_text(json.dumps({"metric": metric, "rows": rows}, indent=2) + "\n")
     write_markdown(rows, metric, out.with_suffix(".md"))
     plot(rows, metric, out.with_suffix(".png"))
