@@ -125,6 +125,8 @@ METHODS = {
     "flarc global": (dict(), lambda b: RankOptions(allocate="global", budget=b), False, False),
     "global + closed loop": (dict(), lambda b: RankOptions(allocate="global", budget=b), True, False),
     "global + compensation": (dict(), lambda b: RankOptions(allocate="global", budget=b), True, True),
+    "global, output-weighted": (dict(), lambda b: RankOptions(allocate="global", budget=b, output_weighted=True), False, False),
+    "output-weighted + compensation": (dict(), lambda b: RankOptions(allocate="global", budget=b, output_weighted=True), True, True),
     # The robustness knob: a fixed shrinkage intensity instead of Ledoit-Wolf's estimate.
     "global, lambda 0.05": (dict(shrinkage_lambda=0.05), lambda b: RankOptions(allocate="global", budget=b), False, False),
     "compensation, lambda 0.05": (dict(shrinkage_lambda=0.05), lambda b: RankOptions(allocate="global", budget=b), True, True),

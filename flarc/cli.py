@@ -275,6 +275,7 @@ def rank_options(args, model, analysis):
         allocate=args.allocate,
         budget=args.budget,
         fisher_weighted=args.fisher_weighted,
+        output_weighted=args.output_weighted,
         max_lat_recov=args.max_lat_recov,
         latency_budget=args.latency_budget,
         output_batches=args.output_batches,
@@ -444,6 +445,13 @@ def add_rank_args(p: argparse.ArgumentParser) -> None:
         "--fisher-weighted",
         action="store_true",
         help="global: weight each target's error by its Fisher importance",
+    )
+    g.add_argument(
+        "--output-weighted",
+        action="store_true",
+        help="global: weight each target's whitened error by its measured end-output sensitivity "
+        "(output error over whitened error with only that target at the uniform rank; one "
+        "onnxruntime session, one evaluation per target)",
     )
     add_fisher_loss_arg(g)
     g = p.add_argument_group("latency")

@@ -41,6 +41,9 @@ class RankOptions:
     allocate: str | None = None  # fisher | global
     budget: float | None = None  # fraction of the targets' parameters kept
     fisher_weighted: bool = False  # global: weight each target's error by its Fisher alpha
+    output_weighted: bool = (
+        False  # global: weight each target's error by its measured output sensitivity
+    )
     latency: Any = None  # a flarc.latency.model.LatencyModel
     max_lat_recov: float = 1.0
     latency_budget: float | None = None  # global: fraction of the targets' dense time
@@ -139,6 +142,29 @@ def rescale_to_budget(
     }
 
 
+def output_sensitivity(
+    analysis: Analysis, model, feeds: list[Feed], budget: float, opts: RankOptions
+) -> dict[str, float]:
+    """How much end-output error one unit of a target's whitened error causes: the output error
+    with only that target at the uniform rank of ``budget``, over its whitened error there
+    (one probe evaluation per target, all in one onnxruntime session)."""
+    probe = _output_probe(model, analysis, feeds, opts)
+    try:
+        out = {}
+        for t in analysis.targets:
+            grid = rank_grid(t, opts.align)
+            if not grid:
+                out[t.name] = 1.0
+                continue
+            k = ratio_rank(t, budget, opts.align).rank or grid[-1]
+            spectrum = analysis.entries[t.name].spectrum
+            a, c = spectrum.factors(k)
+            out[t.name] = probe.error({t.name: a @ c}) / max(spectrum.error(k), 1e-30)
+        return out
+    finally:
+        probe.close()
+
+
 def choose_ranks(
     analysis: Analysis, opts: RankOptions, model=None, feeds: list[Feed] | None = None
 ) -> dict[str, RankChoice]:
@@ -157,6 +183,12 @@ def choose_ranks(
                 raise ValueError("--fisher-weighted needs Fisher importances")
             total = sum(analysis.fisher.values()) or 1.0
             weights = {k: v / total for k, v in analysis.fisher.items()}
+        if opts.output_weighted:
+            if model is None or not feeds:
+                raise ValueError("--output-weighted needs the model and calibration batches")
+            budget = opts.budget if opts.budget is not None else (opts.ratio or 0.8)
+            sensitivity = output_sensitivity(analysis, model, feeds, budget, opts)
+            weights = {k: sensitivity[k] * (weights or {}).get(k, 1.0) for k in sensitivity}
         spectra = {t.name: analysis.entries[t.name].spectrum for t in targets}
         if opts.latency_budget is not None:
             lat = opts.latency

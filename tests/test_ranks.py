@@ -191,3 +191,24 @@ def test_output_criterion_auto_threshold_lands_on_budget(encoder, tmp_path):
     spent = sum(t.params if ranks[t.name].rank is None else t.rank_params(ranks[t.name].rank) for t in analysis.targets)
     assert spent <= 0.6 * total
     assert spent > 0.45 * total
+
+
+def test_output_weighted_global_meets_budget_and_follows_sensitivity(encoder):
+    _, model, analysis = encoder
+    from flarc.policy import output_sensitivity
+
+    opts = RankOptions(allocate="global", budget=0.6, align=4, output_weighted=True, output_batches=1)
+    ranks = choose_ranks(analysis, opts, model, analysis.probe_feeds)
+    total = sum(t.params for t in analysis.targets)
+    spent = sum(t.params if ranks[t.name].rank is None else t.rank_params(ranks[t.name].rank) for t in analysis.targets)
+    assert spent <= 0.6 * total
+    sens = output_sensitivity(analysis, model, analysis.probe_feeds, 0.6, opts)
+    assert all(v > 0 and np.isfinite(v) for v in sens.values())
+    # The weights are what global minimises: the weighted error is no worse than unweighted global's.
+    spectra = {t.name: analysis.entries[t.name].spectrum for t in analysis.targets}
+    plain = global_ranks(analysis.targets, spectra, 0.6, 4)
+
+    def weighted(choice):
+        return sum(sens[t.name] * (spectra[t.name].error(choice[t.name].rank) if choice[t.name].rank else 0.0) for t in analysis.targets)
+
+    assert weighted(ranks) <= weighted(plain) + 1e-12
