@@ -104,7 +104,12 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     summary = export_hf(
-        args.model_dir, args.output, check=not args.no_check, external_data=args.external_data
+        args.model_dir,
+        args.output,
+        check=not args.no_check,
+        # No flag: None, i.e. external data exactly when the model is large (a >2 GB model
+        # cannot be written as one protobuf); False here used to force it inline.
+        external_data=True if args.external_data else None,
     )
     err = summary.get("max_abs_logits_error")
     check = f", max |logits - torch| {err:.2e}" if err is not None else ""

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 
 from flarc.calib.data import Feed
-from flarc.modelio import prepare_for_save
+from flarc.modelio import session_model_bytes_or_path
 
 log = logging.getLogger(__name__)
 
@@ -80,27 +82,35 @@ def compare_models(
 
         SimpleCompareFunc = CompareFunc.simple
 
-    def model_bytes(m: onnx.ModelProto | str) -> bytes | str:
+    def model_source(m: onnx.ModelProto | str, workdir: Path) -> bytes | str:
         if isinstance(m, str):
             return m
-        prepare_for_save(m)
-        return m.SerializeToString()
+        # Bytes, or a file with external data for a model over protobuf's 2 GB limit.
+        workdir.mkdir()
+        return session_model_bytes_or_path(m, workdir)
 
-    runners = [
-        OnnxrtRunner(
-            SessionFromOnnx(model_bytes(reference), providers=["CPUExecutionProvider"]),
-            name="original",
-        ),
-        OnnxrtRunner(
-            SessionFromOnnx(model_bytes(candidate), providers=["CPUExecutionProvider"]),
-            name="compressed",
-        ),
-    ]
-    with _quiet_polygraphy():
-        results = Comparator.run(runners, data_loader=feeds)
-        verdicts = Comparator.compare_accuracy(
-            results, compare_func=SimpleCompareFunc(rtol=rtol, atol=atol, check_shapes=True)
-        )
+    with tempfile.TemporaryDirectory(prefix="flarc-compare-") as tmp:
+        runners = [
+            OnnxrtRunner(
+                SessionFromOnnx(
+                    model_source(reference, Path(tmp) / "reference"),
+                    providers=["CPUExecutionProvider"],
+                ),
+                name="original",
+            ),
+            OnnxrtRunner(
+                SessionFromOnnx(
+                    model_source(candidate, Path(tmp) / "candidate"),
+                    providers=["CPUExecutionProvider"],
+                ),
+                name="compressed",
+            ),
+        ]
+        with _quiet_polygraphy():
+            results = Comparator.run(runners, data_loader=feeds)
+            verdicts = Comparator.compare_accuracy(
+                results, compare_func=SimpleCompareFunc(rtol=rtol, atol=atol, check_shapes=True)
+            )
     (_, ref_iters), (_, out_iters) = results[0], results[1]
     passed: dict[str, bool] = {}
     # polygraphy 0.53 returns a list of AccuracyResult (one per compare function); older ones a dict.

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from flarc.calib.shrinkage import shrink
 from flarc.calib.statistics import StatisticsSession
 from flarc.compare import OutputComparison, compare_models
 from flarc.errors import ModelError
-from flarc.modelio import session_bytes
+from flarc.modelio import session_model_bytes_or_path
 from flarc.policy import RankOptions, choose_ranks
 from flarc.progress import NoProgress, Progress
 from flarc.rewrite.output_error import OutputErrorProbe
@@ -281,12 +282,16 @@ def output_guard(
         expected = probe.outputs({name: a @ c for name, (a, c) in factors.items()})
     finally:
         probe.close()
-    sess = ort.InferenceSession(session_bytes(new_model), providers=["CPUExecutionProvider"])
     num = den = 0.0
-    for feed, ys in zip(feeds, expected, strict=True):
-        for y, y_ref in zip(sess.run(probe.outputs_names, feed), ys, strict=True):
-            num += float(np.sum((y.astype(np.float64) - y_ref) ** 2))
-            den += float(np.sum(y_ref.astype(np.float64) ** 2))
+    # A model over protobuf's 2 GB limit cannot be serialised to bytes: hand it over as a file.
+    with tempfile.TemporaryDirectory(prefix="flarc-guard-") as tmp:
+        source = session_model_bytes_or_path(new_model, Path(tmp))
+        sess = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+        for feed, ys in zip(feeds, expected, strict=True):
+            for y, y_ref in zip(sess.run(probe.outputs_names, feed), ys, strict=True):
+                num += float(np.sum((y.astype(np.float64) - y_ref) ** 2))
+                den += float(np.sum(y_ref.astype(np.float64) ** 2))
+        del sess
     return math.sqrt(num / den) if den > 0 else 0.0
 
 

@@ -1,0 +1,487 @@
+"""Held-out perplexity of Qwen2.5-Coder-0.5B-Instruct against the baselines (not CI).
+
+Same calibration data, same held-out data and same targets (every Linear projection of the
+decoder layers; ``find_targets(model, exclude="lm_head")``) for every method of
+bench/quality.py's METHODS table. Perplexity is computed with onnxruntime on the ONNX model
+(``flarc export-hf``, KV-cache layout) with an empty KV cache: prefill of 256-token windows,
+next-token NLL over every real token.
+
+Text: ``pydoc_data.topics`` (all topics in key order, tokenized once). Calibration = the first
+``--calib-seqs`` x ``--seq-len`` tokens; the analysis' comparison batch comes from the 40-45%
+mark; the in-domain held-out windows from the last 25%; out-of-domain = the licence texts in
+/usr/share/common-licenses. Nothing evaluated is ever calibrated on.
+
+Setup (see /work/shared/MODELS.md): the HF folder under ~/.cache/flarc/qwen2.5-0.5b/hf, then
+``flarc export-hf ~/.cache/flarc/qwen2.5-0.5b/hf -o ~/.cache/flarc/qwen2.5-0.5b.onnx``.
+
+    python bench/quality_lm.py --methods "SVD-LLM" "flarc global" --budgets 0.8
+    python bench/quality_lm.py --report          # only rebuild the tables from finished rows
+
+The calibration statistics are collected once (``analyze`` with the default options) and
+cached on disk; every other analysis setting of the table (plain SVD, ASVD, SVD-LLM's
+unshrunk Cholesky, FLRC's Fisher importances) is derived from the same statistics with
+``flarc.pipeline.analyze_target``, which is what ``analyze`` does after collecting them.
+Every finished (method, budget) row is written at once to the work folder, so a crash or a
+partial run loses nothing; rows already there are skipped.
+
+Writes bench/results/quality_qwen.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CACHE = Path.home() / ".cache" / "flarc"
+HF = CACHE / "qwen2.5-0.5b" / "hf"
+ONNX = CACHE / "qwen2.5-0.5b.onnx"
+WORK = CACHE / "qwen2.5-0.5b" / "quality"
+RESULTS = Path(__file__).resolve().parent / "results"
+BUDGETS = (0.8,)
+
+
+def rss_gb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1e6
+    return float("nan")
+
+
+def peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} rss {rss_gb():.1f} GB peak {peak_gb():.1f} GB] {msg}",
+          flush=True)  # fmt: skip
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+# ---------------------------------------------------------------- data
+
+
+def tokenizer():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(HF))
+
+
+def pydoc_ids(tok) -> np.ndarray:
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    return np.asarray(tok(text)["input_ids"], dtype=np.int64)
+
+
+def license_ids(tok) -> np.ndarray:
+    text = ""
+    for name in ("GPL-3", "Apache-2.0", "LGPL-3", "MPL-2.0", "Artistic"):
+        p = Path("/usr/share/common-licenses") / name
+        if p.exists():
+            text += p.read_text(errors="replace") + "\n\n"
+    return np.asarray(tok(text)["input_ids"], dtype=np.int64)
+
+
+def windows(ids: np.ndarray, start: int, count: int, length: int, stop: int | None = None):
+    """``count`` windows of ``length`` tokens, evenly spread over ``ids[start:stop]``."""
+    stop = len(ids) if stop is None else stop
+    span = stop - start - length
+    if span < 0 or count < 1:
+        raise SystemExit(f"not enough tokens for {count} windows of {length}")
+    starts = np.linspace(start, start + span, count).astype(int) if count > 1 else [start]
+    return np.stack([ids[s : s + length] for s in starts])
+
+
+def feeds_of(seqs: np.ndarray, batch: int, layout) -> list[dict[str, np.ndarray]]:
+    from flarc.export.hf import empty_cache
+
+    out = []
+    for i in range(0, len(seqs), batch):
+        ids = seqs[i : i + batch]
+        b, s = ids.shape
+        out.append(
+            {
+                "input_ids": ids,
+                "attention_mask": np.ones((b, s), dtype=np.int64),
+                "position_ids": np.tile(np.arange(s, dtype=np.int64), (b, 1)),
+                **empty_cache(layout, b),
+            }
+        )
+    return out
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+def perplexity(session, feeds: list[dict[str, np.ndarray]]) -> float:
+    """exp(mean next-token NLL) over every predicted position of every window."""
+    nll, count = 0.0, 0
+    for feed in feeds:
+        (logits,) = session.run(["logits"], feed)
+        ids = feed["input_ids"]
+        pred = logits[:, :-1].astype(np.float64)
+        pred -= pred.max(axis=-1, keepdims=True)
+        logz = np.log(np.exp(pred).sum(axis=-1))
+        picked = np.take_along_axis(pred, ids[:, 1:, None], axis=-1)[..., 0]
+        nll += float((logz - picked).sum())
+        count += picked.size
+        del logits, pred
+    return math.exp(nll / count)
+
+
+def evaluate_path(path: Path, evals: dict[str, list], threads: int) -> dict[str, float]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    out = {label: perplexity(session, feeds) for label, feeds in evals.items()}
+    del session
+    gc.collect()
+    return out
+
+
+def evaluate_model(model, evals: dict[str, list], threads: int) -> dict[str, float]:
+    from flarc.modelio import save_model
+
+    tmp = WORK / "eval"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_model(model, tmp / "model.onnx", external_data=True)
+        return evaluate_path(tmp / "model.onnx", evals, threads)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- analyses
+
+
+def stats_cache() -> Path:
+    return WORK / "stats"
+
+
+def collect_base(model, targets, data, chunks: int) -> dict:
+    """Calibration statistics, collected in ``chunks`` groups of layers and dumped to disk.
+
+    ``analyze`` collects every target's Gram in one onnxruntime pass: on this model that is
+    5 GB of float64 Grams returned per batch plus 5 GB accumulated, 17.7 GB RSS with the
+    model, so the same StatisticsSession runs here on a few layers at a time instead.
+    """
+    from flarc.calib.statistics import StatisticsSession
+
+    meta_path = stats_cache() / "meta.json"
+    if meta_path.is_file():
+        return json.loads(meta_path.read_text())
+    t0 = time.perf_counter()
+    tmp = stats_cache().with_name("stats.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    layer = re.compile(r"layers\.(\d+)[./]")
+
+    def layer_of(t) -> int:
+        m = layer.search(t.name)
+        return int(m.group(1)) if m else -1
+
+    layers = sorted({layer_of(t) for t in targets.targets})
+    per = math.ceil(len(layers) / chunks)
+    keys: list[str] = []
+    mask_input = None
+    for c in range(0, len(layers), per):
+        chunk = set(layers[c : c + per])
+        group = [t for t in targets.targets if layer_of(t) in chunk]
+        session = StatisticsSession(model, group, data.calibration[0], None, "float64")
+        try:
+            stats = session.collect(data.calibration)
+            if any(p.masked for p in session.plans):
+                mask_input = session.mask_input
+        finally:
+            session.close()
+        for key, moments in stats.items():
+            np.savez(tmp / f"{len(keys)}.npz", **moments.to_arrays(""))
+            keys.append(key)
+        del stats
+        gc.collect()
+        log(f"statistics of layers {min(chunk)}-{max(chunk)}: {time.perf_counter() - t0:.1f}s")
+    seconds = time.perf_counter() - t0
+    meta = {"keys": keys, "mask_input": mask_input, "analyze_s": seconds}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    shutil.rmtree(stats_cache(), ignore_errors=True)
+    os.replace(tmp, stats_cache())
+    return meta
+
+
+def load_stat(meta: dict, key: str):
+    from flarc.calib.moments import Moments
+
+    j = meta["keys"].index(key)
+    with np.load(stats_cache() / f"{j}.npz") as z:
+        return Moments.from_arrays({k: z[k] for k in z.files}, "")
+
+
+def fisher_alpha(model, targets, calib, mask_input, dtype: str) -> dict:
+    """FLRC importances (loss 'lm'), cached: ONNX-graph gradients in ``dtype``."""
+    from flarc.calib.fisher import fisher_importance
+
+    path = WORK / f"fisher_{dtype}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    t0 = time.perf_counter()
+    res = fisher_importance(model, targets.targets, calib, "lm", mask_input, 0, None, dtype)
+    out = {
+        "alpha": res.alpha,
+        "description": res.description,
+        "seconds": time.perf_counter() - t0,
+        "dtype": dtype,
+    }
+    path.write_text(json.dumps(out))
+    log(f"Fisher ({dtype}): {out['seconds']:.1f}s")
+    return out
+
+
+def derive_analysis(model, targets, meta, a_opts: dict, heldout, probe, fisher=None):
+    """``analyze``'s result for ``a_opts`` from the cached statistics."""
+    from flarc.analysis import Analysis, AnalysisOptions
+    from flarc.pipeline import analyze_target
+    from flarc.targets import constant_tensors
+
+    opts = AnalysisOptions(**{k: v for k, v in a_opts.items() if k != "fisher"})
+    if a_opts.get("fisher"):
+        opts = dataclasses.replace(opts, fisher="lm")
+    consts = constant_tensors(model)
+    entries = {}
+    cache: dict[str, object] = {}
+    for t in targets.targets:
+        if t.stat_key not in cache:
+            cache.clear()  # targets sharing an input are adjacent
+            cache[t.stat_key] = load_stat(meta, t.stat_key)
+        entries[t.name] = analyze_target(t, consts[t.weight], cache[t.stat_key], opts)
+    return Analysis(
+        "",
+        opts,
+        targets.targets,
+        targets.skipped,
+        {},
+        {},
+        entries,
+        fisher=fisher["alpha"] if fisher else None,
+        fisher_loss=fisher["description"] if fisher else None,
+        mask_input=meta["mask_input"],
+        heldout_feeds=heldout,
+        probe_feeds=probe,
+        heldout_is_calibration=False,
+    )
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> int:
+    from quality import METHODS
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", nargs="*", default=[m for m in METHODS if "lambda" not in m])
+    ap.add_argument("--budgets", type=float, nargs="*", default=list(BUDGETS))
+    ap.add_argument("--calib-seqs", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=4, help="sequences per calibration batch")
+    ap.add_argument("--eval-windows", type=int, default=16, help="held-out windows per domain")
+    ap.add_argument("--eval-len", type=int, default=256)
+    ap.add_argument("--closed-loop-batches", type=int, default=None,
+                    help="calibration batches the closed loop runs on (default: all)")  # fmt: skip
+    ap.add_argument("--fisher-dtype", default="float32", choices=("float32", "float64"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stat-chunks", type=int, default=4, help="layer groups for statistics")
+    ap.add_argument("--report", action="store_true", help="only write the tables")
+    args = ap.parse_args()
+    (WORK / "rows").mkdir(parents=True, exist_ok=True)
+    if args.report:
+        return write_report()
+
+    from flarc.calib.data import CalibrationSet
+    from flarc.export.hf import layout_from_onnx
+    from flarc.modelio import load_model
+    from flarc.pipeline import compress
+    from flarc.targets import find_targets
+
+    if not ONNX.is_file():
+        raise SystemExit(f"{ONNX}: run flarc export-hf {HF} -o {ONNX} first")
+    tok = tokenizer()
+    ids = pydoc_ids(tok)
+    ood_ids = license_ids(tok)
+    n_calib = args.calib_seqs * args.seq_len
+    held_start = int(len(ids) * 0.75)
+    if n_calib > int(len(ids) * 0.4):
+        raise SystemExit("calibration would run into the held-out parts")
+    log(f"pydoc_data.topics: {len(ids)} tokens; licences: {len(ood_ids)} tokens")
+    t0 = time.perf_counter()
+    model = load_model(ONNX)
+    log(f"load_model: {time.perf_counter() - t0:.1f}s")
+    layout = layout_from_onnx(model)
+    targets = find_targets(model, exclude="lm_head")
+    log(
+        f"{len(targets.targets)} targets, {sum(t.params for t in targets.targets) / 1e6:.1f}M params"
+    )
+    calib = feeds_of(ids[:n_calib].reshape(args.calib_seqs, args.seq_len), args.batch, layout)
+    a0 = int(len(ids) * 0.4)
+    compare = feeds_of(windows(ids, a0, 2, args.seq_len, int(len(ids) * 0.45)), 2, layout)
+    evals = {
+        "in_domain": feeds_of(
+            windows(ids, held_start, args.eval_windows, args.eval_len), 4, layout
+        ),
+        "out_of_domain": feeds_of(windows(ood_ids, 0, args.eval_windows, args.eval_len), 4, layout),
+    }
+    setup = {
+        "model": "Qwen2.5-Coder-0.5B-Instruct (GGUF dequantized to fp32)",
+        "targets": len(targets.targets),
+        "target_params": sum(t.params for t in targets.targets),
+        "calibration": f"{args.calib_seqs} x {args.seq_len} tokens, pydoc_data.topics[:{n_calib}]",
+        "in_domain": f"{args.eval_windows} x {args.eval_len} tokens from the last 25% of "
+        f"pydoc_data.topics ({len(ids)} tokens)",
+        "out_of_domain": f"{args.eval_windows} x {args.eval_len} tokens of "
+        "/usr/share/common-licenses (GPL-3, Apache-2.0, LGPL-3, MPL-2.0, Artistic)",
+    }
+    (WORK / "setup.json").write_text(json.dumps(setup, indent=1))
+
+    orig_path = WORK / "rows" / "original.json"
+    if not orig_path.is_file():
+        t0 = time.perf_counter()
+        scores = evaluate_path(ONNX, evals, args.threads)
+        row = {"method": "original", "budget": 1.0, "kept": 1.0, "seconds": 0.0, **scores,
+               "eval_s": time.perf_counter() - t0, "peak_rss_gb": peak_gb()}  # fmt: skip
+        orig_path.write_text(json.dumps(row, indent=1))
+        log(f"original {scores} eval {row['eval_s']:.1f}s")
+
+    meta = collect_base(
+        model, targets, CalibrationSet(calib, [], "pydoc_data.topics"), args.stat_chunks
+    )
+    # Group by analysis setting so only one set of spectra is in memory at a time.
+    groups: dict[str, list[str]] = {}
+    for m in args.methods:
+        groups.setdefault(json.dumps(METHODS[m][0], sort_keys=True), []).append(m)
+    for key, methods in groups.items():
+        todo = [
+            (m, b)
+            for m in methods
+            for b in args.budgets
+            if not (WORK / "rows" / f"{slug(m)}_{b:.2f}.json").is_file()
+        ]
+        if not todo:
+            continue
+        a_opts = json.loads(key)
+        fisher = None
+        t0 = time.perf_counter()
+        if a_opts.get("fisher"):
+            fisher = fisher_alpha(model, targets, calib, meta["mask_input"], args.fisher_dtype)
+        analysis = derive_analysis(model, targets, meta, a_opts, compare, calib[:4], fisher)
+        derive_s = time.perf_counter() - t0
+        log(f"analysis {key}: {derive_s:.1f}s")
+        # Time of the analysis this setting needs: statistics (shared) + its spectra (+ Fisher).
+        analysis_s = meta["analyze_s"] + derive_s + (fisher["seconds"] if fisher else 0.0)
+        for method, budget in todo:
+            _, r_opts, closed, comp = METHODS[method]
+            options = r_opts(budget)
+            if options.search == "bisect":
+                options = dataclasses.replace(options, output_batches=1)
+            loop = calib if args.closed_loop_batches is None else calib[: args.closed_loop_batches]
+            t1 = time.perf_counter()
+            try:
+                result = compress(
+                    model, analysis, options, closed_loop=loop if closed else None,
+                    compensate=comp,
+                )  # fmt: skip
+            except MemoryError as exc:
+                log(f"{method} {budget}: MemoryError {exc}")
+                continue
+            compress_s = time.perf_counter() - t1
+            log(f"{method} budget {budget}: compress {compress_s:.1f}s")
+            t2 = time.perf_counter()
+            scores = evaluate_model(result.model, evals, args.threads)
+            row = {
+                "method": method,
+                "budget": budget,
+                "kept": result.params_after / result.params_before,
+                "seconds": compress_s + analysis_s,
+                "compress_s": compress_s,
+                "analysis_s": analysis_s,
+                **scores,
+                "eval_s": time.perf_counter() - t2,
+                "model_params_after": result.model_params_after,
+                "logits_cosine": next(
+                    (c.cosine for c in result.comparison if c.name == "logits"), None
+                ),
+                "peak_rss_gb": peak_gb(),
+                "closed_loop_batches": len(loop) if closed else 0,
+            }
+            (WORK / "rows" / f"{slug(method)}_{budget:.2f}.json").write_text(
+                json.dumps(row, indent=1)
+            )
+            log(f"{method} budget {budget}: {scores}")
+            del result
+            gc.collect()
+        del analysis
+        gc.collect()
+    return write_report()
+
+
+def write_report() -> int:
+    rows = [json.loads(p.read_text()) for p in sorted((WORK / "rows").glob("*.json"))]
+    if not rows:
+        return 0
+    setup_path = WORK / "setup.json"
+    setup = json.loads(setup_path.read_text()) if setup_path.is_file() else {}
+    order = ["original", "plain SVD", "ASVD (diag)", "SVD-LLM", "FLAR-SVD", "FLRC (fisher)",
+             "flarc global", "global + closed loop", "global + compensation"]  # fmt: skip
+    rows.sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else 99,
+                             -r["budget"]))  # fmt: skip
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "quality_qwen"
+    from flarc.modelio import write_text_atomic
+
+    write_text_atomic(
+        out.with_suffix(".json"),
+        json.dumps({"metric": "perplexity", "setup": setup, "rows": rows}, indent=1) + "\n",
+    )
+    lines = [
+        "# Qwen2.5-Coder-0.5B-Instruct: held-out perplexity (onnxruntime CPU)",
+        "",
+        *(f"- {k}: {v}" for k, v in setup.items()),
+        "",
+        "| method | budget | cut | ppl in-domain | ppl out-of-domain | logits cos | "
+        "compress s | analysis s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cos = r.get("logits_cosine")
+        lines.append(
+            f"| {r['method']} | {r['budget']:.1f} | {1 - r['kept']:.1%} | {r['in_domain']:.3f} | "
+            f"{r['out_of_domain']:.3f} | {'' if cos is None else f'{cos:.4f}'} | "
+            f"{r.get('compress_s', 0):.1f} | {r.get('analysis_s', 0):.1f} |"
+        )
+    write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
