@@ -24,7 +24,7 @@ from flarc.calib.checkpoint import Checkpointer, feeds_digest
 from flarc.calib.data import Feed
 from flarc.calib.moments import Moments
 from flarc.errors import DataError
-from flarc.modelio import model_opset, session_model_bytes_or_path
+from flarc.modelio import fed_session, model_opset, split_large_initializers
 from flarc.progress import NoProgress, Progress
 from flarc.targets import ConvGeometry, Target
 
@@ -71,21 +71,26 @@ def plan_statistics(targets: list[Target]) -> list[StatPlan]:
 
 
 def intermediate_shapes(
-    model: onnx.ModelProto, names: list[str], feed: Feed, workdir: Path
+    model: onnx.ModelProto,
+    names: list[str],
+    feed: Feed,
+    workdir: Path | None = None,
+    originals: dict[str, onnx.TensorProto] | None = None,
 ) -> dict[str, tuple[int, ...]]:
-    """Shapes of intermediate tensors on one feed (one extra forward pass, for the mask decision)."""
+    """Shapes of intermediate tensors on one feed (one extra forward pass, for the mask decision).
+
+    ``model`` may hold stubs of large initializers (:func:`split_large_initializers`), their
+    tensors in ``originals``; ``workdir`` is no longer needed.
+    """
     graph_inputs = {i.name for i in model.graph.input}
     shapes = {n: tuple(feed[n].shape) for n in names if n in graph_inputs and n in feed}
     wanted = [n for n in names if n not in shapes]
     if not wanted:
         return shapes
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe, more = split_large_initializers(model)
     del probe.graph.output[:]
     probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in wanted)
-    sess = ort.InferenceSession(
-        session_model_bytes_or_path(probe, workdir), providers=["CPUExecutionProvider"]
-    )
+    sess = fed_session(probe, originals={**more, **(originals or {})})
     for name, value in zip(wanted, sess.run(wanted, feed), strict=True):
         shapes[name] = tuple(value.shape)
     return shapes
@@ -212,15 +217,19 @@ class StatisticsSession:
         precision: str = "float64",
         threads: int | None = None,
         plans: list[StatPlan] | None = None,
+        originals: dict[str, onnx.TensorProto] | None = None,
     ) -> None:
+        """``originals``: the tensors of stubs in ``model`` (:func:`split_large_initializers`)."""
         self.plans = plans if plans is not None else plan_statistics(targets)
         self.mask_input = find_mask_input(model, mask_input)
         self._tmp = tempfile.TemporaryDirectory(prefix="flarc-stats-")
-        workdir = Path(self._tmp.name)
+        # The statistics graph is built on a copy whose large weights are stubs, never copied.
+        model, more = split_large_initializers(model)
+        originals = {**more, **(originals or {})}
         if self.mask_input is not None and self.mask_input in sample_feed:
             mask_shape = tuple(sample_feed[self.mask_input].shape)
             candidates = [p.input for p in self.plans if p.conv is None]
-            shapes = intermediate_shapes(model, candidates, sample_feed, workdir)
+            shapes = intermediate_shapes(model, candidates, sample_feed, originals=originals)
             for p in self.plans:
                 shape = shapes.get(p.input)
                 p.masked = (
@@ -234,11 +243,8 @@ class StatisticsSession:
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(
-            session_model_bytes_or_path(stats_model, workdir),
-            opts,
-            providers=["CPUExecutionProvider"],
-        )
+        self.session = fed_session(stats_model, opts, originals)
+        del stats_model, model
         self.output_names = [p.outputs[f] for p in self.plans for f in self._fields(p)]
 
     @staticmethod

@@ -24,6 +24,7 @@ from flarc.calib.moments import Moments
 from flarc.calib.shrinkage import shrink
 from flarc.calib.statistics import FIELDS, StatisticsSession, StatPlan
 from flarc.calib.twin import target_levels, twin_model, twin_name, weight_input
+from flarc.modelio import split_large_initializers
 from flarc.progress import NoProgress, Progress
 from flarc.rewrite.ranks import RankChoice
 from flarc.rewrite.spectrum import compensated_svd, whitened_svd
@@ -89,14 +90,23 @@ def closed_loop_entries(
     if not chosen:
         return entries
     consts = constant_tensors(model)
-    twin = twin_model(model, chosen)
+    # The twin graph is built on a copy whose large weights are stubs (never copied as protos).
+    light, originals = split_large_initializers(model)
+    twin = twin_model(light, chosen)
+    del light
     weights = {weight_input(t.weight): numpy_helper.to_array(consts[t.weight]) for t in chosen}
     options = analysis.options
     levels = target_levels(model, chosen)
     for i, level in enumerate(progress.track(levels, total=len(levels), description="closed loop")):
         plans = level_plans(model, level, compensate)
         session = StatisticsSession(
-            twin, [], {**feeds[0], **weights}, options.mask_input, options.precision, plans=plans
+            twin,
+            [],
+            {**feeds[0], **weights},
+            options.mask_input,
+            options.precision,
+            plans=plans,
+            originals=originals,
         )
         try:
             stats = session.collect(({**f, **weights} for f in feeds), description=f"level {i}")

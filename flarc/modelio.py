@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import external_data_helper, numpy_helper
 
 from flarc.errors import FlarcError, ModelError
@@ -297,3 +298,93 @@ def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
         if tensor.name == name:
             return numpy_helper.to_array(tensor)
     raise KeyError(name)
+
+
+# Inline initializers at least this large are never copied as protos for an onnxruntime session:
+# graphs built for sessions carry a data-less stub instead, and the session is fed the tensor as
+# an input at every run (onnxruntime does not copy a fed numpy array; it copies initializers, and
+# ``add_external_initializers`` copies too). Small models are untouched, so tests see no change.
+LARGE_INITIALIZER_BYTES = 16 << 20
+
+
+def _copy_fields(dst, src, skip: str) -> None:
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def split_large_initializers(
+    model: onnx.ModelProto, min_bytes: int = LARGE_INITIALIZER_BYTES
+) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
+    """A copy of ``model`` whose large inline initializers are data-less stubs (name, type and
+    dims only), and the original tensors by name (not copied). The copy is for building session
+    graphs (:func:`fed_session` turns its stubs into fed inputs), never for saving."""
+    light = onnx.ModelProto()
+    _copy_fields(light, model, "graph")
+    _copy_fields(light.graph, model.graph, "initializer")
+    originals: dict[str, onnx.TensorProto] = {}
+    for tensor in model.graph.initializer:
+        nbytes = _declared_nbytes(tensor, tensor.name) or 0
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and nbytes >= min_bytes:
+            originals[tensor.name] = tensor
+            light.graph.initializer.add(
+                name=tensor.name, data_type=tensor.data_type, dims=tensor.dims
+            )
+        else:
+            light.graph.initializer.append(tensor)
+    return light, originals
+
+
+class FedSession:
+    """An onnxruntime session whose large weights are graph inputs fed from arrays on every run."""
+
+    def __init__(self, session: ort.InferenceSession, fed: dict[str, np.ndarray]) -> None:
+        self.session = session
+        self.fed = fed
+
+    def run(self, output_names, feed: dict, *args, **kwargs):
+        return self.session.run(output_names, {**feed, **self.fed}, *args, **kwargs)
+
+
+def fed_session(
+    model: onnx.ModelProto,
+    options: ort.SessionOptions | None = None,
+    originals: dict[str, onnx.TensorProto] | None = None,
+    fed: dict[str, np.ndarray] | None = None,
+) -> FedSession:
+    """An onnxruntime session for ``model`` without a serialised copy of its large initializers.
+
+    ``model`` may hold stubs from :func:`split_large_initializers` (their tensors in
+    ``originals``); its own large initializers are split off here. Each becomes a graph input
+    fed from one array; ``fed`` gives arrays already made (shared, not copied again).
+    """
+    light, more = split_large_initializers(model)
+    originals = {**more, **(originals or {})}  # a stub in ``model`` is not an original
+    graph = light.graph
+    stubs = [t for t in graph.initializer if t.name in originals and not t.HasField("raw_data")]
+    names = {t.name for t in stubs}
+    if stubs:
+        keep = [t for t in graph.initializer if t.name not in names]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        declared = {i.name for i in graph.input}
+        for t in stubs:
+            if t.name not in declared:
+                graph.input.append(
+                    onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                )
+    arrays = {n: (fed or {}).get(n) for n in names}
+    for n, value in arrays.items():
+        if value is None:
+            arrays[n] = numpy_helper.to_array(originals[n])
+    prepare_for_save(light)
+    session = ort.InferenceSession(
+        light.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return FedSession(session, arrays)

@@ -8,13 +8,11 @@ import dataclasses
 import hashlib
 import logging
 import math
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
 
 from flarc.analysis import Analysis, AnalysisOptions, TargetAnalysis
@@ -24,7 +22,7 @@ from flarc.calib.shrinkage import shrink
 from flarc.calib.statistics import StatisticsSession
 from flarc.compare import OutputComparison, compare_models
 from flarc.errors import ModelError
-from flarc.modelio import session_model_bytes_or_path
+from flarc.modelio import fed_session
 from flarc.policy import RankOptions, choose_ranks
 from flarc.progress import NoProgress, Progress
 from flarc.rewrite.output_error import OutputErrorProbe
@@ -56,10 +54,11 @@ def analyze_target(
     """Shrink the statistic, whiten, and take the SVD of one target's weight."""
     shrunk = shrink(moments, options.shrinkage, options.centered, options.shrinkage_lambda)
     w, fell_back = whitener(shrunk.covariance, options.whiten, target.name)
-    b = weight_matrix(target, weight)
     max_rank = None if options.full_rank else math.ceil(target.k_equiv)
     kind = "eig (fallback)" if fell_back else w.kind
-    return TargetAnalysis(target, whitened_svd(b, w, max_rank), shrunk.lam, kind, moments.count)
+    # B is passed as a temporary so whitened_svd can free it before the SVD.
+    spectrum = whitened_svd(weight_matrix(target, weight), w, max_rank)
+    return TargetAnalysis(target, spectrum, shrunk.lam, kind, moments.count)
 
 
 def analyze(
@@ -283,15 +282,13 @@ def output_guard(
     finally:
         probe.close()
     num = den = 0.0
-    # A model over protobuf's 2 GB limit cannot be serialised to bytes: hand it over as a file.
-    with tempfile.TemporaryDirectory(prefix="flarc-guard-") as tmp:
-        source = session_model_bytes_or_path(new_model, Path(tmp))
-        sess = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-        for feed, ys in zip(feeds, expected, strict=True):
-            for y, y_ref in zip(sess.run(probe.outputs_names, feed), ys, strict=True):
-                num += float(np.sum((y.astype(np.float64) - y_ref) ** 2))
-                den += float(np.sum(y_ref.astype(np.float64) ** 2))
-        del sess
+    # Large weights are fed, not serialised: no copy of the model, and no protobuf 2 GB limit.
+    sess = fed_session(new_model)
+    for feed, ys in zip(feeds, expected, strict=True):
+        for y, y_ref in zip(sess.run(probe.outputs_names, feed), ys, strict=True):
+            num += float(np.sum((y.astype(np.float64) - y_ref) ** 2))
+            den += float(np.sum(y_ref.astype(np.float64) ** 2))
+    del sess
     return math.sqrt(num / den) if den > 0 else 0.0
 
 
@@ -315,10 +312,18 @@ def compress(
 
         entries = closed_loop_entries(model, analysis, ranks, closed_loop, compensate, progress)
         analysis = dataclasses.replace(analysis, entries=entries)
-    factors = chosen_factors(analysis, ranks)
-    for name, (a, c) in factors.items():
+    # One target at a time, in the model's dtype (the graph stores them so; float64 factors of
+    # every target at once would be twice the weights).
+    factor_dtype = {t.name: np.dtype(t.dtype) for t in analysis.targets}
+    factors = {}
+    for name, choice in ranks.items():
+        if choice.rank is None:
+            continue
+        a, c = analysis.entries[name].spectrum.factors(choice.rank)
         if not (np.isfinite(a).all() and np.isfinite(c).all()):
             raise ModelError(f"node '{name}': factors are not finite (degenerate statistics)")
+        factors[name] = (a.astype(factor_dtype[name]), c.astype(factor_dtype[name]))
+        del a, c
     new_model = factorize(model, analysis.targets, factors)
     try:
         onnx.checker.check_model(new_model)

@@ -9,16 +9,13 @@ the same across layers and models:
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from flarc.calib.data import Feed
-from flarc.modelio import session_model_bytes_or_path
+from flarc.modelio import fed_session, split_large_initializers
 from flarc.targets import Target, constant_tensors, stored_weight
 
 
@@ -47,15 +44,14 @@ class OutputErrorProbe:
         self.targets = {t.name: t for t in targets}
         consts = constant_tensors(model)
         self.weights = {t.weight: numpy_helper.to_array(consts[t.weight]) for t in targets}
-        probe = weights_as_inputs(model, set(self.weights))
-        self._tmp = tempfile.TemporaryDirectory(prefix="flarc-probe-")
+        # Built on a copy whose large weights are stubs: the model's tensors are never copied.
+        light, originals = split_large_initializers(model)
+        probe = weights_as_inputs(light, set(self.weights))
+        del light
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(
-            session_model_bytes_or_path(probe, Path(self._tmp.name)),
-            opts,
-            providers=["CPUExecutionProvider"],
-        )
+        self.session = fed_session(probe, opts, originals)
+        del probe
         self.outputs_names = [
             o.name
             for o in model.graph.output
@@ -88,4 +84,6 @@ class OutputErrorProbe:
         return num / max(self.reference_energy, 1e-300)
 
     def close(self) -> None:
-        self._tmp.cleanup()
+        """Release the session and the weight arrays (the outputs' names stay readable)."""
+        self.session = None
+        self.weights = {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 
 from flarc.rewrite.whiten import Whitener
 
@@ -48,14 +49,27 @@ class Spectrum:
 
 def whitened_svd(b: np.ndarray, whitener: Whitener, max_rank: int | None = None) -> Spectrum:
     """SVD of ``L^T B`` for ``B: [n, m]``, keeping ``max_rank`` directions (default: all)."""
-    return _spectrum(whitener.apply_t(np.asarray(b, dtype=np.float64)), whitener, max_rank)
+    whitened = [whitener.apply_t(np.asarray(b, dtype=np.float64))]
+    del b  # the only reference when the caller passes a temporary: free it before the SVD
+    return _spectrum(whitened, whitener, max_rank)
 
 
-def _spectrum(whitened: np.ndarray, whitener: Whitener, max_rank: int | None) -> Spectrum:
-    """SVD of a whitened target ``L^T B_hat``, mapped back through ``L^{-T}``."""
-    u, s, vt = np.linalg.svd(whitened, full_matrices=False)
+def _spectrum(whitened: list[np.ndarray], whitener: Whitener, max_rank: int | None) -> Spectrum:
+    """SVD of a whitened target ``L^T B_hat``, mapped back through ``L^{-T}``.
+
+    ``whitened`` holds the matrix and is emptied (so nothing else keeps it alive): LAPACK
+    overwrites a column-major copy of it in place (numpy's svd would copy the input and
+    transpose the output, twice the size of ``B`` more at the peak).
+    """
+    a = np.asfortranarray(whitened.pop())
+    u, s, vt = scipy.linalg.svd(
+        a, full_matrices=False, overwrite_a=True, check_finite=False, lapack_driver="gesdd"
+    )
+    del a
     r = len(s) if max_rank is None else min(max_rank, len(s))
-    return Spectrum(sigma=s, basis=whitener.solve_t(u[:, :r]), vt=vt[:r].copy())
+    # Keep all rows as they are (any memory order); a prefix is copied so the rest is freed.
+    vt = vt if r == vt.shape[0] else vt[:r].copy()
+    return Spectrum(sigma=s, basis=whitener.solve_t(u[:, :r]), vt=vt)
 
 
 def compensated_svd(
@@ -68,4 +82,5 @@ def compensated_svd(
     ``B_hat = L^{-T} U_k diag(s_k) V_k^T`` from the SVD of ``L^{-1} C B``. When the two
     activations agree, ``C = H_c`` and ``L^{-1} C B = L^T B``: plain whitening.
     """
-    return _spectrum(whitener.solve(cross @ np.asarray(b, dtype=np.float64)), whitener, max_rank)
+    whitened = [whitener.solve(cross @ np.asarray(b, dtype=np.float64))]
+    return _spectrum(whitened, whitener, max_rank)
