@@ -558,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="compress all-MiniLM-L6-v2 (the built-in default model) and show what changed"
     )
     p.add_argument(
-        "--ratio", type=float, default=0.9, help="parameter fraction kept per target (0.9)"
+        "--budget", type=float, default=0.8, help="fraction of the target parameters kept (0.8)"
     )
     p.add_argument(
         "--out-dir", default=None, help="where to write the models (default: the flarc cache)"

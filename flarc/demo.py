@@ -163,7 +163,7 @@ def run_demo(args) -> int:
     src = minilm_onnx()
     out_dir = Path(args.out_dir) if args.out_dir else cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"all-MiniLM-L6-v2.r{args.ratio:g}.onnx"
+    out = out_dir / f"all-MiniLM-L6-v2.b{args.budget:g}.onnx"
     console.print(f"model: {src}")
     sentences = english_sentences()
     calib_sents, held_sents = sentences[:512], sentences[-256:]
@@ -177,7 +177,13 @@ def run_demo(args) -> int:
     t0 = time.perf_counter()
     targets = find_targets(model)
     analysis = analyze(model, targets, data, AnalysisOptions(), file_sha256(src), progress)
-    result = compress(model, analysis, RankOptions(ratio=args.ratio))
+    # The best method of bench/quality.py on MiniLM: global allocation weighted by measured
+    # end-output sensitivity.
+    options = RankOptions(allocate="global", budget=args.budget, output_weighted=True)
+    console.print(
+        f"ranks: global allocation, output-weighted, keeping {args.budget:.0%} of target parameters"
+    )
+    result = compress(model, analysis, options)
     save_model(result.model, out)
     elapsed = time.perf_counter() - t0
     console.print(rows_table(result.rows))
