@@ -52,6 +52,19 @@ ONNX = CACHE / "qwen2.5-0.5b.onnx"
 WORK = CACHE / "qwen2.5-0.5b" / "quality"
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (0.8,)
+# SVD-LLM without shrinkage needs a Cholesky of each raw Gram; with 32 x 128 = 4096 calibration
+# rows, every down_proj Gram (4864 inputs) is singular, so flarc falls back to a full
+# eigendecomposition per down_proj (about 2.5 min each on this machine). SVD-LLM's own code
+# adds a small ridge to the diagonal when Cholesky fails; this row does that for every target.
+EXTRA_METHODS = {
+    "SVD-LLM (ridge 1e-6)": (dict(shrinkage_lambda=1e-6), lambda b: _ratio(b), False, False),
+}
+
+
+def _ratio(budget: float):
+    from flarc.policy import RankOptions
+
+    return RankOptions(ratio=budget)
 
 
 def rss_gb() -> float:
@@ -181,53 +194,88 @@ def stats_cache() -> Path:
     return WORK / "stats"
 
 
-def collect_base(model, targets, data, chunks: int) -> dict:
-    """Calibration statistics, collected in ``chunks`` groups of layers and dumped to disk.
+def layer_of(t) -> int:
+    m = re.search(r"layers\.(\d+)[./]", t.name)
+    return int(m.group(1)) if m else -1
+
+
+def stats_chunk(index: int, chunks: int, calib_seqs: int, seq_len: int, batch: int) -> None:
+    """Child process: the statistics of one group of layers, written to stats.tmp/<index>/.
 
     ``analyze`` collects every target's Gram in one onnxruntime pass: on this model that is
-    5 GB of float64 Grams returned per batch plus 5 GB accumulated, 17.7 GB RSS with the
-    model, so the same StatisticsSession runs here on a few layers at a time instead.
+    5 GB of float64 Grams returned per batch plus 5 GB accumulated (17.7 GB RSS with the
+    model), and memory freed by a closed session is not given back to the system (9.5 GB
+    RSS after a 6-layer group). So each group runs the same StatisticsSession in its own
+    process, which returns everything when it exits.
     """
     from flarc.calib.statistics import StatisticsSession
+    from flarc.export.hf import layout_from_onnx
+    from flarc.modelio import load_model
+    from flarc.targets import find_targets
+
+    model = load_model(ONNX)
+    layout = layout_from_onnx(model)
+    targets = find_targets(model, exclude="lm_head")
+    ids = pydoc_ids(tokenizer())[: calib_seqs * seq_len]
+    calib = feeds_of(ids.reshape(calib_seqs, seq_len), batch, layout)
+    layers = sorted({layer_of(t) for t in targets.targets})
+    per = math.ceil(len(layers) / chunks)
+    chunk = set(layers[index * per : (index + 1) * per])
+    group = [t for t in targets.targets if layer_of(t) in chunk]
+    out = stats_cache().with_name("stats.tmp") / str(index)
+    tmp = out.with_name(f"{index}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t0 = time.perf_counter()
+    session = StatisticsSession(model, group, calib[0], None, "float64")
+    stats = session.collect(calib)
+    masked = any(p.masked for p in session.plans)
+    mask_input = session.mask_input if masked else None
+    session.close()
+    keys = list(stats)
+    for j, key in enumerate(keys):
+        np.savez(tmp / f"{j}.npz", **stats[key].to_arrays(""))
+    meta = {"keys": keys, "mask_input": mask_input, "seconds": time.perf_counter() - t0,
+            "peak_rss_gb": peak_gb(), "layers": sorted(chunk)}  # fmt: skip
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    os.replace(tmp, out)
+    log(f"statistics of layers {min(chunk)}-{max(chunk)}: {meta['seconds']:.1f}s")
+
+
+def collect_base(args) -> dict:
+    """Calibration statistics of every target, one child process per group of layers."""
+    import subprocess
 
     meta_path = stats_cache() / "meta.json"
     if meta_path.is_file():
         return json.loads(meta_path.read_text())
+    root = stats_cache().with_name("stats.tmp")
+    root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    tmp = stats_cache().with_name("stats.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    layer = re.compile(r"layers\.(\d+)[./]")
-
-    def layer_of(t) -> int:
-        m = layer.search(t.name)
-        return int(m.group(1)) if m else -1
-
-    layers = sorted({layer_of(t) for t in targets.targets})
-    per = math.ceil(len(layers) / chunks)
-    keys: list[str] = []
-    mask_input = None
-    for c in range(0, len(layers), per):
-        chunk = set(layers[c : c + per])
-        group = [t for t in targets.targets if layer_of(t) in chunk]
-        session = StatisticsSession(model, group, data.calibration[0], None, "float64")
-        try:
-            stats = session.collect(data.calibration)
-            if any(p.masked for p in session.plans):
-                mask_input = session.mask_input
-        finally:
-            session.close()
-        for key, moments in stats.items():
-            np.savez(tmp / f"{len(keys)}.npz", **moments.to_arrays(""))
-            keys.append(key)
-        del stats
-        gc.collect()
-        log(f"statistics of layers {min(chunk)}-{max(chunk)}: {time.perf_counter() - t0:.1f}s")
-    seconds = time.perf_counter() - t0
-    meta = {"keys": keys, "mask_input": mask_input, "analyze_s": seconds}
-    (tmp / "meta.json").write_text(json.dumps(meta))
+    for c in range(args.stat_chunks):
+        if (root / str(c) / "meta.json").is_file():
+            continue
+        code = (
+            "import sys; sys.path.insert(0, 'bench'); import quality_lm as q; "
+            f"q.stats_chunk({c}, {args.stat_chunks}, {args.calib_seqs}, {args.seq_len}, "
+            f"{args.batch})"
+        )
+        subprocess.run([sys.executable, "-c", code], check=True,
+                       cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    keys, files, seconds, peaks, mask_input = [], [], 0.0, [], None
+    for c in range(args.stat_chunks):
+        m = json.loads((root / str(c) / "meta.json").read_text())
+        keys += m["keys"]
+        files += [f"{c}/{j}.npz" for j in range(len(m["keys"]))]
+        seconds += m["seconds"]
+        peaks.append(m["peak_rss_gb"])
+        mask_input = mask_input or m["mask_input"]
+    meta = {"keys": keys, "files": files, "mask_input": mask_input, "analyze_s": seconds,
+            "wall_s": time.perf_counter() - t0, "child_peak_rss_gb": peaks}  # fmt: skip
+    (root / "meta.json").write_text(json.dumps(meta))
     shutil.rmtree(stats_cache(), ignore_errors=True)
-    os.replace(tmp, stats_cache())
+    os.replace(root, stats_cache())
+    log(f"statistics: {seconds:.1f}s in {args.stat_chunks} processes, peaks {peaks} GB")
     return meta
 
 
@@ -235,7 +283,7 @@ def load_stat(meta: dict, key: str):
     from flarc.calib.moments import Moments
 
     j = meta["keys"].index(key)
-    with np.load(stats_cache() / f"{j}.npz") as z:
+    with np.load(stats_cache() / meta["files"][j]) as z:
         return Moments.from_arrays({k: z[k] for k in z.files}, "")
 
 
@@ -299,6 +347,7 @@ def derive_analysis(model, targets, meta, a_opts: dict, heldout, probe, fisher=N
 def main() -> int:
     from quality import METHODS
 
+    METHODS = {**METHODS, **EXTRA_METHODS}
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="*", default=[m for m in METHODS if "lambda" not in m])
     ap.add_argument("--budgets", type=float, nargs="*", default=list(BUDGETS))
@@ -318,7 +367,6 @@ def main() -> int:
     if args.report:
         return write_report()
 
-    from flarc.calib.data import CalibrationSet
     from flarc.export.hf import layout_from_onnx
     from flarc.modelio import load_model
     from flarc.pipeline import compress
@@ -334,6 +382,7 @@ def main() -> int:
     if n_calib > int(len(ids) * 0.4):
         raise SystemExit("calibration would run into the held-out parts")
     log(f"pydoc_data.topics: {len(ids)} tokens; licences: {len(ood_ids)} tokens")
+    meta = collect_base(args)
     t0 = time.perf_counter()
     model = load_model(ONNX)
     log(f"load_model: {time.perf_counter() - t0:.1f}s")
@@ -372,9 +421,7 @@ def main() -> int:
         orig_path.write_text(json.dumps(row, indent=1))
         log(f"original {scores} eval {row['eval_s']:.1f}s")
 
-    meta = collect_base(
-        model, targets, CalibrationSet(calib, [], "pydoc_data.topics"), args.stat_chunks
-    )
+    meta = collect_base(args)
     # Group by analysis setting so only one set of spectra is in memory at a time.
     groups: dict[str, list[str]] = {}
     for m in args.methods:
@@ -450,7 +497,7 @@ def write_report() -> int:
         return 0
     setup_path = WORK / "setup.json"
     setup = json.loads(setup_path.read_text()) if setup_path.is_file() else {}
-    order = ["original", "plain SVD", "ASVD (diag)", "SVD-LLM", "FLAR-SVD", "FLRC (fisher)",
+    order = ["original", "plain SVD", "ASVD (diag)", "SVD-LLM", "SVD-LLM (ridge 1e-6)", "FLAR-SVD", "FLRC (fisher)",
              "flarc global", "global + closed loop", "global + compensation"]  # fmt: skip
     rows.sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else 99,
                              -r["budget"]))  # fmt: skip
