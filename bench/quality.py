@@ -144,14 +144,16 @@ def main() -> None:
     targets = find_targets(model)
     reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     analyses: dict[str, object] = {}
+    analysis_seconds: dict[str, float] = {}
     rows = []
     for method in args.methods:
         a_opts, r_opts, closed, comp = METHODS[method]
         key = json.dumps(a_opts, sort_keys=True)
-        t0 = time.perf_counter()
         if key not in analyses:
+            t0 = time.perf_counter()
             analyses[key] = analyze(model, targets, data, AnalysisOptions(**a_opts))
-        analysis_s = time.perf_counter() - t0
+            analysis_seconds[key] = time.perf_counter() - t0
+        analysis_s = analysis_seconds[key]  # a shared analysis counts for every method using it
         for budget in BUDGETS:
             t1 = time.perf_counter()
             result = compress(model, analyses[key], r_opts(budget), closed_loop=data.calibration if closed else None, compensate=comp)
