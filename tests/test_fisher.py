@@ -23,21 +23,6 @@ from flarc.targets import find_targets
 EXPORTERS = ["legacy", "dynamo"]
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """(kind, exporter) -> (float32 torch module, exported ONNX model), exported once per module."""
-    cache: dict = {}
-
-    def get(kind: str, exporter: str):
-        if (kind, exporter) not in cache:
-            module = fm.build(kind)
-            path = tmp_path_factory.mktemp(f"{kind}_{exporter}") / "model.onnx"
-            cache[kind, exporter] = (module, fm.export(module, kind, exporter, path))
-        return cache[kind, exporter]
-
-    return get
-
-
 def _batches(kind: str) -> list[dict]:
     """Three batches of different shapes, padded where the model takes a mask."""
     return [

@@ -19,21 +19,6 @@ KINDS = ["gpt", "bert", "cnn"]
 EXPORTERS = ["legacy", "dynamo"]
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """(kind, exporter) -> (float32 torch module, exported ONNX model), exported once per module."""
-    cache: dict = {}
-
-    def get(kind: str, exporter: str):
-        if (kind, exporter) not in cache:
-            module = fm.build(kind)
-            path = tmp_path_factory.mktemp(f"{kind}_{exporter}") / "model.onnx"
-            cache[kind, exporter] = (module, fm.export(module, kind, exporter, path))
-        return cache[kind, exporter]
-
-    return get
-
-
 def _close(actual: np.ndarray, expected: np.ndarray, rtol: float) -> None:
     scale = float(np.abs(expected).max()) if np.size(expected) else 1.0
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
