@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from flarc.calib.shrinkage import shrink
 from flarc.calib.statistics import StatisticsSession
 from flarc.compare import OutputComparison, compare_models
 from flarc.errors import ModelError
-from flarc.modelio import fed_session
+from flarc.modelio import EXTERNAL_DATA_THRESHOLD, fed_session, save_model, tensor_nbytes
 from flarc.policy import RankOptions, choose_ranks
 from flarc.progress import NoProgress, Progress
 from flarc.rewrite.output_error import OutputErrorProbe
@@ -292,6 +293,18 @@ def output_guard(
     return math.sqrt(num / den) if den > 0 else 0.0
 
 
+def check_model_any_size(model: onnx.ModelProto) -> None:
+    """``onnx.checker`` on ``model``; one over protobuf's 2 GB limit cannot be serialised for
+    the in-memory check, so it is checked from a file with external data."""
+    if tensor_nbytes(model) <= EXTERNAL_DATA_THRESHOLD:
+        onnx.checker.check_model(model)
+        return
+    with tempfile.TemporaryDirectory(prefix="flarc-check-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        save_model(model, path, external_data=True)
+        onnx.checker.check_model(str(path))
+
+
 def compress(
     model: onnx.ModelProto,
     analysis: Analysis,
@@ -326,7 +339,7 @@ def compress(
         del a, c
     new_model = factorize(model, analysis.targets, factors)
     try:
-        onnx.checker.check_model(new_model)
+        check_model_any_size(new_model)
     except Exception as exc:  # a rewrite bug, not bad input: say which check failed
         raise ModelError(f"compressed model fails onnx.checker: {exc}") from None
     guard = output_guard(model, new_model, analysis, factors)
