@@ -12,7 +12,8 @@ mark; the in-domain held-out windows from the last 25%; out-of-domain = the lice
 /usr/share/common-licenses. Nothing evaluated is ever calibrated on.
 
 Setup (see /work/shared/MODELS.md): the HF folder under ~/.cache/flarc/qwen2.5-0.5b/hf, then
-``flarc export-hf ~/.cache/flarc/qwen2.5-0.5b/hf -o ~/.cache/flarc/qwen2.5-0.5b.onnx``.
+``flarc export-hf ~/.cache/flarc/qwen2.5-0.5b/hf -o ~/.cache/flarc/qwen2.5-0.5b/model.onnx``
+(the same file bench/progressive_decoding.py uses).
 
     python bench/quality_lm.py --methods "SVD-LLM" "flarc global" --budgets 0.8
     python bench/quality_lm.py --report          # only rebuild the tables from finished rows
@@ -48,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CACHE = Path.home() / ".cache" / "flarc"
 HF = CACHE / "qwen2.5-0.5b" / "hf"
-ONNX = CACHE / "qwen2.5-0.5b.onnx"
+ONNX = CACHE / "qwen2.5-0.5b" / "model.onnx"
 WORK = CACHE / "qwen2.5-0.5b" / "quality"
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (0.8,)
@@ -310,6 +311,7 @@ def fisher_alpha(model, targets, calib, mask_input, dtype: str) -> dict:
 def derive_analysis(model, targets, meta, a_opts: dict, heldout, probe, fisher=None):
     """``analyze``'s result for ``a_opts`` from the cached statistics."""
     from flarc.analysis import Analysis, AnalysisOptions
+    from flarc.diskarray import SpillFolder
     from flarc.pipeline import analyze_target
     from flarc.targets import constant_tensors
 
@@ -318,12 +320,15 @@ def derive_analysis(model, targets, meta, a_opts: dict, heldout, probe, fisher=N
         opts = dataclasses.replace(opts, fisher="lm")
     consts = constant_tensors(model)
     entries = {}
+    spill = SpillFolder()  # spectra on disk, as analyze keeps them for a large model
     cache: dict[str, object] = {}
     for t in targets.targets:
         if t.stat_key not in cache:
             cache.clear()  # targets sharing an input are adjacent
             cache[t.stat_key] = load_stat(meta, t.stat_key)
-        entries[t.name] = analyze_target(t, consts[t.weight], cache[t.stat_key], opts)
+        entry = analyze_target(t, consts[t.weight], cache[t.stat_key], opts)
+        entry.spectrum = entry.spectrum.spilled(spill)
+        entries[t.name] = entry
     return Analysis(
         "",
         opts,
@@ -338,6 +343,7 @@ def derive_analysis(model, targets, meta, a_opts: dict, heldout, probe, fisher=N
         heldout_feeds=heldout,
         probe_feeds=probe,
         heldout_is_calibration=False,
+        spill=spill,
     )
 
 

@@ -95,6 +95,10 @@ class Checkpointer:
             raise DataError(f"{self.folder}: checkpoint path exists and is not a folder")
         self.folder.mkdir(parents=True, exist_ok=True)
 
+    def for_part(self, part: str) -> Checkpointer:
+        """A checkpointer for one of several passes, in its own subfolder."""
+        return Checkpointer(self.folder / part, dict(self.identity), self.every, self.resume)
+
     @property
     def path(self) -> Path:
         return self.folder / FILE_NAME

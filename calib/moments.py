@@ -11,9 +11,13 @@ so batches add up exactly and a statistic never holds an activation tensor.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+
+from flarc.diskarray import DiskArray, SpillFolder, as_array
 
 
 @dataclass
@@ -92,3 +96,29 @@ class Moments:
             np.array(arrays[f"{prefix}sum1"], dtype=np.float64),
             np.array(arrays[f"{prefix}sum2x"], dtype=np.float64),
         )
+
+
+class LazyMoments(Mapping[str, Moments]):
+    """Moments by key whose Gram matrices may live on disk: each lookup reads one Gram, so a
+    large model's statistics are in memory one at a time."""
+
+    def __init__(self, items: dict[str, Moments]) -> None:
+        self._items = items  # their ``gram`` is an array or a DiskArray
+
+    @classmethod
+    def spilled(cls, stats: Mapping[str, Moments], folder: SpillFolder) -> LazyMoments:
+        items = {}
+        for key in list(stats):
+            m = stats[key]
+            items[key] = dataclasses.replace(m, gram=folder.put(m.gram))
+        return cls(items)
+
+    def __getitem__(self, key: str) -> Moments:
+        m = self._items[key]
+        return dataclasses.replace(m, gram=as_array(m.gram)) if isinstance(m.gram, DiskArray) else m
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -241,6 +241,8 @@ class StatisticsSession:
         stats_model = build_statistics_model(model, self.plans, self.mask_input, precision)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        # Without the arena, the large per-batch Gram outputs go back to the system when freed.
+        opts.enable_cpu_mem_arena = False
         if threads:
             opts.intra_op_num_threads = threads
         self.session = fed_session(stats_model, opts, originals)

@@ -3,10 +3,12 @@ so that ranks can be chosen again without redoing it."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from flarc.calib.data import Feed
 from flarc.calib.moments import Moments
+from flarc.diskarray import SpillFolder
 from flarc.rewrite.spectrum import Spectrum
 from flarc.targets import Skipped, Target
 
@@ -43,8 +45,8 @@ class Analysis:
     options: AnalysisOptions
     targets: list[Target]
     skipped: list[Skipped]
-    stats: dict[str, Moments]
-    heldout_stats: dict[str, Moments]
+    stats: Mapping[str, Moments]  # a dict, or LazyMoments for a large model
+    heldout_stats: Mapping[str, Moments]
     entries: dict[str, TargetAnalysis]
     fisher: dict[str, float] | None = None
     fisher_loss: str | None = None
@@ -53,6 +55,7 @@ class Analysis:
     probe_feeds: list[Feed] = field(default_factory=list)  # calibration batches for output criteria
     heldout_is_calibration: bool = False  # no batch could be held out
     extra: dict = field(default_factory=dict)
+    spill: SpillFolder | None = field(default=None, repr=False)  # where large arrays live
 
     @property
     def heldout_label(self) -> str:

@@ -8,6 +8,7 @@ float64 arrays ``t{i}/sigma|basis|vt`` per target and ``s{j}/...`` / ``h{j}/...`
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import numpy as np
 
 from flarc import __version__
 from flarc.analysis import Analysis, AnalysisOptions, TargetAnalysis
-from flarc.calib.moments import Moments
+from flarc.calib.moments import LazyMoments, Moments
+from flarc.diskarray import MIN_SPILL_BYTES, DiskArray, as_array, npz_members, write_npz
 from flarc.errors import FlarcError
 from flarc.modelio import atomic_path
 from flarc.rewrite.spectrum import Spectrum
@@ -35,7 +37,10 @@ def target_from_dict(d: dict) -> Target:
 
 
 def _feeds(arrays: dict[str, np.ndarray], kind: str, names: list[list[str]]) -> list[dict]:
-    return [{name: arrays[f"{kind}{i}/{name}"] for name in feed} for i, feed in enumerate(names)]
+    return [
+        {name: as_array(arrays[f"{kind}{i}/{name}"]) for name in feed}
+        for i, feed in enumerate(names)
+    ]
 
 
 def save_analysis(analysis: Analysis, path: str | Path) -> None:
@@ -61,20 +66,45 @@ def save_analysis(analysis: Analysis, path: str | Path) -> None:
         "heldout_is_calibration": analysis.heldout_is_calibration,
         "extra": analysis.extra,
     }
-    arrays: dict[str, np.ndarray] = {"manifest": np.array(json.dumps(manifest))}
-    for i, t in enumerate(analysis.targets):
-        s = analysis.entries[t.name].spectrum
-        arrays.update({f"t{i}/sigma": s.sigma, f"t{i}/basis": s.basis, f"t{i}/vt": s.vt})
-    for j, key in enumerate(keys):
-        arrays.update(analysis.stats[key].to_arrays(f"s{j}/"))
-    for j, key in enumerate(analysis.heldout_stats):
-        arrays.update(analysis.heldout_stats[key].to_arrays(f"h{j}/"))
-    for kind, feeds in (("hf", analysis.heldout_feeds), ("pf", analysis.probe_feeds)):
-        for i, feed in enumerate(feeds):
-            arrays.update({f"{kind}{i}/{name}": value for name, value in feed.items()})
     with atomic_path(path, suffix=".npz") as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+            write_npz(fh, _arrays(analysis, manifest))
+
+
+def _arrays(analysis: Analysis, manifest: dict) -> Iterator[tuple[str, np.ndarray | DiskArray]]:
+    """Every array of the file, one at a time (a large model's are read from disk as needed)."""
+    yield "manifest", np.array(json.dumps(manifest))
+    for i, t in enumerate(analysis.targets):
+        s = analysis.entries[t.name].spectrum
+        yield f"t{i}/sigma", s.sigma
+        # Fortran order: the factors of a rank are a prefix of columns, one read when loaded.
+        basis = s.basis if isinstance(s.basis, DiskArray) else np.asfortranarray(s.basis)
+        yield f"t{i}/basis", basis
+        yield f"t{i}/vt", s.vt
+    for prefix, stats in (("s", analysis.stats), ("h", analysis.heldout_stats)):
+        for j, key in enumerate(stats):
+            yield from stats[key].to_arrays(f"{prefix}{j}/").items()
+    for kind, feeds in (("hf", analysis.heldout_feeds), ("pf", analysis.probe_feeds)):
+        for i, feed in enumerate(feeds):
+            for name, value in feed.items():
+                yield f"{kind}{i}/{name}", value
+
+
+def _moments(arrays: dict, prefix: str, keys: list[str]) -> LazyMoments:
+    out = {}
+    for j, key in enumerate(keys):
+        gram = arrays[f"{prefix}{j}/gram"]
+        small = {
+            k: v
+            for k, v in arrays.items()
+            if k.startswith(f"{prefix}{j}/") and k != f"{prefix}{j}/gram"
+        }
+        moments = Moments.from_arrays(
+            {**small, f"{prefix}{j}/gram": np.zeros((0, 0))}, f"{prefix}{j}/"
+        )
+        moments.gram = gram if isinstance(gram, DiskArray) else np.asarray(gram, dtype=np.float64)
+        out[key] = moments
+    return LazyMoments(out)
 
 
 def load_analysis(path: str | Path, model_sha256: str | None = None) -> Analysis:
@@ -83,9 +113,10 @@ def load_analysis(path: str | Path, model_sha256: str | None = None) -> Analysis
     if not path.is_file():
         raise FlarcError(f"{path}: no such analysis file")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-        manifest = json.loads(str(arrays["manifest"]))
+        # Large arrays stay in the file and are read when used (a prefix for a rank's factors).
+        members = npz_members(path)
+        arrays = {k: v.load() if v.nbytes < MIN_SPILL_BYTES else v for k, v in members.items()}
+        manifest = json.loads(str(as_array(arrays["manifest"])))
     except Exception as exc:
         raise FlarcError(
             f"{path}: not a flarc analysis file ({type(exc).__name__}: {exc})"
@@ -102,12 +133,8 @@ def load_analysis(path: str | Path, model_sha256: str | None = None) -> Analysis
         meta = manifest["entries"][t.name]
         spectrum = Spectrum(arrays[f"t{i}/sigma"], arrays[f"t{i}/basis"], arrays[f"t{i}/vt"])
         entries[t.name] = TargetAnalysis(t, spectrum, meta["lam"], meta["whitening"], meta["rows"])
-    stats = {
-        key: Moments.from_arrays(arrays, f"s{j}/") for j, key in enumerate(manifest["stat_keys"])
-    }
-    heldout = {
-        key: Moments.from_arrays(arrays, f"h{j}/") for j, key in enumerate(manifest["heldout_keys"])
-    }
+    stats = _moments(arrays, "s", manifest["stat_keys"])
+    heldout = _moments(arrays, "h", manifest["heldout_keys"])
     return Analysis(
         model_sha256=manifest["model_sha256"],
         options=AnalysisOptions(**manifest["options"]),

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import math
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,10 +19,16 @@ from onnx import numpy_helper
 
 from flarc.analysis import Analysis, AnalysisOptions, TargetAnalysis
 from flarc.calib.data import CalibrationSet, Feed
-from flarc.calib.moments import Moments
+from flarc.calib.moments import LazyMoments, Moments
 from flarc.calib.shrinkage import shrink
-from flarc.calib.statistics import StatisticsSession
+from flarc.calib.statistics import (
+    StatisticsSession,
+    StatPlan,
+    find_mask_input,
+    plan_statistics,
+)
 from flarc.compare import OutputComparison, compare_models
+from flarc.diskarray import SpillFolder
 from flarc.errors import ModelError
 from flarc.modelio import EXTERNAL_DATA_THRESHOLD, fed_session, save_model, tensor_nbytes
 from flarc.policy import RankOptions, choose_ranks
@@ -37,6 +44,10 @@ log = logging.getLogger(__name__)
 
 # Batches an analysis keeps for comparisons and output criteria (held out, and calibration).
 MAX_KEPT_FEEDS = 4
+# Models whose tensors take at least this much keep statistics and spectra on disk (flarc.diskarray).
+SPILL_MODEL_BYTES = 256 << 20
+# Smallest Gram budget of one statistics pass when a large model's statistics are grouped.
+STAT_GROUP_MIN_BYTES = 64 << 20
 # Largest relative difference between the factor pairs and their dense product that is rounding.
 GUARD_TOLERANCE = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 5e-2}
 
@@ -60,6 +71,87 @@ def analyze_target(
     # B is passed as a temporary so whitened_svd can free it before the SVD.
     spectrum = whitened_svd(weight_matrix(target, weight), w, max_rank)
     return TargetAnalysis(target, spectrum, shrunk.lam, kind, moments.count)
+
+
+def spill_statistics(model: onnx.ModelProto) -> bool:
+    """Whether statistics and spectra of ``model`` are kept on disk between stages."""
+    return tensor_nbytes(model) >= SPILL_MODEL_BYTES
+
+
+def statistic_groups(plans: list[StatPlan], max_bytes: int | None) -> list[list[StatPlan]]:
+    """Consecutive plans whose float64 Gram matrices together stay under ``max_bytes`` (one
+    calibration pass per group); a single plan larger than that is a group of its own."""
+    if max_bytes is None:
+        return [plans]
+    groups: list[list[StatPlan]] = [[]]
+    size = 0
+    for p in plans:
+        nbytes = 8 * p.n * p.n
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(p)
+        size += nbytes
+    return groups
+
+
+def collect_grouped(
+    model: onnx.ModelProto,
+    targets: TargetSet,
+    data: CalibrationSet,
+    options: AnalysisOptions,
+    progress: Progress,
+    checkpointer,
+    spill: SpillFolder | None,
+) -> tuple[Mapping[str, Moments], Mapping[str, Moments], str | None]:
+    """Calibration and held-out moments of every statistic, and the mask input if one was used.
+
+    With ``spill``, statistics are gathered a group at a time (their Gram matrices within a
+    fraction of the model's size) and kept on disk: memory holds one group, not all.
+    """
+    budget = max(STAT_GROUP_MIN_BYTES, tensor_nbytes(model) // 4) if spill is not None else None
+    groups = statistic_groups(plan_statistics(targets.targets), budget)
+    stats: dict[str, Moments] = {}
+    heldout: dict[str, Moments] = {}
+    mask = None
+    for g, plans in enumerate(groups):
+        label = f" ({g + 1}/{len(groups)})" if len(groups) > 1 else ""
+        session = StatisticsSession(
+            model,
+            targets.targets,
+            data.calibration[0],
+            options.mask_input,
+            options.precision,
+            plans=plans,
+        )
+        part = checkpointer
+        if checkpointer is not None and len(groups) > 1:
+            part = checkpointer.for_part(f"group-{g}")
+        try:
+            group = session.collect(
+                data.calibration,
+                progress,
+                "calibration statistics" + label,
+                checkpoint=part,
+            )
+            held = (
+                session.collect(data.heldout, progress, "held-out statistics" + label)
+                if data.heldout
+                else {}
+            )
+            if any(p.masked for p in session.plans):
+                mask = session.mask_input
+        finally:
+            session.close()
+        if spill is not None:
+            group = LazyMoments.spilled(group, spill)._items
+            held = LazyMoments.spilled(held, spill)._items
+        stats.update(group)
+        heldout.update(held)
+        del group, held
+    if spill is not None:
+        return LazyMoments(stats), LazyMoments(heldout), mask
+    return stats, heldout, mask
 
 
 def analyze(
@@ -104,20 +196,10 @@ def analyze(
         checkpointer = Checkpointer(Path(checkpoint), identity, checkpoint_every, resume)
     elif resume:
         raise ModelError("resume needs a checkpoint folder (--checkpoint DIR)")
-    session = StatisticsSession(
-        model, targets.targets, data.calibration[0], options.mask_input, options.precision
+    spill = SpillFolder() if spill_statistics(model) else None
+    stats, heldout, mask = collect_grouped(
+        model, targets, data, options, progress, checkpointer, spill
     )
-    try:
-        stats = session.collect(
-            data.calibration, progress, "calibration statistics", checkpoint=checkpointer
-        )
-        heldout = (
-            session.collect(data.heldout, progress, "held-out statistics") if data.heldout else {}
-        )
-        mask_name = session.mask_input
-        mask = mask_name if any(p.masked for p in session.plans) else None
-    finally:
-        session.close()
     fisher = None
     if options.fisher:
         from flarc.calib.fisher import fisher_importance
@@ -127,7 +209,7 @@ def analyze(
             targets.targets,
             data.calibration,
             options.fisher,
-            mask_name,
+            find_mask_input(model, options.mask_input),
             options.seed,
             progress,
         )
@@ -136,7 +218,10 @@ def analyze(
     for t in progress.track(
         targets.targets, total=len(targets.targets), description="whitened SVD"
     ):
-        entries[t.name] = analyze_target(t, consts[t.weight], stats[t.stat_key], options)
+        entry = analyze_target(t, consts[t.weight], stats[t.stat_key], options)
+        if spill is not None:
+            entry.spectrum = entry.spectrum.spilled(spill)
+        entries[t.name] = entry
     return Analysis(
         model_sha256,
         options,
@@ -151,6 +236,7 @@ def analyze(
         heldout_feeds=(data.heldout or data.calibration)[:MAX_KEPT_FEEDS],
         probe_feeds=data.calibration[:MAX_KEPT_FEEDS],
         heldout_is_calibration=not data.heldout,
+        spill=spill,
     )
 
 

@@ -5,7 +5,9 @@ With ``H = L L^T`` and ``M = L^T B = U diag(s) V^T`` (DESIGN.md section 3):
     A_k = L^{-T} U_k diag(s_k)^{1/2},   C_k = diag(s_k)^{1/2} V_k^T
     relative output error at rank k = sum_{i>k} s_i^2 / sum_i s_i^2   (an identity on the data of H)
 
-``basis = L^{-T} U`` and ``vt = V^T`` are stored up to ``max_rank`` columns, in float64.
+``basis = L^{-T} U`` and ``vt = V^T`` are stored up to ``max_rank`` columns, in float64, in
+memory or (for large models, :meth:`Spectrum.spilled`) on disk with the basis in Fortran order, so
+that the factors of a rank are a prefix read.
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
+from flarc.diskarray import DiskArray, SpillFolder, leading
 from flarc.rewrite.whiten import Whitener
 
 
 @dataclass
 class Spectrum:
     sigma: np.ndarray  # all whitened singular values, descending
-    basis: np.ndarray  # [n, r] = L^{-T} U[:, :r]
-    vt: np.ndarray  # [r, m] = V^T[:r]
+    basis: np.ndarray | DiskArray  # [n, r] = L^{-T} U[:, :r]
+    vt: np.ndarray | DiskArray  # [r, m] = V^T[:r]
 
     @property
     def max_rank(self) -> int:
@@ -44,7 +47,19 @@ class Spectrum:
         if not 0 < k <= self.max_rank:
             raise ValueError(f"rank {k} outside 1..{self.max_rank}")
         root = np.sqrt(self.sigma[:k])
-        return self.basis[:, :k] * root, root[:, None] * self.vt[:k]
+        return leading(self.basis, k, columns=True) * root, root[:, None] * leading(
+            self.vt, k, columns=False
+        )
+
+    def spilled(self, folder: SpillFolder) -> Spectrum:
+        """The same spectrum with its basis and ``V^T`` in ``folder`` (large ones only)."""
+        return Spectrum(
+            self.sigma,
+            folder.put(self.basis, fortran=True)
+            if isinstance(self.basis, np.ndarray)
+            else self.basis,
+            folder.put(self.vt) if isinstance(self.vt, np.ndarray) else self.vt,
+        )
 
 
 def whitened_svd(b: np.ndarray, whitener: Whitener, max_rank: int | None = None) -> Spectrum:

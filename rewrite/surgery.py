@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from flarc.modelio import split_large_initializers
 from flarc.targets import Target, node_names
 
 
@@ -71,8 +72,8 @@ def factorize(
     model: onnx.ModelProto, targets: list[Target], factors: dict[str, tuple[np.ndarray, np.ndarray]]
 ) -> onnx.ModelProto:
     """A new model in which each target named in ``factors`` is replaced by its factor pair."""
-    named = onnx.ModelProto()
-    named.CopyFrom(model)
+    # Large weights travel as data-less stubs and only those still used are copied back at the end.
+    named, originals = split_large_initializers(model)
     for node, name in zip(named.graph.node, node_names(named), strict=True):
         node.name = name
     graph = gs.import_onnx(named)
@@ -88,6 +89,9 @@ def factorize(
             _rewrite_matmul(graph, node, t, a, c)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = gs.export_onnx(graph, do_type_check=False)
+    for tensor in out.graph.initializer:
+        if tensor.name in originals and not tensor.HasField("raw_data"):
+            tensor.CopyFrom(originals[tensor.name])
     out.ir_version = model.ir_version
     out.producer_name = model.producer_name
     out.producer_version = model.producer_version

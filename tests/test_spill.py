@@ -1,0 +1,143 @@
+"""Large-model memory paths: arrays kept on disk and statistics gathered in groups give the same
+numbers, bit for bit, as the in-memory path (forced here on a small model)."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import flarc.diskarray
+import flarc.pipeline
+from flarc.analysis_file import load_analysis, save_analysis
+from flarc.calib.data import CalibrationSet
+from flarc.calib.moments import LazyMoments
+from flarc.diskarray import DiskArray, SpillFolder, npz_members, write_npz
+from flarc.pipeline import AnalysisOptions, analyze, compress
+from flarc.policy import RankOptions
+from flarc.targets import find_targets
+
+from _models import TinyEncoder, export, token_batch
+
+
+@pytest.fixture
+def spill_everything(monkeypatch):
+    """Every array spilled, every model 'large', one statistic per calibration pass."""
+    monkeypatch.setattr(flarc.diskarray, "MIN_SPILL_BYTES", 0)
+    monkeypatch.setattr(flarc.pipeline, "SPILL_MODEL_BYTES", 0)
+    monkeypatch.setattr(flarc.pipeline, "STAT_GROUP_MIN_BYTES", 0)
+
+
+def test_disk_array_prefixes_equal_slices(spill_everything):
+    rng = np.random.default_rng(0)
+    folder = SpillFolder()
+    try:
+        a = rng.standard_normal((37, 11))
+        rows, cols = folder.put(a), folder.put(a, fortran=True)
+        assert isinstance(rows, DiskArray) and isinstance(cols, DiskArray) and cols.fortran
+        for k in (0, 1, 5, 11):
+            np.testing.assert_array_equal(cols.prefix(k), a[:, :k])
+        for k in (0, 1, 20, 37):
+            np.testing.assert_array_equal(rows.prefix(k), a[:k])
+        np.testing.assert_array_equal(rows.load(), a)
+        np.testing.assert_array_equal(cols.load(), a)
+    finally:
+        folder.close()
+
+
+def test_npz_members_read_what_numpy_wrote(tmp_path):
+    rng = np.random.default_rng(1)
+    arrays = {
+        "a/x": rng.standard_normal((5, 7)),
+        "b": np.asfortranarray(rng.standard_normal((3, 4))),
+        "c": np.arange(6, dtype=np.int64),
+        "s": np.array("text"),
+    }
+    np.savez(tmp_path / "numpy.npz", **arrays)
+    with open(tmp_path / "ours.npz", "wb") as fh:
+        write_npz(fh, arrays.items())
+    for name in ("numpy.npz", "ours.npz"):
+        members = npz_members(tmp_path / name)
+        assert set(members) == set(arrays)
+        for k, v in arrays.items():
+            np.testing.assert_array_equal(members[k].load(), v)
+        with np.load(tmp_path / name, allow_pickle=False) as data:
+            for k, v in arrays.items():
+                np.testing.assert_array_equal(data[k], v)
+    np.savez_compressed(tmp_path / "z.npz", **arrays)
+    with pytest.raises(ValueError, match="compressed"):
+        npz_members(tmp_path / "z.npz")
+
+
+def test_truncated_npz_member_is_refused(tmp_path):
+    buf = io.BytesIO()
+    np.save(buf, np.arange(1000.0))
+    with zipfile.ZipFile(tmp_path / "bad.npz", "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("x.npy", buf.getvalue()[:500])  # a header promising 8000 bytes, then 372
+    with pytest.raises(ValueError, match="shorter"):
+        npz_members(tmp_path / "bad.npz")
+
+
+@pytest.fixture(scope="module")
+def small_lm(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("spill")
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    feed = token_batch(rng, 2, 12)
+    args = tuple(torch.from_numpy(feed[k]) for k in ("input_ids", "attention_mask"))
+    dyn = {"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}}
+    names = ["input_ids", "attention_mask"]
+    path = export(TinyEncoder(d=32, layers=2), args, tmp / "enc.onnx", names, dyn)
+    feeds = [token_batch(rng, 4, 16, pad_from=10) for _ in range(5)]
+    return onnx.load(str(path)), CalibrationSet(feeds[:3], feeds[3:], "t")
+
+
+def test_spilled_grouped_analysis_equals_in_memory(
+    small_lm, spill_everything, monkeypatch, tmp_path
+):
+    model, data = small_lm
+    targets = find_targets(model)
+    spilled = analyze(model, targets, data, AnalysisOptions())
+    assert isinstance(spilled.stats, LazyMoments) and spilled.spill is not None
+    groups = flarc.pipeline.statistic_groups(flarc.pipeline.plan_statistics(targets.targets), 0)
+    assert len(groups) == len({t.stat_key for t in targets.targets}) > 1
+    assert any(isinstance(e.spectrum.vt, DiskArray) for e in spilled.entries.values())
+    monkeypatch.setattr(flarc.pipeline, "SPILL_MODEL_BYTES", 1 << 62)
+    plain = analyze(model, targets, data, AnalysisOptions())
+    assert plain.spill is None
+    for stats_a, stats_b in (
+        (spilled.stats, plain.stats),
+        (spilled.heldout_stats, plain.heldout_stats),
+    ):
+        assert list(stats_a) == list(stats_b)
+        for key in stats_b:
+            np.testing.assert_array_equal(stats_a[key].gram, stats_b[key].gram)
+            assert stats_a[key].count == stats_b[key].count
+            assert stats_a[key].sum4 == stats_b[key].sum4
+    for name, e in plain.entries.items():
+        for k in (1, e.spectrum.max_rank):
+            for x, y in zip(
+                spilled.entries[name].spectrum.factors(k), e.spectrum.factors(k), strict=True
+            ):
+                np.testing.assert_array_equal(x, y)
+    opts = RankOptions(ratio=0.5, align=4)
+    a = compress(model, spilled, opts).model.SerializeToString()
+    assert a == compress(model, plain, opts).model.SerializeToString()
+    # Through the analysis file (large arrays left in the file and read on use): the same model.
+    save_analysis(spilled, tmp_path / "m.analysis")
+    loaded = load_analysis(tmp_path / "m.analysis")
+    assert compress(model, loaded, opts).model.SerializeToString() == a
+
+
+def test_grouped_statistics_resume_from_checkpoint(small_lm, spill_everything, tmp_path):
+    model, data = small_lm
+    targets = find_targets(model)
+    first = analyze(model, targets, data, checkpoint=tmp_path / "ck", checkpoint_every=1)
+    assert len([p for p in (tmp_path / "ck").iterdir() if p.name.startswith("group-")]) > 1
+    again = analyze(model, targets, data, checkpoint=tmp_path / "ck", resume=True)
+    for key in first.stats:
+        np.testing.assert_array_equal(first.stats[key].gram, again.stats[key].gram)
