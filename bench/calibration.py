@@ -72,7 +72,21 @@ def compress_wall_time() -> dict:
         for i, feed in enumerate(minilm_feeds(english_sentences()[:640], batch_size=16)):
             np.savez(Path(tmp) / f"b{i:03d}.npz", **feed)
         out = Path(tmp) / "small.onnx"
-        cmd = [sys.executable, "-m", "flarc.cli", "compress", str(path), "-o", str(out), "--calib", tmp, "--batch-size", "16", "--ratio", "0.8"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "flarc.cli",
+            "compress",
+            str(path),
+            "-o",
+            str(out),
+            "--calib",
+            tmp,
+            "--batch-size",
+            "16",
+            "--ratio",
+            "0.8",
+        ]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "COLUMNS": "200"})
         return {"seconds": time.perf_counter() - t0, "batches": 40, "command": " ".join(cmd[2:])}
@@ -85,9 +99,19 @@ def main() -> None:
         ingraph = child("ingraph", batches)
         ingraph32 = child("ingraph", batches, "float32")
         numpy_base = child("numpy", batches)
-        rows.append({"batches": batches, "plain": plain, "ingraph_f64": ingraph, "ingraph_f32": ingraph32, "numpy_baseline": numpy_base})
+        rows.append(
+            {
+                "batches": batches,
+                "plain": plain,
+                "ingraph_f64": ingraph,
+                "ingraph_f32": ingraph32,
+                "numpy_baseline": numpy_base,
+            }
+        )
     total = compress_wall_time()
-    print(f"{'batches':>7} {'plain s':>8} {'in-graph f64':>13} {'in-graph f32':>13} {'numpy base':>11} | peak MB plain/ingraph/numpy")
+    print(
+        f"{'batches':>7} {'plain s':>8} {'in-graph f64':>13} {'in-graph f32':>13} {'numpy base':>11} | peak MB plain/ingraph/numpy"
+    )
     for r in rows:
         p, g, g32, nb = r["plain"], r["ingraph_f64"], r["ingraph_f32"], r["numpy_baseline"]
         print(
@@ -97,7 +121,9 @@ def main() -> None:
         )
     print(f"flarc compress (40 batches of 16 sentences, ratio 0.8): {total['seconds']:.1f} s")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "calibration.json").write_text(json.dumps({"rows": rows, "compress": total}, indent=2) + "\n")
+    (RESULTS / "calibration.json").write_text(
+        json.dumps({"rows": rows, "compress": total}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -44,15 +44,21 @@ def main() -> None:
     e0 = sentence_embeddings(reference, data.heldout)
     rows = []
     for batch in args.batch:
-        feed = minilm_feeds(["flarc " * (args.seq - 2)] * batch, batch_size=batch, seq_len=args.seq)[0]
+        feed = minilm_feeds(
+            ["flarc " * (args.seq - 2)] * batch, batch_size=batch, seq_len=args.seq
+        )[0]
         shapes = {k: list(v.shape) for k, v in feed.items()}
         latency = load_latency_model("ort-cpu", model, analysis.targets, shapes, args.threads)
         variants = {"uniform ratio 0.8": RankOptions(ratio=0.8)}
         for budget in (0.9, 0.8, 0.7, 0.6):
-            variants[f"latency budget {budget}"] = RankOptions(allocate="global", latency=latency, latency_budget=budget)
+            variants[f"latency budget {budget}"] = RankOptions(
+                allocate="global", latency=latency, latency_budget=budget
+            )
         for name, opts in variants.items():
             result = compress(model, analysis, opts)
-            session = ort.InferenceSession(session_bytes(result.model), providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(
+                session_bytes(result.model), providers=["CPUExecutionProvider"]
+            )
             cosine = float(np.mean(np.sum(e0 * sentence_embeddings(session, data.heldout), axis=1)))
             timing = measure_end_to_end(model, result.model, feed, "ort-cpu", args.threads)
             row = {
@@ -71,7 +77,9 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "end_to_end_latency"
-    out.with_suffix(".json").write_text(json.dumps({"threads": args.threads, "seq": args.seq, "rows": rows}, indent=2) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps({"threads": args.threads, "seq": args.seq, "rows": rows}, indent=2) + "\n"
+    )
     lines = [
         "| batch x 128 | variant | kept params | cosine | original ms (spread) | compressed ms (spread) | speedup | predicted |",
         "|---|---|---|---|---|---|---|---|",

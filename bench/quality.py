@@ -75,7 +75,20 @@ def vit_setup():
     from skimage import data as skdata
     from skimage.transform import resize
 
-    names = ["astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field", "immunohistochemistry", "retina", "cat", "colorwheel", "logo", "page"]
+    names = [
+        "astronaut",
+        "chelsea",
+        "coffee",
+        "rocket",
+        "motorcycle_left",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "retina",
+        "cat",
+        "colorwheel",
+        "logo",
+        "page",
+    ]
     images = []
     for n in names:
         fn = getattr(skdata, n, None)
@@ -117,19 +130,69 @@ def vit_setup():
 
 METHODS = {
     # name: (analysis options, rank options(budget), closed loop, compensate)
-    "plain SVD": (dict(whiten="none", shrinkage="none"), lambda b: RankOptions(ratio=b), False, False),
-    "ASVD (diag)": (dict(whiten="diag", shrinkage="none"), lambda b: RankOptions(ratio=b), False, False),
+    "plain SVD": (
+        dict(whiten="none", shrinkage="none"),
+        lambda b: RankOptions(ratio=b),
+        False,
+        False,
+    ),
+    "ASVD (diag)": (
+        dict(whiten="diag", shrinkage="none"),
+        lambda b: RankOptions(ratio=b),
+        False,
+        False,
+    ),
     "SVD-LLM": (dict(shrinkage="none"), lambda b: RankOptions(ratio=b), False, False),
-    "FLAR-SVD": (dict(), lambda b: RankOptions(search="bisect", criterion="output", threshold="auto", budget=b), False, False),
-    "FLRC (fisher)": (dict(shrinkage="none", fisher="auto"), lambda b: RankOptions(allocate="fisher", budget=b), False, False),
+    "FLAR-SVD": (
+        dict(),
+        lambda b: RankOptions(search="bisect", criterion="output", threshold="auto", budget=b),
+        False,
+        False,
+    ),
+    "FLRC (fisher)": (
+        dict(shrinkage="none", fisher="auto"),
+        lambda b: RankOptions(allocate="fisher", budget=b),
+        False,
+        False,
+    ),
     "flarc global": (dict(), lambda b: RankOptions(allocate="global", budget=b), False, False),
-    "global + closed loop": (dict(), lambda b: RankOptions(allocate="global", budget=b), True, False),
-    "global + compensation": (dict(), lambda b: RankOptions(allocate="global", budget=b), True, True),
-    "global, output-weighted": (dict(), lambda b: RankOptions(allocate="global", budget=b, output_weighted=True), False, False),
-    "output-weighted + compensation": (dict(), lambda b: RankOptions(allocate="global", budget=b, output_weighted=True), True, True),
+    "global + closed loop": (
+        dict(),
+        lambda b: RankOptions(allocate="global", budget=b),
+        True,
+        False,
+    ),
+    "global + compensation": (
+        dict(),
+        lambda b: RankOptions(allocate="global", budget=b),
+        True,
+        True,
+    ),
+    "global, output-weighted": (
+        dict(),
+        lambda b: RankOptions(allocate="global", budget=b, output_weighted=True),
+        False,
+        False,
+    ),
+    "output-weighted + compensation": (
+        dict(),
+        lambda b: RankOptions(allocate="global", budget=b, output_weighted=True),
+        True,
+        True,
+    ),
     # The robustness knob: a fixed shrinkage intensity instead of Ledoit-Wolf's estimate.
-    "global, lambda 0.05": (dict(shrinkage_lambda=0.05), lambda b: RankOptions(allocate="global", budget=b), False, False),
-    "compensation, lambda 0.05": (dict(shrinkage_lambda=0.05), lambda b: RankOptions(allocate="global", budget=b), True, True),
+    "global, lambda 0.05": (
+        dict(shrinkage_lambda=0.05),
+        lambda b: RankOptions(allocate="global", budget=b),
+        False,
+        False,
+    ),
+    "compensation, lambda 0.05": (
+        dict(shrinkage_lambda=0.05),
+        lambda b: RankOptions(allocate="global", budget=b),
+        True,
+        True,
+    ),
 }
 
 
@@ -156,25 +219,45 @@ def main() -> None:
         analysis_s = analysis_seconds[key]  # a shared analysis counts for every method using it
         for budget in BUDGETS:
             t1 = time.perf_counter()
-            result = compress(model, analyses[key], r_opts(budget), closed_loop=data.calibration if closed else None, compensate=comp)
+            result = compress(
+                model,
+                analyses[key],
+                r_opts(budget),
+                closed_loop=data.calibration if closed else None,
+                compensate=comp,
+            )
             seconds = time.perf_counter() - t1 + analysis_s
-            session = ort.InferenceSession(session_bytes(result.model), providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(
+                session_bytes(result.model), providers=["CPUExecutionProvider"]
+            )
             scores = evaluate(session, reference)
             kept = result.params_after / result.params_before
-            rows.append({"method": method, "budget": budget, "kept": kept, "seconds": seconds, **scores})
-            print(f"{method:24s} budget {budget:.1f} kept {kept:.3f} {scores} {seconds:.1f}s", flush=True)
+            rows.append(
+                {"method": method, "budget": budget, "kept": kept, "seconds": seconds, **scores}
+            )
+            print(
+                f"{method:24s} budget {budget:.1f} kept {kept:.3f} {scores} {seconds:.1f}s",
+                flush=True,
+            )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"quality_{args.model}{args.tag}"
-    out.with_suffix(".json").write_text(json.dumps({"metric": metric, "rows": rows}, indent=2) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps({"metric": metric, "rows": rows}, indent=2) + "\n"
+    )
     write_markdown(rows, metric, out.with_suffix(".md"))
     plot(rows, metric, out.with_suffix(".png"))
 
 
 def write_markdown(rows: list[dict], metric: str, path: Path) -> None:
     keys = [k for k in rows[0] if k not in ("method", "budget", "kept", "seconds")]
-    lines = [f"| method | cut | {' | '.join(f'{metric} ({k})' for k in keys)} | compress s |", "|" + "---|" * (len(keys) + 3)]
+    lines = [
+        f"| method | cut | {' | '.join(f'{metric} ({k})' for k in keys)} | compress s |",
+        "|" + "---|" * (len(keys) + 3),
+    ]
     for r in rows:
-        lines.append(f"| {r['method']} | {1 - r['kept']:.0%} | {' | '.join(f'{r[k]:.4f}' for k in keys)} | {r['seconds']:.1f} |")
+        lines.append(
+            f"| {r['method']} | {1 - r['kept']:.0%} | {' | '.join(f'{r[k]:.4f}' for k in keys)} | {r['seconds']:.1f} |"
+        )
     path.write_text("\n".join(lines) + "\n")
 
 

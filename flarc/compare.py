@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from flarc.calib.data import Feed
-from flarc.modelio import session_model_bytes_or_path
+from flarc.modelio import lean_session_options, session_model_bytes_or_path
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ def compare_models(
     atol: float = 1e-3,
 ) -> list[OutputComparison]:
     """Run both models on ``feeds`` with polygraphy's Comparator; metrics per common output."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    import onnxruntime as ort
+    from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator
 
     try:
@@ -89,22 +90,20 @@ def compare_models(
         workdir.mkdir()
         return session_model_bytes_or_path(m, workdir)
 
+    def session_of(m: onnx.ModelProto | str, workdir: Path):
+        # A loader, called when polygraphy activates the runner: one session alive at a time.
+        def load() -> ort.InferenceSession:
+            source = model_source(m, workdir)
+            return ort.InferenceSession(
+                source, lean_session_options(), providers=["CPUExecutionProvider"]
+            )
+
+        return load
+
     with tempfile.TemporaryDirectory(prefix="flarc-compare-") as tmp:
         runners = [
-            OnnxrtRunner(
-                SessionFromOnnx(
-                    model_source(reference, Path(tmp) / "reference"),
-                    providers=["CPUExecutionProvider"],
-                ),
-                name="original",
-            ),
-            OnnxrtRunner(
-                SessionFromOnnx(
-                    model_source(candidate, Path(tmp) / "candidate"),
-                    providers=["CPUExecutionProvider"],
-                ),
-                name="compressed",
-            ),
+            OnnxrtRunner(session_of(reference, Path(tmp) / "reference"), name="original"),
+            OnnxrtRunner(session_of(candidate, Path(tmp) / "candidate"), name="compressed"),
         ]
         with _quiet_polygraphy():
             results = Comparator.run(runners, data_loader=feeds)

@@ -341,6 +341,16 @@ def split_large_initializers(
     return light, originals
 
 
+def lean_session_options(options: ort.SessionOptions | None = None) -> ort.SessionOptions:
+    """Options for sessions that check rather than serve: no CPU arena (freed outputs go back to
+    the system) and no pre-packed copies of the weights (onnxruntime keeps one per MatMul)."""
+    options = options or ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
+
+
 class FedSession:
     """An onnxruntime session whose large weights are graph inputs fed from arrays on every run."""
 
@@ -385,6 +395,8 @@ def fed_session(
             arrays[n] = numpy_helper.to_array(originals[n])
     prepare_for_save(light)
     session = ort.InferenceSession(
-        light.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        light.SerializeToString(),
+        options or lean_session_options(),
+        providers=["CPUExecutionProvider"],
     )
     return FedSession(session, arrays)

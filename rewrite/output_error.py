@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from flarc.calib.data import Feed
-from flarc.modelio import fed_session, split_large_initializers
+from flarc.modelio import fed_session, lean_session_options, split_large_initializers
 from flarc.targets import Target, constant_tensors, stored_weight
 
 
@@ -48,9 +47,7 @@ class OutputErrorProbe:
         light, originals = split_large_initializers(model)
         probe = weights_as_inputs(light, set(self.weights))
         del light
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.session = fed_session(probe, opts, originals)
+        self.session = fed_session(probe, lean_session_options(), originals)
         del probe
         self.outputs_names = [
             o.name

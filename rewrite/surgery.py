@@ -20,7 +20,7 @@ from flarc.targets import Target, node_names
 
 
 def _factor_constant(name: str, value: np.ndarray, dtype: str) -> gs.Constant:
-    return gs.Constant(name, np.ascontiguousarray(value.astype(np.dtype(dtype))))
+    return gs.Constant(name, np.ascontiguousarray(value.astype(np.dtype(dtype), copy=False)))
 
 
 def _rewrite_matmul(

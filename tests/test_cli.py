@@ -218,8 +218,21 @@ def test_unwritable_output_folder(tmp_path, mlp, capsys):
 def test_compress_with_latency_reports_speedups(tmp_path, mlp, capsys, monkeypatch):
     monkeypatch.setenv("FLARC_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "small.onnx"
-    argv = ["compress", str(mlp), "-o", str(out), "--calib", str(tmp_path / "calib.npz"), "--ratio", "0.5", "--align", "4"]
-    assert main([*argv, "--latency", "ort-cpu", "--report", str(tmp_path / "r.json")]) == 0, capsys.readouterr().err
+    argv = [
+        "compress",
+        str(mlp),
+        "-o",
+        str(out),
+        "--calib",
+        str(tmp_path / "calib.npz"),
+        "--ratio",
+        "0.5",
+        "--align",
+        "4",
+    ]
+    assert main([*argv, "--latency", "ort-cpu", "--report", str(tmp_path / "r.json")]) == 0, (
+        capsys.readouterr().err
+    )
     timing = json.loads((tmp_path / "r.json").read_text())["latency"]
     assert timing["backend"] == "ort-cpu"
     assert timing["speedup"] > 0 and timing["predicted_speedup"] > 0
@@ -246,7 +259,9 @@ def test_data_loader_script_and_calibration_data_reader(tmp_path, mlp):
     class Reader:  # the onnxruntime.quantization.CalibrationDataReader protocol
         def __init__(self):
             rng = np.random.default_rng(0)
-            self.feeds = iter([{"x": rng.standard_normal((2, 5, 24)).astype(np.float32)} for _ in range(4)])
+            self.feeds = iter(
+                [{"x": rng.standard_normal((2, 5, 24)).astype(np.float32)} for _ in range(4)]
+            )
 
         def get_next(self):
             return next(self.feeds, None)
@@ -254,7 +269,13 @@ def test_data_loader_script_and_calibration_data_reader(tmp_path, mlp):
     from_reader = load_calibration(Reader(), specs, holdout=0.25)
     assert len(from_script.calibration) == len(from_reader.calibration) == 3
     assert len(from_script.heldout) == 1
-    for a, b in zip(from_script.calibration + from_script.heldout, from_reader.calibration + from_reader.heldout, strict=True):
+    for a, b in zip(
+        from_script.calibration + from_script.heldout,
+        from_reader.calibration + from_reader.heldout,
+        strict=True,
+    ):
         np.testing.assert_array_equal(a["x"], b["x"])
-    code = main(["compress", str(mlp), "-o", str(tmp_path / "o.onnx"), "--calib", f"{script}:load_data"])
+    code = main(
+        ["compress", str(mlp), "-o", str(tmp_path / "o.onnx"), "--calib", f"{script}:load_data"]
+    )
     assert code == 0

@@ -33,7 +33,9 @@ def encoder(tmp_path_factory):
     feed = token_batch(rng, 2, 12)
     args = tuple(torch.from_numpy(feed[k]) for k in ("input_ids", "attention_mask"))
     dyn = {"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}}
-    path = export(TinyEncoder(d=48, layers=2), args, tmp / "enc.onnx", ["input_ids", "attention_mask"], dyn)
+    path = export(
+        TinyEncoder(d=48, layers=2), args, tmp / "enc.onnx", ["input_ids", "attention_mask"], dyn
+    )
     feeds = [token_batch(rng, 4, 16, pad_from=10) for _ in range(6)]
     np.savez(
         tmp / "calib.npz",
@@ -49,7 +51,11 @@ def encoder(tmp_path_factory):
 @pytest.mark.parametrize("criterion", ["whitened", "cosine", "output"])
 def test_bisection_equals_exhaustive_scan(encoder, criterion):
     _, model, analysis = encoder
-    probe = OutputErrorProbe(model, analysis.targets, analysis.probe_feeds[:1]) if criterion == "output" else None
+    probe = (
+        OutputErrorProbe(model, analysis.targets, analysis.probe_feeds[:1])
+        if criterion == "output"
+        else None
+    )
     consts = constant_tensors(model)
     opts = RankOptions(align=4)
     try:
@@ -59,7 +65,12 @@ def test_bisection_equals_exhaustive_scan(encoder, criterion):
             # Thresholds that land inside the grid, at its ends and outside it.
             base = _criterion(criterion, t, analysis, b, 0.0, probe)
             values = [base.value(k) for k in grid]
-            picks = [values[0], values[len(values) // 2], values[-1], values[-1] * (0.5 if criterion != "cosine" else 1.0001)]
+            picks = [
+                values[0],
+                values[len(values) // 2],
+                values[-1],
+                values[-1] * (0.5 if criterion != "cosine" else 1.0001),
+            ]
             for thr in picks:
                 crit = _criterion(criterion, t, analysis, b, thr, probe)
                 counted = {"n": 0}
@@ -96,7 +107,10 @@ def test_fisher_allocation_meets_budget_and_bounds(encoder):
 def test_fisher_ranks_follow_importance():
     from flarc.targets import Target
 
-    ts = [Target(f"t{i}", "MatMul", "x", "y", f"w{i}", (256, 256), 256, 256, False, "float32") for i in range(3)]
+    ts = [
+        Target(f"t{i}", "MatMul", "x", "y", f"w{i}", (256, 256), 256, 256, False, "float32")
+        for i in range(3)
+    ]
     ranks = fisher_ranks(ts, {"t0": 1.0, "t1": 2.0, "t2": 4.0}, 0.4, 8)
     k = [ranks[f"t{i}"].rank for i in range(3)]
     assert k[0] < k[1] < k[2]
@@ -109,12 +123,24 @@ def test_global_never_worse_than_uniform_ratio(encoder):
     spectra = {t.name: analysis.entries[t.name].spectrum for t in targets}
     for ratio in (0.3, 0.5, 0.7):
         uniform = {t.name: ratio_rank(t, ratio, 4) for t in targets}
-        params = sum(t.params if c.rank is None else t.rank_params(c.rank) for t, c in ((t, uniform[t.name]) for t in targets))
-        err_uniform = sum(spectra[t.name].error(uniform[t.name].rank) if uniform[t.name].rank else 0.0 for t in targets)
+        params = sum(
+            t.params if c.rank is None else t.rank_params(c.rank)
+            for t, c in ((t, uniform[t.name]) for t in targets)
+        )
+        err_uniform = sum(
+            spectra[t.name].error(uniform[t.name].rank) if uniform[t.name].rank else 0.0
+            for t in targets
+        )
         budget = params / sum(t.params for t in targets)
         chosen = global_ranks(targets, spectra, budget, 4)
-        spent = sum(t.params if chosen[t.name].rank is None else t.rank_params(chosen[t.name].rank) for t in targets)
-        err_global = sum(spectra[t.name].error(chosen[t.name].rank) if chosen[t.name].rank else 0.0 for t in targets)
+        spent = sum(
+            t.params if chosen[t.name].rank is None else t.rank_params(chosen[t.name].rank)
+            for t in targets
+        )
+        err_global = sum(
+            spectra[t.name].error(chosen[t.name].rank) if chosen[t.name].rank else 0.0
+            for t in targets
+        )
         assert spent <= params
         assert err_global <= err_uniform + 1e-12, (ratio, err_global, err_uniform)
 
@@ -130,7 +156,9 @@ def test_latency_filter_rejects_slow_ranks(encoder):
 
     for opts in (
         RankOptions(ratio=0.9, align=4, latency=HalfwayFaster()),
-        RankOptions(search="bisect", criterion="whitened", threshold=1e-4, align=4, latency=HalfwayFaster()),
+        RankOptions(
+            search="bisect", criterion="whitened", threshold=1e-4, align=4, latency=HalfwayFaster()
+        ),
         RankOptions(allocate="global", budget=0.9, align=4, latency=HalfwayFaster()),
     ):
         for t in analysis.targets:
@@ -154,17 +182,74 @@ def test_latency_budget_is_met(encoder):
     lat = Flops()
     opts = RankOptions(allocate="global", latency=lat, latency_budget=0.6, align=4)
     ranks = choose_ranks(analysis, opts)
-    total = sum(lat.t_dense(t) if ranks[t.name].rank is None else lat.t_pair(t, ranks[t.name].rank) for t in analysis.targets)
+    total = sum(
+        lat.t_dense(t) if ranks[t.name].rank is None else lat.t_pair(t, ranks[t.name].rank)
+        for t in analysis.targets
+    )
     assert total <= 0.6 * sum(lat.t_dense(t) for t in analysis.targets)
 
 
 def test_analysis_file_reproduces_compress_bit_for_bit(encoder, tmp_path):
     path, _, _ = encoder
     calib = str(path.parent / "calib.npz")
-    common = ["--allocate", "fisher", "--budget", "0.6", "--align", "4", "--fisher-loss", "projection"]
-    assert main(["analyze", str(path), "--calib", calib, "--batch-size", "4", "--fisher", "--fisher-loss", "projection", "-o", str(tmp_path / "m.analysis")]) == 0
-    assert main(["compress", str(path), "--calib", calib, "--batch-size", "4", "-o", str(tmp_path / "a.onnx"), *common]) == 0
-    assert main(["compress", str(path), "--analysis", str(tmp_path / "m.analysis"), "-o", str(tmp_path / "b.onnx"), *common]) == 0
+    common = [
+        "--allocate",
+        "fisher",
+        "--budget",
+        "0.6",
+        "--align",
+        "4",
+        "--fisher-loss",
+        "projection",
+    ]
+    assert (
+        main(
+            [
+                "analyze",
+                str(path),
+                "--calib",
+                calib,
+                "--batch-size",
+                "4",
+                "--fisher",
+                "--fisher-loss",
+                "projection",
+                "-o",
+                str(tmp_path / "m.analysis"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "compress",
+                str(path),
+                "--calib",
+                calib,
+                "--batch-size",
+                "4",
+                "-o",
+                str(tmp_path / "a.onnx"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "compress",
+                str(path),
+                "--analysis",
+                str(tmp_path / "m.analysis"),
+                "-o",
+                str(tmp_path / "b.onnx"),
+                *common,
+            ]
+        )
+        == 0
+    )
     a, b = (hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("a.onnx", "b.onnx"))
     assert a == b
     # A stored analysis survives a round trip unchanged.
@@ -178,17 +263,31 @@ def test_analysis_file_reproduces_compress_bit_for_bit(encoder, tmp_path):
 def test_analysis_for_another_model_is_refused(encoder, tmp_path, capsys):
     path, _, analysis = encoder
     save_analysis(dataclasses.replace(analysis, model_sha256="0" * 64), tmp_path / "x.analysis")
-    code = main(["compress", str(path), "--analysis", str(tmp_path / "x.analysis"), "-o", str(tmp_path / "o.onnx")])
+    code = main(
+        [
+            "compress",
+            str(path),
+            "--analysis",
+            str(tmp_path / "x.analysis"),
+            "-o",
+            str(tmp_path / "o.onnx"),
+        ]
+    )
     assert code != 0 and "another model" in capsys.readouterr().err
     assert not (tmp_path / "o.onnx").exists()
 
 
 def test_output_criterion_auto_threshold_lands_on_budget(encoder, tmp_path):
     _, model, analysis = encoder
-    opts = RankOptions(search="bisect", criterion="output", threshold="auto", budget=0.6, align=4, output_batches=1)
+    opts = RankOptions(
+        search="bisect", criterion="output", threshold="auto", budget=0.6, align=4, output_batches=1
+    )
     ranks = choose_ranks(analysis, opts, model, analysis.probe_feeds)
     total = sum(t.params for t in analysis.targets)
-    spent = sum(t.params if ranks[t.name].rank is None else t.rank_params(ranks[t.name].rank) for t in analysis.targets)
+    spent = sum(
+        t.params if ranks[t.name].rank is None else t.rank_params(ranks[t.name].rank)
+        for t in analysis.targets
+    )
     assert spent <= 0.6 * total
     assert spent > 0.45 * total
 
@@ -197,10 +296,15 @@ def test_output_weighted_global_meets_budget_and_follows_sensitivity(encoder):
     _, model, analysis = encoder
     from flarc.policy import output_sensitivity
 
-    opts = RankOptions(allocate="global", budget=0.6, align=4, output_weighted=True, output_batches=1)
+    opts = RankOptions(
+        allocate="global", budget=0.6, align=4, output_weighted=True, output_batches=1
+    )
     ranks = choose_ranks(analysis, opts, model, analysis.probe_feeds)
     total = sum(t.params for t in analysis.targets)
-    spent = sum(t.params if ranks[t.name].rank is None else t.rank_params(ranks[t.name].rank) for t in analysis.targets)
+    spent = sum(
+        t.params if ranks[t.name].rank is None else t.rank_params(ranks[t.name].rank)
+        for t in analysis.targets
+    )
     assert spent <= 0.6 * total
     sens = output_sensitivity(analysis, model, analysis.probe_feeds, 0.6, opts)
     assert all(v > 0 and np.isfinite(v) for v in sens.values())
@@ -209,6 +313,10 @@ def test_output_weighted_global_meets_budget_and_follows_sensitivity(encoder):
     plain = global_ranks(analysis.targets, spectra, 0.6, 4)
 
     def weighted(choice):
-        return sum(sens[t.name] * (spectra[t.name].error(choice[t.name].rank) if choice[t.name].rank else 0.0) for t in analysis.targets)
+        return sum(
+            sens[t.name]
+            * (spectra[t.name].error(choice[t.name].rank) if choice[t.name].rank else 0.0)
+            for t in analysis.targets
+        )
 
     assert weighted(ranks) <= weighted(plain) + 1e-12
