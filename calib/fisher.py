@@ -8,7 +8,8 @@ the empirical Fisher, accumulated per batch::
     alpha_t = sum_b sum_ij (G_b * W)_ij ** 2
 
 Gradients come from :mod:`flarc.calib.onnx_torch`, which runs the graph itself with torch ops
-(float64 by default); the model's Python code is never needed.
+(float64, or float32 for models of 256 MB or more under the default ``dtype="auto"``); the
+model's Python code is never needed.
 
 Losses (``L_b`` is a mean over the rows that count, so batches of any size weigh alike):
 
@@ -44,13 +45,13 @@ from types import MappingProxyType
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 from torch.nn import functional as F
 
 from flarc.calib.onnx_torch import TorchGraph
 from flarc.errors import DataError, ModelError
+from flarc.modelio import tensor_nbytes
 from flarc.progress import NoProgress, Progress
-from flarc.targets import Target, constant_tensors
+from flarc.targets import Target
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class BatchGradients:
     plan: LossPlan
     loss: float
     gradients: dict[str, torch.Tensor]  # weight name -> dL/dW in the compute dtype
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> W, compute dtype
 
 
 @dataclass
@@ -332,7 +334,8 @@ def iter_weight_gradients(
                 # The loss does not depend on this weight: its gradient is exactly zero.
                 g = torch.zeros_like(p)
             result[name] = g.detach()
-        yield BatchGradients(index, plan, float(value.detach()), result)
+        values = {name: p.detach() for name, p in zip(names, params, strict=True)}
+        yield BatchGradients(index, plan, float(value.detach()), result, values)
 
 
 def weight_gradients(
@@ -355,6 +358,18 @@ def weight_gradients(
     return out
 
 
+# Models whose tensors take at least this much get float32 gradients under dtype "auto": a float64
+# copy of the whole model, its gradients and activations would be several times its size.
+LARGE_MODEL_BYTES = 256 << 20
+
+
+def resolve_dtype(dtype: str, model: onnx.ModelProto) -> str:
+    """``dtype``, with "auto" meaning float64 for small models and float32 for large ones."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if tensor_nbytes(model) >= LARGE_MODEL_BYTES else "float64"
+
+
 def fisher_importance(
     model: onnx.ModelProto,
     targets: list[Target],
@@ -363,7 +378,7 @@ def fisher_importance(
     mask_input: str | None = None,
     seed: int = 0,
     progress: Progress | None = None,
-    dtype: str = "float64",
+    dtype: str = "auto",
 ) -> FisherResult:
     """FLRC importance ``alpha_t = sum_b sum (G_b * W)^2`` for every target (see module doc)."""
     if not targets:
@@ -372,18 +387,15 @@ def fisher_importance(
     per_weight = dict.fromkeys(weights, 0.0)
     plan: LossPlan | None = None
     count = 0
-    consts = constant_tensors(model)
-    stored: dict[str, torch.Tensor] = {}
     for item in iter_weight_gradients(
-        model, weights, batches, loss, mask_input, seed, progress, dtype
+        model, weights, batches, loss, mask_input, seed, progress, resolve_dtype(dtype, model)
     ):
         plan, count = item.plan, count + 1
         for name, g in item.gradients.items():
-            if name not in stored:
-                # float64 holds float32/16 weights exactly: W as stored.
-                array = np.asarray(numpy_helper.to_array(consts[name]), np.float64)
-                stored[name] = torch.from_numpy(array).reshape(g.shape)
-            per_weight[name] += float(((g.to(torch.float64) * stored[name]) ** 2).sum())
+            # W as stored (the compute dtype holds float32/16 weights exactly), one at a time.
+            w = item.weights[name].to(torch.float64)
+            per_weight[name] += float(((g.to(torch.float64) * w) ** 2).sum())
+            del w
     if plan is None:
         raise DataError("Fisher importance: no calibration batch with an unmasked position")
     alpha = {t.name: per_weight[t.weight] for t in targets}

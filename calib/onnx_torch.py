@@ -926,7 +926,8 @@ class TorchGraph:
             )
             if not value.is_floating_point():
                 raise ModelError(f"weight '{name}' is not floating point; no gradient")
-            self.params[name] = torch.nn.Parameter(value.clone())
+            # Shares the constant's storage: nothing updates it in place, and no copy is made.
+            self.params[name] = torch.nn.Parameter(value)
         self.nodes = list(graph.node)
         available = set(self.inputs) | set(self.constants)
         self._producer = {out: i for i, n in enumerate(self.nodes) for out in n.output if out}
