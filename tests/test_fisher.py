@@ -171,6 +171,19 @@ def test_float32_interpreter_is_close(exported):
         assert r32.alpha[name] == pytest.approx(value, rel=1e-3)
 
 
+def test_auto_dtype_is_float32_only_for_large_models(exported, monkeypatch):
+    import flarc.calib.fisher as fisher
+
+    _, model = exported("cnn", "legacy")
+    assert fisher.resolve_dtype("auto", model) == "float64"
+    assert fisher.resolve_dtype("float32", model) == "float32"
+    targets = find_targets(model).targets
+    r32 = fisher_importance(model, targets, _batches("cnn"), dtype="float32")
+    monkeypatch.setattr(fisher, "LARGE_MODEL_BYTES", 0)
+    assert fisher.resolve_dtype("auto", model) == "float32"
+    assert fisher_importance(model, targets, _batches("cnn")).alpha == r32.alpha
+
+
 def test_deterministic_given_seed(exported):
     _, model = exported("cnn", "legacy")
     targets = find_targets(model).targets
