@@ -239,11 +239,11 @@ def main() -> None:
                 f"{method:24s} budget {budget:.1f} kept {kept:.3f} {scores} {seconds:.1f}s",
                 flush=True,
             )
-        write_results(rows, metric, RESULTS / f"quality_{args.model}{args.tag}")
+            write_results(rows, metric, RESULTS / f"quality_{args.model}{args.tag}")
 
 
 def write_results(rows: list[dict], metric: str, out: Path) -> None:
-    """JSON, markdown and plot of the rows so far (after every method: a crash loses nothing)."""
+    """JSON, markdown and plot of the rows so far (after every row: a crash loses nothing)."""
     RESULTS.mkdir(exist_ok=True)
     out.with_suffix(".json").write_text(
         json.dumps({"metric": metric, "rows": rows}, indent=2) + "\n"
