@@ -504,7 +504,8 @@ def write_report() -> int:
     setup_path = WORK / "setup.json"
     setup = json.loads(setup_path.read_text()) if setup_path.is_file() else {}
     order = ["original", "plain SVD", "ASVD (diag)", "SVD-LLM", "SVD-LLM (ridge 1e-6)", "FLAR-SVD", "FLRC (fisher)",
-             "flarc global", "global + closed loop", "global + compensation"]  # fmt: skip
+             "flarc global", "global, output-weighted", "global + closed loop",
+             "global + compensation"]  # fmt: skip
     rows.sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else 99,
                              -r["budget"]))  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
@@ -521,19 +522,44 @@ def write_report() -> int:
         *(f"- {k}: {v}" for k, v in setup.items()),
         "",
         "| method | budget | cut | ppl in-domain | ppl out-of-domain | logits cos | "
-        "compress s | analysis s |",
-        "|---|---|---|---|---|---|---|---|",
+        "compress s | analysis s | peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cos = r.get("logits_cosine")
         lines.append(
             f"| {r['method']} | {r['budget']:.1f} | {1 - r['kept']:.1%} | {r['in_domain']:.3f} | "
             f"{r['out_of_domain']:.3f} | {'' if cos is None else f'{cos:.4f}'} | "
-            f"{r.get('compress_s', 0):.1f} | {r.get('analysis_s', 0):.1f} |"
+            f"{r.get('compress_s', 0):.1f} | {r.get('analysis_s', 0):.1f} | "
+            f"{r.get('peak_rss_gb', float('nan')):.1f} |"
         )
+    notes = RESULTS / "quality_qwen_notes.md"
+    if notes.is_file():
+        lines += ["", notes.read_text().rstrip()]
     write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    plot_rows(rows, out.with_suffix(".png"))
     print("\n".join(lines))
     return 0
+
+
+def plot_rows(rows: list[dict], path: Path) -> None:
+    """Held-out perplexity per method (in-domain and out-of-domain bars, log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['method']}\n{1 - r['kept']:.0%} cut" for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4.5))
+    ax.bar(x - 0.2, [r["in_domain"] for r in rows], 0.4, label="in-domain (pydoc)")
+    ax.bar(x + 0.2, [r["out_of_domain"] for r in rows], 0.4, label="out-of-domain (licences)")
+    ax.set_yscale("log")
+    ax.set_xticks(x, labels, fontsize="small")
+    ax.set_ylabel("held-out perplexity")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,11 @@ class Moments:
         )
 
 
+def spill_moments(stats: Mapping[str, Moments], folder: SpillFolder) -> dict[str, Moments]:
+    """``stats`` with each Gram written to ``folder`` (a DiskArray in place of the array)."""
+    return {key: dataclasses.replace(m, gram=folder.put(m.gram)) for key, m in stats.items()}
+
+
 class LazyMoments(Mapping[str, Moments]):
     """Moments by key whose Gram matrices may live on disk: each lookup reads one Gram, so a
     large model's statistics are in memory one at a time."""
@@ -107,11 +112,7 @@ class LazyMoments(Mapping[str, Moments]):
 
     @classmethod
     def spilled(cls, stats: Mapping[str, Moments], folder: SpillFolder) -> LazyMoments:
-        items = {}
-        for key in list(stats):
-            m = stats[key]
-            items[key] = dataclasses.replace(m, gram=folder.put(m.gram))
-        return cls(items)
+        return cls(spill_moments(stats, folder))
 
     def __getitem__(self, key: str) -> Moments:
         m = self._items[key]

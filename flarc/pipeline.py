@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -19,7 +20,7 @@ from onnx import numpy_helper
 
 from flarc.analysis import Analysis, AnalysisOptions, TargetAnalysis
 from flarc.calib.data import CalibrationSet, Feed
-from flarc.calib.moments import LazyMoments, Moments
+from flarc.calib.moments import LazyMoments, Moments, spill_moments
 from flarc.calib.shrinkage import shrink
 from flarc.calib.statistics import (
     StatisticsSession,
@@ -39,6 +40,9 @@ from flarc.rewrite.spectrum import whitened_svd
 from flarc.rewrite.surgery import factorize
 from flarc.rewrite.whiten import whitener
 from flarc.targets import Target, TargetSet, constant_tensors, weight_matrix
+
+if TYPE_CHECKING:
+    from flarc.calib.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +105,7 @@ def collect_grouped(
     data: CalibrationSet,
     options: AnalysisOptions,
     progress: Progress,
-    checkpointer,
+    checkpointer: Checkpointer | None,
     spill: SpillFolder | None,
 ) -> tuple[Mapping[str, Moments], Mapping[str, Moments], str | None]:
     """Calibration and held-out moments of every statistic, and the mask input if one was used.
@@ -144,8 +148,8 @@ def collect_grouped(
         finally:
             session.close()
         if spill is not None:
-            group = LazyMoments.spilled(group, spill)._items
-            held = LazyMoments.spilled(held, spill)._items
+            group = spill_moments(group, spill)
+            held = spill_moments(held, spill)
         stats.update(group)
         heldout.update(held)
         del group, held
