@@ -95,7 +95,7 @@ def _moments(arrays: dict, prefix: str, keys: list[str]) -> LazyMoments:
     for j, key in enumerate(keys):
         gram = arrays[f"{prefix}{j}/gram"]
         small = {
-            k: v
+            k: as_array(v)
             for k, v in arrays.items()
             if k.startswith(f"{prefix}{j}/") and k != f"{prefix}{j}/gram"
         }
@@ -131,7 +131,8 @@ def load_analysis(path: str | Path, model_sha256: str | None = None) -> Analysis
     entries = {}
     for i, t in enumerate(targets):
         meta = manifest["entries"][t.name]
-        spectrum = Spectrum(arrays[f"t{i}/sigma"], arrays[f"t{i}/basis"], arrays[f"t{i}/vt"])
+        sigma = as_array(arrays[f"t{i}/sigma"])
+        spectrum = Spectrum(sigma, arrays[f"t{i}/basis"], arrays[f"t{i}/vt"])
         entries[t.name] = TargetAnalysis(t, spectrum, meta["lam"], meta["whitening"], meta["rows"])
     stats = _moments(arrays, "s", manifest["stat_keys"])
     heldout = _moments(arrays, "h", manifest["heldout_keys"])
