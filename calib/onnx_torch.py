@@ -551,6 +551,48 @@ def _conv(x: list, a: dict, c: Context) -> list:
     ]
 
 
+# ONNX Resize (mode, coordinate transformation) -> torch interpolate mode and align_corners; the
+# cubic coefficient -0.75 is torch's, and half_pixel is torch's align_corners=False.
+_RESIZE_MODES = {
+    ("nearest", "asymmetric"): ("nearest", None),
+    ("linear", "half_pixel"): ("linear", False),
+    ("linear", "pytorch_half_pixel"): ("linear", False),
+    ("linear", "align_corners"): ("linear", True),
+    ("cubic", "half_pixel"): ("bicubic", False),
+    ("cubic", "pytorch_half_pixel"): ("bicubic", False),
+    ("cubic", "align_corners"): ("bicubic", True),
+}
+
+
+def _resize(x: list, a: dict, c: Context) -> list:
+    t = x[0]
+    mode = a.get("mode", "nearest")
+    coords = a.get("coordinate_transformation_mode", "half_pixel")
+    nearest = a.get("nearest_mode", "round_prefer_floor")
+    key = (mode, coords)
+    if key not in _RESIZE_MODES or (mode == "nearest" and nearest != "floor"):
+        raise c.fail(f"Resize mode {mode!r} with {coords!r} not supported")
+    if mode == "cubic" and abs(a.get("cubic_coeff_a", -0.75) + 0.75) > 1e-9:
+        raise c.fail("Resize cubic_coeff_a other than -0.75 not supported")
+    if a.get("antialias", 0) or a.get("axes") is not None:
+        raise c.fail("Resize with antialias or axes not supported")
+    scales = x[2] if len(x) > 2 and x[2] is not None and x[2].numel() else None
+    sizes = _ints(x[3]) if len(x) > 3 and x[3] is not None and x[3].numel() else None
+    if sizes is None and scales is None:
+        raise c.fail("Resize needs scales or sizes")
+    if sizes is None:
+        sizes = [int(d * float(s)) for d, s in zip(t.shape, scales.tolist(), strict=True)]
+    if list(sizes[:2]) != list(t.shape[:2]) or t.dim() not in (3, 4, 5):
+        raise c.fail("Resize of the batch or channel axis not supported")
+    torch_mode, align = _RESIZE_MODES[key]
+    nd = t.dim() - 2
+    if torch_mode == "linear":
+        torch_mode = ("linear", "bilinear", "trilinear")[nd - 1]
+    elif torch_mode == "bicubic" and nd != 2:
+        raise c.fail("Resize cubic is supported in 2-D only")
+    return [F.interpolate(t, size=list(sizes[2:]), mode=torch_mode, align_corners=align)]
+
+
 def _conv_transpose(x: list, a: dict, c: Context) -> list:
     t, w = x[0], x[1]
     bias = x[2] if len(x) > 2 else None
@@ -775,6 +817,7 @@ OPS: dict[str, Op] = {
     "Einsum": _einsum,
     "Conv": _conv,
     "ConvTranspose": _conv_transpose,
+    "Resize": _resize,
     "MaxPool": _pool("max"),
     "AveragePool": _pool("avg"),
     "GlobalAveragePool": _global_pool("avg"),

@@ -383,6 +383,34 @@ OP_CASES = [
         [F],
     ),
     ("not", "Not", [np.array([True, False])], {}, 17, [B]),
+    *(
+        (
+            f"resize_{mode}_{coords}",
+            "Resize",
+            [_rand(1, 2, 5, 6), None, None, np.array(size, np.int64)],
+            {"mode": mode, "coordinate_transformation_mode": coords, "cubic_coeff_a": -0.75},
+            13,
+            [F],
+        )
+        for mode, coords, size in (
+            ("linear", "half_pixel", [1, 2, 9, 4]),
+            ("linear", "align_corners", [1, 2, 3, 11]),
+            ("cubic", "half_pixel", [1, 2, 11, 7]),
+            ("cubic", "align_corners", [1, 2, 4, 9]),
+        )
+    ),
+    (
+        "resize_nearest_scales",
+        "Resize",
+        [_rand(1, 2, 3, 4), None, np.array([1, 1, 2, 3], np.float32)],
+        {
+            "mode": "nearest",
+            "coordinate_transformation_mode": "asymmetric",
+            "nearest_mode": "floor",
+        },
+        13,
+        [F],
+    ),
     (
         "cumsum_reverse_exclusive",
         "CumSum",
@@ -395,11 +423,14 @@ OP_CASES = [
 
 
 def _op_model(op: str, inputs: list[np.ndarray], attrs: dict, opset: int, out_types: list[int]):
-    """One-node model: float inputs are graph inputs, integer ones initializers (ort-friendly)."""
-    names = [f"in{i}" for i in range(len(inputs))]
+    """One-node model: float inputs are graph inputs, integer ones initializers (ort-friendly);
+    ``None`` is an omitted optional input."""
+    names = ["" if a is None else f"in{i}" for i, a in enumerate(inputs)]
     outs = [f"out{i}" for i in range(len(out_types))]
     graph_inputs, inits, feeds = [], [], {}
     for name, array in zip(names, inputs, strict=True):
+        if array is None:
+            continue
         if array.dtype == np.float32 or array.dtype == np.bool_:
             elem = helper.np_dtype_to_tensor_dtype(array.dtype)
             graph_inputs.append(helper.make_tensor_value_info(name, elem, list(array.shape)))
