@@ -45,21 +45,18 @@ def fail(capsys, argv: list[str], *expect: str) -> str:
     return lines[0]
 
 
+def compress_argv(model, out, tmp_path) -> list[str]:
+    """``flarc compress`` of ``model`` to ``out`` on the test's calibration file, ratio 0.5."""
+    return ["compress", str(model), "-o", str(out), "--calib", str(tmp_path / "calib.npz"),
+            "--ratio", "0.5", "--align", "4"]  # fmt: skip
+
+
 def test_compress_end_to_end(tmp_path, mlp, capsys):
     before = sha(mlp)
     out = tmp_path / "small.onnx"
     code = main(
         [
-            "compress",
-            str(mlp),
-            "-o",
-            str(out),
-            "--calib",
-            str(tmp_path / "calib.npz"),
-            "--ratio",
-            "0.5",
-            "--align",
-            "4",
+            *compress_argv(mlp, out, tmp_path),
             "--report",
             str(tmp_path / "r.json"),
             "--plot",
@@ -218,18 +215,7 @@ def test_unwritable_output_folder(tmp_path, mlp, capsys):
 def test_compress_with_latency_reports_speedups(tmp_path, mlp, capsys, monkeypatch):
     monkeypatch.setenv("FLARC_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "small.onnx"
-    argv = [
-        "compress",
-        str(mlp),
-        "-o",
-        str(out),
-        "--calib",
-        str(tmp_path / "calib.npz"),
-        "--ratio",
-        "0.5",
-        "--align",
-        "4",
-    ]
+    argv = compress_argv(mlp, out, tmp_path)
     assert main([*argv, "--latency", "ort-cpu", "--report", str(tmp_path / "r.json")]) == 0, (
         capsys.readouterr().err
     )
