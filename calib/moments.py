@@ -110,10 +110,6 @@ class LazyMoments(Mapping[str, Moments]):
     def __init__(self, items: dict[str, Moments]) -> None:
         self._items = items  # their ``gram`` is an array or a DiskArray
 
-    @classmethod
-    def spilled(cls, stats: Mapping[str, Moments], folder: SpillFolder) -> LazyMoments:
-        return cls(spill_moments(stats, folder))
-
     def __getitem__(self, key: str) -> Moments:
         m = self._items[key]
         return dataclasses.replace(m, gram=as_array(m.gram)) if isinstance(m.gram, DiskArray) else m

@@ -54,7 +54,8 @@ class DiskArray:
     def prefix(self, k: int) -> np.ndarray:
         """The first ``k`` rows (C order) or columns (Fortran order) of a 2-D array, read alone."""
         if self.nbytes == 0 or k == 0:
-            return self.load()[:k] if not self.fortran else self.load()[:, :k]
+            shape = (self.shape[0], 0) if self.fortran else (0, *self.shape[1:])
+            return np.zeros(shape, self.dtype)
         mapped = self._map()
         try:
             return np.array(mapped[:, :k] if self.fortran else mapped[:k])
