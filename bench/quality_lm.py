@@ -59,6 +59,13 @@ BUDGETS = (0.8,)
 # adds a small ridge to the diagonal when Cholesky fails; this row does that for every target.
 EXTRA_METHODS = {
     "SVD-LLM (ridge 1e-6)": (dict(shrinkage_lambda=1e-6), lambda b: _ratio(b), False, False),
+    # FLRC's allocation on the same ridge-stabilised spectra (its rewrite is SVD-LLM's).
+    "FLRC (fisher, ridge 1e-6)": (
+        dict(shrinkage_lambda=1e-6, fisher="auto"),
+        lambda b: _fisher(b),
+        False,
+        False,
+    ),
 }
 
 
@@ -66,6 +73,12 @@ def _ratio(budget: float):
     from flarc.policy import RankOptions
 
     return RankOptions(ratio=budget)
+
+
+def _fisher(budget: float):
+    from flarc.policy import RankOptions
+
+    return RankOptions(allocate="fisher", budget=budget)
 
 
 def rss_gb() -> float:
@@ -312,6 +325,7 @@ def derive_analysis(model, targets, meta, a_opts: dict, heldout, probe, fisher=N
     """``analyze``'s result for ``a_opts`` from the cached statistics."""
     from flarc.analysis import Analysis, AnalysisOptions
     from flarc.diskarray import SpillFolder
+    from flarc.external import as_array, external_dir
     from flarc.pipeline import analyze_target
     from flarc.targets import constant_tensors
 
@@ -326,7 +340,8 @@ def derive_analysis(model, targets, meta, a_opts: dict, heldout, probe, fisher=N
         if t.stat_key not in cache:
             cache.clear()  # targets sharing an input are adjacent
             cache[t.stat_key] = load_stat(meta, t.stat_key)
-        entry = analyze_target(t, consts[t.weight], cache[t.stat_key], opts)
+        weight = as_array(consts[t.weight], external_dir(model))  # mapped from the data file
+        entry = analyze_target(t, weight, cache[t.stat_key], opts)
         entry.spectrum = entry.spectrum.spilled(spill)
         entries[t.name] = entry
     return Analysis(
@@ -345,6 +360,32 @@ def derive_analysis(model, targets, meta, a_opts: dict, heldout, probe, fisher=N
         heldout_is_calibration=False,
         spill=spill,
     )
+
+
+def cached_analysis(model, targets, meta, a_opts, key, compare, calib, fisher):
+    """The derived analysis of one setting, saved as a flarc analysis file the first time, so
+    that every later row (each in a fresh process) loads its spectra lazily instead of
+    recomputing them (15-20 min on this model)."""
+    from flarc.analysis_file import load_analysis, save_analysis
+
+    # Fisher importances do not change the spectra: settings that differ only there share a file.
+    spectra_key = json.dumps({k: v for k, v in a_opts.items() if k != "fisher"}, sort_keys=True)
+    path = WORK / "analyses" / f"{slug(spectra_key) or 'default'}.analysis"
+    if path.is_file():
+        analysis = load_analysis(path)
+        log(f"analysis {key}: loaded {path.name}")
+        if fisher:
+            analysis.fisher, analysis.fisher_loss = fisher["alpha"], fisher["description"]
+            analysis.options = dataclasses.replace(analysis.options, fisher="lm")
+        return analysis, analysis.extra["derive_s"]
+    t0 = time.perf_counter()
+    analysis = derive_analysis(model, targets, meta, a_opts, compare, calib[:4], fisher)
+    derive_s = time.perf_counter() - t0
+    analysis.extra = {"derive_s": derive_s}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_analysis(analysis, path)
+    log(f"analysis {key}: {derive_s:.1f}s, saved to {path}")
+    return analysis, derive_s
 
 
 # ---------------------------------------------------------------- main
@@ -443,12 +484,11 @@ def main() -> int:
             continue
         a_opts = json.loads(key)
         fisher = None
-        t0 = time.perf_counter()
         if a_opts.get("fisher"):
             fisher = fisher_alpha(model, targets, calib, meta["mask_input"], args.fisher_dtype)
-        analysis = derive_analysis(model, targets, meta, a_opts, compare, calib[:4], fisher)
-        derive_s = time.perf_counter() - t0
-        log(f"analysis {key}: {derive_s:.1f}s")
+        analysis, derive_s = cached_analysis(
+            model, targets, meta, a_opts, key, compare, calib, fisher
+        )
         # Time of the analysis this setting needs: statistics (shared) + its spectra (+ Fisher).
         analysis_s = meta["analyze_s"] + derive_s + (fisher["seconds"] if fisher else 0.0)
         for method, budget in todo:
@@ -504,6 +544,7 @@ def write_report() -> int:
     setup_path = WORK / "setup.json"
     setup = json.loads(setup_path.read_text()) if setup_path.is_file() else {}
     order = ["original", "plain SVD", "ASVD (diag)", "SVD-LLM", "SVD-LLM (ridge 1e-6)", "FLAR-SVD", "FLRC (fisher)",
+             "FLRC (fisher, ridge 1e-6)",
              "flarc global", "global, output-weighted", "global + closed loop",
              "global + compensation"]  # fmt: skip
     rows.sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else 99,

@@ -18,15 +18,16 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx.inliner
 import torch
-from onnx import numpy_helper
 from torch.nn import functional as F
 
 from flarc.errors import DataError, ModelError
+from flarc.external import external_dir, tensor_array
 from flarc.targets import constant_tensors, node_names
 
 log = logging.getLogger(__name__)
@@ -80,12 +81,15 @@ def _to_torch(array: np.ndarray, dtype: torch.dtype) -> Tensor:
     return torch.from_numpy(np.array(array))
 
 
-def tensor_from_proto(proto: onnx.TensorProto, dtype: torch.dtype) -> Tensor:
+def tensor_from_proto(
+    proto: onnx.TensorProto, dtype: torch.dtype, folder: Path | None = None
+) -> Tensor:
+    """``proto``'s values in ``dtype``; external data are read from ``folder`` (a lazy model's)."""
+    raw = tensor_array(proto, folder)
     if proto.data_type == onnx.TensorProto.BFLOAT16:
         # numpy has no bfloat16: go through the float32 bit pattern.
-        raw = numpy_helper.to_array(proto)
         return torch.from_numpy(np.asarray(raw, dtype=np.float32)).to(dtype)
-    return _to_torch(numpy_helper.to_array(proto), dtype)
+    return _to_torch(raw, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -950,6 +954,7 @@ class TorchGraph:
         self.outputs = [o.name for o in graph.output]
         self.names = node_names(model)
         consts = constant_tensors(model)
+        folder = external_dir(model)
         missing = [p for p in params if p not in consts]
         if missing:
             raise ModelError(
@@ -958,14 +963,14 @@ class TorchGraph:
             )
         with torch.no_grad():
             self.constants: dict[str, Tensor] = {
-                t.name: tensor_from_proto(t, dtype) for t in graph.initializer
+                t.name: tensor_from_proto(t, dtype, folder) for t in graph.initializer
             }
         self.params: dict[str, torch.nn.Parameter] = {}
         for name in dict.fromkeys(params):
             value = (
                 self.constants[name]
                 if name in self.constants
-                else tensor_from_proto(consts[name], dtype)
+                else tensor_from_proto(consts[name], dtype, folder)
             )
             if not value.is_floating_point():
                 raise ModelError(f"weight '{name}' is not floating point; no gradient")

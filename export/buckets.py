@@ -44,6 +44,7 @@ from flarc.calib.data import CalibrationSet, Feed
 from flarc.errors import FlarcError, ModelError
 from flarc.export.hf import CacheLayout, empty_cache, layout_from_onnx
 from flarc.export.manifest import FORMAT, FORMAT_VERSION, Manifest, file_entries, write_manifest
+from flarc.external import external_dir, tensor_array
 from flarc.modelio import prepare_for_save
 from flarc.progress import NoProgress, Progress
 from flarc.rewrite.spectrum import Spectrum
@@ -475,13 +476,14 @@ def _write_dense(
             if attr.type == onnx.AttributeProto.GRAPH:
                 used |= {i for n in attr.g.node for i in n.input}
     own = {c.name for c in consts}
+    folder = external_dir(model)
     tensors: list[onnx.TensorProto] = []
     params = 0
     with open(path, "wb") as fh:
         for init in model.graph.initializer:
             if init.name not in used or init.name in own:
                 continue
-            array = numpy_helper.to_array(init)
+            array = tensor_array(init, folder)  # a lazy model's: mapped from its file
             params += int(array.size) if np.issubdtype(array.dtype, np.floating) else 0
             data = np.ascontiguousarray(array).tobytes()
             if len(data) < DENSE_MIN_BYTES:

@@ -171,11 +171,11 @@ def export_hf(
                 do_constant_folding=True,
                 dynamo=False,
             )
-        onnx_model = load_model(raw)
-    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    if external_data is None:
-        external_data = n_bytes > EXTERNAL_DATA_THRESHOLD // 4
-    written = save_model(onnx_model, out, external_data=external_data)
+        onnx_model = load_model(raw)  # a large one lazily: its data stay in ``tmp`` until saved
+        n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if external_data is None:
+            external_data = n_bytes > EXTERNAL_DATA_THRESHOLD // 4
+        written = save_model(onnx_model, out, external_data=external_data)
     summary = {
         "model_dir": str(model_dir),
         "output": str(out),

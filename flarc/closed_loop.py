@@ -16,7 +16,6 @@ import math
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from flarc.analysis import Analysis, AnalysisOptions, TargetAnalysis
 from flarc.calib.data import Feed
@@ -24,6 +23,7 @@ from flarc.calib.moments import Moments
 from flarc.calib.shrinkage import shrink
 from flarc.calib.statistics import FIELDS, StatisticsSession, StatPlan
 from flarc.calib.twin import target_levels, twin_model, twin_name, weight_input
+from flarc.external import as_array, external_dir
 from flarc.modelio import split_large_initializers
 from flarc.progress import NoProgress, Progress
 from flarc.rewrite.ranks import RankChoice
@@ -94,7 +94,8 @@ def closed_loop_entries(
     light, originals = split_large_initializers(model)
     twin = twin_model(light, chosen)
     del light
-    weights = {weight_input(t.weight): numpy_helper.to_array(consts[t.weight]) for t in chosen}
+    folder = external_dir(model)
+    weights = {weight_input(t.weight): as_array(consts[t.weight], folder) for t in chosen}
     options = analysis.options
     levels = target_levels(model, chosen)
     for i, level in enumerate(progress.track(levels, total=len(levels), description="closed loop")):
@@ -113,7 +114,9 @@ def closed_loop_entries(
         finally:
             session.close()
         for t in level:
-            entry = refactor_target(t, consts[t.weight], stats[t.stat_key], options, compensate)
+            entry = refactor_target(
+                t, as_array(consts[t.weight], folder), stats[t.stat_key], options, compensate
+            )
             entries[t.name] = entry
             a, c = entry.spectrum.factors(ranks[t.name].rank)
             weights[weight_input(t.weight)] = stored_weight(t, a @ c)

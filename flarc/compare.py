@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from flarc.calib.data import Feed
+from flarc.external import session_options_for
 from flarc.modelio import lean_session_options, session_model_bytes_or_path
 
 log = logging.getLogger(__name__)
@@ -94,9 +95,10 @@ def compare_models(
         # A loader, called when polygraphy activates the runner: one session alive at a time.
         def load() -> ort.InferenceSession:
             source = model_source(m, workdir)
-            return ort.InferenceSession(
-                source, lean_session_options(), providers=["CPUExecutionProvider"]
-            )
+            options = lean_session_options()
+            if isinstance(source, bytes):
+                options = session_options_for(m, options)  # a lazy model's data folder
+            return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
         return load
 

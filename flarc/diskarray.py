@@ -82,6 +82,10 @@ class SpillFolder:
         self._tmp = tempfile.TemporaryDirectory(prefix=prefix)
         self._count = 0
 
+    @property
+    def path(self) -> Path:
+        return Path(self._tmp.name)
+
     def put(self, array: np.ndarray, fortran: bool = False) -> np.ndarray | DiskArray:
         """``array`` written to the folder (Fortran order when ``fortran``), or itself when small."""
         if array.nbytes < MIN_SPILL_BYTES:

@@ -15,6 +15,15 @@ import onnxruntime as ort
 from onnx import external_data_helper, numpy_helper
 
 from flarc.errors import FlarcError, ModelError
+from flarc.external import (
+    external_dir,
+    in_model_folder,
+    is_external,
+    mark_external_dir,
+    session_options_for,
+    tensor_array,
+    write_streamed,
+)
 
 # onnxruntime 1.2x rejects the IR version that onnx 1.23 writes by default.
 MAX_IR_VERSION = 10
@@ -27,6 +36,8 @@ MAX_TENSOR_ELEMENTS = 1 << 34
 # one batch) cannot be calibrated on; refusing it up front beats an out-of-memory kill later
 # (random --synthetic inputs are allocated from the declared shapes).
 MAX_ACTIVATION_ELEMENTS = 1 << 31
+# A model with at least this much external data is loaded lazily: its data stay in their files.
+LAZY_MODEL_BYTES = 256 << 20
 
 
 def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
@@ -136,8 +147,16 @@ def check_declared_shapes(model: onnx.ModelProto, model_path: Path) -> None:
             )
 
 
-def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
-    """Load and check an ONNX model; raise ModelError with the path on anything wrong."""
+def load_model(
+    path: str | os.PathLike, load_external_data: bool = True, lazy: bool | None = None
+) -> onnx.ModelProto:
+    """Load and check an ONNX model; raise ModelError with the path on anything wrong.
+
+    External data are read into the proto, except for a lazy load (by default, a model with at
+    least ``LAZY_MODEL_BYTES`` of external data): then they stay in their files, the model is
+    marked with their folder (:mod:`flarc.external`), and flarc reads, runs and writes it from
+    there.
+    """
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{path}: no such file")
@@ -170,8 +189,18 @@ def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx
     except Exception as exc:
         raise ModelError(f"{path}: invalid ONNX model: {exc}") from None
     if load_external_data and uses_external_data(model):
-        external_data_helper.load_external_data_for_model(model, str(path.parent))
+        if lazy is None:
+            lazy = external_nbytes(model) >= LAZY_MODEL_BYTES
+        if lazy:
+            mark_external_dir(model, path.parent)
+        else:
+            external_data_helper.load_external_data_for_model(model, str(path.parent))
     return model
+
+
+def external_nbytes(model: onnx.ModelProto) -> int:
+    """Bytes of the model's tensors that live in external data files."""
+    return sum(_declared_nbytes(t, t.name) or 0 for t in _all_tensors(model) if is_external(t))
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:
@@ -186,11 +215,15 @@ def model_opset(model: onnx.ModelProto) -> int:
 
 
 def tensor_nbytes(model: onnx.ModelProto) -> int:
-    total = 0
-    for tensor in model.graph.initializer:
-        declared = _declared_nbytes(tensor, tensor.name)
-        total += declared or 0
-    return total
+    """Bytes of the model's initializers, in memory or in external data files."""
+    return sum(_declared_nbytes(t, t.name) or 0 for t in model.graph.initializer)
+
+
+def inline_nbytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers held in the proto itself (a serialised copy's payload)."""
+    return sum(
+        _declared_nbytes(t, t.name) or 0 for t in model.graph.initializer if not is_external(t)
+    )
 
 
 def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]) -> Path:
@@ -254,8 +287,9 @@ def save_model(
     """
     path = Path(path)
     prepare_for_save(model)
-    if external_data is None:
-        external_data = tensor_nbytes(model) > EXTERNAL_DATA_THRESHOLD
+    lazy = uses_external_data(model)
+    if external_data is None or lazy:
+        external_data = lazy or tensor_nbytes(model) > EXTERNAL_DATA_THRESHOLD
     if not external_data:
         data = model.SerializeToString()
         write_bytes_atomic(path, data)
@@ -263,6 +297,12 @@ def save_model(
     data_name = path.name + ".data"
     with tempfile.TemporaryDirectory(prefix=".flarc-", dir=path.parent) as tmpdir:
         tmp_model = Path(tmpdir) / path.name
+        if lazy:  # data in files (or a mix): copied tensor by tensor, never all in memory
+            refuse_overwriting_sources(model, path.parent / data_name)
+            write_streamed(model, tmp_model, Path(tmpdir) / data_name)
+            os.replace(Path(tmpdir) / data_name, path.parent / data_name)
+            os.replace(tmp_model, path)
+            return [path, path.parent / data_name]
         onnx.save_model(
             model,
             str(tmp_model),
@@ -278,6 +318,20 @@ def save_model(
     return [path, path.parent / data_name]
 
 
+def refuse_overwriting_sources(model: onnx.ModelProto, data_path: Path) -> None:
+    """A lazy model's output must not replace a data file the model is still read from."""
+    folder = external_dir(model)
+    target = data_path.resolve()
+    for tensor in _all_tensors(model):
+        if is_external(tensor) and folder is not None:
+            source = (folder / _external_entries(tensor)["location"]).resolve()
+            if source == target:
+                raise FlarcError(
+                    f"{data_path}: is the data file of the model being compressed "
+                    f"(tensor '{tensor.name}'); choose another output name"
+                )
+
+
 def session_bytes(model: onnx.ModelProto) -> bytes:
     """Serialised ``model`` for onnxruntime (IR version clamped)."""
     return prepare_for_save(model).SerializeToString()
@@ -286,8 +340,9 @@ def session_bytes(model: onnx.ModelProto) -> bytes:
 def session_model_bytes_or_path(model: onnx.ModelProto, workdir: Path) -> str | bytes:
     """What onnxruntime.InferenceSession accepts for ``model``: bytes, or a path for large ones."""
     prepare_for_save(model)
-    if tensor_nbytes(model) <= EXTERNAL_DATA_THRESHOLD:
-        return model.SerializeToString()
+    escaped = any(is_external(t) and not in_model_folder(t) for t in _all_tensors(model))
+    if inline_nbytes(model) <= EXTERNAL_DATA_THRESHOLD and not escaped:
+        return model.SerializeToString()  # a lazy model's data: see session_options_for
     target = workdir / "session.onnx"
     save_model(model, target, external_data=True)
     return str(target)
@@ -296,7 +351,7 @@ def session_model_bytes_or_path(model: onnx.ModelProto, workdir: Path) -> str | 
 def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
     for tensor in model.graph.initializer:
         if tensor.name == name:
-            return numpy_helper.to_array(tensor)
+            return tensor_array(tensor, external_dir(model))
     raise KeyError(name)
 
 
@@ -377,7 +432,13 @@ def fed_session(
     light, more = split_large_initializers(model)
     originals = {**more, **(originals or {})}  # a stub in ``model`` is not an original
     graph = light.graph
-    stubs = [t for t in graph.initializer if t.name in originals and not t.HasField("raw_data")]
+    # External data outside the model's folder (a large rewrite's factors) is fed, mapped.
+    escaped = {t.name: t for t in graph.initializer if is_external(t) and not in_model_folder(t)}
+    stubs = [
+        t
+        for t in graph.initializer
+        if t.name in escaped or (t.name in originals and not t.HasField("raw_data"))
+    ]
     names = {t.name for t in stubs}
     if stubs:
         keep = [t for t in graph.initializer if t.name not in names]
@@ -391,12 +452,14 @@ def fed_session(
                 )
     arrays = {n: (fed or {}).get(n) for n in names}
     for n, value in arrays.items():
-        if value is None:
+        if value is None and n in escaped:
+            arrays[n] = tensor_array(escaped[n], external_dir(light))
+        elif value is None:
             arrays[n] = numpy_helper.to_array(originals[n])
     prepare_for_save(light)
     session = ort.InferenceSession(
         light.SerializeToString(),
-        options or lean_session_options(),
+        session_options_for(light, options or lean_session_options()),
         providers=["CPUExecutionProvider"],
     )
     return FedSession(session, arrays)

@@ -9,14 +9,14 @@ import hashlib
 import logging
 import math
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import external_data_helper
 
 from flarc.analysis import Analysis, AnalysisOptions, TargetAnalysis
 from flarc.calib.data import CalibrationSet, Feed
@@ -31,6 +31,7 @@ from flarc.calib.statistics import (
 from flarc.compare import OutputComparison, compare_models
 from flarc.diskarray import SpillFolder
 from flarc.errors import ModelError
+from flarc.external import FactorFile, as_array, external_dir
 from flarc.modelio import EXTERNAL_DATA_THRESHOLD, fed_session, save_model, tensor_nbytes
 from flarc.policy import RankOptions, choose_ranks
 from flarc.progress import NoProgress, Progress
@@ -39,7 +40,7 @@ from flarc.rewrite.ranks import RankChoice
 from flarc.rewrite.spectrum import whitened_svd
 from flarc.rewrite.surgery import factorize
 from flarc.rewrite.whiten import whitener
-from flarc.targets import Target, TargetSet, constant_tensors, weight_matrix
+from flarc.targets import Target, TargetSet, constant_tensors, weight_matrix, weight_view
 
 if TYPE_CHECKING:
     from flarc.calib.checkpoint import Checkpointer
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 MAX_KEPT_FEEDS = 4
 # Models whose tensors take at least this much keep statistics and spectra on disk (flarc.diskarray).
 SPILL_MODEL_BYTES = 256 << 20
+# Output columns per block of the held-out error of one target.
+HELDOUT_BLOCK = 2048
 # Smallest Gram budget of one statistics pass when a large model's statistics are grouped.
 STAT_GROUP_MIN_BYTES = 64 << 20
 # Largest relative difference between the factor pairs and their dense product that is rounding.
@@ -179,9 +182,10 @@ def analyze(
     if not targets.targets:
         raise ModelError("no targets to analyse")
     weights = constant_tensors(model)
+    folder = external_dir(model)
     for t in targets.targets:
         # NaN/Inf in a weight would surface much later as "SVD did not converge"; name it now.
-        bad = int((~np.isfinite(numpy_helper.to_array(weights[t.weight]))).sum())
+        bad = int((~np.isfinite(as_array(weights[t.weight], folder))).sum())
         if bad:
             raise ModelError(
                 f"tensor '{t.weight}' (weight of node '{t.name}') has {bad} NaN or Inf values"
@@ -222,7 +226,7 @@ def analyze(
     for t in progress.track(
         targets.targets, total=len(targets.targets), description="whitened SVD"
     ):
-        entry = analyze_target(t, consts[t.weight], stats[t.stat_key], options)
+        entry = analyze_target(t, as_array(consts[t.weight], folder), stats[t.stat_key], options)
         if spill is not None:
             entry.spectrum = entry.spectrum.spilled(spill)
         entries[t.name] = entry
@@ -244,6 +248,54 @@ def analyze(
     )
 
 
+class LazyMapping(Mapping):
+    """``key -> make(key)`` over fixed keys, each value made when looked up and never kept (a
+    large model's factors one target at a time, not all of them at once)."""
+
+    def __init__(self, keys: Iterable[str], make: Callable[[str], Any]) -> None:
+        self._keys = list(keys)
+        self._known = set(self._keys)
+        self._make = make
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._known:
+            raise KeyError(key)
+        return self._make(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._known
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def lazy_factors(analysis: Analysis, ranks: dict[str, RankChoice]) -> LazyMapping:
+    """The factor pair of every target with a rank, in the model's dtype, made when looked up."""
+    chosen = {name: c.rank for name, c in ranks.items() if c.rank is not None}
+    dtype = {t.name: np.dtype(t.dtype) for t in analysis.targets}
+
+    def pair(name: str) -> tuple[np.ndarray, np.ndarray]:
+        a, c = analysis.entries[name].spectrum.factors(chosen[name])
+        if not (np.isfinite(a).all() and np.isfinite(c).all()):
+            raise ModelError(f"node '{name}': factors are not finite (degenerate statistics)")
+        return a.astype(dtype[name]), c.astype(dtype[name])
+
+    return LazyMapping(chosen, pair)
+
+
+def dense_products(factors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> LazyMapping:
+    """``name -> A C`` for factor pairs, each made when looked up."""
+
+    def product(name: str) -> np.ndarray:
+        a, c = factors[name]
+        return a @ c
+
+    return LazyMapping(factors, product)
+
+
 def chosen_factors(
     analysis: Analysis, ranks: dict[str, RankChoice]
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -261,10 +313,14 @@ def heldout_error(
     moments = analysis.heldout_stats.get(target.stat_key)
     if moments is None:
         return None
-    b = weight_matrix(target, weight)
-    d = b - a @ c
-    num = float(np.einsum("ij,ij->", d, moments.gram @ d))
-    den = float(np.einsum("ij,ij->", b, moments.gram @ b))
+    num = den = 0.0
+    view = weight_view(target, weight)
+    # In blocks of output columns: a large target's float64 B and residual are never whole.
+    for j in range(0, target.m, HELDOUT_BLOCK):
+        b = np.asarray(view[:, j : j + HELDOUT_BLOCK], dtype=np.float64)
+        d = b - a @ c[:, j : j + HELDOUT_BLOCK]
+        num += float(np.einsum("ij,ij->", d, moments.gram @ d))
+        den += float(np.einsum("ij,ij->", b, moments.gram @ b))
     return num / den if den > 0 else None
 
 
@@ -303,6 +359,8 @@ class CompressResult:
     model_params_before: int
     model_params_after: int
     guard: float = 0.0  # relative difference to the dense equivalent (rounding)
+    # A large model's factor data, which ``model`` refers to: save the model while this lives.
+    spill: SpillFolder | None = None
 
     def predicted_speedup(self, latency, timing: dict) -> float:
         """End-to-end speedup the latency model expects: the targets' predicted times, plus the
@@ -327,6 +385,7 @@ def target_rows(
     analysis: Analysis, ranks: dict[str, RankChoice], model: onnx.ModelProto
 ) -> list[TargetRow]:
     consts = constant_tensors(model)
+    folder = external_dir(model)
     rows = []
     for t in analysis.targets:
         e = analysis.entries[t.name]
@@ -335,7 +394,7 @@ def target_rows(
         measured = None
         if k is not None:
             a, c = e.spectrum.factors(k)
-            measured = heldout_error(analysis, t, a, c, consts[t.weight])
+            measured = heldout_error(analysis, t, a, c, as_array(consts[t.weight], folder))
         rows.append(
             TargetRow(
                 name=t.name,
@@ -369,7 +428,7 @@ def output_guard(
     feeds = analysis.heldout_feeds[:2]
     probe = OutputErrorProbe(model, analysis.targets, feeds)
     try:
-        expected = probe.outputs({name: a @ c for name, (a, c) in factors.items()})
+        expected = probe.outputs(dense_products(factors))
     finally:
         probe.close()
     num = den = 0.0
@@ -383,9 +442,28 @@ def output_guard(
     return math.sqrt(num / den) if den > 0 else 0.0
 
 
+def check_graph_of_lazy_model(model: onnx.ModelProto) -> None:
+    """``onnx.checker`` on a model whose data stay in files, without reading them: every
+    external reference is pointed at one empty file (the checker wants a file, not its bytes)."""
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    with tempfile.TemporaryDirectory(prefix="flarc-check-") as tmp:
+        (Path(tmp) / "data").touch()
+        for tensor in external_data_helper._get_all_tensors(light):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = "data"
+        path = Path(tmp) / "model.onnx"
+        path.write_bytes(light.SerializeToString())
+        onnx.checker.check_model(str(path))
+
+
 def check_model_any_size(model: onnx.ModelProto) -> None:
     """``onnx.checker`` on ``model``; one over protobuf's 2 GB limit cannot be serialised for
     the in-memory check, so it is checked from a file with external data."""
+    if external_dir(model) is not None:
+        check_graph_of_lazy_model(model)
+        return
     if tensor_nbytes(model) <= EXTERNAL_DATA_THRESHOLD:
         onnx.checker.check_model(model)
         return
@@ -415,19 +493,18 @@ def compress(
 
         entries = closed_loop_entries(model, analysis, ranks, closed_loop, compensate, progress)
         analysis = dataclasses.replace(analysis, entries=entries)
-    # One target at a time, in the model's dtype (the graph stores them so; float64 factors of
-    # every target at once would be twice the weights).
-    factor_dtype = {t.name: np.dtype(t.dtype) for t in analysis.targets}
-    factors = {}
-    for name, choice in ranks.items():
-        if choice.rank is None:
-            continue
-        a, c = analysis.entries[name].spectrum.factors(choice.rank)
-        if not (np.isfinite(a).all() and np.isfinite(c).all()):
-            raise ModelError(f"node '{name}': factors are not finite (degenerate statistics)")
-        factors[name] = (a.astype(factor_dtype[name]), c.astype(factor_dtype[name]))
-        del a, c
-    new_model = factorize(model, analysis.targets, factors)
+    factors = lazy_factors(analysis, ranks)
+    spill = None
+    if external_dir(model) is not None:
+        # A large model's factors go to disk as they are made; the new model refers to them.
+        spill = SpillFolder(prefix="flarc-factors-")
+        factor_file = FactorFile(spill.path, external_dir(model))
+        try:
+            new_model = factorize(model, analysis.targets, factors, factor_file.put)
+        finally:
+            factor_file.close()
+    else:
+        new_model = factorize(model, analysis.targets, dict(factors.items()))
     try:
         check_model_any_size(new_model)
     except Exception as exc:  # a rewrite bug, not bad input: say which check failed
@@ -456,4 +533,5 @@ def compress(
         model_params_before=count_params(model),
         model_params_after=count_params(new_model),
         guard=guard,
+        spill=spill,
     )

@@ -15,6 +15,7 @@ from typing import Any
 
 from flarc.analysis import Analysis
 from flarc.calib.data import Feed
+from flarc.external import as_array, external_dir
 from flarc.rewrite.allocate import fisher_ranks, global_ranks, parameter_cost
 from flarc.rewrite.output_error import OutputErrorProbe
 from flarc.rewrite.ranks import RankChoice, align_up, energy_rank, ratio_rank
@@ -239,7 +240,11 @@ def bisect_all(
         consts = constant_tensors(model) if model is not None and opts.criterion == "cosine" else {}
         out = {}
         for t in targets:
-            b = weight_matrix(t, consts[t.weight]) if opts.criterion == "cosine" else None
+            b = (
+                weight_matrix(t, as_array(consts[t.weight], external_dir(model)))
+                if opts.criterion == "cosine"
+                else None
+            )
             crit = _criterion(opts.criterion, t, analysis, b, threshold, probe)
             out[t.name] = searched_choice(t, allowed_grid(t, opts), crit, threshold)
         if opts.threshold == "auto":

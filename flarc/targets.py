@@ -277,13 +277,17 @@ def require_targets(targets: TargetSet, path: str) -> None:
         )
 
 
-def weight_matrix(target: Target, tensor: onnx.TensorProto | np.ndarray) -> np.ndarray:
-    """The target's weight as ``B: [n, m]`` in float64 (Conv: rows in (c, kh, kw) order)."""
+def weight_view(target: Target, tensor: onnx.TensorProto | np.ndarray) -> np.ndarray:
+    """The target's weight as ``B: [n, m]`` in its stored dtype, a view where possible."""
     w = numpy_helper.to_array(tensor) if isinstance(tensor, onnx.TensorProto) else tensor
-    w = np.asarray(w, dtype=np.float64)
     if target.op_type == "Conv":
         return w.reshape(target.m, target.n).T
     return w.T if target.transposed else w
+
+
+def weight_matrix(target: Target, tensor: onnx.TensorProto | np.ndarray) -> np.ndarray:
+    """The target's weight as ``B: [n, m]`` in float64 (Conv: rows in (c, kh, kw) order)."""
+    return np.asarray(weight_view(target, tensor), dtype=np.float64)
 
 
 def stored_weight(target: Target, b: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 
 from flarc.errors import DataError, ModelError
+from flarc.external import session_options_for
 from flarc.modelio import session_model_bytes_or_path, tensor_nbytes
 from flarc.targets import Target
 
@@ -156,8 +157,11 @@ def _observed_shapes(
     so.log_severity_level = 3
     with tempfile.TemporaryDirectory(prefix="flarc-shapes-") as tmp:
         try:
+            source = session_model_bytes_or_path(run, Path(tmp))
+            if isinstance(source, bytes):
+                so = session_options_for(run, so)  # a lazy model's data folder
             sess = ort.InferenceSession(
-                session_model_bytes_or_path(run, Path(tmp)),
+                source,
                 sess_options=so,
                 providers=["CPUExecutionProvider"],
             )

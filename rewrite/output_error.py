@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from flarc.calib.data import Feed
+from flarc.external import as_array, external_dir
 from flarc.modelio import fed_session, lean_session_options, split_large_initializers
 from flarc.targets import Target, constant_tensors, stored_weight
 
@@ -42,7 +43,8 @@ class OutputErrorProbe:
     def __init__(self, model: onnx.ModelProto, targets: list[Target], feeds: list[Feed]) -> None:
         self.targets = {t.name: t for t in targets}
         consts = constant_tensors(model)
-        self.weights = {t.weight: numpy_helper.to_array(consts[t.weight]) for t in targets}
+        folder = external_dir(model)
+        self.weights = {t.weight: as_array(consts[t.weight], folder) for t in targets}
         # Built on a copy whose large weights are stubs: the model's tensors are never copied.
         light, originals = split_large_initializers(model)
         probe = weights_as_inputs(light, set(self.weights))
@@ -57,25 +59,35 @@ class OutputErrorProbe:
             )
         ]
         self.feeds = feeds
-        self.reference = self.outputs({})
-        self.reference_energy = sum(
-            float(np.sum(y.astype(np.float64) ** 2)) for ys in self.reference for y in ys
-        )
+        self._reference: list[list[np.ndarray]] | None = None
         self.evaluations = 0
 
+    @property
+    def reference(self) -> list[list[np.ndarray]]:
+        """The original model's outputs (made on first use: a guard that only swaps weights
+        never reads the original targets, which for a large model stay in their files)."""
+        if self._reference is None:
+            self._reference = self.outputs({})
+            self.reference_energy = sum(
+                float(np.sum(y.astype(np.float64) ** 2)) for ys in self._reference for y in ys
+            )
+        return self._reference
+
     def outputs(self, replaced: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
-        """Model outputs on every feed with target ``name -> B [n, m]`` replacements."""
+        """Model outputs on every feed with target ``name -> B [n, m]`` replacements (a
+        mapping that makes each on lookup keeps one float64 ``B`` alive at a time)."""
         weights = dict(self.weights)
-        for name, b in replaced.items():
+        for name in replaced:
             t = self.targets[name]
-            weights[t.weight] = stored_weight(t, b)
+            weights[t.weight] = stored_weight(t, replaced[name])
         return [self.session.run(self.outputs_names, {**feed, **weights}) for feed in self.feeds]
 
     def error(self, replaced: dict[str, np.ndarray]) -> float:
         """Normalised output error with target ``name -> B [n, m]`` replacements."""
         self.evaluations += 1
         num = 0.0
-        for ys, refs in zip(self.outputs(replaced), self.reference, strict=True):
+        reference = self.reference
+        for ys, refs in zip(self.outputs(replaced), reference, strict=True):
             for y, y0 in zip(ys, refs, strict=True):
                 num += float(np.sum((y.astype(np.float64) - y0) ** 2))
         return num / max(self.reference_energy, 1e-300)

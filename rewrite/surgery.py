@@ -11,27 +11,36 @@ of the model are kept; unused originals are removed.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from flarc.modelio import split_large_initializers
 from flarc.targets import Target, node_names
 
+# Where a factor's values go: None keeps them in the graph; a FactorFile writes them to disk.
+Store = Callable[[str, np.ndarray], onnx.TensorProto] | None
 
-def _factor_constant(name: str, value: np.ndarray, dtype: str) -> gs.Constant:
-    return gs.Constant(name, np.ascontiguousarray(value.astype(np.dtype(dtype), copy=False)))
+
+def _factor_constant(name: str, value: np.ndarray, dtype: str, store: Store) -> gs.Constant:
+    value = np.ascontiguousarray(value.astype(np.dtype(dtype), copy=False))
+    if store is None:
+        return gs.Constant(name, value)
+    return gs.Constant(name, LazyValues(store(name, value)))  # exported as the stored reference
 
 
 def _rewrite_matmul(
-    graph: gs.Graph, node: gs.Node, t: Target, a: np.ndarray, c: np.ndarray
+    graph: gs.Graph, node: gs.Node, t: Target, a: np.ndarray, c: np.ndarray, store: Store
 ) -> None:
     x = node.inputs[0]
     mid = gs.Variable(f"{t.name}/lowrank_mid", dtype=x.dtype)
     first = gs.Node(
         "MatMul",
         name=f"{t.name}/lowrank_A",
-        inputs=[x, _factor_constant(f"{t.name}/lowrank_A", a, t.dtype)],
+        inputs=[x, _factor_constant(f"{t.name}/lowrank_A", a, t.dtype, store)],
         outputs=[mid],
     )
     if t.op_type == "Gemm":
@@ -40,12 +49,14 @@ def _rewrite_matmul(
         node.attrs["alpha"] = 1.0
         node.attrs["transB"] = 0
     node.inputs[0] = mid
-    node.inputs[1] = _factor_constant(f"{t.name}/lowrank_C", c, t.dtype)
+    node.inputs[1] = _factor_constant(f"{t.name}/lowrank_C", c, t.dtype, store)
     node.name = f"{t.name}/lowrank_C"
     graph.nodes.append(first)
 
 
-def _rewrite_conv(graph: gs.Graph, node: gs.Node, t: Target, a: np.ndarray, c: np.ndarray) -> None:
+def _rewrite_conv(
+    graph: gs.Graph, node: gs.Node, t: Target, a: np.ndarray, c: np.ndarray, store: Store
+) -> None:
     g = t.conv
     k = a.shape[1]
     x = node.inputs[0]
@@ -56,22 +67,29 @@ def _rewrite_conv(graph: gs.Graph, node: gs.Node, t: Target, a: np.ndarray, c: n
         "Conv",
         name=f"{t.name}/lowrank_A",
         attrs=attrs,
-        inputs=[x, _factor_constant(f"{t.name}/lowrank_A", a_kernel, t.dtype)],
+        inputs=[x, _factor_constant(f"{t.name}/lowrank_A", a_kernel, t.dtype, store)],
         outputs=[mid],
     )
     nd = len(g.kernel_shape)
     c_kernel = c.T.reshape(t.m, k, *([1] * nd))
     node.attrs = {"kernel_shape": [1] * nd, "group": 1}
     node.inputs[0] = mid
-    node.inputs[1] = _factor_constant(f"{t.name}/lowrank_C", c_kernel, t.dtype)
+    node.inputs[1] = _factor_constant(f"{t.name}/lowrank_C", c_kernel, t.dtype, store)
     node.name = f"{t.name}/lowrank_C"
     graph.nodes.append(first)
 
 
 def factorize(
-    model: onnx.ModelProto, targets: list[Target], factors: dict[str, tuple[np.ndarray, np.ndarray]]
+    model: onnx.ModelProto,
+    targets: list[Target],
+    factors: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    store: Store = None,
 ) -> onnx.ModelProto:
-    """A new model in which each target named in ``factors`` is replaced by its factor pair."""
+    """A new model in which each target named in ``factors`` is replaced by its factor pair.
+
+    ``factors`` may make each pair when it is looked up; with ``store``, each factor goes to
+    disk at once and the graph refers to it there (a large model's rewrite).
+    """
     # Large weights travel as data-less stubs and only those still used are copied back at the end.
     named, originals = split_large_initializers(model)
     for node, name in zip(named.graph.node, node_names(named), strict=True):
@@ -84,9 +102,10 @@ def factorize(
         a, c = factors[t.name]
         node = by_name[t.name]
         if t.op_type == "Conv":
-            _rewrite_conv(graph, node, t, a, c)
+            _rewrite_conv(graph, node, t, a, c, store)
         else:
-            _rewrite_matmul(graph, node, t, a, c)
+            _rewrite_matmul(graph, node, t, a, c, store)
+        del a, c
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = gs.export_onnx(graph, do_type_check=False)
     for tensor in out.graph.initializer:

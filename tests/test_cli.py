@@ -265,3 +265,27 @@ def test_data_loader_script_and_calibration_data_reader(tmp_path, mlp):
         ["compress", str(mlp), "-o", str(tmp_path / "o.onnx"), "--calib", f"{script}:load_data"]
     )
     assert code == 0
+
+
+def test_compress_lazy_external_model_matches_in_memory(tmp_path, mlp, capsys, monkeypatch):
+    """A model with external data, compressed with its weights left in their files (forced
+    here): the same output model as in memory; an output whose data file would replace the
+    input's is refused, and the input stays untouched."""
+    import flarc.modelio
+
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    src = folder / "m.onnx"
+    onnx.save(onnx.load(str(mlp)), str(src), save_as_external_data=True,
+              location="out.onnx.data", size_threshold=0)  # fmt: skip
+    before = {p.name: sha(p) for p in folder.iterdir()}
+    assert main(compress_argv(src, tmp_path / "eager.onnx", tmp_path)) == 0
+    monkeypatch.setattr(flarc.modelio, "LAZY_MODEL_BYTES", 0)
+    assert main(compress_argv(src, tmp_path / "lazy.onnx", tmp_path)) == 0, capsys.readouterr()
+    eager = onnx.load(str(tmp_path / "eager.onnx"))
+    lazy = onnx.load(str(tmp_path / "lazy.onnx"))
+    assert [t.name for t in eager.graph.initializer] == [t.name for t in lazy.graph.initializer]
+    for a, b in zip(eager.graph.initializer, lazy.graph.initializer, strict=True):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+    fail(capsys, compress_argv(src, folder / "out.onnx", tmp_path), "out.onnx.data", "data file")
+    assert before == {p.name: sha(p) for p in folder.iterdir()}

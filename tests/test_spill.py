@@ -141,3 +141,57 @@ def test_grouped_statistics_resume_from_checkpoint(small_lm, spill_everything, t
     again = analyze(model, targets, data, checkpoint=tmp_path / "ck", resume=True)
     for key in first.stats:
         np.testing.assert_array_equal(first.stats[key].gram, again.stats[key].gram)
+
+
+def _saved_external(model: onnx.ModelProto, folder) -> str:
+    folder.mkdir()
+    path = folder / "m.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="m.data", size_threshold=0)
+    return str(path)
+
+
+def _loaded_values(path) -> dict[str, np.ndarray]:
+    m = onnx.load(str(path))
+    return {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+
+
+def test_lazy_model_compresses_to_the_same_model_as_in_memory(small_lm, spill_everything, tmp_path):
+    """Weights left in their files (read by memory maps, run by onnxruntime from the files,
+    factors written to disk as made): the same numbers and the same saved model, bit for bit."""
+    from flarc.external import external_dir
+    from flarc.modelio import load_model, save_model
+
+    model, data = small_lm
+    src = _saved_external(model, tmp_path / "in")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "in").iterdir()}
+    eager = load_model(src, lazy=False)
+    lazy = load_model(src, lazy=True)
+    assert external_dir(eager) is None and external_dir(lazy) == (tmp_path / "in").resolve()
+    assert all(not t.HasField("raw_data") for t in lazy.graph.initializer if t.dims)
+    opts = RankOptions(ratio=0.5, align=4)
+    results = {}
+    for name, m in (("eager", eager), ("lazy", lazy)):
+        analysis = analyze(m, find_targets(m), data, AnalysisOptions())
+        result = compress(m, analysis, opts)
+        (tmp_path / name).mkdir()
+        save_model(result.model, tmp_path / name / "small.onnx", external_data=True)
+        results[name] = result
+    a, b = results["eager"], results["lazy"]
+    assert b.spill is not None and a.spill is None
+    assert [r.to_dict() for r in a.rows] == [r.to_dict() for r in b.rows]
+    assert [c.to_dict() for c in a.comparison] == [c.to_dict() for c in b.comparison]
+    assert a.guard == b.guard
+    va = _loaded_values(tmp_path / "eager" / "small.onnx")
+    vb = _loaded_values(tmp_path / "lazy" / "small.onnx")
+    assert va.keys() == vb.keys()
+    for k in va:
+        np.testing.assert_array_equal(va[k], vb[k])
+    # The input model and its data file are untouched; the lazy output loads in onnxruntime.
+    assert before == {p.name: p.read_bytes() for p in (tmp_path / "in").iterdir()}
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp_path / "lazy" / "small.onnx"))
+    feed = data.heldout[0]
+    ref = ort.InferenceSession(str(tmp_path / "eager" / "small.onnx")).run(None, feed)
+    for x, y in zip(sess.run(None, feed), ref, strict=True):
+        np.testing.assert_array_equal(x, y)

@@ -1,0 +1,220 @@
+"""Weights that stay in their external data files.
+
+A large model is loaded without its external data (:func:`flarc.modelio.load_model` marks it
+with the folder its data files live in). Its tensors are then read through read-only memory
+maps, onnxruntime runs it from the same files (it maps them rather than copying them, see
+:func:`session_options_for`), and it is written by copying each tensor's bytes from its file
+to the output's. So the weights are resident once, as clean file pages, never as copies in the
+process's own memory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import external_data_helper, numpy_helper
+
+from flarc.errors import ModelError
+
+# Metadata key of a lazily loaded model: the absolute folder its external data lives in.
+EXTERNAL_DIR_KEY = "flarc.external_data_dir"
+# Offsets of tensors we write are multiples of this, so onnxruntime can map each one.
+ALIGNMENT = 4096
+# Inline tensors at least this large go to the data file when a model is saved with one.
+INLINE_LIMIT = 1024
+COPY_CHUNK = 64 << 20
+# Types a memory map can show as they are stored (others are decoded by onnx, one tensor).
+_MAPPABLE = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8,
+    onnx.TensorProto.INT16,
+    onnx.TensorProto.UINT16,
+    onnx.TensorProto.INT32,
+    onnx.TensorProto.UINT32,
+    onnx.TensorProto.INT64,
+    onnx.TensorProto.UINT64,
+    onnx.TensorProto.BOOL,
+}
+
+
+def external_dir(model: onnx.ModelProto) -> Path | None:
+    """The folder of a lazily loaded model's external data, or None for a model held in memory."""
+    for prop in model.metadata_props:
+        if prop.key == EXTERNAL_DIR_KEY:
+            return Path(prop.value)
+    return None
+
+
+def mark_external_dir(model: onnx.ModelProto, folder: Path) -> None:
+    unmark(model)
+    model.metadata_props.add(key=EXTERNAL_DIR_KEY, value=str(folder.resolve()))
+
+
+def unmark(model: onnx.ModelProto) -> None:
+    keep = [p for p in model.metadata_props if p.key != EXTERNAL_DIR_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+
+
+def is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _location(tensor: onnx.TensorProto, folder: Path | None) -> tuple[Path, int, int]:
+    info = {e.key: e.value for e in tensor.external_data}
+    if folder is None:
+        raise ModelError(
+            f"tensor '{tensor.name}': external data but the model was not loaded from a file"
+        )
+    path = folder / info["location"]
+    offset = int(info.get("offset", 0) or 0)
+    length = int(info["length"]) if info.get("length") else path.stat().st_size - offset
+    return path, offset, length
+
+
+def tensor_array(tensor: onnx.TensorProto, folder: Path | None) -> np.ndarray:
+    """The values of ``tensor``; external data is memory-mapped read-only from its file."""
+    if not is_external(tensor):
+        return numpy_helper.to_array(tensor)
+    path, offset, length = _location(tensor, folder)
+    shape = tuple(int(d) for d in tensor.dims)
+    if tensor.data_type not in _MAPPABLE or length == 0:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(tensor)
+        external_data_helper.load_external_data_for_tensor(copy, str(folder))
+        return numpy_helper.to_array(copy)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    flat = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(length // dtype.itemsize,))
+    return flat.reshape(shape)
+
+
+def model_tensor_array(model: onnx.ModelProto, tensor: onnx.TensorProto) -> np.ndarray:
+    return tensor_array(tensor, external_dir(model))
+
+
+def as_array(value: onnx.TensorProto | np.ndarray, folder: Path | None = None) -> np.ndarray:
+    """An array for a constant that is either already one or a tensor proto."""
+    return value if isinstance(value, np.ndarray) else tensor_array(value, folder)
+
+
+def session_options_for(
+    model: onnx.ModelProto, options: ort.SessionOptions | None = None
+) -> ort.SessionOptions:
+    """``options`` (or new ones) that let onnxruntime find a lazy model's data files when it is
+    given the model as bytes; it maps them into memory rather than copying them."""
+    options = options or ort.SessionOptions()
+    folder = external_dir(model)
+    if folder is not None:
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(folder)
+        )
+    return options
+
+
+def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    yield from external_data_helper._get_all_tensors(model)
+
+
+def _copy_range(src: Path, offset: int, length: int, dst) -> None:
+    with open(src, "rb") as fh:
+        fh.seek(offset)
+        left = length
+        while left:
+            chunk = fh.read(min(COPY_CHUNK, left))
+            if not chunk:
+                raise ModelError(f"{src}: ends before byte {offset + length}")
+            dst.write(chunk)
+            left -= len(chunk)
+
+
+def write_streamed(model: onnx.ModelProto, model_path: Path, data_path: Path) -> None:
+    """Write ``model`` to ``model_path`` with every tensor of at least ``INLINE_LIMIT`` bytes in
+    ``data_path`` (named relative to the model), one tensor at a time: external tensors are
+    copied from their files, inline ones from the proto. ``model`` itself is left unchanged."""
+    from flarc.modelio import split_large_initializers
+
+    folder = external_dir(model)
+    # A copy whose large inline payloads are stubs: they are written straight from ``model``.
+    out, originals = split_large_initializers(model, INLINE_LIMIT)
+    unmark(out)
+    location = os.path.relpath(data_path, model_path.parent)
+    with open(data_path, "wb") as fh:
+        for src, dst in zip(_tensors(model), _tensors(out), strict=True):
+            external = is_external(src)
+            if not external and not (src.HasField("raw_data") and src.ByteSize() >= INLINE_LIMIT):
+                if src.name in originals:
+                    dst.CopyFrom(src)  # a stub of a tensor kept inline (typed fields, not raw)
+                continue
+            fh.write(b"\0" * (-fh.tell() % ALIGNMENT))
+            offset = fh.tell()
+            if external:
+                path, start, length = _location(src, folder)
+                _copy_range(path, start, length, fh)
+            else:
+                raw = src.raw_data
+                fh.write(raw)
+                length = len(raw)
+                del raw
+            dst.ClearField("raw_data")
+            del dst.external_data[:]
+            dst.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (
+                ("location", location),
+                ("offset", str(offset)),
+                ("length", str(length)),
+            ):
+                dst.external_data.add(key=key, value=value)
+        fh.flush()
+        os.fsync(fh.fileno())
+    with open(model_path, "wb") as fh:
+        fh.write(out.SerializeToString())
+
+
+def in_model_folder(tensor: onnx.TensorProto) -> bool:
+    """Whether an external tensor's file lies in its model's folder (where onnxruntime maps it)."""
+    location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+    return ".." not in Path(location).parts and not Path(location).is_absolute()
+
+
+class FactorFile:
+    """The factor tensors of a large model's rewrite, written to one data file as they are made,
+    so that none is held in memory; the rewritten model refers to them relative to the source
+    model's folder (sessions feed them, see :func:`flarc.modelio.fed_session`)."""
+
+    def __init__(self, folder: Path, model_folder: Path) -> None:
+        self.path = folder / "factors.data"
+        self.location = os.path.relpath(self.path, model_folder)
+        self._fh = open(self.path, "wb")
+
+    def put(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        array = np.ascontiguousarray(array)
+        self._fh.write(b"\0" * (-self._fh.tell() % ALIGNMENT))
+        offset = self._fh.tell()
+        self._fh.write(
+            memoryview(array.astype(array.dtype.newbyteorder("<"), copy=False)).cast("B")
+        )
+        self._fh.flush()
+        tensor = onnx.TensorProto(
+            name=name,
+            data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+            dims=array.shape,
+            data_location=onnx.TensorProto.EXTERNAL,
+        )
+        for key, value in (
+            ("location", self.location),
+            ("offset", str(offset)),
+            ("length", str(array.nbytes)),
+        ):
+            tensor.external_data.add(key=key, value=value)
+        return tensor
+
+    def close(self) -> None:
+        self._fh.close()
