@@ -59,6 +59,15 @@ BUDGETS = (0.8,)
 # adds a small ridge to the diagonal when Cholesky fails; this row does that for every target.
 EXTRA_METHODS = {
     "SVD-LLM (ridge 1e-6)": (dict(shrinkage_lambda=1e-6), lambda b: _ratio(b), False, False),
+    # The shrinkage question alone: SVD-LLM's uniform ranks on Ledoit-Wolf-shrunk spectra.
+    "uniform, Ledoit-Wolf": (dict(), lambda b: _ratio(b), False, False),
+    # flarc's output-weighted allocation on the ridge-stabilised (SVD-LLM) spectra.
+    "global, output-weighted (ridge 1e-6)": (
+        dict(shrinkage_lambda=1e-6),
+        lambda b: _global_ow(b),
+        False,
+        False,
+    ),
     # FLRC's allocation on the same ridge-stabilised spectra (its rewrite is SVD-LLM's).
     "FLRC (fisher, ridge 1e-6)": (
         dict(shrinkage_lambda=1e-6, fisher="auto"),
@@ -73,6 +82,12 @@ def _ratio(budget: float):
     from flarc.policy import RankOptions
 
     return RankOptions(ratio=budget)
+
+
+def _global_ow(budget: float):
+    from flarc.policy import RankOptions
+
+    return RankOptions(allocate="global", budget=budget, output_weighted=True)
 
 
 def _fisher(budget: float):
@@ -544,7 +559,8 @@ def write_report() -> int:
     setup_path = WORK / "setup.json"
     setup = json.loads(setup_path.read_text()) if setup_path.is_file() else {}
     order = ["original", "plain SVD", "ASVD (diag)", "SVD-LLM", "SVD-LLM (ridge 1e-6)", "FLAR-SVD", "FLRC (fisher)",
-             "FLRC (fisher, ridge 1e-6)",
+             "FLRC (fisher, ridge 1e-6)", "uniform, Ledoit-Wolf",
+             "global, output-weighted (ridge 1e-6)",
              "flarc global", "global, output-weighted", "global + closed loop",
              "global + compensation"]  # fmt: skip
     rows.sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else 99,
