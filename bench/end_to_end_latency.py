@@ -1,17 +1,19 @@
-"""End to end on onnxruntime CPU (not CI): the original MiniLM, a uniform-ratio model, and
+"""End to end on onnxruntime CPU (not CI): the original model, a uniform-ratio model, and
 latency-aware models (global allocation under a measured-latency budget), each with its
-measured and predicted speedup and its accuracy (sentence-embedding cosine on held-out text).
+measured and predicted speedup and its accuracy: MiniLM's sentence-embedding cosine on
+held-out text, or the ViT's output cosine on held-out image crops (bench/quality.py's data).
 
-    python bench/end_to_end_latency.py [--threads 2] [--batch 1 8]
+    python bench/end_to_end_latency.py [--model minilm|vit] [--threads 2] [--batch 1 8]
 
-Writes bench/results/end_to_end_latency.{json,md}. Timings from a busy machine are noisy: the
-spread (interquartile range / median) is printed beside every median.
+Writes bench/results/end_to_end_latency[_vit].{json,md}. Timings from a busy machine are
+noisy: the spread (interquartile range / median) is printed beside every median.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,41 @@ from flarc.policy import RankOptions
 from flarc.targets import find_targets
 
 RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def minilm(seq: int):
+    """(model path, data, accuracy of a session, feed of ``batch`` inputs, label of a batch)."""
+    path = minilm_onnx()
+    sents = english_sentences()
+    data = CalibrationSet(minilm_feeds(sents[:512]), minilm_feeds(sents[-256:]), "pydoc")
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    e0 = sentence_embeddings(reference, data.heldout)
+
+    def accuracy(session) -> float:
+        return float(np.mean(np.sum(e0 * sentence_embeddings(session, data.heldout), axis=1)))
+
+    def feed(batch: int) -> dict:
+        return minilm_feeds(["flarc " * (seq - 2)] * batch, batch_size=batch, seq_len=seq)[0]
+
+    return path, data, accuracy, feed, f"batch x {seq} tokens"
+
+
+def vit(seq: int):
+    from quality import vit_setup
+
+    path, data, evaluate, _ = vit_setup()
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = next(iter(data.calibration[0]))
+    crops = np.concatenate([f[name] for f in data.heldout])
+
+    def accuracy(session) -> float:
+        return evaluate(session, reference)["held_out_images"]
+
+    def feed(batch: int) -> dict:
+        return {name: crops[np.arange(batch) % len(crops)]}
+
+    return path, data, accuracy, feed, "batch x 224x224 images"
 
 
 def main() -> None:
@@ -34,19 +71,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batch", type=int, nargs="*", default=[1, 8])
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--model", default="minilm", choices=("minilm", "vit"))
     args = parser.parse_args()
-    path = minilm_onnx()
+    path, data, accuracy, make_feed, batch_label = {"minilm": minilm, "vit": vit}[args.model](
+        args.seq
+    )
     model = load_model(path)
-    sents = english_sentences()
-    data = CalibrationSet(minilm_feeds(sents[:512]), minilm_feeds(sents[-256:]), "pydoc")
     analysis = analyze(model, find_targets(model), data)
-    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    e0 = sentence_embeddings(reference, data.heldout)
     rows = []
     for batch in args.batch:
-        feed = minilm_feeds(
-            ["flarc " * (args.seq - 2)] * batch, batch_size=batch, seq_len=args.seq
-        )[0]
+        feed = make_feed(batch)
         shapes = {k: list(v.shape) for k, v in feed.items()}
         latency = load_latency_model("ort-cpu", model, analysis.targets, shapes, args.threads)
         variants = {"uniform ratio 0.8": RankOptions(ratio=0.8)}
@@ -59,7 +93,7 @@ def main() -> None:
             session = ort.InferenceSession(
                 session_bytes(result.model), providers=["CPUExecutionProvider"]
             )
-            cosine = float(np.mean(np.sum(e0 * sentence_embeddings(session, data.heldout), axis=1)))
+            cosine = accuracy(session)
             timing = measure_end_to_end(model, result.model, feed, "ort-cpu", args.threads)
             row = {
                 "batch": batch,
@@ -76,12 +110,12 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "end_to_end_latency"
+    out = RESULTS / ("end_to_end_latency" + ("" if args.model == "minilm" else f"_{args.model}"))
     out.with_suffix(".json").write_text(
-        json.dumps({"threads": args.threads, "seq": args.seq, "rows": rows}, indent=2) + "\n"
+        json.dumps({"model": args.model, "threads": args.threads, "rows": rows}, indent=2) + "\n"
     )
     lines = [
-        "| batch x 128 | variant | kept params | cosine | original ms (spread) | compressed ms (spread) | speedup | predicted |",
+        f"| {batch_label} | variant | kept params | cosine | original ms (spread) | compressed ms (spread) | speedup | predicted |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -191,6 +191,19 @@ def perplexity(session, feeds: list[dict[str, np.ndarray]]) -> float:
     return math.exp(nll / count)
 
 
+def prefill_ms(session, feed: dict[str, np.ndarray], repeats: int = 7) -> float:
+    """Median wall time of one prefill of the first sequence of ``feed`` (128 tokens)."""
+    one = {k: v[:1, :128] if k in ("input_ids", "attention_mask", "position_ids") else v[:1]
+           for k, v in feed.items()}  # fmt: skip
+    session.run(["logits"], one)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        session.run(["logits"], one)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
 def evaluate_path(path: Path, evals: dict[str, list], threads: int) -> dict[str, float]:
     import onnxruntime as ort
 
@@ -198,6 +211,7 @@ def evaluate_path(path: Path, evals: dict[str, list], threads: int) -> dict[str,
     so.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     out = {label: perplexity(session, feeds) for label, feeds in evals.items()}
+    out["prefill_ms"] = prefill_ms(session, evals["in_domain"][0])
     del session
     gc.collect()
     return out
@@ -475,6 +489,8 @@ def main() -> int:
     (WORK / "setup.json").write_text(json.dumps(setup, indent=1))
 
     orig_path = WORK / "rows" / "original.json"
+    if orig_path.is_file() and "prefill_ms" not in json.loads(orig_path.read_text()):
+        orig_path.unlink()  # measured before prefill timings were recorded: measure again
     if not orig_path.is_file():
         t0 = time.perf_counter()
         scores = evaluate_path(ONNX, evals, args.threads)
@@ -579,16 +595,20 @@ def write_report() -> int:
         *(f"- {k}: {v}" for k, v in setup.items()),
         "",
         "| method | budget | cut | ppl in-domain | ppl out-of-domain | logits cos | "
-        "compress s | analysis s | peak RSS GB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "compress s | analysis s | peak RSS GB | prefill ms (1 x 128) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    base = next((r.get("prefill_ms") for r in rows if r["method"] == "original"), None)
     for r in rows:
         cos = r.get("logits_cosine")
+        ms = r.get("prefill_ms")
+        speed = f" ({base / ms:.2f}x)" if ms and base and r["method"] != "original" else ""
         lines.append(
             f"| {r['method']} | {r['budget']:.1f} | {1 - r['kept']:.1%} | {r['in_domain']:.3f} | "
             f"{r['out_of_domain']:.3f} | {'' if cos is None else f'{cos:.4f}'} | "
             f"{r.get('compress_s', 0):.1f} | {r.get('analysis_s', 0):.1f} | "
-            f"{r.get('peak_rss_gb', float('nan')):.1f} |"
+            f"{r.get('peak_rss_gb', float('nan')):.1f} | "
+            f"{'' if ms is None else f'{ms:.0f}{speed}'} |"
         )
     notes = RESULTS / "quality_qwen_notes.md"
     if notes.is_file():
