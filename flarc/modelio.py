@@ -4,6 +4,7 @@ is read, and every output is written atomically (a temporary name, then one rena
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import tempfile
 from collections.abc import Iterator
@@ -463,3 +464,10 @@ def fed_session(
         providers=["CPUExecutionProvider"],
     )
     return FedSession(session, arrays)
+
+
+def release_free_memory() -> None:
+    """Give memory freed by large arrays back to the system (glibc keeps freed heap pages for
+    reuse, which shows as resident memory between the stages of a large model's run)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

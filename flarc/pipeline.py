@@ -32,7 +32,13 @@ from flarc.compare import OutputComparison, compare_models
 from flarc.diskarray import SpillFolder
 from flarc.errors import ModelError
 from flarc.external import FactorFile, as_array, external_dir
-from flarc.modelio import EXTERNAL_DATA_THRESHOLD, fed_session, save_model, tensor_nbytes
+from flarc.modelio import (
+    EXTERNAL_DATA_THRESHOLD,
+    fed_session,
+    release_free_memory,
+    save_model,
+    tensor_nbytes,
+)
 from flarc.policy import RankOptions, choose_ranks
 from flarc.progress import NoProgress, Progress
 from flarc.rewrite.output_error import OutputErrorProbe
@@ -141,6 +147,9 @@ def collect_grouped(
                 "calibration statistics" + label,
                 checkpoint=part,
             )
+            if spill is not None:  # to disk before the held-out pass: one group's Grams at a time
+                group = spill_moments(group, spill)
+                release_free_memory()
             held = (
                 session.collect(data.heldout, progress, "held-out statistics" + label)
                 if data.heldout
@@ -151,11 +160,12 @@ def collect_grouped(
         finally:
             session.close()
         if spill is not None:
-            group = spill_moments(group, spill)
             held = spill_moments(held, spill)
         stats.update(group)
         heldout.update(held)
         del group, held
+        if spill is not None:
+            release_free_memory()
     if spill is not None:
         return LazyMoments(stats), LazyMoments(heldout), mask
     return stats, heldout, mask
@@ -222,6 +232,8 @@ def analyze(
             progress,
         )
     consts = constant_tensors(model)
+    if spill is not None:
+        release_free_memory()
     entries = {}
     for t in progress.track(
         targets.targets, total=len(targets.targets), description="whitened SVD"
@@ -509,7 +521,11 @@ def compress(
         check_model_any_size(new_model)
     except Exception as exc:  # a rewrite bug, not bad input: say which check failed
         raise ModelError(f"compressed model fails onnx.checker: {exc}") from None
+    if spill is not None:
+        release_free_memory()
     guard = output_guard(model, new_model, analysis, factors)
+    if spill is not None:
+        release_free_memory()
     dtypes = {t.dtype for t in analysis.targets}
     tolerance = max(GUARD_TOLERANCE.get(d, 1e-3) for d in dtypes)
     if not guard <= tolerance:  # NaN included
