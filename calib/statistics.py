@@ -24,6 +24,7 @@ from flarc.calib.checkpoint import Checkpointer, feeds_digest
 from flarc.calib.data import Feed
 from flarc.calib.moments import Moments
 from flarc.errors import DataError
+from flarc.external import external_dir
 from flarc.modelio import fed_session, model_opset, split_large_initializers
 from flarc.progress import NoProgress, Progress
 from flarc.targets import ConvGeometry, Target
@@ -245,6 +246,9 @@ class StatisticsSession:
         opts.enable_cpu_mem_arena = False
         if threads:
             opts.intra_op_num_threads = threads
+        if external_dir(stats_model) is not None:
+            # Pre-packed weight copies would put a large model's weights in memory a second time.
+            opts.add_session_config_entry("session.disable_prepacking", "1")
         self.session = fed_session(stats_model, opts, originals)
         del stats_model, model
         self.output_names = [p.outputs[f] for p in self.plans for f in self._fields(p)]
