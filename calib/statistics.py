@@ -91,6 +91,7 @@ def intermediate_shapes(
     probe, more = split_large_initializers(model)
     del probe.graph.output[:]
     probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in wanted)
+    prune_to_outputs(probe.graph)
     sess = fed_session(probe, originals={**more, **(originals or {})})
     for name, value in zip(wanted, sess.run(wanted, feed), strict=True):
         shapes[name] = tuple(value.shape)
@@ -138,6 +139,39 @@ def one_hot_kernel(channels: int, kernel: tuple[int, ...]) -> np.ndarray:
     """Conv weight ``E[(c, i, j), c, i, j] = 1``: a Conv with it emits im2col patches."""
     n = channels * int(np.prod(kernel))
     return np.eye(n, dtype=np.float32).reshape(n, channels, *kernel)
+
+
+def _subgraph_names(node: onnx.NodeProto) -> set[str]:
+    """Every name the subgraphs of ``node`` read (outer-scope values included)."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            for inner in g.node:
+                names.update(inner.input)
+                names |= _subgraph_names(inner)
+    return names
+
+
+def prune_to_outputs(graph: onnx.GraphProto) -> None:
+    """Drop the nodes and initializers no graph output depends on: onnxruntime runs every node,
+    so an early group's statistics pass would otherwise run (and read the weights of) the
+    whole model."""
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):  # ONNX graphs are topologically sorted
+        if any(o in needed for o in node.output if o):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+            needed |= _subgraph_names(node)
+    if len(keep) == len(graph.node):
+        return
+    keep.reverse()
+    del graph.node[:]
+    graph.node.extend(keep)
+    inits = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
 
 
 def build_statistics_model(
@@ -203,6 +237,7 @@ def build_statistics_model(
         for f in fields:
             elem = TensorProto.INT64 if f == "count" else acc_type
             graph.output.append(helper.make_tensor_value_info(out[f], elem, None))
+    prune_to_outputs(graph)
     return stats
 
 

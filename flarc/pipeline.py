@@ -122,7 +122,9 @@ def collect_grouped(
     With ``spill``, statistics are gathered a group at a time (their Gram matrices within a
     fraction of the model's size) and kept on disk: memory holds one group, not all.
     """
-    budget = max(STAT_GROUP_MIN_BYTES, tensor_nbytes(model) // 4) if spill is not None else None
+    # A group's Grams are held about three times over (onnxruntime's outputs, their copies,
+    # the sums): an eighth of the model each keeps statistics well under the model's size.
+    budget = max(STAT_GROUP_MIN_BYTES, tensor_nbytes(model) // 8) if spill is not None else None
     groups = statistic_groups(plan_statistics(targets.targets), budget)
     stats: dict[str, Moments] = {}
     heldout: dict[str, Moments] = {}
