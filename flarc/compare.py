@@ -19,6 +19,7 @@ import onnx
 from flarc.calib.data import Feed
 from flarc.external import session_options_for
 from flarc.modelio import lean_session_options, session_model_bytes_or_path
+from flarc.streamstats import PairSums, blocks
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +51,81 @@ def _quiet_polygraphy() -> Iterator[None]:
 
 
 def _metrics(ref: list[np.ndarray], out: list[np.ndarray]) -> tuple[float, ...]:
-    a = np.concatenate([np.asarray(r, dtype=np.float64).ravel() for r in ref])
-    b = np.concatenate([np.asarray(o, dtype=np.float64).ravel() for o in out])
-    diff = np.abs(a - b)
-    scale = max(float(np.abs(a).max()), 1e-30)
-    denom = np.linalg.norm(a) * np.linalg.norm(b)
-    cosine = float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b))
-    return (
-        cosine,
-        float(diff.max()),
-        float(diff.mean()),
-        float(diff.max() / scale),
-        float(diff.mean() / scale),
-    )
+    sums = PairSums()
+    for r, o in zip(ref, out, strict=True):
+        sums.add(r, o)
+    return _summary(sums)
+
+
+def _summary(sums: PairSums) -> tuple[float, ...]:
+    """(cosine, max abs, mean abs, max rel, mean rel), relative to the reference's largest
+    magnitude."""
+    scale = max(sums.ref_max, 1e-30)
+    mean_abs = sums.abs_sum / max(sums.count, 1)
+    return (sums.cosine(), sums.abs_max, mean_abs, sums.abs_max / scale, mean_abs / scale)
+
+
+def _within(ref: np.ndarray, out: np.ndarray, rtol: float, atol: float) -> bool:
+    """polygraphy's simple comparison: every element within ``atol`` or within ``rtol`` of the
+    reference's magnitude."""
+    for x, y in blocks(ref, out):
+        d = np.abs(x - y)
+        if not np.all((d <= atol) | (d <= rtol * np.abs(x))):
+            return False
+    return True
+
+
+def compare_streamed(
+    reference: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    feeds: list[Feed],
+    rtol: float = 1e-3,
+    atol: float = 1e-3,
+) -> list[OutputComparison]:
+    """:func:`compare_models` for a large model: one session at a time, the reference's outputs
+    kept on disk and read back one batch at a time, metrics summed in blocks (a language
+    model's logits would otherwise be held for every batch, twice, and again in float64)."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="flarc-compare-") as tmp:
+        names: list[str] = []
+        index: dict[str, int] = {}
+        for which, model in (("reference", reference), ("candidate", candidate)):
+            workdir = Path(tmp) / which
+            workdir.mkdir()
+            source = session_model_bytes_or_path(model, workdir)
+            options = lean_session_options()
+            if isinstance(source, bytes):
+                options = session_options_for(model, options)
+            session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+            if which == "reference":
+                names = [o.name for o in session.get_outputs()]
+                index = {name: j for j, name in enumerate(names)}
+                for i, feed in enumerate(feeds):
+                    for name, y in zip(names, session.run(names, feed), strict=True):
+                        if np.issubdtype(y.dtype, np.number):
+                            np.save(Path(tmp) / f"{i}-{index[name]}.npy", y)
+                del session
+                continue
+            out_names = {o.name for o in session.get_outputs()}
+            names = [n for n in names if n in out_names]
+            sums = {n: PairSums() for n in names}
+            passed = dict.fromkeys(names, True)
+            for i, feed in enumerate(feeds):
+                for name, y in zip(names, session.run(names, feed), strict=True):
+                    path = Path(tmp) / f"{i}-{index[name]}.npy"
+                    if not path.is_file():
+                        sums.pop(name, None)
+                        continue
+                    ref = np.load(path, mmap_mode="r")
+                    if ref.shape != y.shape:
+                        passed[name] = False
+                        continue
+                    sums[name].add(ref, y)
+                    passed[name] = passed[name] and _within(ref, y, rtol, atol)
+                    del ref
+            del session
+    return [OutputComparison(n, *_summary(s), passed[n]) for n, s in sums.items()]
 
 
 def compare_models(

@@ -87,17 +87,18 @@ def tensor_array(tensor: onnx.TensorProto, folder: Path | None) -> np.ndarray:
     path, offset, length = _location(tensor, folder)
     shape = tuple(int(d) for d in tensor.dims)
     if tensor.data_type not in _MAPPABLE or length == 0:
+        # bfloat16, float8, 4-bit types: onnx decodes them from an inline copy of this tensor.
         copy = onnx.TensorProto()
         copy.CopyFrom(tensor)
-        external_data_helper.load_external_data_for_tensor(copy, str(folder))
+        del copy.external_data[:]
+        copy.data_location = onnx.TensorProto.DEFAULT
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            copy.raw_data = fh.read(length)
         return numpy_helper.to_array(copy)
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
     flat = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(length // dtype.itemsize,))
     return flat.reshape(shape)
-
-
-def model_tensor_array(model: onnx.ModelProto, tensor: onnx.TensorProto) -> np.ndarray:
-    return tensor_array(tensor, external_dir(model))
 
 
 def as_array(value: onnx.TensorProto | np.ndarray, folder: Path | None = None) -> np.ndarray:

@@ -28,7 +28,7 @@ from flarc.calib.statistics import (
     find_mask_input,
     plan_statistics,
 )
-from flarc.compare import OutputComparison, compare_models
+from flarc.compare import OutputComparison, compare_models, compare_streamed
 from flarc.diskarray import SpillFolder
 from flarc.errors import ModelError
 from flarc.external import FactorFile, as_array, external_dir
@@ -46,6 +46,7 @@ from flarc.rewrite.ranks import RankChoice
 from flarc.rewrite.spectrum import whitened_svd
 from flarc.rewrite.surgery import factorize
 from flarc.rewrite.whiten import whitener
+from flarc.streamstats import PairSums
 from flarc.targets import Target, TargetSet, constant_tensors, weight_matrix, weight_view
 
 if TYPE_CHECKING:
@@ -439,21 +440,21 @@ def output_guard(
     replaced by its dense product ``A C``: rounding only, unless the rewrite is wrong."""
     if not factors:
         return 0.0
-    feeds = analysis.heldout_feeds[:2]
+    # A large model's outputs (a language model's logits) are large: one batch checks a rewrite.
+    feeds = analysis.heldout_feeds[: 1 if external_dir(model) is not None else 2]
     probe = OutputErrorProbe(model, analysis.targets, feeds)
     try:
         expected = probe.outputs(dense_products(factors))
     finally:
         probe.close()
-    num = den = 0.0
+    sums = PairSums()
     # Large weights are fed, not serialised: no copy of the model, and no protobuf 2 GB limit.
     sess = fed_session(new_model)
     for feed, ys in zip(feeds, expected, strict=True):
         for y, y_ref in zip(sess.run(probe.outputs_names, feed), ys, strict=True):
-            num += float(np.sum((y.astype(np.float64) - y_ref) ** 2))
-            den += float(np.sum(y_ref.astype(np.float64) ** 2))
+            sums.add(y_ref, y)
     del sess
-    return math.sqrt(num / den) if den > 0 else 0.0
+    return sums.relative_l2()
 
 
 def check_graph_of_lazy_model(model: onnx.ModelProto) -> None:
@@ -538,7 +539,11 @@ def compress(
         if not force:
             raise ModelError(message + "; not written (use --force to write it anyway)")
         log.warning("%s; written because of --force", message)
-    comparison = compare_models(model, new_model, analysis.heldout_feeds)
+    if external_dir(model) is not None:
+        release_free_memory()
+        comparison = compare_streamed(model, new_model, analysis.heldout_feeds)
+    else:
+        comparison = compare_models(model, new_model, analysis.heldout_feeds)
     rows = target_rows(analysis, ranks, model)
     return CompressResult(
         model=new_model,
