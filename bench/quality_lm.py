@@ -68,6 +68,9 @@ EXTRA_METHODS = {
         False,
         False,
     ),
+    # Issue 4 on this model: global allocation under a measured prefill-latency budget (the
+    # targets' ort-cpu times at 128 tokens, bench/latency_curves.py's grid, align 32).
+    "global, latency budget (prefill)": (dict(), None, False, False),
     # FLRC's allocation on the same ridge-stabilised spectra (its rewrite is SVD-LLM's).
     "FLRC (fisher, ridge 1e-6)": (
         dict(shrinkage_lambda=1e-6, fisher="auto"),
@@ -82,6 +85,28 @@ def _ratio(budget: float):
     from flarc.policy import RankOptions
 
     return RankOptions(ratio=budget)
+
+
+def prefill_latency(targets, threads: int):
+    """A LatencyModel of the targets at a 128-token prefill on ort-cpu (cached measurements)."""
+    from latency_curves import TIMING
+
+    from flarc.latency.backend import get_backend
+    from flarc.latency.cache import LatencyCache
+    from flarc.latency.model import LatencyModel
+    from flarc.latency.profile import LatencyProfile, profile_specs
+    from flarc.latency.spec import LayerSpec
+
+    backend = get_backend("ort-cpu", threads=threads, timing=TIMING)
+    specs = {t.name: LayerSpec("linear", t.n, t.m, (128, t.n)) for t in targets}
+    unique = list({sp.key: sp for sp in specs.values()}.values())
+    shapes = profile_specs(unique, backend, 32, LatencyCache())
+    profile = LatencyProfile(
+        backend=backend.name, backend_version=backend.version(), device=backend.fingerprint(),
+        threads=threads, dtype="fp32", align=32, input_shapes={}, shapes=shapes,
+        targets={name: sp.key for name, sp in specs.items()},
+    )  # fmt: skip
+    return LatencyModel(profile, specs)
 
 
 def _global_ow(budget: float):
@@ -524,7 +549,16 @@ def main() -> int:
         analysis_s = meta["analyze_s"] + derive_s + (fisher["seconds"] if fisher else 0.0)
         for method, budget in todo:
             _, r_opts, closed, comp = METHODS[method]
-            options = r_opts(budget)
+            latency = None
+            if r_opts is None:  # the latency-budget row
+                from flarc.policy import RankOptions
+
+                latency = prefill_latency(targets.targets, args.threads)
+                options = RankOptions(
+                    allocate="global", latency=latency, latency_budget=budget, align=32
+                )
+            else:
+                options = r_opts(budget)
             if options.search == "bisect":
                 options = dataclasses.replace(options, output_batches=1)
             loop = calib if args.closed_loop_batches is None else calib[: args.closed_loop_batches]
@@ -557,6 +591,10 @@ def main() -> int:
                 "peak_rss_gb": peak_gb(),
                 "closed_loop_batches": len(loop) if closed else 0,
             }
+            original = json.loads(orig_path.read_text())
+            if latency is not None and original.get("prefill_ms"):
+                timing = {"original": {"median": original["prefill_ms"] / 1e3}}
+                row["predicted_speedup"] = result.predicted_speedup(latency, timing)
             (WORK / "rows" / f"{slug(method)}_{budget:.2f}.json").write_text(
                 json.dumps(row, indent=1)
             )
@@ -576,7 +614,7 @@ def write_report() -> int:
     setup = json.loads(setup_path.read_text()) if setup_path.is_file() else {}
     order = ["original", "plain SVD", "ASVD (diag)", "SVD-LLM", "SVD-LLM (ridge 1e-6)", "FLAR-SVD", "FLRC (fisher)",
              "FLRC (fisher, ridge 1e-6)", "uniform, Ledoit-Wolf",
-             "global, output-weighted (ridge 1e-6)",
+             "global, output-weighted (ridge 1e-6)", "global, latency budget (prefill)",
              "flarc global", "global, output-weighted", "global + closed loop",
              "global + compensation"]  # fmt: skip
     rows.sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else 99,
@@ -602,7 +640,10 @@ def write_report() -> int:
     for r in rows:
         cos = r.get("logits_cosine")
         ms = r.get("prefill_ms")
-        speed = f" ({base / ms:.2f}x)" if ms and base and r["method"] != "original" else ""
+        speed = f" ({base / ms:.2f}x" if ms and base and r["method"] != "original" else ""
+        if speed:
+            pred = r.get("predicted_speedup")
+            speed += f", predicted {pred:.2f}x)" if pred else ")"
         lines.append(
             f"| {r['method']} | {r['budget']:.1f} | {1 - r['kept']:.1%} | {r['in_domain']:.3f} | "
             f"{r['out_of_domain']:.3f} | {'' if cos is None else f'{cos:.4f}'} | "
