@@ -447,6 +447,8 @@ def output_guard(
         expected = probe.outputs(dense_products(factors))
     finally:
         probe.close()
+    if external_dir(model) is not None:
+        release_free_memory()  # the dense products, before the rewritten model's session
     sums = PairSums()
     # Large weights are fed, not serialised: no copy of the model, and no protobuf 2 GB limit.
     sess = fed_session(new_model)
