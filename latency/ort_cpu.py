@@ -7,18 +7,21 @@ runtime's own work, not Python allocating arrays.
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from flarc.errors import BackendError
+from flarc.external import session_options_for
 from flarc.latency.backend import Backend, cpu_fingerprint
 from flarc.latency.layers import NP_DTYPES, layer_model, random_input
 from flarc.latency.spec import LayerSpec
 from flarc.latency.timing import Stats, measure
-from flarc.modelio import prepare_for_save
+from flarc.modelio import prepare_for_save, session_model_bytes_or_path
 
 
 class OrtCpuBackend(Backend):
@@ -39,12 +42,21 @@ class OrtCpuBackend(Backend):
         so.log_severity_level = 3
         return so
 
-    def _session(self, model: onnx.ModelProto, what: str) -> ort.InferenceSession:
+    def _session(
+        self, model: onnx.ModelProto, what: str, workdir: Path | None = None
+    ) -> ort.InferenceSession:
+        """A timing session; a large model goes as bytes with its data folder, or (factors in a
+        spill file) as a file written to ``workdir``."""
+        options = self.session_options()
+        if workdir is None:
+            source: str | bytes = prepare_for_save(model).SerializeToString()
+        else:
+            source = session_model_bytes_or_path(model, workdir)
+        if isinstance(source, bytes):
+            options = session_options_for(model, options)
         try:
             return ort.InferenceSession(
-                prepare_for_save(model).SerializeToString(),
-                sess_options=self.session_options(),
-                providers=["CPUExecutionProvider"],
+                source, sess_options=options, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BackendError(
@@ -77,15 +89,17 @@ class OrtCpuBackend(Backend):
         return self._time_layer(spec, k)
 
     def time_model(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> Stats:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        sess = self._session(copy, f"model '{model.graph.name}'")
-        outputs = [o.name for o in sess.get_outputs()]
+        # The session may map files in ``tmp``: it is timed and closed before they go.
+        with tempfile.TemporaryDirectory(prefix="flarc-time-") as tmp:
+            sess = self._session(model, f"model '{model.graph.name}'", Path(tmp))
+            outputs = [o.name for o in sess.get_outputs()]
 
-        def run(number: int) -> float:
-            start = time.perf_counter()
-            for _ in range(number):
-                sess.run(outputs, feeds)
-            return time.perf_counter() - start
+            def run(number: int) -> float:
+                start = time.perf_counter()
+                for _ in range(number):
+                    sess.run(outputs, feeds)
+                return time.perf_counter() - start
 
-        return measure(run, self.timing)
+            stats = measure(run, self.timing)
+            sess = None  # closes the session before its files go
+        return stats

@@ -259,3 +259,19 @@ def test_blocked_metrics_equal_direct_numpy():
     want = (a @ b / np.linalg.norm(a) / np.linalg.norm(b), d.max(), d.mean(), d.max() / scale,
             d.mean() / scale)  # fmt: skip
     assert _metrics(ref, out) == pytest.approx(want, rel=1e-12)
+
+
+def test_lazy_models_time_end_to_end(small_lm, spill_everything, tmp_path):
+    """The end-to-end timing runs a lazily loaded model and its rewrite (factors in a spill
+    file) as they are, without loading their data."""
+    from flarc.latency.end_to_end import measure_end_to_end
+    from flarc.latency.timing import TimingConfig
+    from flarc.modelio import load_model
+
+    model, data = small_lm
+    lazy = load_model(_saved_external(model, tmp_path / "in"), lazy=True)
+    analysis = analyze(lazy, find_targets(lazy), data, AnalysisOptions())
+    small = compress(lazy, analysis, RankOptions(ratio=0.5, align=4))
+    quick = TimingConfig(warmup=1, min_repeats=3, max_repeats=3, rel_ci=1.0, max_seconds=1.0)
+    timing = measure_end_to_end(lazy, small.model, data.heldout[0], timing=quick)
+    assert timing["original"]["median"] > 0 and timing["compressed"]["median"] > 0
