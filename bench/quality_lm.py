@@ -633,23 +633,17 @@ def write_report() -> int:
         *(f"- {k}: {v}" for k, v in setup.items()),
         "",
         "| method | budget | cut | ppl in-domain | ppl out-of-domain | logits cos | "
-        "compress s | analysis s | peak RSS GB | prefill ms (1 x 128) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "compress s | analysis s | peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    base = next((r.get("prefill_ms") for r in rows if r["method"] == "original"), None)
+    # Prefill times stay in the JSON only: rows ran at different times beside other jobs.
     for r in rows:
         cos = r.get("logits_cosine")
-        ms = r.get("prefill_ms")
-        speed = f" ({base / ms:.2f}x" if ms and base and r["method"] != "original" else ""
-        if speed:
-            pred = r.get("predicted_speedup")
-            speed += f", predicted {pred:.2f}x)" if pred else ")"
         lines.append(
             f"| {r['method']} | {r['budget']:.1f} | {1 - r['kept']:.1%} | {r['in_domain']:.3f} | "
             f"{r['out_of_domain']:.3f} | {'' if cos is None else f'{cos:.4f}'} | "
             f"{r.get('compress_s', 0):.1f} | {r.get('analysis_s', 0):.1f} | "
-            f"{r.get('peak_rss_gb', float('nan')):.1f} | "
-            f"{'' if ms is None else f'{ms:.0f}{speed}'} |"
+            f"{r.get('peak_rss_gb', float('nan')):.1f} |"
         )
     notes = RESULTS / "quality_qwen_notes.md"
     if notes.is_file():
