@@ -66,13 +66,36 @@ def _summary(sums: PairSums) -> tuple[float, ...]:
 
 
 def _within(ref: np.ndarray, out: np.ndarray, rtol: float, atol: float) -> bool:
-    """polygraphy's simple comparison: every element within ``atol`` or within ``rtol`` of the
-    reference's magnitude."""
+    """polygraphy's simple element-wise comparison: every element within ``atol``, or within
+    ``rtol`` relative to the candidate's magnitude (zeros get polygraphy's epsilon)."""
     for x, y in blocks(ref, out):
         d = np.abs(x - y)
-        if not np.all((d <= atol) | (d <= rtol * np.abs(x))):
+        rel = d / np.where(y == 0, np.finfo(np.float64).eps, np.abs(y))
+        if not np.all((d <= atol) | (rel <= rtol)):
             return False
     return True
+
+
+def _session_of(model: onnx.ModelProto, workdir: Path):
+    import onnxruntime as ort
+
+    workdir.mkdir()
+    source = session_model_bytes_or_path(model, workdir)
+    options = lean_session_options()
+    if isinstance(source, bytes):
+        options = session_options_for(model, options)  # a lazy model's data folder
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def _save_outputs(model: onnx.ModelProto, feeds: list[Feed], folder: Path) -> dict[str, int]:
+    """Run ``model`` on every feed and save its numeric outputs as ``<feed>-<output>.npy``."""
+    session = _session_of(model, folder / "reference")
+    names = [o.name for o in session.get_outputs()]
+    for i, feed in enumerate(feeds):
+        for j, y in enumerate(session.run(names, feed)):
+            if np.issubdtype(y.dtype, np.number):
+                np.save(folder / f"{i}-{j}.npy", y)
+    return {name: j for j, name in enumerate(names)}
 
 
 def compare_streamed(
@@ -85,47 +108,29 @@ def compare_streamed(
     """:func:`compare_models` for a large model: one session at a time, the reference's outputs
     kept on disk and read back one batch at a time, metrics summed in blocks (a language
     model's logits would otherwise be held for every batch, twice, and again in float64)."""
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory(prefix="flarc-compare-") as tmp:
-        names: list[str] = []
-        index: dict[str, int] = {}
-        for which, model in (("reference", reference), ("candidate", candidate)):
-            workdir = Path(tmp) / which
-            workdir.mkdir()
-            source = session_model_bytes_or_path(model, workdir)
-            options = lean_session_options()
-            if isinstance(source, bytes):
-                options = session_options_for(model, options)
-            session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-            if which == "reference":
-                names = [o.name for o in session.get_outputs()]
-                index = {name: j for j, name in enumerate(names)}
-                for i, feed in enumerate(feeds):
-                    for name, y in zip(names, session.run(names, feed), strict=True):
-                        if np.issubdtype(y.dtype, np.number):
-                            np.save(Path(tmp) / f"{i}-{index[name]}.npy", y)
-                del session
-                continue
-            out_names = {o.name for o in session.get_outputs()}
-            names = [n for n in names if n in out_names]
-            sums = {n: PairSums() for n in names}
-            passed = dict.fromkeys(names, True)
-            for i, feed in enumerate(feeds):
-                for name, y in zip(names, session.run(names, feed), strict=True):
-                    path = Path(tmp) / f"{i}-{index[name]}.npy"
-                    if not path.is_file():
-                        sums.pop(name, None)
-                        continue
-                    ref = np.load(path, mmap_mode="r")
-                    if ref.shape != y.shape:
-                        passed[name] = False
-                        continue
-                    sums[name].add(ref, y)
-                    passed[name] = passed[name] and _within(ref, y, rtol, atol)
-                    del ref
-            del session
-    return [OutputComparison(n, *_summary(s), passed[n]) for n, s in sums.items()]
+        folder = Path(tmp)
+        index = _save_outputs(reference, feeds, folder)
+        session = _session_of(candidate, folder / "candidate")
+        names = [o.name for o in session.get_outputs() if o.name in index]
+        sums = {n: PairSums() for n in names}
+        passed = dict.fromkeys(names, True)
+        for i, feed in enumerate(feeds):
+            for name, y in zip(names, session.run(names, feed), strict=True):
+                path = folder / f"{i}-{index[name]}.npy"
+                if not path.is_file():  # not numeric
+                    sums.pop(name, None)
+                    continue
+                ref = np.load(path, mmap_mode="r")
+                if ref.shape != y.shape:
+                    passed[name] = False
+                    continue
+                sums[name].add(ref, y)
+                passed[name] = passed[name] and _within(ref, y, rtol, atol)
+                del ref
+        del session
+    order = [n for n in index if n in sums]
+    return [OutputComparison(n, *_summary(sums[n]), passed[n]) for n in order]
 
 
 def compare_models(
