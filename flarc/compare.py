@@ -17,8 +17,7 @@ import numpy as np
 import onnx
 
 from flarc.calib.data import Feed
-from flarc.external import session_options_for
-from flarc.modelio import lean_session_options, session_model_bytes_or_path
+from flarc.modelio import lean_session_options, session_source
 from flarc.streamstats import PairSums, blocks
 
 log = logging.getLogger(__name__)
@@ -76,14 +75,14 @@ def _within(ref: np.ndarray, out: np.ndarray, rtol: float, atol: float) -> bool:
     return True
 
 
-def _session_of(model: onnx.ModelProto, workdir: Path):
+def _session_of(model: onnx.ModelProto | str, workdir: Path):
     import onnxruntime as ort
 
-    workdir.mkdir()
-    source = session_model_bytes_or_path(model, workdir)
-    options = lean_session_options()
-    if isinstance(source, bytes):
-        options = session_options_for(model, options)  # a lazy model's data folder
+    if isinstance(model, str):
+        source, options = model, lean_session_options()
+    else:
+        workdir.mkdir()
+        source, options = session_source(model, workdir, lean_session_options())
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
@@ -152,21 +151,10 @@ def compare_models(
 
         SimpleCompareFunc = CompareFunc.simple
 
-    def model_source(m: onnx.ModelProto | str, workdir: Path) -> bytes | str:
-        if isinstance(m, str):
-            return m
-        # Bytes, or a file with external data for a model over protobuf's 2 GB limit.
-        workdir.mkdir()
-        return session_model_bytes_or_path(m, workdir)
-
     def session_of(m: onnx.ModelProto | str, workdir: Path):
         # A loader, called when polygraphy activates the runner: one session alive at a time.
         def load() -> ort.InferenceSession:
-            source = model_source(m, workdir)
-            options = lean_session_options()
-            if isinstance(source, bytes):
-                options = session_options_for(m, options)  # a lazy model's data folder
-            return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+            return _session_of(m, workdir)
 
         return load
 

@@ -120,7 +120,8 @@ def session_options_for(
     return options
 
 
-def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor the model stores: initializers and Constant/attribute tensors, in subgraphs too."""
     yield from external_data_helper._get_all_tensors(model)
 
 
@@ -148,7 +149,7 @@ def write_streamed(model: onnx.ModelProto, model_path: Path, data_path: Path) ->
     unmark(out)
     location = os.path.relpath(data_path, model_path.parent)
     with open(data_path, "wb") as fh:
-        for src, dst in zip(_tensors(model), _tensors(out), strict=True):
+        for src, dst in zip(all_tensors(model), all_tensors(out), strict=True):
             external = is_external(src)
             if not external and not (src.HasField("raw_data") and src.ByteSize() >= INLINE_LIMIT):
                 if src.name in originals:

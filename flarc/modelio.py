@@ -17,6 +17,9 @@ from onnx import external_data_helper, numpy_helper
 
 from flarc.errors import FlarcError, ModelError
 from flarc.external import (
+    all_tensors as _all_tensors,
+)
+from flarc.external import (
     external_dir,
     in_model_folder,
     is_external,
@@ -43,11 +46,6 @@ LAZY_MODEL_BYTES = 256 << 20
 
 def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in tensor.external_data}
-
-
-def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor the model stores: initializers and Constant/attribute tensors, in subgraphs too."""
-    yield from external_data_helper._get_all_tensors(model)
 
 
 def check_external_data(model: onnx.ModelProto, base_dir: Path, model_path: Path) -> None:
@@ -338,15 +336,19 @@ def session_bytes(model: onnx.ModelProto) -> bytes:
     return prepare_for_save(model).SerializeToString()
 
 
-def session_model_bytes_or_path(model: onnx.ModelProto, workdir: Path) -> str | bytes:
-    """What onnxruntime.InferenceSession accepts for ``model``: bytes, or a path for large ones."""
+def session_source(
+    model: onnx.ModelProto, workdir: Path, options: ort.SessionOptions
+) -> tuple[str | bytes, ort.SessionOptions]:
+    """What onnxruntime.InferenceSession takes for ``model`` and the options to go with it:
+    bytes (with a lazy model's data folder in ``options``), or a file written to ``workdir``
+    for a model over protobuf's limit or with data outside its folder."""
     prepare_for_save(model)
     escaped = any(is_external(t) and not in_model_folder(t) for t in _all_tensors(model))
     if inline_nbytes(model) <= EXTERNAL_DATA_THRESHOLD and not escaped:
-        return model.SerializeToString()  # a lazy model's data: see session_options_for
+        return model.SerializeToString(), session_options_for(model, options)
     target = workdir / "session.onnx"
     save_model(model, target, external_data=True)
-    return str(target)
+    return str(target), options
 
 
 def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-from onnx import external_data_helper
 
 from flarc.analysis import Analysis, AnalysisOptions, TargetAnalysis
 from flarc.calib.data import CalibrationSet, Feed
@@ -31,7 +30,7 @@ from flarc.calib.statistics import (
 from flarc.compare import OutputComparison, compare_models, compare_streamed
 from flarc.diskarray import SpillFolder
 from flarc.errors import ModelError
-from flarc.external import FactorFile, as_array, external_dir
+from flarc.external import FactorFile, all_tensors, as_array, external_dir
 from flarc.modelio import (
     EXTERNAL_DATA_THRESHOLD,
     fed_session,
@@ -466,7 +465,7 @@ def check_graph_of_lazy_model(model: onnx.ModelProto) -> None:
     light.CopyFrom(model)
     with tempfile.TemporaryDirectory(prefix="flarc-check-") as tmp:
         (Path(tmp) / "data").touch()
-        for tensor in external_data_helper._get_all_tensors(light):
+        for tensor in all_tensors(light):
             for entry in tensor.external_data:
                 if entry.key == "location":
                     entry.value = "data"

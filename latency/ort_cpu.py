@@ -16,12 +16,11 @@ import onnx
 import onnxruntime as ort
 
 from flarc.errors import BackendError
-from flarc.external import session_options_for
 from flarc.latency.backend import Backend, cpu_fingerprint
 from flarc.latency.layers import NP_DTYPES, layer_model, random_input
 from flarc.latency.spec import LayerSpec
 from flarc.latency.timing import Stats, measure
-from flarc.modelio import prepare_for_save, session_model_bytes_or_path
+from flarc.modelio import prepare_for_save, session_source
 
 
 class OrtCpuBackend(Backend):
@@ -51,9 +50,7 @@ class OrtCpuBackend(Backend):
         if workdir is None:
             source: str | bytes = prepare_for_save(model).SerializeToString()
         else:
-            source = session_model_bytes_or_path(model, workdir)
-        if isinstance(source, bytes):
-            options = session_options_for(model, options)
+            source, options = session_source(model, workdir, options)
         try:
             return ort.InferenceSession(
                 source, sess_options=options, providers=["CPUExecutionProvider"]

@@ -17,8 +17,7 @@ import onnx
 import onnxruntime as ort
 
 from flarc.errors import DataError, ModelError
-from flarc.external import session_options_for
-from flarc.modelio import session_model_bytes_or_path, tensor_nbytes
+from flarc.modelio import session_source, tensor_nbytes
 from flarc.targets import Target
 
 log = logging.getLogger(__name__)
@@ -157,9 +156,7 @@ def _observed_shapes(
     so.log_severity_level = 3
     with tempfile.TemporaryDirectory(prefix="flarc-shapes-") as tmp:
         try:
-            source = session_model_bytes_or_path(run, Path(tmp))
-            if isinstance(source, bytes):
-                so = session_options_for(run, so)  # a lazy model's data folder
+            source, so = session_source(run, Path(tmp), so)
             sess = ort.InferenceSession(
                 source,
                 sess_options=so,
