@@ -71,6 +71,35 @@ EXTRA_METHODS = {
     # Issue 4 on this model: global allocation under a measured prefill-latency budget (the
     # targets' ort-cpu times at 128 tokens, bench/latency_curves.py's grid, align 32).
     "global, latency budget (prefill)": (dict(), None, False, False),
+    # Output weights measured as the KL divergence of the next-token distribution (what
+    # perplexity sees) instead of the squared error of the logits.
+    "global, output-weighted KL (ridge 1e-6)": (
+        dict(shrinkage_lambda=1e-6),
+        lambda b: _global_ow(b, "kl"),
+        False,
+        False,
+    ),
+    # FLRC's importances as weights of flarc's global allocation (same ridge spectra).
+    "global, Fisher-weighted (ridge 1e-6)": (
+        dict(shrinkage_lambda=1e-6, fisher="auto"),
+        lambda b: _global_fisher(b),
+        False,
+        False,
+    ),
+    # Issue 7's levers on top of the best open-loop row: closed-loop statistics, then also the
+    # compensated factors (ranks from the open-loop output-weighted allocation).
+    "output-weighted + closed loop (ridge 1e-6)": (
+        dict(shrinkage_lambda=1e-6),
+        lambda b: _global_ow(b),
+        True,
+        False,
+    ),
+    "output-weighted + compensation (ridge 1e-6)": (
+        dict(shrinkage_lambda=1e-6),
+        lambda b: _global_ow(b),
+        True,
+        True,
+    ),
     # FLRC's allocation on the same ridge-stabilised spectra (its rewrite is SVD-LLM's).
     "FLRC (fisher, ridge 1e-6)": (
         dict(shrinkage_lambda=1e-6, fisher="auto"),
@@ -109,10 +138,16 @@ def prefill_latency(targets, threads: int):
     return LatencyModel(profile, specs)
 
 
-def _global_ow(budget: float):
+def _global_ow(budget: float, metric: str = "mse"):
     from flarc.policy import RankOptions
 
-    return RankOptions(allocate="global", budget=budget, output_weighted=True)
+    return RankOptions(allocate="global", budget=budget, output_weighted=True, output_metric=metric)
+
+
+def _global_fisher(budget: float):
+    from flarc.policy import RankOptions
+
+    return RankOptions(allocate="global", budget=budget, fisher_weighted=True)
 
 
 def _fisher(budget: float):
@@ -623,7 +658,10 @@ def write_report() -> int:
     setup = json.loads(setup_path.read_text()) if setup_path.is_file() else {}
     order = ["original", "plain SVD", "ASVD (diag)", "SVD-LLM", "SVD-LLM (ridge 1e-6)", "FLAR-SVD", "FLRC (fisher)",
              "FLRC (fisher, ridge 1e-6)", "uniform, Ledoit-Wolf",
-             "global, output-weighted (ridge 1e-6)", "global, latency budget (prefill)",
+             "global, output-weighted (ridge 1e-6)", "global, output-weighted KL (ridge 1e-6)",
+             "output-weighted + closed loop (ridge 1e-6)",
+             "output-weighted + compensation (ridge 1e-6)", "global, Fisher-weighted (ridge 1e-6)",
+             "global, latency budget (prefill)",
              "flarc global", "global, output-weighted", "global + closed loop",
              "global + compensation"]  # fmt: skip
     rows.sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else 99,

@@ -49,7 +49,7 @@ from torch.nn import functional as F
 
 from flarc.calib.onnx_torch import TorchGraph
 from flarc.errors import DataError, ModelError
-from flarc.modelio import tensor_nbytes
+from flarc.modelio import is_logits_name, tensor_nbytes
 from flarc.progress import NoProgress, Progress
 from flarc.targets import Target
 
@@ -112,10 +112,6 @@ class FisherResult:
     outputs: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _is_logits_name(name: str) -> bool:
-    return "logit" in name.lower()
-
-
 def _mask_of(batch: Mapping[str, np.ndarray], mask_input: str | None) -> np.ndarray | None:
     if mask_input is not None:
         if mask_input not in batch:
@@ -156,7 +152,7 @@ def _class_candidates(outputs: Mapping[str, torch.Tensor]) -> list[str]:
 
 
 def _prefer_logits(names: list[str]) -> str:
-    return next((n for n in names if _is_logits_name(n)), names[0])
+    return next((n for n in names if is_logits_name(n)), names[0])
 
 
 def resolve_loss(
@@ -169,8 +165,8 @@ def resolve_loss(
     classes = _class_candidates(outputs)
     floats = [n for n, y in outputs.items() if y.is_floating_point()]
     if loss == "auto":
-        named_lm = [n for n in lm if _is_logits_name(n)]
-        named_cls = [n for n in classes if _is_logits_name(n)]
+        named_lm = [n for n in lm if is_logits_name(n)]
+        named_cls = [n for n in classes if is_logits_name(n)]
         if named_lm:
             return LossPlan("lm", (named_lm[0],))
         if named_cls:

@@ -279,6 +279,7 @@ def rank_options(args, model, analysis):
         max_lat_recov=args.max_lat_recov,
         latency_budget=args.latency_budget,
         output_batches=args.output_batches,
+        output_metric=args.output_metric,
     )
     if args.latency:
         from flarc.latency.model import load_latency_model
@@ -428,6 +429,14 @@ def add_rank_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=2,
         help="calibration batches the output criterion runs on (2)",
+    )
+    g.add_argument(
+        "--output-metric",
+        choices=("mse", "kl"),
+        default="mse",
+        help="end-output error of the output criterion and --output-weighted: mse = squared error "
+        "of all float outputs over their energy; kl = mean KL divergence of the softmax of the "
+        "outputs named *logits* from the original's (language models, classifiers)",
     )
     g.add_argument(
         "--allocate",

@@ -44,6 +44,11 @@ MAX_ACTIVATION_ELEMENTS = 1 << 31
 LAZY_MODEL_BYTES = 256 << 20
 
 
+def is_logits_name(name: str) -> bool:
+    """Whether an output's name says it holds logits (``logits``, ``output_logits``, ...)."""
+    return "logit" in name.lower()
+
+
 def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in tensor.external_data}
 

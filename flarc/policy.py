@@ -49,6 +49,7 @@ class RankOptions:
     max_lat_recov: float = 1.0
     latency_budget: float | None = None  # global: fraction of the targets' dense time
     output_batches: int = 2  # calibration batches the output criterion runs on
+    output_metric: str = "mse"  # mse (normalised squared error) | kl (softmax of *logits*)
 
 
 def _fast_enough(opts: RankOptions, target: Target, k: int) -> bool:
@@ -72,7 +73,13 @@ def _latency_checked(target: Target, choice: RankChoice, opts: RankOptions) -> R
 def _output_probe(
     model, analysis: Analysis, feeds: list[Feed], opts: RankOptions
 ) -> OutputErrorProbe:
-    return OutputErrorProbe(model, analysis.targets, feeds[: max(1, opts.output_batches)])
+    return OutputErrorProbe(
+        model,
+        analysis.targets,
+        feeds[: max(1, opts.output_batches)],
+        opts.output_metric,
+        analysis.mask_input,
+    )
 
 
 def _criterion(

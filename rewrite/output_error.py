@@ -5,6 +5,16 @@ candidate is a feed, never a new session. The error is normalised so one thresho
 the same across layers and models:
 
     err = sum_batches sum_outputs ||y - y_ref||^2  /  sum_batches sum_outputs ||y_ref||^2
+
+or, with ``metric="kl"`` (language models and classifiers, whose quality is a loss over the
+softmax of their logits rather than the logits themselves), the mean over rows of the
+outputs named like ``*logits*`` (padding rows excluded where the attention mask spans them)
+of the divergence of the candidate's distribution from the reference's, in nats:
+
+    err = mean_rows KL(softmax(y_ref) || softmax(y))
+
+KL ignores what the softmax ignores (a constant added to a row of logits) and weighs each
+class by its reference probability, which is what perplexity and accuracy see.
 """
 
 from __future__ import annotations
@@ -15,7 +25,12 @@ from onnx import helper
 
 from flarc.calib.data import Feed
 from flarc.external import as_array, external_dir
-from flarc.modelio import fed_session, lean_session_options, split_large_initializers
+from flarc.modelio import (
+    fed_session,
+    is_logits_name,
+    lean_session_options,
+    split_large_initializers,
+)
 from flarc.targets import Target, constant_tensors, stored_weight
 
 
@@ -37,10 +52,47 @@ def weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProt
     return out
 
 
+METRICS = ("mse", "kl")
+KL_ROWS = 64  # logits rows per float64 block (one Qwen row: 151936 classes)
+
+
+def _log_softmax(y: np.ndarray) -> np.ndarray:
+    y = y.astype(np.float64)
+    y -= y.max(axis=-1, keepdims=True)
+    y -= np.log(np.exp(y).sum(axis=-1, keepdims=True))
+    return y
+
+
+def kl_rows(y_ref: np.ndarray, y: np.ndarray, keep: np.ndarray | None = None) -> tuple[float, int]:
+    """Sum over rows of ``KL(softmax(y_ref) || softmax(y))`` along the last axis, and the row
+    count; ``keep`` (the leading axes' shape) selects rows. Float64, ``KL_ROWS`` rows at a
+    time: a language model's logits are large."""
+    ref = y_ref.reshape(-1, y_ref.shape[-1])
+    cand = y.reshape(-1, y.shape[-1])
+    if keep is not None:
+        rows = np.flatnonzero(np.asarray(keep).reshape(-1))
+        ref, cand = ref[rows], cand[rows]
+    total = 0.0
+    for i in range(0, ref.shape[0], KL_ROWS):
+        log_p = _log_softmax(ref[i : i + KL_ROWS])
+        log_q = _log_softmax(cand[i : i + KL_ROWS])
+        total += float(np.sum(np.exp(log_p) * (log_p - log_q)))
+    return total, ref.shape[0]
+
+
 class OutputErrorProbe:
     """Evaluates the model's outputs with any set of target weights swapped for candidates."""
 
-    def __init__(self, model: onnx.ModelProto, targets: list[Target], feeds: list[Feed]) -> None:
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        targets: list[Target],
+        feeds: list[Feed],
+        metric: str = "mse",
+        mask_input: str | None = None,
+    ) -> None:
+        if metric not in METRICS:
+            raise ValueError(f"unknown output metric '{metric}' ({', '.join(METRICS)})")
         self.targets = {t.name: t for t in targets}
         consts = constant_tensors(model)
         folder = external_dir(model)
@@ -58,6 +110,22 @@ class OutputErrorProbe:
                 helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type), np.floating
             )
         ]
+        if metric == "kl":
+            self.outputs_names = [
+                o.name
+                for o in model.graph.output
+                if o.name in self.outputs_names
+                and is_logits_name(o.name)
+                and len(o.type.tensor_type.shape.dim) >= 2
+            ]
+            if not self.outputs_names:
+                names = ", ".join(o.name for o in model.graph.output)
+                raise ValueError(
+                    f"output metric 'kl' needs a float output named like *logits* with a class "
+                    f"axis; the model's outputs are: {names}"
+                )
+        self.metric = metric
+        self.mask_input = mask_input
         self.feeds = feeds
         self._reference: list[list[np.ndarray]] | None = None
         self.evaluations = 0
@@ -85,12 +153,26 @@ class OutputErrorProbe:
     def error(self, replaced: dict[str, np.ndarray]) -> float:
         """Normalised output error with target ``name -> B [n, m]`` replacements."""
         self.evaluations += 1
-        num = 0.0
         reference = self.reference
+        if self.metric == "kl":
+            total, rows = 0.0, 0
+            for feed, ys, refs in zip(self.feeds, self.outputs(replaced), reference, strict=True):
+                for y, y0 in zip(ys, refs, strict=True):
+                    kl, n = kl_rows(y0, y, self._kept_rows(feed, y))
+                    total, rows = total + kl, rows + n
+            return total / max(rows, 1)
+        num = 0.0
         for ys, refs in zip(self.outputs(replaced), reference, strict=True):
             for y, y0 in zip(ys, refs, strict=True):
                 num += float(np.sum((y.astype(np.float64) - y0) ** 2))
         return num / max(self.reference_energy, 1e-300)
+
+    def _kept_rows(self, feed: Feed, y: np.ndarray) -> np.ndarray | None:
+        """The attention mask as a row selector, where it spans the output's leading axes."""
+        mask = feed.get(self.mask_input) if self.mask_input else None
+        if mask is None or tuple(mask.shape) != tuple(y.shape[:-1]):
+            return None
+        return np.asarray(mask) != 0
 
     def close(self) -> None:
         """Release the session and the weight arrays (the outputs' names stay readable)."""

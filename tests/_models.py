@@ -181,3 +181,11 @@ def im2col_rows(x: np.ndarray, conv) -> np.ndarray:
         torch.from_numpy(x).double(), conv.kernel_shape, conv.dilations, conv.pads[:2], conv.strides
     )
     return cols.transpose(1, 2).reshape(-1, cols.shape[1]).numpy()
+
+
+def kept_params(targets, ranks) -> int:
+    """Parameters of the targets after factorizing at ``ranks`` (dense where rank is None)."""
+    return sum(
+        t.params if ranks[t.name].rank is None else t.rank_params(ranks[t.name].rank)
+        for t in targets
+    )

@@ -22,7 +22,7 @@ from flarc.rewrite.ranks import ratio_rank
 from flarc.rewrite.search import Criterion, bisect_rank, scan_rank
 from flarc.targets import constant_tensors, find_targets, weight_matrix
 
-from _models import TinyEncoder, export, token_batch
+from _models import TinyEncoder, export, kept_params, token_batch
 
 
 @pytest.fixture(scope="module")
@@ -284,10 +284,7 @@ def test_output_criterion_auto_threshold_lands_on_budget(encoder, tmp_path):
     )
     ranks = choose_ranks(analysis, opts, model, analysis.probe_feeds)
     total = sum(t.params for t in analysis.targets)
-    spent = sum(
-        t.params if ranks[t.name].rank is None else t.rank_params(ranks[t.name].rank)
-        for t in analysis.targets
-    )
+    spent = kept_params(analysis.targets, ranks)
     assert spent <= 0.6 * total
     assert spent > 0.45 * total
 
@@ -301,10 +298,7 @@ def test_output_weighted_global_meets_budget_and_follows_sensitivity(encoder):
     )
     ranks = choose_ranks(analysis, opts, model, analysis.probe_feeds)
     total = sum(t.params for t in analysis.targets)
-    spent = sum(
-        t.params if ranks[t.name].rank is None else t.rank_params(ranks[t.name].rank)
-        for t in analysis.targets
-    )
+    spent = kept_params(analysis.targets, ranks)
     assert spent <= 0.6 * total
     sens = output_sensitivity(analysis, model, analysis.probe_feeds, 0.6, opts)
     assert all(v > 0 and np.isfinite(v) for v in sens.values())
