@@ -494,6 +494,8 @@ def main() -> int:
     ap.add_argument("--eval-len", type=int, default=256)
     ap.add_argument("--closed-loop-batches", type=int, default=None,
                     help="calibration batches the closed loop runs on (default: all)")  # fmt: skip
+    ap.add_argument("--bisect-probe-seqs", type=int, default=1,
+                    help="sequences of 128 tokens FLAR-SVD's output criterion runs on (1)")  # fmt: skip
     ap.add_argument("--fisher-dtype", default="float32", choices=("float32", "float64"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stat-chunks", type=int, default=4, help="layer groups for statistics")
@@ -594,8 +596,14 @@ def main() -> int:
                 )
             else:
                 options = r_opts(budget)
+            probe_feeds = analysis.probe_feeds
             if options.search == "bisect":
+                # FLAR-SVD evaluates the whole model ~6 times per target (168 targets): its
+                # output criterion runs on the first sequences of one calibration batch.
                 options = dataclasses.replace(options, output_batches=1)
+                analysis.probe_feeds = [
+                    {k: v[: args.bisect_probe_seqs] for k, v in analysis.probe_feeds[0].items()}
+                ]
             loop = calib if args.closed_loop_batches is None else calib[: args.closed_loop_batches]
             t1 = time.perf_counter()
             try:
@@ -606,6 +614,8 @@ def main() -> int:
             except MemoryError as exc:
                 log(f"{method} {budget}: MemoryError {exc}")
                 continue
+            finally:
+                analysis.probe_feeds = probe_feeds
             compress_s = time.perf_counter() - t1
             log(f"{method} budget {budget}: compress {compress_s:.1f}s")
             t2 = time.perf_counter()
@@ -625,6 +635,7 @@ def main() -> int:
                 ),
                 "peak_rss_gb": peak_gb(),
                 "closed_loop_batches": len(loop) if closed else 0,
+                "bisect_probe_seqs": args.bisect_probe_seqs if options.search == "bisect" else None,
             }
             if latency is not None:
                 # The original's prefill again, in this process and just after the compressed
