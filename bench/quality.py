@@ -201,13 +201,23 @@ def main() -> None:
     parser.add_argument("model", choices=("minilm", "vit"))
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--tag", default="", help="suffix of the result files")
+    parser.add_argument("--budgets", nargs="*", type=float, default=list(BUDGETS))
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="add the rows to the existing result files (replacing equal method and budget)",
+    )
     args = parser.parse_args()
+    out = RESULTS / f"quality_{args.model}{args.tag}"
     path, data, evaluate, metric = (minilm_setup if args.model == "minilm" else vit_setup)()
     model = load_model(path)
     targets = find_targets(model)
     reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     analyses: dict[str, object] = {}
     analysis_seconds: dict[str, float] = {}
+    kept_rows = []
+    if args.merge and out.with_suffix(".json").is_file():
+        kept_rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     rows = []
     for method in args.methods:
         a_opts, r_opts, closed, comp = METHODS[method]
@@ -217,7 +227,7 @@ def main() -> None:
             analyses[key] = analyze(model, targets, data, AnalysisOptions(**a_opts))
             analysis_seconds[key] = time.perf_counter() - t0
         analysis_s = analysis_seconds[key]  # a shared analysis counts for every method using it
-        for budget in BUDGETS:
+        for budget in args.budgets:
             t1 = time.perf_counter()
             result = compress(
                 model,
@@ -239,7 +249,15 @@ def main() -> None:
                 f"{method:24s} budget {budget:.1f} kept {kept:.3f} {scores} {seconds:.1f}s",
                 flush=True,
             )
-            write_results(rows, metric, RESULTS / f"quality_{args.model}{args.tag}")
+            write_results(merged_rows(kept_rows, rows), metric, out)
+
+
+def merged_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` rows with ``new`` ones in place of equal (method, budget), grouped by method."""
+    fresh = {(r["method"], r["budget"]): r for r in new}
+    rows = [fresh.pop((r["method"], r["budget"]), r) for r in old] + list(fresh.values())
+    order = list(dict.fromkeys(r["method"] for r in rows))
+    return sorted(rows, key=lambda r: (order.index(r["method"]), -r["budget"]))
 
 
 def write_results(rows: list[dict], metric: str, out: Path) -> None:
