@@ -128,3 +128,19 @@ def test_compensated_factor_beats_plain_on_its_objective(setup):
         assert comp <= plain * (1 + 1e-6), t.name
         wins += comp < plain * (1 - 1e-4)
     assert wins >= len(analysis.targets) // 2  # downstream targets see different activations
+
+
+def test_compensation_warns_when_rows_do_not_determine_the_fit(setup, caplog):
+    """Fewer unmasked calibration rows than a target's inputs: the compensated fit is
+    underdetermined and the user is told; with enough rows nothing is said."""
+    model, feeds, analysis = setup
+    ranks = {t.name: RankChoice(8, "test") for t in analysis.targets}
+    widest = max(t.n for t in analysis.targets)
+    few = [{k: v[:1] for k, v in feeds[0].items()}]  # one sequence: at most 16 rows
+    assert int(few[0]["attention_mask"].sum()) < widest
+    with caplog.at_level("WARNING", logger="flarc.closed_loop"):
+        closed_loop_entries(model, analysis, ranks, feeds, compensate=True)
+    assert "fewer calibration rows than inputs" not in caplog.text
+    with caplog.at_level("WARNING", logger="flarc.closed_loop"):
+        closed_loop_entries(model, analysis, ranks, few, compensate=True)
+    assert "fewer calibration rows than inputs" in caplog.text
