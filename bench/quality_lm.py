@@ -23,7 +23,9 @@ cached on disk; every other analysis setting of the table (plain SVD, ASVD, SVD-
 unshrunk Cholesky, FLRC's Fisher importances) is derived from the same statistics with
 ``flarc.pipeline.analyze_target``, which is what ``analyze`` does after collecting them.
 Every finished (method, budget) row is written at once to the work folder, so a crash or a
-partial run loses nothing; rows already there are skipped.
+partial run loses nothing; rows already there are skipped. The report merges these rows into
+the committed bench/results/quality_qwen.json (a row of the work folder replaces the committed
+one of the same method and budget), so a new machine keeps the earlier rows.
 
 Writes bench/results/quality_qwen.{json,md}.
 """
@@ -662,7 +664,17 @@ def main() -> int:
 
 
 def write_report() -> int:
-    rows = [json.loads(p.read_text()) for p in sorted((WORK / "rows").glob("*.json"))]
+    out = RESULTS / "quality_qwen"
+    # Rows of earlier runs stay in the committed results; rows of this cache replace them.
+    published = out.with_suffix(".json")
+    merged = {
+        (r["method"], r["budget"]): r
+        for r in (json.loads(published.read_text())["rows"] if published.is_file() else [])
+    }
+    for path in sorted((WORK / "rows").glob("*.json")):
+        r = json.loads(path.read_text())
+        merged[(r["method"], r["budget"])] = r
+    rows = list(merged.values())
     if not rows:
         return 0
     setup_path = WORK / "setup.json"
@@ -678,7 +690,6 @@ def write_report() -> int:
     rows.sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else 99,
                              -r["budget"]))  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "quality_qwen"
     from flarc.modelio import write_text_atomic
 
     write_text_atomic(
