@@ -174,6 +174,12 @@ METHODS = {
         False,
         False,
     ),
+    "output-weighted + closed loop": (
+        dict(),
+        lambda b: RankOptions(allocate="global", budget=b, output_weighted=True),
+        True,
+        False,
+    ),
     "output-weighted + compensation": (
         dict(),
         lambda b: RankOptions(allocate="global", budget=b, output_weighted=True),

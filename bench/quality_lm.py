@@ -685,7 +685,8 @@ def write_report() -> int:
              "output-weighted + closed loop (ridge 1e-6)",
              "output-weighted + compensation (ridge 1e-6)", "global, Fisher-weighted (ridge 1e-6)",
              "global, latency budget (prefill)",
-             "flarc global", "global, output-weighted", "global + closed loop",
+             "flarc global", "global, output-weighted", "output-weighted + closed loop",
+             "output-weighted + compensation", "global + closed loop",
              "global + compensation"]  # fmt: skip
     rows.sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else 99,
                              -r["budget"]))  # fmt: skip

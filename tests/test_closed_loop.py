@@ -144,3 +144,16 @@ def test_compensation_warns_when_rows_do_not_determine_the_fit(setup, caplog):
     with caplog.at_level("WARNING", logger="flarc.closed_loop"):
         closed_loop_entries(model, analysis, ranks, few, compensate=True)
     assert "fewer calibration rows than inputs" in caplog.text
+
+
+def test_shrinkage_regularises_an_underdetermined_compensation(setup, caplog):
+    """The same few rows with a real shrinkage intensity: the fit is regularised, no warning."""
+    model, feeds, _ = setup
+    options = AnalysisOptions(shrinkage_lambda=0.05, full_rank=True)
+    shrunk = analyze(model, find_targets(model), CalibrationSet(feeds, [], "t"), options)
+    ranks = {t.name: RankChoice(8, "test") for t in shrunk.targets}
+    few = [{k: v[:1] for k, v in feeds[0].items()}]
+    with caplog.at_level("WARNING", logger="flarc.closed_loop"):
+        entries = closed_loop_entries(model, shrunk, ranks, few, compensate=True)
+    assert any(e.rows < e.target.n for e in entries.values())
+    assert "fewer calibration rows than inputs" not in caplog.text
