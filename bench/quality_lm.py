@@ -664,17 +664,15 @@ def main() -> int:
 
 
 def write_report() -> int:
+    from quality import merged_rows
+
     out = RESULTS / "quality_qwen"
     # Rows of earlier runs stay in the committed results; rows of this cache replace them.
     published = out.with_suffix(".json")
-    merged = {
-        (r["method"], r["budget"]): r
-        for r in (json.loads(published.read_text())["rows"] if published.is_file() else [])
-    }
-    for path in sorted((WORK / "rows").glob("*.json")):
-        r = json.loads(path.read_text())
-        merged[(r["method"], r["budget"])] = r
-    rows = list(merged.values())
+    old = json.loads(published.read_text())["rows"] if published.is_file() else []
+    rows = merged_rows(
+        old, [json.loads(p.read_text()) for p in sorted((WORK / "rows").glob("*.json"))]
+    )
     if not rows:
         return 0
     setup_path = WORK / "setup.json"
