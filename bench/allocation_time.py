@@ -26,10 +26,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main() -> int:
     from quality import minilm_setup
 
-    from flarc.modelio import load_model
+    from flarc.core.modelio import load_model
+    from flarc.core.targets import find_targets
     from flarc.pipeline import AnalysisOptions, analyze
-    from flarc.policy import RankOptions, choose_ranks
-    from flarc.targets import find_targets
+    from flarc.rewrite.policy import RankOptions, choose_ranks
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=0.8)

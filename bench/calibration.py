@@ -25,7 +25,7 @@ def child(mode: str, batches: int, precision: str = "float64") -> dict:
     code = f"""
 import json, time, numpy as np, onnx, onnxruntime as ort
 from flarc.demo import english_sentences, minilm_feeds, minilm_onnx
-from flarc.targets import find_targets
+from flarc.core.targets import find_targets
 from flarc.calib.statistics import StatisticsSession
 path = minilm_onnx(); model = onnx.load(str(path))
 feeds = minilm_feeds(english_sentences()[: {batches} * 16], batch_size=16)

@@ -20,13 +20,14 @@ import numpy as np
 import onnxruntime as ort
 
 from flarc.calib.data import CalibrationSet
+from flarc.core.modelio import load_model
+from flarc.core.sessions import session_bytes
+from flarc.core.targets import find_targets
 from flarc.demo import english_sentences, minilm_feeds, minilm_onnx, sentence_embeddings
 from flarc.latency.end_to_end import measure_end_to_end
 from flarc.latency.model import load_latency_model
-from flarc.modelio import load_model, session_bytes
 from flarc.pipeline import analyze, compress
-from flarc.policy import RankOptions
-from flarc.targets import find_targets
+from flarc.rewrite.policy import RankOptions
 
 RESULTS = Path(__file__).parent / "results"
 sys.path.insert(0, str(Path(__file__).parent))

@@ -25,6 +25,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from flarc.core.files import write_text_atomic
+from flarc.core.progress import RichProgress
 from flarc.latency.backend import get_backend
 from flarc.latency.cache import LatencyCache
 from flarc.latency.model import LatencyModel
@@ -32,8 +34,6 @@ from flarc.latency.profile import LatencyProfile, profile_specs
 from flarc.latency.show import plot_profiles
 from flarc.latency.spec import LayerSpec
 from flarc.latency.timing import TimingConfig
-from flarc.modelio import write_text_atomic
-from flarc.progress import RichProgress
 
 SHAPES = [(384, 384), (384, 1536), (1536, 384)]
 MODELS = {

@@ -81,9 +81,9 @@ def instrument(tracker: Tracker) -> None:
     import onnxruntime as ort
 
     import flarc.calib.statistics as statistics
-    import flarc.closed_loop as closed_loop
-    import flarc.modelio as modelio
+    import flarc.core.modelio as modelio
     import flarc.pipeline as pipeline
+    import flarc.rewrite.closed_loop as closed_loop
     import flarc.rewrite.output_error as output_error
 
     w = tracker.wrap
@@ -108,12 +108,13 @@ def instrument(tracker: Tracker) -> None:
 
 
 def run(model_path: Path, out: Path, ratio: float, batches: int, closed: bool) -> None:
-    import flarc.modelio as modelio
+    import flarc.core.modelio as modelio
     import flarc.pipeline as pipeline
-    from flarc.analysis import AnalysisOptions
-    from flarc.calib.data import CalibrationSet, model_inputs, split_holdout, synthetic_feeds
-    from flarc.policy import RankOptions
-    from flarc.targets import find_targets
+    from flarc.calib.data import CalibrationSet, split_holdout, synthetic_feeds
+    from flarc.core.inputs import model_inputs
+    from flarc.core.targets import find_targets
+    from flarc.rewrite.analysis import AnalysisOptions
+    from flarc.rewrite.policy import RankOptions
 
     model = modelio.load_model(model_path)
     targets = find_targets(model)

@@ -100,7 +100,7 @@ def match_rate(a: list[int], b: list[int]) -> float:
 
 def flarc(*args: str) -> None:
     """Run one of export/'s commands through its own parser (independent of the main CLI)."""
-    from flarc.export.cli import register, register_buckets
+    from flarc.cli.export import register, register_buckets
 
     parser = argparse.ArgumentParser(prog="flarc")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -233,7 +233,7 @@ def main() -> int:
         "memory": memory,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    from flarc.modelio import write_text_atomic
+    from flarc.core.files import write_text_atomic
 
     write_text_atomic(RESULTS / "progressive_decoding.json", json.dumps(result, indent=1) + "\n")
     lines = [

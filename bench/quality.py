@@ -25,10 +25,11 @@ import numpy as np
 import onnxruntime as ort
 
 from flarc.calib.data import CalibrationSet
-from flarc.modelio import load_model, session_bytes
+from flarc.core.modelio import load_model
+from flarc.core.sessions import session_bytes
+from flarc.core.targets import find_targets
 from flarc.pipeline import AnalysisOptions, analyze, compress
-from flarc.policy import RankOptions
-from flarc.targets import find_targets
+from flarc.rewrite.policy import RankOptions
 
 RESULTS = Path(__file__).parent / "results"
 BUDGETS = (0.9, 0.8, 0.7, 0.6)

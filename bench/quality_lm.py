@@ -113,7 +113,7 @@ EXTRA_METHODS = {
 
 
 def _ratio(budget: float):
-    from flarc.policy import RankOptions
+    from flarc.rewrite.policy import RankOptions
 
     return RankOptions(ratio=budget)
 
@@ -141,19 +141,19 @@ def prefill_latency(targets, threads: int):
 
 
 def _global_ow(budget: float, metric: str = "mse"):
-    from flarc.policy import RankOptions
+    from flarc.rewrite.policy import RankOptions
 
     return RankOptions(allocate="global", budget=budget, output_weighted=True, output_metric=metric)
 
 
 def _global_fisher(budget: float):
-    from flarc.policy import RankOptions
+    from flarc.rewrite.policy import RankOptions
 
     return RankOptions(allocate="global", budget=budget, fisher_weighted=True)
 
 
 def _fisher(budget: float):
-    from flarc.policy import RankOptions
+    from flarc.rewrite.policy import RankOptions
 
     return RankOptions(allocate="fisher", budget=budget)
 
@@ -280,7 +280,7 @@ def evaluate_path(path: Path, evals: dict[str, list], threads: int) -> dict[str,
 
 
 def evaluate_model(model, evals: dict[str, list], threads: int) -> dict[str, float]:
-    from flarc.modelio import save_model
+    from flarc.core.modelio import save_model
 
     tmp = WORK / "eval"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -314,9 +314,9 @@ def stats_chunk(index: int, chunks: int, calib_seqs: int, seq_len: int, batch: i
     process, which returns everything when it exits.
     """
     from flarc.calib.statistics import StatisticsSession
+    from flarc.core.modelio import load_model
+    from flarc.core.targets import find_targets
     from flarc.export.hf import layout_from_onnx
-    from flarc.modelio import load_model
-    from flarc.targets import find_targets
 
     model = load_model(ONNX)
     layout = layout_from_onnx(model)
@@ -414,11 +414,11 @@ def fisher_alpha(model, targets, calib, mask_input, dtype: str) -> dict:
 
 def derive_analysis(model, targets, meta, a_opts: dict, heldout, probe, fisher=None):
     """``analyze``'s result for ``a_opts`` from the cached statistics."""
-    from flarc.analysis import Analysis, AnalysisOptions
-    from flarc.diskarray import SpillFolder
-    from flarc.external import as_array, external_dir
+    from flarc.core.diskarray import SpillFolder
+    from flarc.core.external import as_array, external_dir
+    from flarc.core.targets import constant_tensors
     from flarc.pipeline import analyze_target
-    from flarc.targets import constant_tensors
+    from flarc.rewrite.analysis import Analysis, AnalysisOptions
 
     opts = AnalysisOptions(**{k: v for k, v in a_opts.items() if k != "fisher"})
     if a_opts.get("fisher"):
@@ -457,7 +457,7 @@ def cached_analysis(model, targets, meta, a_opts, key, compare, calib, fisher):
     """The derived analysis of one setting, saved as a flarc analysis file the first time, so
     that every later row (each in a fresh process) loads its spectra lazily instead of
     recomputing them (15-20 min on this model)."""
-    from flarc.analysis_file import load_analysis, save_analysis
+    from flarc.rewrite.analysis_file import load_analysis, save_analysis
 
     # Fisher importances do not change the spectra: settings that differ only there share a file.
     spectra_key = json.dumps({k: v for k, v in a_opts.items() if k != "fisher"}, sort_keys=True)
@@ -507,10 +507,10 @@ def main() -> int:
     if args.report:
         return write_report()
 
+    from flarc.core.modelio import load_model
+    from flarc.core.targets import find_targets
     from flarc.export.hf import layout_from_onnx
-    from flarc.modelio import load_model
     from flarc.pipeline import compress
-    from flarc.targets import find_targets
 
     if not ONNX.is_file():
         raise SystemExit(f"{ONNX}: run flarc export-hf {HF} -o {ONNX} first")
@@ -590,7 +590,7 @@ def main() -> int:
             _, r_opts, closed, comp = METHODS[method]
             latency = None
             if r_opts is None:  # the latency-budget row
-                from flarc.policy import RankOptions
+                from flarc.rewrite.policy import RankOptions
 
                 latency = prefill_latency(targets.targets, args.threads)
                 options = RankOptions(
@@ -689,7 +689,7 @@ def write_report() -> int:
     rows.sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else 99,
                              -r["budget"]))  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
-    from flarc.modelio import write_text_atomic
+    from flarc.core.files import write_text_atomic
 
     write_text_atomic(
         out.with_suffix(".json"),

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from flarc.calib.moments import Moments
-from flarc.errors import DataError
+from flarc.core.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -17,36 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
-from flarc.errors import DataError
+from flarc.core.errors import DataError
+from flarc.core.inputs import Feed, InputSpec, is_past
 
 log = logging.getLogger(__name__)
-
-Feed = dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | str | None, ...]  # ints fixed; str symbolic; None unknown
-
-
-def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The inputs a caller must feed (graph inputs that are not initializers)."""
-    inits = {t.name for t in model.graph.initializer}
-    specs = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
-        dims = tuple(
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
-        )
-        specs.append(InputSpec(vi.name, dtype, dims))
-    return specs
 
 
 def _batches_from_arrays(arrays: dict[str, np.ndarray], batch_size: int, where: str) -> list[Feed]:
@@ -143,11 +118,6 @@ def tokenize(
             feed["position_ids"] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         feeds.append({**feed, **empty_past(specs, feed["input_ids"].shape[0])})
     return feeds
-
-
-def is_past(spec: InputSpec) -> bool:
-    """A KV-cache input (optimum layout ``past_key_values.{i}.key|value``)."""
-    return "past" in spec.name.lower() and len(spec.shape) == 4
 
 
 def empty_past(specs: list[InputSpec], batch: int) -> Feed:

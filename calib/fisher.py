@@ -48,10 +48,11 @@ import torch
 from torch.nn import functional as F
 
 from flarc.calib.onnx_torch import TorchGraph
-from flarc.errors import DataError, ModelError
-from flarc.modelio import is_logits_name, tensor_nbytes
-from flarc.progress import NoProgress, Progress
-from flarc.targets import Target
+from flarc.core.errors import DataError, ModelError
+from flarc.core.inputs import is_logits_name
+from flarc.core.modelio import tensor_nbytes
+from flarc.core.progress import NoProgress, Progress
+from flarc.core.targets import Target
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flarc.diskarray import DiskArray, SpillFolder, as_array
+from flarc.core.diskarray import DiskArray, SpillFolder, as_array
 
 
 @dataclass

@@ -26,9 +26,9 @@ import onnx.inliner
 import torch
 from torch.nn import functional as F
 
-from flarc.errors import DataError, ModelError
-from flarc.external import external_dir, tensor_array
-from flarc.targets import constant_tensors, node_names
+from flarc.core.errors import DataError, ModelError
+from flarc.core.external import external_dir, tensor_array
+from flarc.core.targets import constant_tensors, node_names
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,14 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from flarc.calib.checkpoint import Checkpointer, feeds_digest
-from flarc.calib.data import Feed
 from flarc.calib.moments import Moments
-from flarc.errors import DataError
-from flarc.external import external_dir
-from flarc.modelio import fed_session, model_opset, split_large_initializers
-from flarc.progress import NoProgress, Progress
-from flarc.targets import ConvGeometry, Target
+from flarc.core.errors import DataError
+from flarc.core.external import external_dir, split_large_initializers
+from flarc.core.inputs import Feed
+from flarc.core.modelio import model_opset
+from flarc.core.progress import NoProgress, Progress
+from flarc.core.sessions import fed_session
+from flarc.core.targets import ConvGeometry, Target
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from collections import defaultdict
 import onnx
 from onnx import helper
 
-from flarc.targets import Target, constant_tensors, node_names
+from flarc.core.targets import Target, constant_tensors, node_names
 
 PREFIX = "flarc_cl/"
 

@@ -40,15 +40,16 @@ import onnx
 from onnx import helper, numpy_helper
 
 from flarc import __version__
-from flarc.calib.data import CalibrationSet, Feed
-from flarc.errors import FlarcError, ModelError
+from flarc.calib.data import CalibrationSet
+from flarc.core.errors import FlarcError, ModelError
+from flarc.core.external import external_dir, tensor_array
+from flarc.core.inputs import Feed
+from flarc.core.modelio import prepare_for_save
+from flarc.core.progress import NoProgress, Progress
+from flarc.core.targets import Target, TargetSet, node_names
 from flarc.export.hf import CacheLayout, empty_cache, layout_from_onnx
 from flarc.export.manifest import FORMAT, FORMAT_VERSION, Manifest, file_entries, write_manifest
-from flarc.external import external_dir, tensor_array
-from flarc.modelio import prepare_for_save
-from flarc.progress import NoProgress, Progress
 from flarc.rewrite.spectrum import Spectrum
-from flarc.targets import Target, TargetSet, node_names
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,11 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from flarc.errors import BackendError, FlarcError, ModelError
+from flarc.core.errors import BackendError, FlarcError, ModelError
+from flarc.core.files import atomic_path, check_output_path, write_bytes_atomic
+from flarc.core.modelio import load_model
 from flarc.latency.shapes import input_shapes
 from flarc.latency.tensorrt import require_tensorrt
-from flarc.modelio import atomic_path, check_output_path, load_model, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from flarc.errors import BackendError, ModelError
-from flarc.modelio import EXTERNAL_DATA_THRESHOLD, check_output_path, load_model, save_model
+from flarc.core.errors import BackendError, ModelError
+from flarc.core.files import check_output_path
+from flarc.core.modelio import EXTERNAL_DATA_THRESHOLD, load_model, save_model
 
 log = logging.getLogger(__name__)
 

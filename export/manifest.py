@@ -31,20 +31,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from flarc.errors import ModelError
-from flarc.modelio import write_text_atomic
+from flarc.core.errors import ModelError
+from flarc.core.files import file_sha256, write_text_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "flarc-buckets"
 FORMAT_VERSION = 1
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _canonical(data: dict) -> bytes:

@@ -27,7 +27,7 @@ from typing import Protocol
 import numpy as np
 import onnx
 
-from flarc.errors import BackendError, DataError, ModelError
+from flarc.core.errors import BackendError, DataError, ModelError
 from flarc.export.hf import CacheLayout, empty_cache, layout_from_onnx
 from flarc.export.manifest import Manifest, load_manifest
 from flarc.export.schedule import Schedule, entropy, parse_schedule
@@ -295,7 +295,7 @@ class Generator:
     @classmethod
     def from_onnx(cls, path: str | os.PathLike, threads: int | None = None) -> Generator:
         """A single plain model (e.g. the uncompressed export) as the only bucket, budget 1.0."""
-        from flarc.modelio import load_model
+        from flarc.core.modelio import load_model
 
         layout = layout_from_onnx(load_model(path, load_external_data=False))
         return cls({1.0: OrtRunner(Path(path), None, threads, False)}, layout)

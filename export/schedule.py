@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flarc.errors import FlarcError
+from flarc.core.errors import FlarcError
 
 
 def _match(budget: float, available: list[float], spec: str) -> float:

@@ -5,7 +5,7 @@ The stages live in sub-packages: ``flarc.calib`` (statistics), ``flarc.rewrite``
 ``flarc.export`` (engines, rank buckets, decoding runtime). ``flarc.pipeline`` runs them.
 """
 
-from flarc.errors import BackendError, DataError, FlarcError, ModelError
+from flarc.core.errors import BackendError, DataError, FlarcError, ModelError
 
 __version__ = "0.1.0"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flarc.errors import FlarcError
+from flarc.core.errors import FlarcError
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +149,16 @@ def median_latency(session, feed, repeats: int = 20) -> float:
 def run_demo(args) -> int:
     import onnxruntime as ort
 
-    from flarc.calib.data import CalibrationSet, model_inputs
+    from flarc.calib.data import CalibrationSet
     from flarc.cli import console as cli_console
-    from flarc.modelio import load_model, save_model
-    from flarc.pipeline import AnalysisOptions, analyze, compress, file_sha256
-    from flarc.policy import RankOptions
-    from flarc.progress import RichProgress
+    from flarc.core.files import file_sha256
+    from flarc.core.inputs import model_inputs
+    from flarc.core.modelio import load_model, save_model
+    from flarc.core.progress import RichProgress
+    from flarc.core.targets import find_targets
+    from flarc.pipeline import AnalysisOptions, analyze, compress
     from flarc.report import comparison_table, rows_table, summary_lines
-    from flarc.targets import find_targets
+    from flarc.rewrite.policy import RankOptions
 
     console = cli_console()
     progress = RichProgress()

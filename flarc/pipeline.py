@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from flarc.analysis import Analysis, AnalysisOptions, TargetAnalysis
-from flarc.calib.data import CalibrationSet, Feed
+from flarc.calib.data import CalibrationSet
 from flarc.calib.moments import LazyMoments, Moments, spill_moments
 from flarc.calib.shrinkage import shrink
 from flarc.calib.statistics import (
@@ -27,26 +26,24 @@ from flarc.calib.statistics import (
     find_mask_input,
     plan_statistics,
 )
-from flarc.compare import OutputComparison, compare_models, compare_streamed
-from flarc.diskarray import SpillFolder
-from flarc.errors import ModelError
-from flarc.external import FactorFile, all_tensors, as_array, external_dir
-from flarc.modelio import (
-    EXTERNAL_DATA_THRESHOLD,
-    fed_session,
-    release_free_memory,
-    save_model,
-    tensor_nbytes,
-)
-from flarc.policy import RankOptions, choose_ranks
-from flarc.progress import NoProgress, Progress
+from flarc.core.compare import OutputComparison, compare_models, compare_streamed
+from flarc.core.diskarray import SpillFolder
+from flarc.core.errors import ModelError
+from flarc.core.external import FactorFile, all_tensors, as_array, external_dir
+from flarc.core.inputs import Feed
+from flarc.core.memory import release_free_memory
+from flarc.core.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_nbytes
+from flarc.core.progress import NoProgress, Progress
+from flarc.core.sessions import fed_session
+from flarc.core.sums import PairSums
+from flarc.core.targets import Target, TargetSet, constant_tensors, weight_matrix, weight_view
+from flarc.rewrite.analysis import Analysis, AnalysisOptions, TargetAnalysis
 from flarc.rewrite.output_error import OutputErrorProbe
+from flarc.rewrite.policy import RankOptions, choose_ranks
 from flarc.rewrite.ranks import RankChoice
 from flarc.rewrite.spectrum import whitened_svd
 from flarc.rewrite.surgery import factorize
 from flarc.rewrite.whiten import whitener
-from flarc.streamstats import PairSums
-from flarc.targets import Target, TargetSet, constant_tensors, weight_matrix, weight_view
 
 if TYPE_CHECKING:
     from flarc.calib.checkpoint import Checkpointer
@@ -55,7 +52,7 @@ log = logging.getLogger(__name__)
 
 # Batches an analysis keeps for comparisons and output criteria (held out, and calibration).
 MAX_KEPT_FEEDS = 4
-# Models whose tensors take at least this much keep statistics and spectra on disk (flarc.diskarray).
+# Models whose tensors take at least this much keep statistics and spectra on disk (flarc.core.diskarray).
 SPILL_MODEL_BYTES = 256 << 20
 # Output columns per block of the held-out error of one target.
 HELDOUT_BLOCK = 2048
@@ -63,14 +60,6 @@ HELDOUT_BLOCK = 2048
 STAT_GROUP_MIN_BYTES = 64 << 20
 # Largest relative difference between the factor pairs and their dense product that is rounding.
 GUARD_TOLERANCE = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 5e-2}
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def analyze_target(
@@ -501,11 +490,11 @@ def compress(
     """Choose ranks, rewrite the graph, check it, guard it, and compare it with the original.
 
     With ``closed_loop`` calibration feeds, the chosen targets are refactorized in closed loop
-    (:mod:`flarc.closed_loop`), with error compensation when ``compensate``.
+    (:mod:`flarc.rewrite.closed_loop`), with error compensation when ``compensate``.
     """
     ranks = choose_ranks(analysis, options, model, analysis.probe_feeds)
     if closed_loop:
-        from flarc.closed_loop import closed_loop_entries
+        from flarc.rewrite.closed_loop import closed_loop_entries
 
         entries = closed_loop_entries(model, analysis, ranks, closed_loop, compensate, progress)
         analysis = dataclasses.replace(analysis, entries=entries)

@@ -9,9 +9,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from flarc.modelio import write_bytes_atomic, write_text_atomic
+from flarc.core.files import write_bytes_atomic, write_text_atomic
+from flarc.core.targets import Skipped, Target
 from flarc.pipeline import CompressResult, TargetRow
-from flarc.targets import Skipped, Target
 
 
 def _fmt(x: float | None, spec: str = ".2e") -> str:

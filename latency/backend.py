@@ -18,7 +18,7 @@ from typing import ClassVar
 import numpy as np
 import onnx
 
-from flarc.errors import BackendError
+from flarc.core.errors import BackendError
 from flarc.latency.spec import LayerSpec
 from flarc.latency.timing import Stats, TimingConfig
 

@@ -14,8 +14,8 @@ import logging
 import os
 from pathlib import Path
 
+from flarc.core.files import write_text_atomic
 from flarc.latency.timing import Stats
-from flarc.modelio import write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from flarc.core.modelio import prepare_for_save
 from flarc.latency.spec import LayerSpec
-from flarc.modelio import prepare_for_save
 
 OPSET = 17
 NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}

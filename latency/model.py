@@ -13,7 +13,9 @@ from pathlib import Path
 
 import onnx
 
-from flarc.errors import DataError, ModelError
+from flarc.core.errors import DataError, ModelError
+from flarc.core.progress import Progress
+from flarc.core.targets import Target
 from flarc.latency.backend import BACKENDS, get_backend
 from flarc.latency.cache import LatencyCache
 from flarc.latency.predictor import LatencyRegressor, MonotoneCurve
@@ -21,8 +23,6 @@ from flarc.latency.profile import LatencyProfile, profile_model
 from flarc.latency.shapes import target_input_shapes
 from flarc.latency.spec import LayerSpec, spec_for_target
 from flarc.latency.timing import TimingConfig
-from flarc.progress import Progress
-from flarc.targets import Target
 
 log = logging.getLogger(__name__)
 

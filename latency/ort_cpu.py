@@ -15,12 +15,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from flarc.errors import BackendError
+from flarc.core.errors import BackendError
+from flarc.core.modelio import prepare_for_save
+from flarc.core.sessions import session_source
 from flarc.latency.backend import Backend, cpu_fingerprint
 from flarc.latency.layers import NP_DTYPES, layer_model, random_input
 from flarc.latency.spec import LayerSpec
 from flarc.latency.timing import Stats, measure
-from flarc.modelio import prepare_for_save, session_source
 
 
 class OrtCpuBackend(Backend):

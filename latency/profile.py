@@ -12,15 +12,15 @@ from pathlib import Path
 
 import onnx
 
-from flarc.errors import DataError
+from flarc.core.errors import DataError
+from flarc.core.files import write_text_atomic
+from flarc.core.progress import NoProgress, Progress
+from flarc.core.targets import Target
 from flarc.latency.backend import Backend
 from flarc.latency.cache import LatencyCache
 from flarc.latency.shapes import input_shapes, target_input_shapes
 from flarc.latency.spec import LayerSpec, spec_for_target
 from flarc.latency.timing import Stats
-from flarc.modelio import write_text_atomic
-from flarc.progress import NoProgress, Progress
-from flarc.targets import Target
 
 FORMAT = "flarc-latency"
 VERSION = 1

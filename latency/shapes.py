@@ -16,9 +16,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from flarc.errors import DataError, ModelError
-from flarc.modelio import session_source, tensor_nbytes
-from flarc.targets import Target
+from flarc.core.errors import DataError, ModelError
+from flarc.core.modelio import tensor_nbytes
+from flarc.core.sessions import session_source
+from flarc.core.targets import Target
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ import os
 
 from rich.table import Table
 
+from flarc.core.files import atomic_path
 from flarc.latency.model import LatencyModel
 from flarc.latency.profile import LatencyProfile
-from flarc.modelio import atomic_path
 
 
 def summary_rows(profile: LatencyProfile) -> list[dict]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from flarc.errors import ModelError
-from flarc.targets import ConvGeometry, Target
+from flarc.core.errors import ModelError
+from flarc.core.targets import ConvGeometry, Target
 
 KINDS = ("linear", "conv")
 

@@ -16,12 +16,12 @@ import subprocess
 import numpy as np
 import onnx
 
-from flarc.errors import BackendError
+from flarc.core.errors import BackendError
+from flarc.core.modelio import prepare_for_save
 from flarc.latency.backend import Backend
 from flarc.latency.layers import layer_model, random_input
 from flarc.latency.spec import LayerSpec
 from flarc.latency.timing import Stats, TimingConfig, measure
-from flarc.modelio import prepare_for_save
 
 log = logging.getLogger(__name__)
 

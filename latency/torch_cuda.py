@@ -11,7 +11,7 @@ import logging
 import subprocess
 from collections.abc import Callable
 
-from flarc.errors import BackendError
+from flarc.core.errors import BackendError
 from flarc.latency.backend import Backend
 from flarc.latency.spec import LayerSpec
 from flarc.latency.timing import Stats, TimingConfig, measure

@@ -19,10 +19,10 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 
+from flarc.core.targets import Target
 from flarc.rewrite.ranks import RankChoice
 from flarc.rewrite.search import rank_grid
 from flarc.rewrite.spectrum import Spectrum
-from flarc.targets import Target
 
 log = logging.getLogger(__name__)
 

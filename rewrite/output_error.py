@@ -23,15 +23,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from flarc.calib.data import Feed
-from flarc.external import as_array, external_dir
-from flarc.modelio import (
-    fed_session,
-    is_logits_name,
-    lean_session_options,
-    split_large_initializers,
-)
-from flarc.targets import Target, constant_tensors, stored_weight
+from flarc.core.external import as_array, external_dir, split_large_initializers
+from flarc.core.inputs import Feed, is_logits_name
+from flarc.core.sessions import fed_session, lean_session_options
+from flarc.core.targets import Target, constant_tensors, stored_weight
 
 
 def weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from flarc.core.targets import Target
 from flarc.rewrite.spectrum import Spectrum
-from flarc.targets import Target
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flarc.core.targets import Target
 from flarc.rewrite.ranks import RankChoice
 from flarc.rewrite.spectrum import Spectrum
-from flarc.targets import Target
 
 CRITERIA = ("whitened", "cosine", "output")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-from flarc.diskarray import DiskArray, SpillFolder, leading
+from flarc.core.diskarray import DiskArray, SpillFolder, leading
 from flarc.rewrite.whiten import Whitener
 
 

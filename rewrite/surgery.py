@@ -18,8 +18,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from flarc.modelio import split_large_initializers
-from flarc.targets import Target, node_names
+from flarc.core.external import split_large_initializers
+from flarc.core.targets import Target, node_names
 
 # Where a factor's values go: None keeps them in the graph; a FactorFile writes them to disk.
 Store = Callable[[str, np.ndarray], onnx.TensorProto] | None

@@ -14,14 +14,14 @@ import pytest
 from onnx import numpy_helper
 
 from flarc.calib.data import CalibrationSet
-from flarc.errors import FlarcError, ModelError
+from flarc.cli.export import register, register_buckets
+from flarc.core.errors import FlarcError, ModelError
+from flarc.core.modelio import load_model
+from flarc.core.targets import constant_tensors, find_targets, weight_matrix
 from flarc.export.buckets import allocate_ranks, build_buckets, parse_budgets, read_factor_rows
-from flarc.export.cli import register, register_buckets
 from flarc.export.hf import example_inputs, export_hf, layout_from_onnx
 from flarc.export.manifest import load_manifest
 from flarc.export.runtime import Generator
-from flarc.modelio import load_model
-from flarc.targets import constant_tensors, find_targets, weight_matrix
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 256

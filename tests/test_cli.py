@@ -229,7 +229,8 @@ def test_compress_with_latency_reports_speedups(tmp_path, mlp, capsys, monkeypat
 
 def test_data_loader_script_and_calibration_data_reader(tmp_path, mlp):
     """A polygraphy-style loader script and an onnxruntime CalibrationDataReader give the same feeds."""
-    from flarc.calib.data import load_calibration, model_inputs
+    from flarc.calib.data import load_calibration
+    from flarc.core.inputs import model_inputs
 
     script = tmp_path / "loader.py"
     script.write_text(
@@ -271,7 +272,7 @@ def test_compress_lazy_external_model_matches_in_memory(tmp_path, mlp, capsys, m
     """A model with external data, compressed with its weights left in their files (forced
     here): the same output model as in memory; an output whose data file would replace the
     input's is refused, and the input stays untouched."""
-    import flarc.modelio
+    import flarc.core.modelio
 
     folder = tmp_path / "ext"
     folder.mkdir()
@@ -280,7 +281,7 @@ def test_compress_lazy_external_model_matches_in_memory(tmp_path, mlp, capsys, m
               location="out.onnx.data", size_threshold=0)  # fmt: skip
     before = {p.name: sha(p) for p in folder.iterdir()}
     assert main(compress_argv(src, tmp_path / "eager.onnx", tmp_path)) == 0
-    monkeypatch.setattr(flarc.modelio, "LAZY_MODEL_BYTES", 0)
+    monkeypatch.setattr(flarc.core.modelio, "LAZY_MODEL_BYTES", 0)
     assert main(compress_argv(src, tmp_path / "lazy.onnx", tmp_path)) == 0, capsys.readouterr()
     eager = onnx.load(str(tmp_path / "eager.onnx"))
     lazy = onnx.load(str(tmp_path / "lazy.onnx"))

@@ -12,12 +12,12 @@ import torch
 from flarc.calib.data import CalibrationSet
 from flarc.calib.moments import Moments
 from flarc.calib.twin import target_levels, twin_model, twin_name, weight_input
-from flarc.closed_loop import closed_loop_entries
+from flarc.core.targets import constant_tensors, find_targets, stored_weight, weight_matrix
 from flarc.pipeline import AnalysisOptions, analyze
+from flarc.rewrite.closed_loop import closed_loop_entries
 from flarc.rewrite.ranks import RankChoice
 from flarc.rewrite.spectrum import compensated_svd, whitened_svd
 from flarc.rewrite.whiten import whitener
-from flarc.targets import constant_tensors, find_targets, stored_weight, weight_matrix
 
 from _models import TinyEncoder, export, token_batch
 
@@ -138,10 +138,10 @@ def test_compensation_warns_when_rows_do_not_determine_the_fit(setup, caplog):
     widest = max(t.n for t in analysis.targets)
     few = [{k: v[:1] for k, v in feeds[0].items()}]  # one sequence: at most 16 rows
     assert int(few[0]["attention_mask"].sum()) < widest
-    with caplog.at_level("WARNING", logger="flarc.closed_loop"):
+    with caplog.at_level("WARNING", logger="flarc.rewrite.closed_loop"):
         closed_loop_entries(model, analysis, ranks, feeds, compensate=True)
     assert "fewer calibration rows than inputs" not in caplog.text
-    with caplog.at_level("WARNING", logger="flarc.closed_loop"):
+    with caplog.at_level("WARNING", logger="flarc.rewrite.closed_loop"):
         closed_loop_entries(model, analysis, ranks, few, compensate=True)
     assert "fewer calibration rows than inputs" in caplog.text
 
@@ -153,7 +153,7 @@ def test_shrinkage_regularises_an_underdetermined_compensation(setup, caplog):
     shrunk = analyze(model, find_targets(model), CalibrationSet(feeds, [], "t"), options)
     ranks = {t.name: RankChoice(8, "test") for t in shrunk.targets}
     few = [{k: v[:1] for k, v in feeds[0].items()}]
-    with caplog.at_level("WARNING", logger="flarc.closed_loop"):
+    with caplog.at_level("WARNING", logger="flarc.rewrite.closed_loop"):
         entries = closed_loop_entries(model, shrunk, ranks, few, compensate=True)
     assert any(e.rows < e.target.n for e in entries.values())
     assert "fewer calibration rows than inputs" not in caplog.text

@@ -11,10 +11,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from flarc.errors import BackendError, FlarcError
+from flarc.cli import latency as cli
+from flarc.core.errors import BackendError, FlarcError
+from flarc.core.modelio import save_model
 from flarc.export.engines import compare, export_ort, export_trt
-from flarc.latency import cli
-from flarc.modelio import save_model
 
 
 def gemm_model(scale: float = 1.0) -> onnx.ModelProto:

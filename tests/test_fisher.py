@@ -17,8 +17,8 @@ from flarc.calib.fisher import (
     resolve_loss,
     weight_gradients,
 )
-from flarc.errors import DataError, ModelError
-from flarc.targets import find_targets
+from flarc.core.errors import DataError, ModelError
+from flarc.core.targets import find_targets
 
 EXPORTERS = ["legacy", "dynamo"]
 

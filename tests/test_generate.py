@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from flarc.calib.data import CalibrationSet
-from flarc.errors import BackendError, FlarcError
+from flarc.cli.export import register
+from flarc.core.errors import BackendError, FlarcError
+from flarc.core.modelio import load_model
+from flarc.core.targets import find_targets
 from flarc.export.buckets import build_buckets
-from flarc.export.cli import register
 from flarc.export.hf import export_hf
 from flarc.export.runtime import Generator, KVCache
 from flarc.export.schedule import entropy, entropy_budget, parse_schedule
-from flarc.modelio import load_model
-from flarc.targets import find_targets
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")

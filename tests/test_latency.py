@@ -13,8 +13,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from flarc.errors import BackendError, DataError
-from flarc.latency import cli
+from flarc.cli import latency as cli
+from flarc.core.errors import BackendError, DataError
+from flarc.core.modelio import prepare_for_save
+from flarc.core.targets import ConvGeometry, find_targets
 from flarc.latency.backend import Backend, get_backend
 from flarc.latency.cache import LatencyCache, default_cache_dir
 from flarc.latency.end_to_end import measure_end_to_end
@@ -24,8 +26,6 @@ from flarc.latency.profile import LatencyProfile, ShapeProfile, profile_model
 from flarc.latency.shapes import input_shapes, parse_shape_args, target_input_shapes
 from flarc.latency.spec import LayerSpec, spec_for_target
 from flarc.latency.timing import Stats, TimingConfig, measure
-from flarc.modelio import prepare_for_save
-from flarc.targets import ConvGeometry, find_targets
 
 QUICK = TimingConfig.quick()
 

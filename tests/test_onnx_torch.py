@@ -13,7 +13,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from flarc.calib.onnx_torch import OPS, TorchGraph
-from flarc.errors import DataError, ModelError
+from flarc.core.errors import DataError, ModelError
 
 KINDS = ["gpt", "bert", "cnn"]
 EXPORTERS = ["legacy", "dynamo"]

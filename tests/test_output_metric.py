@@ -13,10 +13,10 @@ import torch
 from torch.nn import functional as F
 
 from flarc.calib.data import CalibrationSet
+from flarc.core.targets import constant_tensors, find_targets, stored_weight, weight_matrix
 from flarc.pipeline import AnalysisOptions, analyze
-from flarc.policy import RankOptions, choose_ranks, output_sensitivity
 from flarc.rewrite.output_error import KL_ROWS, OutputErrorProbe, kl_rows
-from flarc.targets import constant_tensors, find_targets, stored_weight, weight_matrix
+from flarc.rewrite.policy import RankOptions, choose_ranks, output_sensitivity
 
 from _models import kept_params
 

@@ -11,16 +11,22 @@ import onnx
 import pytest
 import torch
 
-from flarc.analysis_file import load_analysis, save_analysis
 from flarc.calib.data import CalibrationSet
 from flarc.cli import main
+from flarc.core.targets import constant_tensors, find_targets, weight_matrix
 from flarc.pipeline import AnalysisOptions, analyze
-from flarc.policy import RankOptions, _criterion, allowed_grid, choose_ranks, evaluations_bound
 from flarc.rewrite.allocate import fisher_ranks, global_ranks
+from flarc.rewrite.analysis_file import load_analysis, save_analysis
 from flarc.rewrite.output_error import OutputErrorProbe
+from flarc.rewrite.policy import (
+    RankOptions,
+    _criterion,
+    allowed_grid,
+    choose_ranks,
+    evaluations_bound,
+)
 from flarc.rewrite.ranks import ratio_rank
 from flarc.rewrite.search import Criterion, bisect_rank, scan_rank
-from flarc.targets import constant_tensors, find_targets, weight_matrix
 
 from _models import TinyEncoder, export, kept_params, token_batch
 
@@ -105,7 +111,7 @@ def test_fisher_allocation_meets_budget_and_bounds(encoder):
 
 
 def test_fisher_ranks_follow_importance():
-    from flarc.targets import Target
+    from flarc.core.targets import Target
 
     ts = [
         Target(f"t{i}", "MatMul", "x", "y", f"w{i}", (256, 256), 256, 256, False, "float32")
@@ -291,7 +297,7 @@ def test_output_criterion_auto_threshold_lands_on_budget(encoder, tmp_path):
 
 def test_output_weighted_global_meets_budget_and_follows_sensitivity(encoder):
     _, model, analysis = encoder
-    from flarc.policy import output_sensitivity
+    from flarc.rewrite.policy import output_sensitivity
 
     opts = RankOptions(
         allocate="global", budget=0.6, align=4, output_weighted=True, output_batches=1

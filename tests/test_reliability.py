@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from flarc.analysis_file import load_analysis
 from flarc.calib.checkpoint import CRASH_ENV, FILE_NAME
 from flarc.cli import main
+from flarc.rewrite.analysis_file import load_analysis
 
 from _models import Mlp3d, export
 

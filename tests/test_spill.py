@@ -11,15 +11,15 @@ import onnx
 import pytest
 import torch
 
-import flarc.diskarray
+import flarc.core.diskarray
 import flarc.pipeline
-from flarc.analysis_file import load_analysis, save_analysis
 from flarc.calib.data import CalibrationSet
 from flarc.calib.moments import LazyMoments
-from flarc.diskarray import DiskArray, SpillFolder, npz_members, write_npz
+from flarc.core.diskarray import DiskArray, SpillFolder, npz_members, write_npz
+from flarc.core.targets import find_targets
 from flarc.pipeline import AnalysisOptions, analyze, compress
-from flarc.policy import RankOptions
-from flarc.targets import find_targets
+from flarc.rewrite.analysis_file import load_analysis, save_analysis
+from flarc.rewrite.policy import RankOptions
 
 from _models import TinyEncoder, export, token_batch
 
@@ -27,7 +27,7 @@ from _models import TinyEncoder, export, token_batch
 @pytest.fixture
 def spill_everything(monkeypatch):
     """Every array spilled, every model 'large', one statistic per calibration pass."""
-    monkeypatch.setattr(flarc.diskarray, "MIN_SPILL_BYTES", 0)
+    monkeypatch.setattr(flarc.core.diskarray, "MIN_SPILL_BYTES", 0)
     monkeypatch.setattr(flarc.pipeline, "SPILL_MODEL_BYTES", 0)
     monkeypatch.setattr(flarc.pipeline, "STAT_GROUP_MIN_BYTES", 0)
 
@@ -160,8 +160,8 @@ def _loaded_values(path) -> dict[str, np.ndarray]:
 def test_lazy_model_compresses_to_the_same_model_as_in_memory(small_lm, spill_everything, tmp_path):
     """Weights left in their files (read by memory maps, run by onnxruntime from the files,
     factors written to disk as made): the same numbers and the same saved model, bit for bit."""
-    from flarc.external import external_dir
-    from flarc.modelio import load_model, save_model
+    from flarc.core.external import external_dir
+    from flarc.core.modelio import load_model, save_model
 
     model, data = small_lm
     src = _saved_external(model, tmp_path / "in")
@@ -201,7 +201,7 @@ def test_lazy_model_compresses_to_the_same_model_as_in_memory(small_lm, spill_ev
 
 def test_lazy_model_closed_loop_equals_in_memory(small_lm, spill_everything, tmp_path):
     """Closed-loop refactorization with compensation reads the weights from their files too."""
-    from flarc.modelio import load_model
+    from flarc.core.modelio import load_model
 
     model, data = small_lm
     src = _saved_external(model, tmp_path / "in")
@@ -220,8 +220,8 @@ def test_lazy_model_closed_loop_equals_in_memory(small_lm, spill_everything, tmp
 def test_streamed_comparison_equals_polygraphy_comparison(small_lm, tmp_path):
     """The large-model comparison (one session at a time, outputs on disk, blocked sums) gives
     polygraphy's verdicts and the same metrics."""
-    import flarc.streamstats
-    from flarc.compare import compare_models, compare_streamed
+    import flarc.core.sums
+    from flarc.core.compare import compare_models, compare_streamed
 
     model, data = small_lm
     analysis = analyze(model, find_targets(model), data, AnalysisOptions())
@@ -229,11 +229,11 @@ def test_streamed_comparison_equals_polygraphy_comparison(small_lm, tmp_path):
     verdicts = []
     for rtol, atol in ((1e-3, 1e-3), (1e3, 10.0)):
         ref = compare_models(model, small, data.heldout, rtol=rtol, atol=atol)
-        flarc.streamstats.BLOCK, old = 7, flarc.streamstats.BLOCK  # many blocks per output
+        flarc.core.sums.BLOCK, old = 7, flarc.core.sums.BLOCK  # many blocks per output
         try:
             ours = compare_streamed(model, small, data.heldout, rtol=rtol, atol=atol)
         finally:
-            flarc.streamstats.BLOCK = old
+            flarc.core.sums.BLOCK = old
         assert [c.name for c in ours] == [c.name for c in ref]
         verdicts.append([c.passed for c in ref])
         for a, b in zip(ours, ref, strict=True):
@@ -244,7 +244,7 @@ def test_streamed_comparison_equals_polygraphy_comparison(small_lm, tmp_path):
 
 
 def test_blocked_metrics_equal_direct_numpy():
-    from flarc.compare import _metrics
+    from flarc.core.compare import _metrics
 
     rng = np.random.default_rng(3)
     ref = [
@@ -264,9 +264,9 @@ def test_blocked_metrics_equal_direct_numpy():
 def test_lazy_models_time_end_to_end(small_lm, spill_everything, tmp_path):
     """The end-to-end timing runs a lazily loaded model and its rewrite (factors in a spill
     file) as they are, without loading their data."""
+    from flarc.core.modelio import load_model
     from flarc.latency.end_to_end import measure_end_to_end
     from flarc.latency.timing import TimingConfig
-    from flarc.modelio import load_model
 
     model, data = small_lm
     lazy = load_model(_saved_external(model, tmp_path / "in"), lazy=True)

@@ -11,7 +11,7 @@ from sklearn.covariance import ledoit_wolf, oas
 from flarc.calib.moments import Moments
 from flarc.calib.shrinkage import ledoit_wolf_lambda, shrink
 from flarc.calib.statistics import collect_statistics
-from flarc.targets import find_targets
+from flarc.core.targets import find_targets
 
 from _models import SmallCnn, TinyEncoder, export, im2col_rows, token_batch
 from test_factorize import run, with_outputs

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from flarc.errors import ModelError
+from flarc.core.errors import ModelError
 
 
 @dataclass(frozen=True)

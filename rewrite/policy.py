@@ -13,10 +13,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from flarc.analysis import Analysis
-from flarc.calib.data import Feed
-from flarc.external import as_array, external_dir
+from flarc.core.external import as_array, external_dir
+from flarc.core.inputs import Feed
+from flarc.core.targets import Target, constant_tensors, weight_matrix
 from flarc.rewrite.allocate import fisher_ranks, global_ranks, parameter_cost
+from flarc.rewrite.analysis import Analysis
 from flarc.rewrite.output_error import OutputErrorProbe
 from flarc.rewrite.ranks import RankChoice, align_up, energy_rank, ratio_rank
 from flarc.rewrite.search import (
@@ -26,7 +27,6 @@ from flarc.rewrite.search import (
     searched_choice,
     whitened_criterion,
 )
-from flarc.targets import Target, constant_tensors, weight_matrix
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from flarc.calib.data import Feed
-from flarc.modelio import lean_session_options, session_source
-from flarc.streamstats import PairSums, blocks
+from flarc.core.inputs import Feed
+from flarc.core.sessions import lean_session_options, session_source
+from flarc.core.sums import PairSums, blocks
 
 log = logging.getLogger(__name__)
 

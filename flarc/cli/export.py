@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from flarc.errors import DataError, FlarcError
+from flarc.core.errors import DataError, FlarcError
 
 BUDGETS_HELP = (
     "comma-separated bucket budgets in (0, 1] (1.0,0.8,0.6,0.4). Budget b gives the bucket a "
@@ -121,13 +121,8 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
 
 def _token_data(args: argparse.Namespace, model):
-    from flarc.calib.data import (
-        CalibrationSet,
-        load_calibration,
-        load_text_lines,
-        model_inputs,
-        tokenize,
-    )
+    from flarc.calib.data import CalibrationSet, load_calibration, load_text_lines, tokenize
+    from flarc.core.inputs import model_inputs
 
     specs = [s for s in model_inputs(model) if not s.name.startswith("past_key_values.")]
     if bool(args.calib) == bool(args.text):
@@ -145,11 +140,12 @@ def _token_data(args: argparse.Namespace, model):
 
 def cmd_buckets(args: argparse.Namespace) -> int:
     from flarc import __version__
+    from flarc.core.files import file_sha256
+    from flarc.core.modelio import load_model
+    from flarc.core.progress import RichProgress
+    from flarc.core.targets import find_targets, require_targets
     from flarc.export.buckets import build_buckets, parse_budgets
-    from flarc.modelio import load_model
-    from flarc.pipeline import AnalysisOptions, file_sha256
-    from flarc.progress import RichProgress
-    from flarc.targets import find_targets, require_targets
+    from flarc.pipeline import AnalysisOptions
 
     budgets = parse_budgets(args.budgets)
     out = Path(args.output)

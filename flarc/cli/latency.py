@@ -108,14 +108,15 @@ def register_compare(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def profile_handler(args: argparse.Namespace) -> int:
+    from flarc.core.files import check_output_path
+    from flarc.core.modelio import load_model
+    from flarc.core.progress import RichProgress
+    from flarc.core.targets import find_targets, require_targets
     from flarc.latency.backend import get_backend
     from flarc.latency.cache import LatencyCache
     from flarc.latency.profile import profile_model
     from flarc.latency.shapes import parse_shape_args
     from flarc.latency.show import summary_table
-    from flarc.modelio import check_output_path, load_model
-    from flarc.progress import RichProgress
-    from flarc.targets import find_targets, require_targets
 
     out = check_output_path(args.output, [args.model])
     shapes = parse_shape_args(args.shape)
@@ -139,9 +140,9 @@ def profile_handler(args: argparse.Namespace) -> int:
 
 
 def show_handler(args: argparse.Namespace) -> int:
+    from flarc.core.files import check_output_path
     from flarc.latency.profile import LatencyProfile
     from flarc.latency.show import plot_profiles, summary_table
-    from flarc.modelio import check_output_path
 
     profile = LatencyProfile.load(args.latency)
     console = Console()

@@ -17,19 +17,18 @@ import math
 import numpy as np
 import onnx
 
-from flarc.analysis import Analysis, AnalysisOptions, TargetAnalysis
-from flarc.calib.data import Feed
 from flarc.calib.moments import Moments
 from flarc.calib.shrinkage import shrink
 from flarc.calib.statistics import FIELDS, StatisticsSession, StatPlan
 from flarc.calib.twin import target_levels, twin_model, twin_name, weight_input
-from flarc.external import as_array, external_dir
-from flarc.modelio import split_large_initializers
-from flarc.progress import NoProgress, Progress
+from flarc.core.external import as_array, external_dir, split_large_initializers
+from flarc.core.inputs import Feed
+from flarc.core.progress import NoProgress, Progress
+from flarc.core.targets import Target, constant_tensors, stored_weight, weight_matrix
+from flarc.rewrite.analysis import Analysis, AnalysisOptions, TargetAnalysis
 from flarc.rewrite.ranks import RankChoice
 from flarc.rewrite.spectrum import compensated_svd, whitened_svd
 from flarc.rewrite.whiten import whitener
-from flarc.targets import Target, constant_tensors, stored_weight, weight_matrix
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Weights that stay in their external data files.
 
-A large model is loaded without its external data (:func:`flarc.modelio.load_model` marks it
+A large model is loaded without its external data (:func:`flarc.core.modelio.load_model` marks it
 with the folder its data files live in). Its tensors are then read through read-only memory
 maps, onnxruntime runs it from the same files (it maps them rather than copying them, see
 :func:`session_options_for`), and it is written by copying each tensor's bytes from its file
@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 from onnx import external_data_helper, numpy_helper
 
-from flarc.errors import ModelError
+from flarc.core.errors import ModelError
 
 # Metadata key of a lazily loaded model: the absolute folder its external data lives in.
 EXTERNAL_DIR_KEY = "flarc.external_data_dir"
@@ -28,6 +28,8 @@ ALIGNMENT = 4096
 # Inline tensors at least this large go to the data file when a model is saved with one.
 INLINE_LIMIT = 1024
 COPY_CHUNK = 64 << 20
+# A tensor that claims more elements than this is treated as hostile, whatever its data says.
+MAX_TENSOR_ELEMENTS = 1 << 34
 # Types a memory map can show as they are stored (others are decoded by onnx, one tensor).
 _MAPPABLE = {
     onnx.TensorProto.FLOAT,
@@ -141,8 +143,6 @@ def write_streamed(model: onnx.ModelProto, model_path: Path, data_path: Path) ->
     """Write ``model`` to ``model_path`` with every tensor of at least ``INLINE_LIMIT`` bytes in
     ``data_path`` (named relative to the model), one tensor at a time: external tensors are
     copied from their files, inline ones from the proto. ``model`` itself is left unchanged."""
-    from flarc.modelio import split_large_initializers
-
     folder = external_dir(model)
     # A copy whose large inline payloads are stubs: they are written straight from ``model``.
     out, originals = split_large_initializers(model, INLINE_LIMIT)
@@ -189,7 +189,7 @@ def in_model_folder(tensor: onnx.TensorProto) -> bool:
 class FactorFile:
     """The factor tensors of a large model's rewrite, written to one data file as they are made,
     so that none is held in memory; the rewritten model refers to them relative to the source
-    model's folder (sessions feed them, see :func:`flarc.modelio.fed_session`)."""
+    model's folder (sessions feed them, see :func:`flarc.core.sessions.fed_session`)."""
 
     def __init__(self, folder: Path, model_folder: Path) -> None:
         self.path = folder / "factors.data"
@@ -220,3 +220,62 @@ class FactorFile:
 
     def close(self) -> None:
         self._fh.close()
+
+
+def declared_nbytes(tensor: onnx.TensorProto, where: str) -> int | None:
+    """Bytes the tensor's shape and type need, or None for types without a fixed width."""
+    if any(d < 0 for d in tensor.dims):
+        raise ModelError(f"{where}: negative dimension in shape {list(tensor.dims)}")
+    count = int(np.prod(tensor.dims, dtype=np.float64)) if tensor.dims else 1
+    if count > MAX_TENSOR_ELEMENTS:
+        raise ModelError(f"{where}: absurd shape {list(tensor.dims)} ({count} elements); refused")
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (count + 1) // 2
+    return count * itemsize
+
+
+# Inline initializers at least this large are never copied as protos for an onnxruntime session:
+# graphs built for sessions carry a data-less stub instead, and the session is fed the tensor as
+# an input at every run (onnxruntime does not copy a fed numpy array; it copies initializers, and
+# ``add_external_initializers`` copies too). Small models are untouched, so tests see no change.
+LARGE_INITIALIZER_BYTES = 16 << 20
+
+
+def _copy_fields(dst, src, skip: str) -> None:
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def split_large_initializers(
+    model: onnx.ModelProto, min_bytes: int = LARGE_INITIALIZER_BYTES
+) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
+    """A copy of ``model`` whose large inline initializers are data-less stubs (name, type and
+    dims only), and the original tensors by name (not copied). The copy is for building session
+    graphs (:func:`fed_session` turns its stubs into fed inputs), never for saving."""
+    light = onnx.ModelProto()
+    _copy_fields(light, model, "graph")
+    _copy_fields(light.graph, model.graph, "initializer")
+    originals: dict[str, onnx.TensorProto] = {}
+    for tensor in model.graph.initializer:
+        nbytes = declared_nbytes(tensor, tensor.name) or 0
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and nbytes >= min_bytes:
+            originals[tensor.name] = tensor
+            light.graph.initializer.add(
+                name=tensor.name, data_type=tensor.data_type, dims=tensor.dims
+            )
+        else:
+            light.graph.initializer.append(tensor)
+    return light, originals

@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from flarc.calib.data import Feed
 from flarc.calib.moments import Moments
-from flarc.diskarray import SpillFolder
+from flarc.core.diskarray import SpillFolder
+from flarc.core.inputs import Feed
+from flarc.core.targets import Skipped, Target
 from flarc.rewrite.spectrum import Spectrum
-from flarc.targets import Skipped, Target
 
 
 @dataclass

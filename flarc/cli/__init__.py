@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from flarc import __version__
-from flarc.errors import DataError, FlarcError
-from flarc.progress import RichProgress
+from flarc.core.errors import DataError, FlarcError
+from flarc.core.progress import RichProgress
 
 log = logging.getLogger("flarc")
 
@@ -136,11 +136,11 @@ def load_data(args, model):
         CalibrationSet,
         load_calibration,
         load_text_lines,
-        model_inputs,
         split_holdout,
         synthetic_feeds,
         tokenize,
     )
+    from flarc.core.inputs import model_inputs
 
     specs = model_inputs(model)
     sources = [x for x in (args.calib, args.text, args.synthetic) if x]
@@ -177,9 +177,9 @@ def analysis_options(args):
 def cmd_inspect(args) -> int:
     import json
 
-    from flarc.modelio import load_model
+    from flarc.core.modelio import load_model
+    from flarc.core.targets import find_targets
     from flarc.report import targets_table
-    from flarc.targets import find_targets
 
     model = load_model(args.model)
     ts = find_targets(model, args.include, args.exclude)
@@ -203,7 +203,7 @@ def cmd_inspect(args) -> int:
 
 
 def _prepare_output(args) -> None:
-    from flarc.modelio import check_output_path
+    from flarc.core.files import check_output_path
 
     check_output_path(args.output, [args.model])
     for opt in ("report", "plot"):
@@ -223,9 +223,9 @@ def _fisher_loss(args) -> str | None:
 
 def _analysis_for(args, model, sha: str, progress):
     """A stored analysis (``--analysis``) or a new one from the calibration data."""
-    from flarc.analysis_file import load_analysis
+    from flarc.core.targets import find_targets, require_targets
     from flarc.pipeline import analyze
-    from flarc.targets import find_targets, require_targets
+    from flarc.rewrite.analysis_file import load_analysis
 
     if getattr(args, "analysis", None):
         analysis = load_analysis(args.analysis, sha)
@@ -255,7 +255,7 @@ def _analysis_for(args, model, sha: str, progress):
 
 
 def rank_options(args, model, analysis):
-    from flarc.policy import RankOptions
+    from flarc.rewrite.policy import RankOptions
 
     threshold = args.threshold
     if threshold not in (None, "auto"):
@@ -299,9 +299,9 @@ def rank_options(args, model, analysis):
 
 
 def cmd_analyze(args) -> int:
-    from flarc.analysis_file import save_analysis
-    from flarc.modelio import check_output_path, load_model
-    from flarc.pipeline import file_sha256
+    from flarc.core.files import check_output_path, file_sha256
+    from flarc.core.modelio import load_model
+    from flarc.rewrite.analysis_file import save_analysis
 
     check_output_path(args.output, [args.model])
     t0 = time.perf_counter()
@@ -317,8 +317,9 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_compress(args) -> int:
-    from flarc.modelio import load_model, save_model
-    from flarc.pipeline import compress, file_sha256
+    from flarc.core.files import file_sha256
+    from flarc.core.modelio import load_model, save_model
+    from flarc.pipeline import compress
     from flarc.report import (
         comparison_table,
         latency_lines,
@@ -574,8 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo)
 
-    from flarc.export import cli as export_cli
-    from flarc.latency import cli as latency_cli
+    from flarc.cli import export as export_cli
+    from flarc.cli import latency as latency_cli
 
     latency_cli.register(sub)
     latency_cli.register_compare(sub)
