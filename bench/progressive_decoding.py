@@ -99,15 +99,10 @@ def match_rate(a: list[int], b: list[int]) -> float:
 
 
 def flarc(*args: str) -> None:
-    """Run one of export/'s commands through its own parser (independent of the main CLI)."""
-    from flarc.cli.export import register, register_buckets
+    """Run a flarc command in this process."""
+    from flarc.cli import main
 
-    parser = argparse.ArgumentParser(prog="flarc")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    register_buckets(sub.add_parser("export").add_subparsers(dest="export_command"))
-    parsed = parser.parse_args(list(args))
-    if parsed.func(parsed) != 0:
+    if main(list(args)) != 0:
         raise SystemExit(f"flarc {args[0]} failed")
 
 
@@ -120,8 +115,6 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--build-only", action="store_true", help="only build the bucket folder")
     args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoTokenizer
 
     from flarc.export.runtime import Generator
@@ -147,7 +140,7 @@ def main() -> int:
         build_s = float((folder / "build_seconds.txt").read_text())
     if args.build_only:
         return 0
-    tok = AutoTokenizer.from_pretrained(str(hf))
+    tok = AutoTokenizer.from_pretrained(str(hf), local_files_only=True)
     prompts = [
         tok(" ".join(p.split()[: args.prompt_words]))["input_ids"] for p in heldout[: args.prompts]
     ]

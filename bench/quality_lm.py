@@ -183,11 +183,9 @@ def slug(text: str) -> str:
 
 
 def tokenizer():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(HF))
+    return AutoTokenizer.from_pretrained(str(HF), local_files_only=True)
 
 
 def pydoc_ids(tok) -> np.ndarray:

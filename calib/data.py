@@ -99,7 +99,7 @@ def tokenize(
         from transformers import AutoTokenizer
     except ImportError:
         raise DataError("--text needs the 'transformers' package (pip install flarc[hf])") from None
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     wanted = {s.name for s in specs}

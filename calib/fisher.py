@@ -48,9 +48,9 @@ import torch
 from torch.nn import functional as F
 
 from flarc.calib.onnx_torch import TorchGraph
-from flarc.core.errors import DataError, ModelError
-from flarc.core.inputs import is_logits_name
-from flarc.core.modelio import tensor_nbytes
+from flarc.core.errors import DataError, ModelError, OptionError
+from flarc.core.inputs import batch_mask, find_mask_input, is_logits_name
+from flarc.core.modelio import is_large
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.targets import Target
 
@@ -113,19 +113,6 @@ class FisherResult:
     outputs: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _mask_of(batch: Mapping[str, np.ndarray], mask_input: str | None) -> np.ndarray | None:
-    if mask_input is not None:
-        if mask_input not in batch:
-            raise DataError(f"mask input '{mask_input}' is not in the calibration batch")
-        mask = np.asarray(batch[mask_input])
-        if mask.ndim != 2:
-            raise DataError(f"mask input '{mask_input}' has shape {mask.shape}; expected [B, S]")
-        return mask != 0
-    if "attention_mask" in batch and np.asarray(batch["attention_mask"]).ndim == 2:
-        return np.asarray(batch["attention_mask"]) != 0
-    return None
-
-
 def _lm_candidates(outputs: Mapping[str, torch.Tensor], batch: Mapping) -> list[str]:
     ids = batch.get("input_ids")
     if ids is None:
@@ -161,7 +148,7 @@ def resolve_loss(
 ) -> LossPlan:
     """Which loss and which outputs, from the model's outputs on one batch."""
     if loss not in LOSSES:
-        raise ValueError(f"unknown Fisher loss '{loss}'; choose from {', '.join(LOSSES)}")
+        raise OptionError(f"unknown Fisher loss '{loss}'; choose from {', '.join(LOSSES)}")
     lm = _lm_candidates(outputs, batch)
     classes = _class_candidates(outputs)
     floats = [n for n, y in outputs.items() if y.is_floating_point()]
@@ -305,7 +292,8 @@ def iter_weight_gradients(
     A batch without any position that counts (fully masked) yields nothing and is logged.
     """
     if loss not in LOSSES:
-        raise ValueError(f"unknown Fisher loss '{loss}'; choose from {', '.join(LOSSES)}")
+        raise OptionError(f"unknown Fisher loss '{loss}'; choose from {', '.join(LOSSES)}")
+    mask_input = mask_input or find_mask_input(model)  # a named mask may be any batch entry
     graph = TorchGraph(model, params=list(weights), dtype=dtype)
     params = [graph.params[w] for w in dict.fromkeys(weights)]
     names = list(graph.params)
@@ -313,7 +301,7 @@ def iter_weight_gradients(
     progress = progress or NoProgress()
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
     for index, batch in enumerate(progress.track(batches, total, "Fisher gradients")):
-        mask = _mask_of(batch, mask_input)
+        mask = batch_mask(batch, mask_input)
         outputs = graph.run(batch, None if plan is None else plan.outputs)
         if plan is None:
             plan = resolve_loss(loss, outputs, batch)
@@ -355,16 +343,12 @@ def weight_gradients(
     return out
 
 
-# Models whose tensors take at least this much get float32 gradients under dtype "auto": a float64
-# copy of the whole model, its gradients and activations would be several times its size.
-LARGE_MODEL_BYTES = 256 << 20
-
-
 def resolve_dtype(dtype: str, model: onnx.ModelProto) -> str:
     """``dtype``, with "auto" meaning float64 for small models and float32 for large ones."""
     if dtype != "auto":
         return dtype
-    return "float32" if tensor_nbytes(model) >= LARGE_MODEL_BYTES else "float64"
+    # A float64 copy of a large model, its gradients and activations would be several times its size.
+    return "float32" if is_large(model) else "float64"
 
 
 def fisher_importance(

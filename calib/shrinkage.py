@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flarc.calib.moments import Moments
+from flarc.core.errors import OptionError
 
 METHODS = ("ledoit-wolf", "oas", "none")
 
@@ -71,9 +72,9 @@ def shrink(
         elif method == "none":
             lam = 0.0
         else:
-            raise ValueError(f"unknown shrinkage '{method}' (choose from {', '.join(METHODS)})")
+            raise OptionError(f"unknown shrinkage '{method}' (choose from {', '.join(METHODS)})")
     if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"shrinkage intensity {lam} is outside [0, 1]")
+        raise OptionError(f"shrinkage intensity {lam} is outside [0, 1]")
     out = (1.0 - lam) * s
     out[np.diag_indices_from(out)] += lam * mu
     return Shrunk(out, float(lam), mu)

@@ -17,23 +17,21 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from flarc.calib.checkpoint import Checkpointer, feeds_digest
 from flarc.calib.moments import Moments
 from flarc.core.errors import DataError
 from flarc.core.external import external_dir, split_large_initializers
-from flarc.core.inputs import Feed
+from flarc.core.inputs import Feed, find_mask_input
 from flarc.core.modelio import model_opset
 from flarc.core.progress import NoProgress, Progress
-from flarc.core.sessions import fed_session
+from flarc.core.sessions import fed_session, session_options
 from flarc.core.targets import ConvGeometry, Target
 
 log = logging.getLogger(__name__)
 
 FIELDS = ("gram", "count", "sum4", "sum1", "sum2x")
-MASK_NAMES = ("attention_mask",)
 
 
 @dataclass
@@ -48,17 +46,6 @@ class StatPlan:
     masked: bool = False
     outputs: dict[str, str] = field(default_factory=dict)
     partner: str | None = None  # a second tensor: adds the cross-statistic ``X^T P``
-
-
-def find_mask_input(model: onnx.ModelProto, mask_input: str | None) -> str | None:
-    names = [i.name for i in model.graph.input]
-    if mask_input is not None:
-        if mask_input not in names:
-            raise DataError(
-                f"--mask-input '{mask_input}' is not an input of the model (inputs: {names})"
-            )
-        return mask_input
-    return next((n for n in names if n in MASK_NAMES), None)
 
 
 def plan_statistics(targets: list[Target]) -> list[StatPlan]:
@@ -276,15 +263,9 @@ class StatisticsSession:
                     and shape[:-1] == mask_shape
                 )
         stats_model = build_statistics_model(model, self.plans, self.mask_input, precision)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        # Without the arena, the large per-batch Gram outputs go back to the system when freed.
-        opts.enable_cpu_mem_arena = False
-        if threads:
-            opts.intra_op_num_threads = threads
-        if external_dir(stats_model) is not None:
-            # Pre-packed weight copies would put a large model's weights in memory a second time.
-            opts.add_session_config_entry("session.disable_prepacking", "1")
+        # Without the arena, the large per-batch Gram outputs go back to the system when freed;
+        # pre-packed weight copies would put a large model's weights in memory a second time.
+        opts = session_options(threads, arena=False, prepacking=external_dir(stats_model) is None)
         self.session = fed_session(stats_model, opts, originals)
         del stats_model, model
         self.output_names = [p.outputs[f] for p in self.plans for f in self._fields(p)]

@@ -39,7 +39,6 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from flarc import __version__
 from flarc.calib.data import CalibrationSet
 from flarc.core.errors import FlarcError, ModelError
 from flarc.core.external import external_dir, tensor_array
@@ -47,6 +46,7 @@ from flarc.core.inputs import Feed
 from flarc.core.modelio import prepare_for_save
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.targets import Target, TargetSet, node_names
+from flarc.core.version import __version__
 from flarc.export.hf import CacheLayout, empty_cache, layout_from_onnx
 from flarc.export.manifest import FORMAT, FORMAT_VERSION, Manifest, file_entries, write_manifest
 from flarc.rewrite.spectrum import Spectrum

@@ -5,37 +5,23 @@ polygraphy Comparator run between onnxruntime and the artifact.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from pathlib import Path
 
 import onnx
-import onnxruntime as ort
 
-from flarc.core.errors import BackendError, FlarcError, ModelError
+from flarc.core.errors import BackendError, FlarcError
 from flarc.core.files import atomic_path, check_output_path, write_bytes_atomic
 from flarc.core.modelio import load_model
+from flarc.core.polygraphy import accuracy_results, quiet, simple_compare_func
+from flarc.core.sessions import OPTIMIZATION, open_session, session_options
 from flarc.latency.shapes import input_shapes
 from flarc.latency.tensorrt import require_tensorrt
 
 log = logging.getLogger(__name__)
 
-ORT_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
 ONNX_SUFFIXES = (".onnx", ".ort")
-
-
-@contextlib.contextmanager
-def _quiet_polygraphy():
-    from polygraphy.logger import G_LOGGER
-
-    with G_LOGGER.verbosity(G_LOGGER.ERROR):
-        yield
 
 
 def export_ort(
@@ -46,24 +32,15 @@ def export_ort(
     ``basic`` keeps the model portable across onnxruntime builds and CPUs; ``extended``/``all``
     bake in optimizations specific to this build's execution provider.
     """
-    if optimization not in ORT_LEVELS:
-        raise FlarcError(f"--optimization '{optimization}' is not one of {', '.join(ORT_LEVELS)}")
+    if optimization not in OPTIMIZATION:
+        raise FlarcError(f"--optimization '{optimization}' is not one of {', '.join(OPTIMIZATION)}")
     load_model(model_path)  # one-line errors for a missing or bad model before onnxruntime speaks
     out = check_output_path(out_path, [model_path])
     with atomic_path(out, suffix=".ort") as tmp:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ORT_LEVELS[optimization]
+        so = session_options(optimization=optimization)
         so.optimized_model_filepath = str(tmp)
         so.add_session_config_entry("session.save_model_format", "ORT")
-        so.log_severity_level = 3
-        try:
-            ort.InferenceSession(
-                str(model_path), sess_options=so, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise ModelError(
-                f"{model_path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})"
-            ) from None
+        open_session(model_path, so)
         if not tmp.exists() or tmp.stat().st_size == 0:
             raise FlarcError(f"{out}: onnxruntime wrote no .ort model")
     return out
@@ -92,7 +69,7 @@ def export_trt(
         profile.add(name, min=shape, opt=shape, max=shape)
     config = CreateConfig(fp16=fp16, profiles=[profile])
     try:
-        with _quiet_polygraphy():
+        with quiet():
             data = EngineBytesFromNetwork(NetworkFromOnnxPath(str(model_path)), config=config)()
     except Exception as exc:  # polygraphy reports build failures as PolygraphyException
         raise BackendError(f"{model_path}: TensorRT engine build failed ({exc})") from None
@@ -144,23 +121,17 @@ def compare(
             meta.add(inp.name, dtype=dtype, shape=fixed[inp.name])
     runners = [_runner(model_path, "onnxruntime"), _runner(other, other.name)]
     loader = pc.DataLoader(seed=seed, iterations=iterations, input_metadata=meta)
-    # Polygraphy 0.53 added SimpleCompareFunc and deprecated CompareFunc.simple; accept both.
-    if hasattr(pc, "SimpleCompareFunc"):
-        compare_func = pc.SimpleCompareFunc(atol=atol, rtol=rtol)
-    else:
-        compare_func = pc.CompareFunc.simple(atol=atol, rtol=rtol)
+    compare_func = simple_compare_func(atol=atol, rtol=rtol)
     try:
-        with _quiet_polygraphy():
+        with quiet():
             results = pc.Comparator.run(runners, data_loader=loader)
             accuracy = pc.Comparator.compare_accuracy(results, compare_func=compare_func)
     except FlarcError:
         raise
     except Exception as exc:  # polygraphy wraps runner failures in PolygraphyException
         raise FlarcError(f"compare {model_path} vs {other}: {exc}") from None
-    # Newer polygraphy returns a list of AccuracyResult (one per compare function), older one.
-    per_func = list(accuracy) if not hasattr(accuracy, "values") else [accuracy]
     outputs: dict[str, dict] = {}
-    for iteration_results in (r for result in per_func for r in result.values()):
+    for iteration_results in (r for res in accuracy_results(accuracy) for r in res.values()):
         for iteration in iteration_results:
             for name, res in iteration.items():
                 worst = outputs.setdefault(name, {"max_abs": 0.0, "max_rel": 0.0, "passed": True})

@@ -23,7 +23,9 @@ import numpy as np
 
 from flarc.core.errors import BackendError, ModelError
 from flarc.core.files import check_output_path
+from flarc.core.inputs import past_layer
 from flarc.core.modelio import EXTERNAL_DATA_THRESHOLD, load_model, save_model
+from flarc.core.sessions import open_session
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,6 @@ def cache_layout(config) -> CacheLayout:
 
 
 def _load_hf(model_dir: Path):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -194,10 +194,9 @@ def export_hf(
 
 def verify_export(wrapper, path: Path, layout: CacheLayout, vocab: int) -> float:
     """Largest |logits_onnx - logits_torch| over a prefill (past 0) and a decode step (past 5)."""
-    import onnxruntime as ort
     import torch
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = open_session(path)
     worst = 0.0
     for seq, past in ((5, 0), (1, 5)):
         feed = example_inputs(layout, batch=1, seq=seq, past=past, vocab=vocab, seed=seq)
@@ -217,13 +216,10 @@ def verify_export(wrapper, path: Path, layout: CacheLayout, vocab: int) -> float
 
 def layout_from_onnx(model) -> CacheLayout:
     """The cache layout an exported model declares through its ``past_key_values.*`` inputs."""
-    import re
-
-    pattern = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
     found: dict[int, tuple[int, int]] = {}
     for vi in model.graph.input:
-        match = pattern.match(vi.name)
-        if not match:
+        layer = past_layer(vi.name)
+        if layer is None:
             continue
         dims = vi.type.tensor_type.shape.dim
         if len(dims) != 4 or not dims[1].HasField("dim_value") or not dims[3].HasField("dim_value"):
@@ -231,7 +227,7 @@ def layout_from_onnx(model) -> CacheLayout:
                 f"input '{vi.name}' is not [batch, kv_heads, past_seq, head_dim] with fixed "
                 "kv_heads and head_dim"
             )
-        found[int(match.group(1))] = (dims[1].dim_value, dims[3].dim_value)
+        found[layer[0]] = (dims[1].dim_value, dims[3].dim_value)
     if not found:
         raise ModelError(
             "the model has no past_key_values.{i}.key|value inputs (not a KV-cache LM)"

@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 
 from flarc.core.errors import BackendError, DataError, ModelError
+from flarc.core.sessions import open_session, session_options
 from flarc.export.hf import CacheLayout, empty_cache, layout_from_onnx
 from flarc.export.manifest import Manifest, load_manifest
 from flarc.export.schedule import Schedule, entropy, parse_schedule
@@ -84,22 +85,6 @@ class SharedWeights:
         return sum(b.nbytes for b in self.buffers.values())
 
 
-def session_options(
-    threads: int | None = None, disable_prepacking: bool = True, arena: bool = True
-):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if not arena:
-        so.enable_cpu_mem_arena = False
-    if threads:
-        so.intra_op_num_threads = threads
-    if disable_prepacking:
-        so.add_session_config_entry("session.disable_prepacking", "1")
-    return so
-
-
 class OrtRunner:
     """An onnxruntime CPU session; initializers optionally supplied from shared buffers."""
 
@@ -111,9 +96,7 @@ class OrtRunner:
         disable_prepacking: bool = True,
         arena: bool = True,
     ) -> None:
-        import onnxruntime as ort
-
-        so = session_options(threads, disable_prepacking and shared is not None, arena)
+        so = session_options(threads, arena=arena, prepacking=not (disable_prepacking and shared))
         if shared is not None:
             graph = onnx.load(str(path), load_external_data=False)
             external = [
@@ -122,12 +105,7 @@ class OrtRunner:
             for t in external:
                 # add_initializer keeps the caller's buffer; add_external_initializers copies it.
                 so.add_initializer(t.name, shared.ort_value(t))
-        try:
-            self.session = ort.InferenceSession(
-                str(path), sess_options=so, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:
-            raise ModelError(f"{path}: onnxruntime cannot load it ({exc})") from None
+        self.session = open_session(path, so)
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -5,8 +5,14 @@ The stages live in sub-packages: ``flarc.calib`` (statistics), ``flarc.rewrite``
 ``flarc.export`` (engines, rank buckets, decoding runtime). ``flarc.pipeline`` runs them.
 """
 
-from flarc.core.errors import BackendError, DataError, FlarcError, ModelError
+from flarc.core.errors import BackendError, DataError, FlarcError, ModelError, OptionError
+from flarc.core.version import __version__
 
-__version__ = "0.1.0"
-
-__all__ = ["BackendError", "DataError", "FlarcError", "ModelError", "__version__"]
+__all__ = [
+    "BackendError",
+    "DataError",
+    "FlarcError",
+    "ModelError",
+    "OptionError",
+    "__version__",
+]

@@ -9,11 +9,14 @@ import os
 import re
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from flarc.core.errors import FlarcError
+from flarc.core.files import cache_root
+from flarc.pipeline import CompressResult
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +25,7 @@ MINILM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 def cache_dir() -> Path:
     """flarc's cache folder: ``$FLARC_CACHE_DIR`` or ``~/.cache/flarc``."""
-    path = Path(os.environ.get("FLARC_CACHE_DIR") or Path.home() / ".cache" / "flarc")
+    path = cache_root()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -39,12 +42,10 @@ def minilm_folder() -> Path:
 
 def export_minilm(path: Path) -> Path:
     """Export MiniLM (last_hidden_state) with torch's legacy exporter, opset 17, dynamic axes."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
     from transformers import AutoModel
 
-    bert = AutoModel.from_pretrained(str(minilm_folder())).eval()
+    bert = AutoModel.from_pretrained(str(minilm_folder()), local_files_only=True).eval()
 
     class LastHidden(torch.nn.Module):
         # Keyword arguments: transformers 5 reorders BertModel.forward's positional parameters.
@@ -108,20 +109,12 @@ def english_sentences() -> list[str]:
 def minilm_feeds(
     sentences: list[str], batch_size: int = 16, seq_len: int = 128
 ) -> list[dict[str, np.ndarray]]:
-    from transformers import AutoTokenizer
+    """Token batches of ``sentences`` in MiniLM's inputs."""
+    from flarc.calib.data import tokenize
+    from flarc.core.inputs import InputSpec
 
-    tok = AutoTokenizer.from_pretrained(str(minilm_folder()))
-    feeds = []
-    for i in range(0, len(sentences), batch_size):
-        enc = tok(
-            sentences[i : i + batch_size],
-            padding="longest",
-            truncation=True,
-            max_length=seq_len,
-            return_tensors="np",
-        )
-        feeds.append({k: np.asarray(enc[k], dtype=np.int64) for k in MINILM_INPUTS})
-    return feeds
+    specs = [InputSpec(name, np.dtype(np.int64), ("batch", "sequence")) for name in MINILM_INPUTS]
+    return tokenize(sentences, minilm_folder(), specs, seq_len, batch_size)
 
 
 def sentence_embeddings(session, feeds) -> np.ndarray:
@@ -146,70 +139,64 @@ def median_latency(session, feed, repeats: int = 20) -> float:
     return float(np.median(times))
 
 
-def run_demo(args) -> int:
-    import onnxruntime as ort
+@dataclass
+class DemoResult:
+    """What the demo did: the models, the data, the compression and what it changed."""
 
+    source: Path
+    output: Path
+    calibration_sentences: int
+    heldout_sentences: int
+    budget: float
+    result: CompressResult
+    seconds: float  # analysis and compression
+    cosines: np.ndarray  # sentence-embedding cosine to the original, per held-out sentence
+    latency: dict[str, tuple[float, float]]  # label -> (before, after) median seconds
+
+
+def run_demo(budget: float = 0.8, out_dir: Path | None = None, progress=None) -> DemoResult:
+    """Compress MiniLM with the default method at ``budget``; measure embeddings and latency."""
     from flarc.calib.data import CalibrationSet
-    from flarc.cli import console as cli_console
     from flarc.core.files import file_sha256
-    from flarc.core.inputs import model_inputs
     from flarc.core.modelio import load_model, save_model
-    from flarc.core.progress import RichProgress
+    from flarc.core.sessions import open_session
     from flarc.core.targets import find_targets
-    from flarc.pipeline import AnalysisOptions, analyze, compress
-    from flarc.report import comparison_table, rows_table, summary_lines
-    from flarc.rewrite.policy import RankOptions
+    from flarc.pipeline import analyze, compress
+    from flarc.rewrite.analysis import AnalysisOptions
 
-    console = cli_console()
-    progress = RichProgress()
     src = minilm_onnx()
-    out_dir = Path(args.out_dir) if args.out_dir else cache_dir()
+    out_dir = Path(out_dir) if out_dir else cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"all-MiniLM-L6-v2.b{args.budget:g}.onnx"
-    console.print(f"model: {src}")
+    out = out_dir / f"all-MiniLM-L6-v2.b{budget:g}.onnx"
     sentences = english_sentences()
     calib_sents, held_sents = sentences[:512], sentences[-256:]
-    console.print(
-        f"text: {len(calib_sents)} calibration and {len(held_sents)} held-out sentences (pydoc_data.topics)"
-    )
     model = load_model(src)
-    specs = model_inputs(model)
-    assert {s.name for s in specs} == set(MINILM_INPUTS)
     data = CalibrationSet(minilm_feeds(calib_sents), minilm_feeds(held_sents), "pydoc_data.topics")
     t0 = time.perf_counter()
-    targets = find_targets(model)
-    analysis = analyze(model, targets, data, AnalysisOptions(), file_sha256(src), progress)
-    # The best method of bench/quality.py on MiniLM: global allocation weighted by measured
-    # end-output sensitivity.
-    options = RankOptions(allocate="global", budget=args.budget, output_weighted=True)
-    console.print(
-        f"ranks: global allocation, output-weighted, keeping {args.budget:.0%} of target parameters"
+    analysis = analyze(
+        model, find_targets(model), data, AnalysisOptions(), file_sha256(src), progress
     )
-    result = compress(model, analysis, options)
+    result = compress(model, analysis, demo_options(budget), progress=progress)
     save_model(result.model, out)
     elapsed = time.perf_counter() - t0
-    console.print(rows_table(result.rows))
-    console.print(comparison_table(result))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    before = ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
-    after = ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"])
-    e0 = sentence_embeddings(before, data.heldout)
-    e1 = sentence_embeddings(after, data.heldout)
-    cos = np.sum(e0 * e1, axis=1)
+    before, after = open_session(src), open_session(out)
+    cos = np.sum(
+        sentence_embeddings(before, data.heldout) * sentence_embeddings(after, data.heldout), axis=1
+    )
     feed = minilm_feeds(["flarc " * 120], batch_size=1)[0]
     feed8 = {k: np.repeat(v, 8, axis=0) for k, v in feed.items()}
-    for line in summary_lines(result):
-        console.print(line)
-    console.print(
-        f"sentence-embedding cosine to the original on {len(cos)} held-out sentences: "
-        f"mean {cos.mean():.4f}, min {cos.min():.4f}"
+    latency = {
+        label: (median_latency(before, f), median_latency(after, f))
+        for label, f in (("1 x 128 tokens", feed), ("8 x 128 tokens", feed8))
+    }
+    return DemoResult(
+        src, out, len(calib_sents), len(held_sents), budget, result, elapsed, cos, latency
     )
-    for label, f in (("1 x 128 tokens", feed), ("8 x 128 tokens", feed8)):
-        t_before, t_after = median_latency(before, f), median_latency(after, f)
-        console.print(
-            f"onnxruntime CPU latency, {label}: {t_before * 1e3:.1f} ms -> {t_after * 1e3:.1f} ms "
-            f"({t_before / t_after:.2f}x)"
-        )
-    console.print(f"compressed in {elapsed:.1f} s; wrote {out}")
-    return 0
+
+
+def demo_options(budget: float):
+    """The rank options the demo uses: our best open-loop method on MiniLM (bench/quality.py),
+    global allocation weighted by measured end-output sensitivity."""
+    from flarc.rewrite.policy import RankOptions
+
+    return RankOptions(allocate="global", budget=budget, output_weighted=True)

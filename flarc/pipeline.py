@@ -20,19 +20,14 @@ import onnx
 from flarc.calib.data import CalibrationSet
 from flarc.calib.moments import LazyMoments, Moments, spill_moments
 from flarc.calib.shrinkage import shrink
-from flarc.calib.statistics import (
-    StatisticsSession,
-    StatPlan,
-    find_mask_input,
-    plan_statistics,
-)
+from flarc.calib.statistics import StatisticsSession, StatPlan, plan_statistics
 from flarc.core.compare import OutputComparison, compare_models, compare_streamed
 from flarc.core.diskarray import SpillFolder
 from flarc.core.errors import ModelError
 from flarc.core.external import FactorFile, all_tensors, as_array, external_dir
-from flarc.core.inputs import Feed
+from flarc.core.inputs import Feed, find_mask_input
 from flarc.core.memory import release_free_memory
-from flarc.core.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_nbytes
+from flarc.core.modelio import EXTERNAL_DATA_THRESHOLD, is_large, save_model, tensor_nbytes
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.sessions import fed_session
 from flarc.core.sums import PairSums
@@ -52,8 +47,6 @@ log = logging.getLogger(__name__)
 
 # Batches an analysis keeps for comparisons and output criteria (held out, and calibration).
 MAX_KEPT_FEEDS = 4
-# Models whose tensors take at least this much keep statistics and spectra on disk (flarc.core.diskarray).
-SPILL_MODEL_BYTES = 256 << 20
 # Output columns per block of the held-out error of one target.
 HELDOUT_BLOCK = 2048
 # Smallest Gram budget of one statistics pass when a large model's statistics are grouped.
@@ -77,7 +70,7 @@ def analyze_target(
 
 def spill_statistics(model: onnx.ModelProto) -> bool:
     """Whether statistics and spectra of ``model`` are kept on disk between stages."""
-    return tensor_nbytes(model) >= SPILL_MODEL_BYTES
+    return is_large(model)
 
 
 def statistic_groups(plans: list[StatPlan], max_bytes: int | None) -> list[list[StatPlan]]:

@@ -160,12 +160,13 @@ def projection_type(name: str) -> str:
 
 def plot_ranks(rows: list[TargetRow], path: str | Path, title: str = "rank allocation") -> None:
     """Kept fraction of k_equiv per target in graph order, one series per projection type."""
-    import matplotlib
+    # The object API with the Agg canvas: no pyplot state, no backend switch for the process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6, len(rows) * 0.18), 6), sharex=True)
+    fig = Figure(figsize=(max(6, len(rows) * 0.18), 6))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
     groups: dict[str, list[tuple[int, TargetRow]]] = {}
     for i, r in enumerate(rows):
         groups.setdefault(projection_type(r.name), []).append((i, r))
@@ -182,5 +183,4 @@ def plot_ranks(rows: list[TargetRow], path: str | Path, title: str = "rank alloc
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     write_bytes_atomic(path, buf.getvalue())

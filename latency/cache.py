@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from flarc.core.files import write_text_atomic
+from flarc.core.files import cache_root, write_text_atomic
 from flarc.latency.timing import Stats
 
 log = logging.getLogger(__name__)
@@ -23,9 +23,7 @@ SCHEMA = 1
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("FLARC_CACHE_DIR")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "flarc"
-    return base / "latency"
+    return cache_root() / "latency"
 
 
 def _canonical(key: dict) -> str:

@@ -16,8 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from flarc.core.errors import BackendError
-from flarc.core.modelio import prepare_for_save
-from flarc.core.sessions import session_source
+from flarc.core.sessions import open_session, session_options
 from flarc.latency.backend import Backend, cpu_fingerprint
 from flarc.latency.layers import NP_DTYPES, layer_model, random_input
 from flarc.latency.spec import LayerSpec
@@ -33,34 +32,14 @@ class OrtCpuBackend(Backend):
     def fingerprint(self) -> str:
         return f"cpu: {cpu_fingerprint()}"
 
-    def session_options(self) -> ort.SessionOptions:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.intra_op_num_threads = self.threads or 0
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        return so
-
     def _session(
         self, model: onnx.ModelProto, what: str, workdir: Path | None = None
     ) -> ort.InferenceSession:
-        """A timing session; a large model goes as bytes with its data folder, or (factors in a
-        spill file) as a file written to ``workdir``."""
-        options = self.session_options()
-        if workdir is None:
-            source: str | bytes = prepare_for_save(model).SerializeToString()
-        else:
-            source, options = session_source(model, workdir, options)
-        try:
-            return ort.InferenceSession(
-                source, sess_options=options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise BackendError(
-                f"{self.name}: onnxruntime {ort.__version__} cannot run {what} in {self.dtype} "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-            ) from None
+        """A timing session as deployed (all graph optimizations, sequential execution); a
+        model whose factors live in a spill file goes through a file in ``workdir``."""
+        options = session_options(self.threads, optimization="all", sequential=True)
+        label = f"{self.name}: onnxruntime {ort.__version__} running {what} in {self.dtype}"
+        return open_session(model, options, label, workdir, error=BackendError)
 
     def _time_layer(self, spec: LayerSpec, k: int | None) -> Stats:
         what = f"{spec.key} {'dense' if k is None else f'rank {k}'}"

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from flarc.core.errors import DataError, ModelError
-from flarc.core.modelio import tensor_nbytes
-from flarc.core.sessions import session_source
+from flarc.core.modelio import is_large
+from flarc.core.sessions import open_session, session_options
 from flarc.core.targets import Target
 
 log = logging.getLogger(__name__)
@@ -114,7 +113,7 @@ def _inferred_shapes(
     model: onnx.ModelProto, shapes: dict[str, list[int]], wanted: set[str]
 ) -> dict[str, tuple[int, ...]]:
     """Static shapes from onnx shape inference with the inputs fixed; only complete ones."""
-    if tensor_nbytes(model) > 1_000_000_000:
+    if is_large(model):
         return {}  # inference serialises the model; large ones go straight to onnxruntime
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
@@ -151,18 +150,11 @@ def _observed_shapes(
     for name in extra:
         run.graph.output.append(onnx.ValueInfoProto(name=name))
     outputs = [o.name for o in run.graph.output]
-    so = ort.SessionOptions()
     # Optimizations could fuse a target's input away; keep the graph as written.
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
+    so = session_options(optimization="disable")
     with tempfile.TemporaryDirectory(prefix="flarc-shapes-") as tmp:
         try:
-            source, so = session_source(run, Path(tmp), so)
-            sess = ort.InferenceSession(
-                source,
-                sess_options=so,
-                providers=["CPUExecutionProvider"],
-            )
+            sess = open_session(run, so, "the model", Path(tmp))
             values = sess.run(outputs, feed)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelError(

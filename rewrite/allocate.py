@@ -19,6 +19,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 
+from flarc.core.errors import OptionError
 from flarc.core.targets import Target
 from flarc.rewrite.ranks import RankChoice
 from flarc.rewrite.search import rank_grid
@@ -35,7 +36,7 @@ def parameter_cost(target: Target, k: int | None) -> float:
 
 def _check_budget(budget: float) -> None:
     if not 0 < budget <= 1:
-        raise ValueError(
+        raise OptionError(
             f"--budget {budget} must be in (0, 1] (a fraction of the targets' dense cost)"
         )
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from flarc import __version__
 from flarc.calib.moments import LazyMoments, Moments
 from flarc.core.diskarray import MIN_SPILL_BYTES, DiskArray, as_array, npz_members, write_npz
 from flarc.core.errors import FlarcError
 from flarc.core.files import atomic_path
 from flarc.core.targets import ConvGeometry, Skipped, Target
+from flarc.core.version import __version__
 from flarc.rewrite.analysis import Analysis, AnalysisOptions, TargetAnalysis
 from flarc.rewrite.spectrum import Spectrum
 

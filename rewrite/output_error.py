@@ -23,8 +23,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from flarc.core.errors import OptionError
 from flarc.core.external import as_array, external_dir, split_large_initializers
-from flarc.core.inputs import Feed, is_logits_name
+from flarc.core.inputs import Feed, batch_mask, is_logits_name
 from flarc.core.sessions import fed_session, lean_session_options
 from flarc.core.targets import Target, constant_tensors, stored_weight
 
@@ -87,7 +88,7 @@ class OutputErrorProbe:
         mask_input: str | None = None,
     ) -> None:
         if metric not in METRICS:
-            raise ValueError(f"unknown output metric '{metric}' ({', '.join(METRICS)})")
+            raise OptionError(f"unknown output metric '{metric}' ({', '.join(METRICS)})")
         self.targets = {t.name: t for t in targets}
         consts = constant_tensors(model)
         folder = external_dir(model)
@@ -115,7 +116,7 @@ class OutputErrorProbe:
             ]
             if not self.outputs_names:
                 names = ", ".join(o.name for o in model.graph.output)
-                raise ValueError(
+                raise OptionError(
                     f"output metric 'kl' needs a float output named like *logits* with a class "
                     f"axis; the model's outputs are: {names}"
                 )
@@ -164,10 +165,8 @@ class OutputErrorProbe:
 
     def _kept_rows(self, feed: Feed, y: np.ndarray) -> np.ndarray | None:
         """The attention mask as a row selector, where it spans the output's leading axes."""
-        mask = feed.get(self.mask_input) if self.mask_input else None
-        if mask is None or tuple(mask.shape) != tuple(y.shape[:-1]):
-            return None
-        return np.asarray(mask) != 0
+        mask = batch_mask(feed, self.mask_input)
+        return mask if mask is not None and mask.shape == y.shape[:-1] else None
 
     def close(self) -> None:
         """Release the session and the weight arrays (the outputs' names stay readable)."""

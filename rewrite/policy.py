@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from flarc.core.errors import OptionError
 from flarc.core.external import as_array, external_dir
 from flarc.core.inputs import Feed
 from flarc.core.targets import Target, constant_tensors, weight_matrix
@@ -97,7 +98,7 @@ def _criterion(
             return probe.error({target.name: a @ c})
 
         return Criterion("output", value, lambda v: v <= threshold)
-    raise ValueError(f"unknown criterion '{name}' (whitened, cosine or output)")
+    raise OptionError(f"unknown criterion '{name}' (whitened, cosine or output)")
 
 
 def auto_threshold(analysis: Analysis, probe: OutputErrorProbe, budget: float, align: int) -> float:
@@ -180,7 +181,7 @@ def choose_ranks(
     targets = analysis.targets
     if opts.allocate == "fisher":
         if not analysis.fisher:
-            raise ValueError("--allocate fisher needs Fisher importances (run with gradients)")
+            raise OptionError("--allocate fisher needs Fisher importances (run with gradients)")
         budget = opts.budget if opts.budget is not None else (opts.ratio or 0.8)
         choices = fisher_ranks(targets, analysis.fisher, budget, opts.align)
         return {t.name: _latency_checked(t, choices[t.name], opts) for t in targets}
@@ -188,12 +189,12 @@ def choose_ranks(
         weights = None
         if opts.fisher_weighted:
             if not analysis.fisher:
-                raise ValueError("--fisher-weighted needs Fisher importances")
+                raise OptionError("--fisher-weighted needs Fisher importances")
             total = sum(analysis.fisher.values()) or 1.0
             weights = {k: v / total for k, v in analysis.fisher.items()}
         if opts.output_weighted:
             if model is None or not feeds:
-                raise ValueError("--output-weighted needs the model and calibration batches")
+                raise OptionError("--output-weighted needs the model and calibration batches")
             budget = opts.budget if opts.budget is not None else (opts.ratio or 0.8)
             sensitivity = output_sensitivity(analysis, model, feeds, budget, opts)
             weights = {k: sensitivity[k] * (weights or {}).get(k, 1.0) for k in sensitivity}
@@ -229,16 +230,16 @@ def bisect_all(
     probe = None
     if opts.criterion == "output" or opts.threshold == "auto":
         if model is None or not feeds:
-            raise ValueError("the output criterion needs the model and calibration batches")
+            raise OptionError("the output criterion needs the model and calibration batches")
         probe = _output_probe(model, analysis, feeds, opts)
     try:
         threshold = opts.threshold
         budget = opts.budget if opts.budget is not None else opts.ratio
         if threshold == "auto":
             if opts.criterion != "output":
-                raise ValueError("--threshold auto goes with --criterion output")
+                raise OptionError("--threshold auto goes with --criterion output")
             if budget is None:
-                raise ValueError("--threshold auto needs a parameter budget (--budget or --ratio)")
+                raise OptionError("--threshold auto needs a parameter budget (--budget or --ratio)")
             threshold = auto_threshold(analysis, probe, budget, opts.align)
             log.info("auto threshold: %.3e per target", threshold)
         if threshold is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from flarc.core.errors import OptionError
 from flarc.core.targets import Target
 from flarc.rewrite.spectrum import Spectrum
 
@@ -36,7 +37,7 @@ def settle(target: Target, k: int, reason: str, criterion: float | None = None) 
 def ratio_rank(target: Target, ratio: float, align: int) -> RankChoice:
     """Keep a fraction ``ratio`` of the weight's parameters: ``k (n + m) ~ ratio n m`` (SVD-LLM)."""
     if not 0 < ratio <= 1:
-        raise ValueError(f"--ratio {ratio} must be in (0, 1]")
+        raise OptionError(f"--ratio {ratio} must be in (0, 1]")
     k = align_up(ratio * target.params / (target.n + target.m), align)
     return settle(target, k, f"ratio {ratio:g}")
 
@@ -44,7 +45,7 @@ def ratio_rank(target: Target, ratio: float, align: int) -> RankChoice:
 def energy_rank(target: Target, spectrum: Spectrum, energy: float, align: int) -> RankChoice:
     """The smallest aligned rank whose retained whitened energy is at least ``energy``."""
     if not 0 < energy <= 1:
-        raise ValueError(f"--energy {energy} must be in (0, 1]")
+        raise OptionError(f"--energy {energy} must be in (0, 1]")
     retained = spectrum.energy()
     k = int(next((i for i, e in enumerate(retained) if e >= energy - 1e-12), len(retained) - 1))
     k = align_up(max(k, 1), align)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
+from flarc.core.errors import OptionError
+
 log = logging.getLogger(__name__)
 
 # Eigenvalues below this fraction of the largest are clamped (dead channels, rank deficiency).
@@ -85,7 +87,7 @@ def whitener(h: np.ndarray, method: str = "cholesky", name: str = "") -> tuple[W
     if method == "none":
         return Whitener("none", None, np.ones(h.shape[0])), False
     if method != "cholesky":
-        raise ValueError(f"unknown whitening '{method}' (choose cholesky, eig, diag or none)")
+        raise OptionError(f"unknown whitening '{method}' (choose cholesky, eig, diag or none)")
     w = cholesky_whitener(h)
     if w is not None:
         return w, False

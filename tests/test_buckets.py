@@ -14,7 +14,7 @@ import pytest
 from onnx import numpy_helper
 
 from flarc.calib.data import CalibrationSet
-from flarc.cli.export import register, register_buckets
+from flarc.cli import build_parser
 from flarc.core.errors import FlarcError, ModelError
 from flarc.core.modelio import load_model
 from flarc.core.targets import constant_tensors, find_targets, weight_matrix
@@ -209,12 +209,7 @@ def test_tampered_or_missing_files_are_refused(lm, tmp_path):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flarc")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    export = sub.add_parser("export").add_subparsers(dest="export_command", required=True)
-    register_buckets(export)
-    return parser
+    return build_parser()
 
 
 def test_cli_export_buckets(lm, tmp_path):

@@ -281,7 +281,7 @@ def test_compress_lazy_external_model_matches_in_memory(tmp_path, mlp, capsys, m
               location="out.onnx.data", size_threshold=0)  # fmt: skip
     before = {p.name: sha(p) for p in folder.iterdir()}
     assert main(compress_argv(src, tmp_path / "eager.onnx", tmp_path)) == 0
-    monkeypatch.setattr(flarc.core.modelio, "LAZY_MODEL_BYTES", 0)
+    monkeypatch.setattr(flarc.core.modelio, "LARGE_MODEL_BYTES", 0)
     assert main(compress_argv(src, tmp_path / "lazy.onnx", tmp_path)) == 0, capsys.readouterr()
     eager = onnx.load(str(tmp_path / "eager.onnx"))
     lazy = onnx.load(str(tmp_path / "lazy.onnx"))

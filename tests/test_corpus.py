@@ -21,6 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from flarc.cli import main
 
+from _outcome import message_lines
+
 N, H, M = 32, 32, 16  # x[b, N] -> MatMul [N, H] -> Relu -> MatMul [H, M] -> y[b, M]
 TRUE_RANK = 4  # weights are exactly rank 4, so rank 8 factors reproduce them
 
@@ -333,7 +335,7 @@ def run_case(case: Case, folder: Path, capsys) -> str:
         check_output(model, folder / "out.onnx", case.tolerance)
         return "ok"
     assert "Traceback" not in captured.err, captured.err
-    lines = [line for line in captured.err.splitlines() if line.strip()]
+    lines = message_lines(captured.err)
     assert len(lines) == 1 and lines[0].startswith("flarc: error:"), captured.err
     for word in case.words:
         assert word in lines[0], lines[0]
@@ -376,7 +378,7 @@ def test_corpus_inspect_never_crashes(tmp_path: Path, capsys) -> None:
         code = main(["inspect", str(model), "--json"])
         err = capsys.readouterr().err
         if code:
-            lines = [line for line in err.splitlines() if line.strip()]
+            lines = message_lines(err)
             assert len(lines) == 1 and lines[0].startswith("flarc: error:"), (case.name, err)
         for name in case.files:
             (tmp_path / name).unlink()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 
 import numpy as np
@@ -11,7 +10,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from flarc.cli import latency as cli
+from flarc.cli import build_parser
+from flarc.cli.export import ExportOrt, ExportTrt
 from flarc.core.errors import BackendError, FlarcError
 from flarc.core.modelio import save_model
 from flarc.export.engines import compare, export_ort, export_trt
@@ -93,18 +93,14 @@ def test_tensorrt_export_and_compare_fail_in_one_line(model_path, tmp_path):
 
 
 def test_cli_export_and_compare(model_path, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="flarc")
-    sub = parser.add_subparsers(dest="command", required=True)
-    export_group = sub.add_parser("export").add_subparsers(dest="export_command", required=True)
-    cli.register_export(export_group)
-    cli.register_compare(sub)
+    parser = build_parser()
     out = tmp_path / "m.ort"
     args = parser.parse_args(["export", "ort", str(model_path), "-o", str(out)])
-    assert args.func is cli.export_ort_handler and args.func(args) == 0 and out.exists()
+    assert isinstance(args.func.__self__, ExportOrt) and args.func(args) == 0 and out.exists()
     args = parser.parse_args(["compare", str(model_path), str(out), "--shape", "X:2x16"])
     assert args.func(args) == 0
     assert "PASSED" in capsys.readouterr().out
     args = parser.parse_args(
         ["export", "trt", str(model_path), "-o", "e.plan", "--fp16", "--shape", "X:1x16"]
     )
-    assert args.func is cli.export_trt_handler and args.fp16 and args.shape == ["X:1x16"]
+    assert isinstance(args.func.__self__, ExportTrt) and args.fp16 and args.shape == ["X:1x16"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 
-import _fisher_models as fm
 import numpy as np
 import pytest
 import torch
@@ -19,6 +18,8 @@ from flarc.calib.fisher import (
 )
 from flarc.core.errors import DataError, ModelError
 from flarc.core.targets import find_targets
+
+import _fisher_models as fm
 
 EXPORTERS = ["legacy", "dynamo"]
 
@@ -173,13 +174,14 @@ def test_float32_interpreter_is_close(exported):
 
 def test_auto_dtype_is_float32_only_for_large_models(exported, monkeypatch):
     import flarc.calib.fisher as fisher
+    import flarc.core.modelio
 
     _, model = exported("cnn", "legacy")
     assert fisher.resolve_dtype("auto", model) == "float64"
     assert fisher.resolve_dtype("float32", model) == "float32"
     targets = find_targets(model).targets
     r32 = fisher_importance(model, targets, _batches("cnn"), dtype="float32")
-    monkeypatch.setattr(fisher, "LARGE_MODEL_BYTES", 0)
+    monkeypatch.setattr(flarc.core.modelio, "LARGE_MODEL_BYTES", 0)
     assert fisher.resolve_dtype("auto", model) == "float32"
     assert fisher_importance(model, targets, _batches("cnn")).alpha == r32.alpha
 

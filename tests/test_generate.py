@@ -3,7 +3,6 @@ schedules, sampling, the CLI, the TensorRT error, and measured weight sharing.""
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 
 from flarc.calib.data import CalibrationSet
-from flarc.cli.export import register
+from flarc.cli import build_parser
 from flarc.core.errors import BackendError, FlarcError
 from flarc.core.modelio import load_model
 from flarc.core.targets import find_targets
@@ -165,9 +164,7 @@ def test_sampling_is_seeded_and_top_p_narrows(lm):
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="flarc")
-    register(parser.add_subparsers(dest="command", required=True))
-    return parser
+    return build_parser()
 
 
 def test_cli_generate(lm, capsys):

@@ -13,7 +13,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from flarc.cli import latency as cli
+from flarc.cli import build_parser
+from flarc.cli.latency import Profile, Show
 from flarc.core.errors import BackendError, DataError
 from flarc.core.modelio import prepare_for_save
 from flarc.core.targets import ConvGeometry, find_targets
@@ -407,10 +408,7 @@ def test_measure_end_to_end():
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flarc")
-    sub = parser.add_subparsers(dest="command", required=True)
-    cli.register(sub)
-    return parser
+    return build_parser()
 
 
 def test_cli_parses():
@@ -434,13 +432,13 @@ def test_cli_parses():
             "l.json",
         ]
     )
-    assert args.func is cli.profile_handler and args.threads == 2 and args.align == 16
+    assert isinstance(args.func.__self__, Profile) and args.threads == 2 and args.align == 16
     assert args.shape == ["input_ids:1x128", "attention_mask:1x128"] and args.dtype == "fp16"
     with pytest.raises(SystemExit):
         make_parser().parse_args(["latency", "profile", "m.onnx", "--backend", "tpu", "-o", "x"])
     with pytest.raises(SystemExit):
         make_parser().parse_args(["latency", "profile", "m.onnx", "--threads", "0", "-o", "x"])
-    assert make_parser().parse_args(["latency", "show", "l.json"]).func is cli.show_handler
+    assert isinstance(make_parser().parse_args(["latency", "show", "l.json"]).func.__self__, Show)
 
 
 def test_cli_profile_then_show(tmp_path, monkeypatch, capsys):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import _fisher_models as fm
 import numpy as np
 import onnx
 import pytest
@@ -18,6 +17,7 @@ from flarc.pipeline import AnalysisOptions, analyze
 from flarc.rewrite.output_error import KL_ROWS, OutputErrorProbe, kl_rows
 from flarc.rewrite.policy import RankOptions, choose_ranks, output_sensitivity
 
+import _fisher_models as fm
 from _models import kept_params
 
 

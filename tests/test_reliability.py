@@ -21,6 +21,7 @@ from flarc.cli import main
 from flarc.rewrite.analysis_file import load_analysis
 
 from _models import Mlp3d, export
+from _outcome import message_lines
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -175,7 +176,7 @@ def one_error(capsys, argv: list[str], *expect: str) -> str:
     code = main(argv)
     err = capsys.readouterr().err.strip()
     assert code != 0, err
-    lines = err.splitlines()
+    lines = message_lines(err)
     assert len(lines) == 1 and lines[0].startswith("flarc: error:"), err
     for word in expect:
         assert word in lines[0], lines[0]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import flarc.core.diskarray
+import flarc.core.modelio
 import flarc.pipeline
 from flarc.calib.data import CalibrationSet
 from flarc.calib.moments import LazyMoments
@@ -28,7 +29,7 @@ from _models import TinyEncoder, export, token_batch
 def spill_everything(monkeypatch):
     """Every array spilled, every model 'large', one statistic per calibration pass."""
     monkeypatch.setattr(flarc.core.diskarray, "MIN_SPILL_BYTES", 0)
-    monkeypatch.setattr(flarc.pipeline, "SPILL_MODEL_BYTES", 0)
+    monkeypatch.setattr(flarc.core.modelio, "LARGE_MODEL_BYTES", 0)
     monkeypatch.setattr(flarc.pipeline, "STAT_GROUP_MIN_BYTES", 0)
 
 
@@ -106,7 +107,7 @@ def test_spilled_grouped_analysis_equals_in_memory(
     groups = flarc.pipeline.statistic_groups(flarc.pipeline.plan_statistics(targets.targets), 0)
     assert len(groups) == len({t.stat_key for t in targets.targets}) > 1
     assert any(isinstance(e.spectrum.vt, DiskArray) for e in spilled.entries.values())
-    monkeypatch.setattr(flarc.pipeline, "SPILL_MODEL_BYTES", 1 << 62)
+    monkeypatch.setattr(flarc.core.modelio, "LARGE_MODEL_BYTES", 1 << 62)
     plain = analyze(model, targets, data, AnalysisOptions())
     assert plain.spill is None
     for stats_a, stats_b in (

@@ -6,10 +6,8 @@ Per output: cosine similarity, max and mean absolute error, and max and mean rel
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,7 +15,8 @@ import numpy as np
 import onnx
 
 from flarc.core.inputs import Feed
-from flarc.core.sessions import lean_session_options, session_source
+from flarc.core.polygraphy import accuracy_results, quiet, simple_compare_func
+from flarc.core.sessions import lean_session_options, open_session
 from flarc.core.sums import PairSums, blocks
 
 log = logging.getLogger(__name__)
@@ -35,18 +34,6 @@ class OutputComparison:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@contextlib.contextmanager
-def _quiet_polygraphy() -> Iterator[None]:
-    from polygraphy.logger import G_LOGGER
-
-    old = G_LOGGER.module_severity
-    G_LOGGER.module_severity = G_LOGGER.CRITICAL
-    try:
-        yield
-    finally:
-        G_LOGGER.module_severity = old
 
 
 def _metrics(ref: list[np.ndarray], out: list[np.ndarray]) -> tuple[float, ...]:
@@ -76,14 +63,9 @@ def _within(ref: np.ndarray, out: np.ndarray, rtol: float, atol: float) -> bool:
 
 
 def _session_of(model: onnx.ModelProto | str, workdir: Path):
-    import onnxruntime as ort
-
-    if isinstance(model, str):
-        source, options = model, lean_session_options()
-    else:
+    if not isinstance(model, str):
         workdir.mkdir()
-        source, options = session_source(model, workdir, lean_session_options())
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return open_session(model, lean_session_options(), workdir=workdir)
 
 
 def _save_outputs(model: onnx.ModelProto, feeds: list[Feed], folder: Path) -> dict[str, int]:
@@ -144,13 +126,6 @@ def compare_models(
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator
 
-    try:
-        from polygraphy.comparator import SimpleCompareFunc
-    except ImportError:  # polygraphy before 0.53
-        from polygraphy.comparator import CompareFunc
-
-        SimpleCompareFunc = CompareFunc.simple
-
     def session_of(m: onnx.ModelProto | str, workdir: Path):
         # A loader, called when polygraphy activates the runner: one session alive at a time.
         def load() -> ort.InferenceSession:
@@ -163,16 +138,14 @@ def compare_models(
             OnnxrtRunner(session_of(reference, Path(tmp) / "reference"), name="original"),
             OnnxrtRunner(session_of(candidate, Path(tmp) / "candidate"), name="compressed"),
         ]
-        with _quiet_polygraphy():
+        with quiet():
             results = Comparator.run(runners, data_loader=feeds)
             verdicts = Comparator.compare_accuracy(
-                results, compare_func=SimpleCompareFunc(rtol=rtol, atol=atol, check_shapes=True)
+                results, compare_func=simple_compare_func(rtol=rtol, atol=atol, check_shapes=True)
             )
     (_, ref_iters), (_, out_iters) = results[0], results[1]
     passed: dict[str, bool] = {}
-    # polygraphy 0.53 returns a list of AccuracyResult (one per compare function); older ones a dict.
-    per_function = [verdicts] if hasattr(verdicts, "values") else list(verdicts)
-    for result in per_function:
+    for result in accuracy_results(verdicts):
         for it in (it for iterations in result.values() for it in iterations):
             for name, ok in it.items():
                 passed[name] = passed.get(name, True) and bool(ok)

@@ -1,4 +1,5 @@
-"""User-facing errors: one line that names the file, node or tensor at fault."""
+"""User-facing errors: one line that names the file, node, tensor or option at fault. Anything
+else raised inside flarc is a bug, and keeps its traceback."""
 
 
 class FlarcError(Exception):
@@ -21,3 +22,7 @@ class DataError(FlarcError):
 
 class BackendError(FlarcError):
     """A requested backend (TensorRT, CUDA, ...) is not available here."""
+
+
+class OptionError(FlarcError, ValueError):
+    """An option value, or a combination of options, that cannot work (also a ValueError)."""

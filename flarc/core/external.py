@@ -229,6 +229,8 @@ def declared_nbytes(tensor: onnx.TensorProto, where: str) -> int | None:
     count = int(np.prod(tensor.dims, dtype=np.float64)) if tensor.dims else 1
     if count > MAX_TENSOR_ELEMENTS:
         raise ModelError(f"{where}: absurd shape {list(tensor.dims)} ({count} elements); refused")
+    if tensor.data_type not in onnx.TensorProto.DataType.values():
+        raise ModelError(f"{where}: unknown element type {tensor.data_type}")
     if tensor.data_type == onnx.TensorProto.STRING:
         return None
     try:

@@ -57,6 +57,12 @@ def write_text_atomic(final: str | os.PathLike, text: str) -> None:
     write_bytes_atomic(final, text.encode("utf-8"))
 
 
+def cache_root() -> Path:
+    """flarc's cache folder: ``$FLARC_CACHE_DIR`` or ``~/.cache/flarc`` (not created here)."""
+    root = os.environ.get("FLARC_CACHE_DIR")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "flarc"
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()

@@ -3,10 +3,13 @@ mask, the KV-cache inputs of a decoder, and the outputs that hold logits."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
+
+from flarc.core.errors import DataError
 
 Feed = dict[str, np.ndarray]
 
@@ -42,5 +45,41 @@ def is_logits_name(name: str) -> bool:
 
 
 def is_past(spec: InputSpec) -> bool:
-    """A KV-cache input (optimum layout ``past_key_values.{i}.key|value``)."""
-    return "past" in spec.name.lower() and len(spec.shape) == 4
+    """A KV-cache input: ``past_key_values.{i}.key|value``, 4-D."""
+    return past_layer(spec.name) is not None and len(spec.shape) == 4
+
+
+# Inputs found as the attention mask when the user names none.
+MASK_NAMES = ("attention_mask",)
+# A KV-cache input in the optimum / onnxruntime-genai layout.
+PAST_PATTERN = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
+
+
+def find_mask_input(model: onnx.ModelProto, named: str | None = None) -> str | None:
+    """The model's attention-mask input: ``named`` (which must be an input), else the first
+    input called like one of ``MASK_NAMES``, else None."""
+    names = [i.name for i in model.graph.input]
+    if named is not None:
+        if named not in names:
+            raise DataError(
+                f"--mask-input '{named}' is not an input of the model (inputs: {names})"
+            )
+        return named
+    return next((n for n in names if n in MASK_NAMES), None)
+
+
+def batch_mask(feed: Feed, mask_input: str | None) -> np.ndarray | None:
+    """``feed``'s attention mask as booleans ``[B, S]`` (True = a real token), or None when there
+    is no mask input or it is not laid out ``[B, S]``."""
+    if mask_input is None:
+        return None
+    if mask_input not in feed:
+        raise DataError(f"mask input '{mask_input}' is not in the calibration batch")
+    mask = np.asarray(feed[mask_input])
+    return mask != 0 if mask.ndim == 2 else None
+
+
+def past_layer(name: str) -> tuple[int, str] | None:
+    """``(layer, "key"|"value")`` of a KV-cache input name, or None for any other name."""
+    match = PAST_PATTERN.match(name)
+    return (int(match.group(1)), match.group(2)) if match else None

@@ -31,8 +31,9 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # one batch) cannot be calibrated on; refusing it up front beats an out-of-memory kill later
 # (random --synthetic inputs are allocated from the declared shapes).
 MAX_ACTIVATION_ELEMENTS = 1 << 31
-# A model with at least this much external data is loaded lazily: its data stay in their files.
-LAZY_MODEL_BYTES = 256 << 20
+# A model whose tensors take at least this many bytes is large: loaded lazily when its data are
+# external, its statistics and spectra kept on disk, its gradients taken in float32.
+LARGE_MODEL_BYTES = 256 << 20
 
 
 def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
@@ -125,7 +126,7 @@ def load_model(
     """Load and check an ONNX model; raise ModelError with the path on anything wrong.
 
     External data are read into the proto, except for a lazy load (by default, a model with at
-    least ``LAZY_MODEL_BYTES`` of external data): then they stay in their files, the model is
+    least ``LARGE_MODEL_BYTES`` of tensors in external data files): then they stay in their files, the model is
     marked with their folder (:mod:`flarc.core.external`), and flarc reads, runs and writes it from
     there.
     """
@@ -162,17 +163,12 @@ def load_model(
         raise ModelError(f"{path}: invalid ONNX model: {exc}") from None
     if load_external_data and uses_external_data(model):
         if lazy is None:
-            lazy = external_nbytes(model) >= LAZY_MODEL_BYTES
+            lazy = is_large(model)
         if lazy:
             mark_external_dir(model, path.parent)
         else:
             external_data_helper.load_external_data_for_model(model, str(path.parent))
     return model
-
-
-def external_nbytes(model: onnx.ModelProto) -> int:
-    """Bytes of the model's tensors that live in external data files."""
-    return sum(declared_nbytes(t, t.name) or 0 for t in all_tensors(model) if is_external(t))
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:
@@ -184,6 +180,11 @@ def model_opset(model: onnx.ModelProto) -> int:
         if imp.domain in ("", "ai.onnx"):
             return int(imp.version)
     return 0
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """Whether the model's tensors take ``LARGE_MODEL_BYTES`` or more, in memory or in files."""
+    return tensor_nbytes(model) >= LARGE_MODEL_BYTES
 
 
 def tensor_nbytes(model: onnx.ModelProto) -> int:

@@ -1,8 +1,11 @@
-"""onnxruntime sessions over flarc's models: lazily loaded models run from their data files,
-large inline weights are fed rather than copied, and checking sessions run lean."""
+"""The one place flarc makes onnxruntime sessions (CPU): their options, where the model comes
+from (bytes, a lazily loaded model's data folder, or a file for a model over protobuf's limit),
+sessions whose large weights are fed rather than copied, and one error when onnxruntime refuses a
+model."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from flarc.core.errors import FlarcError, ModelError
 from flarc.core.external import (
     all_tensors,
     external_dir,
@@ -21,10 +25,44 @@ from flarc.core.external import (
 )
 from flarc.core.modelio import EXTERNAL_DATA_THRESHOLD, inline_nbytes, prepare_for_save, save_model
 
+PROVIDERS = ["CPUExecutionProvider"]
+OPTIMIZATION = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
 
-def session_bytes(model: onnx.ModelProto) -> bytes:
-    """Serialised ``model`` for onnxruntime (IR version clamped)."""
-    return prepare_for_save(model).SerializeToString()
+
+def session_options(
+    threads: int | None = None,
+    optimization: str | None = None,
+    arena: bool = True,
+    prepacking: bool = True,
+    sequential: bool = False,
+) -> ort.SessionOptions:
+    """Options for every session flarc opens: quiet, ``threads`` intra-op threads, an optimization
+    level by name (onnxruntime's default when None), optionally without the CPU arena (freed
+    outputs go back to the system) and without pre-packed weight copies (one per MatMul)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if optimization is not None:
+        options.graph_optimization_level = OPTIMIZATION[optimization]
+    if not arena:
+        options.enable_cpu_mem_arena = False
+    if not prepacking:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    if sequential:
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.inter_op_num_threads = 1
+    return options
+
+
+def lean_session_options() -> ort.SessionOptions:
+    """Options for sessions that check rather than serve: no arena, no pre-packed weights."""
+    return session_options(arena=False, prepacking=False)
 
 
 def session_source(
@@ -42,25 +80,36 @@ def session_source(
     return str(target), options
 
 
-def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
-    for tensor in model.graph.initializer:
-        if tensor.name == name:
-            return tensor_array(tensor, external_dir(model))
-    raise KeyError(name)
-
-
-# Inline initializers at least this large are never copied as protos for an onnxruntime session:
-# graphs built for sessions carry a data-less stub instead, and the session is fed the tensor as
-# an input at every run (onnxruntime does not copy a fed numpy array; it copies initializers, and
-# ``add_external_initializers`` copies too). Small models are untouched, so tests see no change.
-def lean_session_options(options: ort.SessionOptions | None = None) -> ort.SessionOptions:
-    """Options for sessions that check rather than serve: no CPU arena (freed outputs go back to
-    the system) and no pre-packed copies of the weights (onnxruntime keeps one per MatMul)."""
-    options = options or ort.SessionOptions()
-    options.log_severity_level = 3
-    options.enable_cpu_mem_arena = False
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    return options
+def open_session(
+    model: onnx.ModelProto | str | Path,
+    options: ort.SessionOptions | None = None,
+    what: str | None = None,
+    workdir: Path | None = None,
+    error: type[FlarcError] = ModelError,
+) -> ort.InferenceSession:
+    """An onnxruntime CPU session for a model file or proto (see :func:`session_source`; a
+    proto that must go through a file is written to ``workdir``, which must outlive the
+    session). onnxruntime refusing the model raises ``error`` naming ``what``."""
+    options = options or session_options()
+    tmp = None
+    try:
+        if isinstance(model, onnx.ModelProto):
+            if workdir is None:
+                tmp = tempfile.TemporaryDirectory(prefix="flarc-session-")
+                workdir = Path(tmp.name)
+            source, options = session_source(model, workdir, options)
+        else:
+            source = str(model)
+        return ort.InferenceSession(source, sess_options=options, providers=PROVIDERS)
+    except FlarcError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        name = what or (str(model) if not isinstance(model, onnx.ModelProto) else "the model")
+        raise error(f"{name}: onnxruntime cannot load it ({first})") from None
+    finally:
+        if tmp is not None:
+            tmp.cleanup()  # onnxruntime has read the file (its data are mapped or copied)
 
 
 class FedSession:
@@ -117,6 +166,6 @@ def fed_session(
     session = ort.InferenceSession(
         light.SerializeToString(),
         session_options_for(light, options or lean_session_options()),
-        providers=["CPUExecutionProvider"],
+        providers=PROVIDERS,
     )
     return FedSession(session, arrays)

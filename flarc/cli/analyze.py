@@ -1,0 +1,79 @@
+"""``flarc analyze``: statistics, whitened spectra (and Fisher importances) computed once and
+stored, so that ranks can be chosen again in seconds (``flarc compress --analysis``)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from flarc.cli.args import (
+    CalibrationArgs,
+    CheckpointArgs,
+    FisherLossArgs,
+    RankArgs,
+    TargetArgs,
+    WhiteningArgs,
+)
+from flarc.cli.command import Command
+from flarc.cli.display import CliProgress, console
+from flarc.core.errors import DataError
+
+CALIBRATION = CalibrationArgs()
+TARGETS = TargetArgs()
+WHITENING = WhiteningArgs()
+CHECKPOINTS = CheckpointArgs()
+
+
+def analysis_for(args: argparse.Namespace, model, sha: str, progress):
+    """``(analysis, calibration data or None)``: the stored analysis of ``--analysis`` (with data
+    only when a source is also given), or a new one from the calibration data."""
+    from flarc.pipeline import analyze
+    from flarc.rewrite.analysis_file import load_analysis
+
+    fisher = RankArgs.fisher_loss(args)
+    if getattr(args, "analysis", None):
+        analysis = load_analysis(args.analysis, sha)
+        if fisher and not analysis.fisher:
+            raise DataError(
+                f"{args.analysis}: has no Fisher importances; run 'flarc analyze --fisher'"
+            )
+        data = CALIBRATION.parse(args, model) if CALIBRATION.given(args) else None
+        return analysis, data
+    targets = TARGETS.parse(args, model, args.model)
+    data = CALIBRATION.parse(args, model)
+    options = WHITENING.parse(args, fisher)
+    analysis = analyze(model, targets, data, options, sha, progress, **CHECKPOINTS.parse(args))
+    return analysis, data
+
+
+class Analyze(Command):
+    name = "analyze"
+    help = "compute statistics, spectra (and Fisher importances) once"
+    groups = (CALIBRATION, CHECKPOINTS, WHITENING, TARGETS)
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("model", help="the ONNX model")
+        parser.add_argument(
+            "-o", "--output", required=True, help="the analysis file (e.g. model.analysis)"
+        )
+        parser.add_argument(
+            "--fisher", action="store_true", help="also compute Fisher importances (gradients)"
+        )
+        FisherLossArgs().add_to(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from flarc.core.files import check_output_path, file_sha256
+        from flarc.core.modelio import load_model
+        from flarc.rewrite.analysis_file import save_analysis
+
+        check_output_path(args.output, [args.model])
+        t0 = time.perf_counter()
+        model = load_model(args.model)
+        analysis, _ = analysis_for(args, model, file_sha256(args.model), CliProgress())
+        save_analysis(analysis, args.output)
+        fisher = ", with Fisher importances" if analysis.fisher else ""
+        console().print(
+            f"analysed {len(analysis.targets)} targets ({len(analysis.skipped)} skipped){fisher} "
+            f"in {time.perf_counter() - t0:.1f} s; wrote {args.output}"
+        )
+        return 0

@@ -1,0 +1,151 @@
+"""``flarc generate``: text from rank buckets (or one KV-cache model) with a shared KV cache."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from flarc.cli.command import Command
+from flarc.core.errors import DataError, FlarcError
+
+SCHEDULE_HELP = (
+    "which bucket decodes each step: 'static:B'; 'steps:1.0@0,0.8@32,0.6@96' (bucket by index "
+    "of the generated token, budgets non-increasing); 'entropy:LOW:HIGH' (next step's bucket "
+    "from the entropy H in nats of the current next-token distribution: H<=LOW smallest, "
+    "H>=HIGH largest, between the smallest bucket >= linear interpolation). Default: the "
+    "largest bucket"
+)
+
+
+def load_tokenizer(path: str | None):
+    """A local Hugging Face tokenizer, or None without a path."""
+    if path is None:
+        return None
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise DataError("--tokenizer needs the 'transformers' package") from None
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a tokenizer folder ({exc})") from None
+
+
+class Generate(Command):
+    name = "generate"
+    help = "generate text over rank buckets with a shared KV cache"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "model", help="a bucket folder (flarc export buckets) or a plain KV-cache .onnx"
+        )
+        src = parser.add_mutually_exclusive_group(required=True)
+        src.add_argument("--prompt", help="prompt text (needs --tokenizer)")
+        src.add_argument("--prompt-ids", metavar="IDS", help="prompt as comma-separated token ids")
+        parser.add_argument(
+            "--tokenizer", metavar="DIR", help="a local Hugging Face tokenizer folder"
+        )
+        parser.add_argument(
+            "--max-new-tokens", type=int, default=64, help="tokens to generate (64)"
+        )
+        parser.add_argument("--schedule", help=SCHEDULE_HELP)
+        parser.add_argument(
+            "--sample", action="store_true", help="sample instead of greedy decoding"
+        )
+        parser.add_argument(
+            "--temperature", type=float, default=1.0, help="sampling temperature (1.0)"
+        )
+        parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0)")
+        parser.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+        parser.add_argument(
+            "--backend",
+            choices=("ort-cpu", "tensorrt"),
+            default="ort-cpu",
+            help="onnxruntime CPU with weights shared by all buckets, or one TensorRT engine per "
+            "bucket (needs tensorrt and an NVIDIA GPU)",
+        )
+        parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+        parser.add_argument(
+            "--no-verify", action="store_true", help="skip hashing the bucket files"
+        )
+        parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    def run(self, args: argparse.Namespace) -> int:
+        import numpy as np
+
+        from flarc.export.runtime import Generator
+
+        tok = load_tokenizer(args.tokenizer)
+        if args.prompt is not None:
+            if tok is None:
+                raise DataError("--prompt needs --tokenizer DIR (or give --prompt-ids)")
+            prompt = [int(x) for x in tok(args.prompt)["input_ids"]]
+        else:
+            try:
+                prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+            except ValueError:
+                raise DataError(f"--prompt-ids '{args.prompt_ids}': expected integers") from None
+        path = Path(args.model)
+        if path.is_file():
+            if args.backend != "ort-cpu":
+                raise FlarcError("--backend tensorrt works on bucket folders")
+            gen = Generator.from_onnx(path, args.threads)
+        else:
+            gen = Generator.from_buckets(
+                path, args.backend, threads=args.threads, verify=not args.no_verify
+            )
+        eos = getattr(tok, "eos_token_id", None) if tok is not None else None
+        shown = {"text": ""}
+        generated: list[int] = []
+
+        def on_token(token: int) -> None:
+            generated.append(token)
+            if args.json:
+                return
+            if tok is None:
+                sys.stdout.write(f"{token} ")
+            else:  # decode the whole continuation: a token may complete a character
+                text = tok.decode(generated, skip_special_tokens=True)
+                sys.stdout.write(text[len(shown["text"]) :])
+                shown["text"] = text
+            sys.stdout.flush()
+
+        if not args.json and args.prompt is not None:
+            sys.stdout.write(args.prompt)
+        result = gen.generate(
+            prompt,
+            args.max_new_tokens,
+            args.schedule,
+            sample=args.sample,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            eos_token_id=eos,
+            on_token=on_token,
+        )
+        if args.json:
+            data = {
+                "prompt_ids": result.prompt,
+                "tokens": result.tokens,
+                "text": tok.decode(result.tokens) if tok is not None else None,
+                "budgets": result.budgets,
+                "mean_budget": result.mean_budget,
+                "tokens_per_s": result.tokens_per_s,
+                "prefill_s": result.prefill_s,
+            }
+            sys.stdout.write(json.dumps(data) + "\n")
+            return 0
+        counts = {b: result.budgets.count(b) for b in sorted(set(result.budgets), reverse=True)}
+        used = ", ".join(f"{b:g}x{n}" for b, n in counts.items())
+        sys.stdout.write("\n")
+        Console(stderr=True).print(
+            f"[{len(result.tokens)} tokens, {result.tokens_per_s:.1f} tokens/s after a "
+            f"{result.prefill_s * 1e3:.0f} ms prefill; buckets {used}; mean budget "
+            f"{np.mean(result.budgets):.3f}]",
+            markup=False,
+        )
+        return 0
