@@ -214,7 +214,10 @@ def _reduce(kind: str) -> Op:
         keep = bool(a.get("keepdims", 1))
         if not axes:
             if a.get("noop_with_empty_axes", 0):
-                return [t]
+                # A reduction over no axis still applies its elementwise part (as onnxruntime).
+                if kind in ("ReduceL1", "ReduceL2"):
+                    return [t.abs()]
+                return [t * t if kind == "ReduceSumSquare" else t]
             axes = list(range(t.dim()))
         dims = sorted(_axis(int(d), t.dim()) for d in axes)
         if kind == "ReduceSum":
@@ -370,13 +373,21 @@ def _slice(x: list, a: dict, c: Context) -> list:
     steps = steps if steps is not None else [1] * len(starts)
     for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
         axis = _axis(axis, t.dim())
-        # Python's slice clamping is ONNX's clamping, for either sign of step.
-        lo, hi, st = slice(start, end, step).indices(t.shape[axis])
-        if st == 1:
-            t = t.narrow(axis, lo, max(0, hi - lo))
+        size = t.shape[axis]
+        if step == 0:
+            raise c.fail("Slice step 0")
+        start, end = _axis(start, size), _axis(end, size)
+        # ONNX clamps to [0, size] going forward, start to [0, size-1], end to [-1, size-1]
+        # going backward (unlike Python's slices, where a start below -size selects nothing).
+        if step > 0:
+            start, end = min(max(start, 0), size), min(max(end, 0), size)
         else:
-            idx = torch.arange(lo, hi, st, dtype=torch.int64)
-            t = t.index_select(axis, idx)
+            start, end = min(max(start, 0), size - 1), min(max(end, -1), size - 1)
+        count = max(0, -((start - end) // step))
+        if step == 1:
+            t = t.narrow(axis, start, count)
+        else:
+            t = t.index_select(axis, start + step * torch.arange(count, dtype=torch.int64))
     return [t]
 
 
@@ -481,9 +492,15 @@ def _expand(x: list, a: dict, c: Context) -> list:
 
 def _range(x: list, a: dict, c: Context) -> list:
     start, limit, delta = x
+    if delta.item() == 0:
+        raise c.fail("Range delta 0")
+    # max(ceil((limit - start) / delta), 0) elements start + i * delta: empty when the signs
+    # disagree, and differentiable in start and delta.
     if _is_float(start):
-        return [torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)]
-    return [torch.arange(int(start), int(limit), int(delta), dtype=start.dtype)]
+        count = math.ceil((limit.item() - start.item()) / delta.item())
+    else:
+        count = -((int(start) - int(limit)) // int(delta))
+    return [start + torch.arange(max(count, 0), dtype=start.dtype) * delta]
 
 
 def _trilu(x: list, a: dict, c: Context) -> list:
@@ -594,7 +611,28 @@ def _resize(x: list, a: dict, c: Context) -> list:
         torch_mode = ("linear", "bilinear", "trilinear")[nd - 1]
     elif torch_mode == "bicubic" and nd != 2:
         raise c.fail("Resize cubic is supported in 2-D only")
-    return [F.interpolate(t, size=list(sizes[2:]), mode=torch_mode, align_corners=align)]
+    factors = None if scales is None else [float(s) for s in scales.tolist()[2:]]
+    if coords == "pytorch_half_pixel":
+        # An output length of one samples the first element, where torch takes the centre:
+        # resize that element alone.
+        for i, size in enumerate(sizes[2:]):
+            if size == 1:
+                t = t.narrow(2 + i, 0, 1)
+                if factors is not None:
+                    factors[i] = 1.0
+    if factors is None:
+        return [F.interpolate(t, size=list(sizes[2:]), mode=torch_mode, align_corners=align)]
+    # Given scales set the sampling positions, not out/in (they differ when in * scale is not
+    # whole); torch then computes the same output sizes as above.
+    return [
+        F.interpolate(
+            t,
+            scale_factor=factors,
+            mode=torch_mode,
+            align_corners=align,
+            recompute_scale_factor=False,
+        )
+    ]
 
 
 def _conv_transpose(x: list, a: dict, c: Context) -> list:
@@ -631,29 +669,42 @@ def _pool(kind: str) -> Op:
         strides = a.get("strides", [1] * nd)
         pads = _spatial_pads(t, kernel, a, c)
         ceil = bool(a.get("ceil_mode", 0))
+
+        def windows(y: Tensor) -> Tensor:
+            if not ceil:
+                return y
+            # ONNX ignores windows that would start in the end padding; torch, given the input
+            # already padded, keeps them.
+            for i in range(nd):
+                inside = (pads[i] + t.shape[2 + i] - 1) // strides[i] + 1
+                y = y.narrow(2 + i, 0, min(y.shape[2 + i], inside))
+            return y
+
         if kind == "max":
             if a.get("storage_order", 0):
                 raise c.fail("storage_order=1 not supported")
             fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[nd - 1]
             padded = _pad_spatial(t, pads, -math.inf)
             return [
-                fn(
-                    padded,
-                    kernel,
-                    strides,
-                    dilation=a.get("dilations", [1] * nd),
-                    ceil_mode=ceil,
+                windows(
+                    fn(
+                        padded,
+                        kernel,
+                        strides,
+                        dilation=a.get("dilations", [1] * nd),
+                        ceil_mode=ceil,
+                    )
                 )
             ]
         if any(d != 1 for d in a.get("dilations", [1] * nd)):
             raise c.fail("dilated AveragePool not supported")
         fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1]
-        total = fn(_pad_spatial(t, pads, 0.0), kernel, strides, ceil_mode=ceil)
+        total = windows(fn(_pad_spatial(t, pads, 0.0), kernel, strides, ceil_mode=ceil))
         if a.get("count_include_pad", 0) or not any(pads):
             return [total]
         # Average over real elements only: divide by the pooled fraction of non-padding.
         ones = torch.ones((1, 1, *t.shape[2:]), dtype=t.dtype)
-        frac = fn(_pad_spatial(ones, pads, 0.0), kernel, strides, ceil_mode=ceil)
+        frac = windows(fn(_pad_spatial(ones, pads, 0.0), kernel, strides, ceil_mode=ceil))
         return [total / frac]
 
     return op
@@ -722,14 +773,11 @@ def _cumsum(x: list, a: dict, c: Context) -> list:
 
 def _topk(x: list, a: dict, c: Context) -> list:
     t = x[0]
-    values, indices = torch.topk(
-        t,
-        int(x[1]),
-        dim=a.get("axis", -1),
-        largest=bool(a.get("largest", 1)),
-        sorted=bool(a.get("sorted", 1)),
-    )
-    return [values, indices]
+    k = int(x[1]) if c.opset >= 10 else a["k"]
+    axis = a.get("axis", -1)
+    # ONNX puts the lower index first among equal values; a stable sort does, torch.topk may not.
+    values, indices = torch.sort(t, dim=axis, descending=bool(a.get("largest", 1)), stable=True)
+    return [values.narrow(axis, 0, k), indices.narrow(axis, 0, k)]
 
 
 def _nonzero(x: list, a: dict, c: Context) -> list:
@@ -742,11 +790,13 @@ def _one_hot(x: list, a: dict, c: Context) -> list:
     axis = a.get("axis", -1)
     idx = idx.long()
     idx = torch.where(idx < 0, idx + depth_v, idx)
-    hot = F.one_hot(idx, depth_v)
+    # An index outside [-depth, depth - 1] gives off values only.
+    inside = (idx >= 0) & (idx < depth_v)
+    hot = F.one_hot(torch.where(inside, idx, 0), depth_v).bool() & inside.unsqueeze(-1)
     rank = hot.dim()
     hot = hot.movedim(-1, _axis(axis, rank))
     off, on = values[0], values[1]
-    return [torch.where(hot.bool(), on, off)]
+    return [torch.where(hot, on, off)]
 
 
 def _softplus(t: Tensor) -> Tensor:
