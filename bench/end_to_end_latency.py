@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from flarc.calib.data import CalibrationSet
 from flarc.core.modelio import load_model
-from flarc.core.sessions import session_bytes
+from flarc.core.sessions import open_session
 from flarc.core.targets import find_targets
 from flarc.demo import english_sentences, minilm_feeds, minilm_onnx, sentence_embeddings
 from flarc.latency.end_to_end import measure_end_to_end
@@ -91,9 +91,7 @@ def main() -> None:
             )
         for name, opts in variants.items():
             result = compress(model, analysis, opts)
-            session = ort.InferenceSession(
-                session_bytes(result.model), providers=["CPUExecutionProvider"]
-            )
+            session = open_session(result.model)
             cosine = accuracy(session)
             timing = measure_end_to_end(model, result.model, feed, "ort-cpu", args.threads)
             row = {

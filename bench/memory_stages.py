@@ -83,6 +83,7 @@ def instrument(tracker: Tracker) -> None:
     import flarc.calib.statistics as statistics
     import flarc.core.modelio as modelio
     import flarc.pipeline as pipeline
+    import flarc.rewrite.analysis as analysis
     import flarc.rewrite.closed_loop as closed_loop
     import flarc.rewrite.output_error as output_error
 
@@ -92,10 +93,9 @@ def instrument(tracker: Tracker) -> None:
     w(statistics, "build_statistics_model", "build_statistics_model (graph)")
     w(statistics.StatisticsSession, "__init__", "StatisticsSession (graph + ort session)")
     w(statistics.StatisticsSession, "collect", "statistics collect")
-    w(pipeline, "analyze_target", "analyze_target (shrink, whiten, SVD)")
+    w(analysis, "analyze_target", "analyze_target (shrink, whiten, SVD)")
     w(pipeline, "compress", "compress")
     w(pipeline, "choose_ranks", "choose_ranks")
-    w(pipeline, "chosen_factors", "chosen_factors")
     w(pipeline, "factorize", "factorize (graph surgery)")
     w(onnx.checker, "check_model", "onnx.checker")
     w(pipeline, "output_guard", "output_guard")

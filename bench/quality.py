@@ -26,7 +26,7 @@ import onnxruntime as ort
 
 from flarc.calib.data import CalibrationSet
 from flarc.core.modelio import load_model
-from flarc.core.sessions import session_bytes
+from flarc.core.sessions import open_session
 from flarc.core.targets import find_targets
 from flarc.pipeline import AnalysisOptions, analyze, compress
 from flarc.rewrite.policy import RankOptions
@@ -244,9 +244,7 @@ def main() -> None:
                 compensate=comp,
             )
             seconds = time.perf_counter() - t1 + analysis_s
-            session = ort.InferenceSession(
-                session_bytes(result.model), providers=["CPUExecutionProvider"]
-            )
+            session = open_session(result.model)
             scores = evaluate(session, reference)
             kept = result.params_after / result.params_before
             rows.append(

@@ -11,17 +11,17 @@ Text: ``pydoc_data.topics`` (all topics in key order, tokenized once). Calibrati
 mark; the in-domain held-out windows from the last 25%; out-of-domain = the licence texts in
 /usr/share/common-licenses. Nothing evaluated is ever calibrated on.
 
-Setup (see /work/shared/MODELS.md): the HF folder under ~/.cache/flarc/qwen2.5-0.5b/hf, then
+Setup (see docs/models.md): the HF folder under ~/.cache/flarc/qwen2.5-0.5b/hf, then
 ``flarc export-hf ~/.cache/flarc/qwen2.5-0.5b/hf -o ~/.cache/flarc/qwen2.5-0.5b/model.onnx``
 (the same file bench/progressive_decoding.py uses).
 
     python bench/quality_lm.py --methods "SVD-LLM" "flarc global" --budgets 0.8
     python bench/quality_lm.py --report          # only rebuild the tables from finished rows
 
-The calibration statistics are collected once (``analyze`` with the default options) and
-cached on disk; every other analysis setting of the table (plain SVD, ASVD, SVD-LLM's
-unshrunk Cholesky, FLRC's Fisher importances) is derived from the same statistics with
-``flarc.pipeline.analyze_target``, which is what ``analyze`` does after collecting them.
+The calibration statistics are collected once (``flarc.pipeline.analyze`` with its store in the
+work folder: a later run resumes them, complete) and every other analysis setting of the table
+(plain SVD, ASVD, SVD-LLM's unshrunk Cholesky, FLRC's Fisher importances) is the same statistics
+whitened again (``flarc.pipeline.rewhiten``), its spectra kept in the same store.
 Every finished (method, budget) row is written at once to the work folder, so a crash or a
 partial run loses nothing; rows already there are skipped. The report merges these rows into
 the committed bench/results/quality_qwen.json (a row of the work folder replaces the committed
@@ -37,7 +37,6 @@ import dataclasses
 import gc
 import json
 import math
-import os
 import re
 import resource
 import shutil
@@ -293,101 +292,31 @@ def evaluate_model(model, evals: dict[str, list], threads: int) -> dict[str, flo
 # ---------------------------------------------------------------- analyses
 
 
-def stats_cache() -> Path:
-    return WORK / "stats"
+def timings() -> dict:
+    path = WORK / "timing.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def layer_of(t) -> int:
-    m = re.search(r"layers\.(\d+)[./]", t.name)
-    return int(m.group(1)) if m else -1
+def note_time(key: str, seconds: float) -> None:
+    data = timings()
+    data[key] = seconds
+    (WORK / "timing.json").write_text(json.dumps(data, indent=1))
 
 
-def stats_chunk(index: int, chunks: int, calib_seqs: int, seq_len: int, batch: int) -> None:
-    """Child process: the statistics of one group of layers, written to stats.tmp/<index>/.
+def base_analysis(model, targets, calib, compare):
+    """The default analysis (Ledoit-Wolf spectra) of the calibration tokens, kept in the work
+    folder's store: the statistics are computed once (a later run resumes them, complete) and
+    every other setting's spectra are derived from them and kept there too (``rewhiten``)."""
+    from flarc.calib.data import CalibrationSet
+    from flarc.pipeline import analyze
 
-    ``analyze`` collects every target's Gram in one onnxruntime pass: on this model that is
-    5 GB of float64 Grams returned per batch plus 5 GB accumulated (17.7 GB RSS with the
-    model), and memory freed by a closed session is not given back to the system (9.5 GB
-    RSS after a 6-layer group). So each group runs the same StatisticsSession in its own
-    process, which returns everything when it exits.
-    """
-    from flarc.calib.statistics import StatisticsSession
-    from flarc.core.modelio import load_model
-    from flarc.core.targets import find_targets
-    from flarc.export.hf import layout_from_onnx
-
-    model = load_model(ONNX)
-    layout = layout_from_onnx(model)
-    targets = find_targets(model, exclude="lm_head")
-    ids = pydoc_ids(tokenizer())[: calib_seqs * seq_len]
-    calib = feeds_of(ids.reshape(calib_seqs, seq_len), batch, layout)
-    layers = sorted({layer_of(t) for t in targets.targets})
-    per = math.ceil(len(layers) / chunks)
-    chunk = set(layers[index * per : (index + 1) * per])
-    group = [t for t in targets.targets if layer_of(t) in chunk]
-    out = stats_cache().with_name("stats.tmp") / str(index)
-    tmp = out.with_name(f"{index}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    data = CalibrationSet(calib, compare, "pydoc_data.topics")
     t0 = time.perf_counter()
-    session = StatisticsSession(model, group, calib[0], None, "float64")
-    stats = session.collect(calib)
-    masked = any(p.masked for p in session.plans)
-    mask_input = session.mask_input if masked else None
-    session.close()
-    keys = list(stats)
-    for j, key in enumerate(keys):
-        np.savez(tmp / f"{j}.npz", **stats[key].to_arrays(""))
-    meta = {"keys": keys, "mask_input": mask_input, "seconds": time.perf_counter() - t0,
-            "peak_rss_gb": peak_gb(), "layers": sorted(chunk)}  # fmt: skip
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    os.replace(tmp, out)
-    log(f"statistics of layers {min(chunk)}-{max(chunk)}: {meta['seconds']:.1f}s")
-
-
-def collect_base(args) -> dict:
-    """Calibration statistics of every target, one child process per group of layers."""
-    import subprocess
-
-    meta_path = stats_cache() / "meta.json"
-    if meta_path.is_file():
-        return json.loads(meta_path.read_text())
-    root = stats_cache().with_name("stats.tmp")
-    root.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    for c in range(args.stat_chunks):
-        if (root / str(c) / "meta.json").is_file():
-            continue
-        code = (
-            "import sys; sys.path.insert(0, 'bench'); import quality_lm as q; "
-            f"q.stats_chunk({c}, {args.stat_chunks}, {args.calib_seqs}, {args.seq_len}, "
-            f"{args.batch})"
-        )
-        subprocess.run([sys.executable, "-c", code], check=True,
-                       cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
-    keys, files, seconds, peaks, mask_input = [], [], 0.0, [], None
-    for c in range(args.stat_chunks):
-        m = json.loads((root / str(c) / "meta.json").read_text())
-        keys += m["keys"]
-        files += [f"{c}/{j}.npz" for j in range(len(m["keys"]))]
-        seconds += m["seconds"]
-        peaks.append(m["peak_rss_gb"])
-        mask_input = mask_input or m["mask_input"]
-    meta = {"keys": keys, "files": files, "mask_input": mask_input, "analyze_s": seconds,
-            "wall_s": time.perf_counter() - t0, "child_peak_rss_gb": peaks}  # fmt: skip
-    (root / "meta.json").write_text(json.dumps(meta))
-    shutil.rmtree(stats_cache(), ignore_errors=True)
-    os.replace(root, stats_cache())
-    log(f"statistics: {seconds:.1f}s in {args.stat_chunks} processes, peaks {peaks} GB")
-    return meta
-
-
-def load_stat(meta: dict, key: str):
-    from flarc.calib.moments import Moments
-
-    j = meta["keys"].index(key)
-    with np.load(stats_cache() / meta["files"][j]) as z:
-        return Moments.from_arrays({k: z[k] for k in z.files}, "")
+    analysis = analyze(model, targets, data, checkpoint=WORK / "store", resume=True)
+    if "statistics" not in timings():
+        note_time("statistics", time.perf_counter() - t0)
+    log(f"base analysis: {time.perf_counter() - t0:.1f}s")
+    return analysis
 
 
 def fisher_alpha(model, targets, calib, mask_input, dtype: str) -> dict:
@@ -410,71 +339,24 @@ def fisher_alpha(model, targets, calib, mask_input, dtype: str) -> dict:
     return out
 
 
-def derive_analysis(model, targets, meta, a_opts: dict, heldout, probe, fisher=None):
-    """``analyze``'s result for ``a_opts`` from the cached statistics."""
-    from flarc.core.diskarray import SpillFolder
-    from flarc.core.external import as_array, external_dir
-    from flarc.core.targets import constant_tensors
-    from flarc.pipeline import analyze_target
-    from flarc.rewrite.analysis import Analysis, AnalysisOptions
+def setting_analysis(model, base, a_opts: dict, fisher=None):
+    """The analysis of one setting of the methods table: the base statistics whitened with its
+    options (spectra read from the store when a run already derived them), its importances."""
+    from flarc.pipeline import rewhiten
+    from flarc.rewrite.analysis import AnalysisOptions
 
-    opts = AnalysisOptions(**{k: v for k, v in a_opts.items() if k != "fisher"})
-    if a_opts.get("fisher"):
-        opts = dataclasses.replace(opts, fisher="lm")
-    consts = constant_tensors(model)
-    entries = {}
-    spill = SpillFolder()  # spectra on disk, as analyze keeps them for a large model
-    cache: dict[str, object] = {}
-    for t in targets.targets:
-        if t.stat_key not in cache:
-            cache.clear()  # targets sharing an input are adjacent
-            cache[t.stat_key] = load_stat(meta, t.stat_key)
-        weight = as_array(consts[t.weight], external_dir(model))  # mapped from the data file
-        entry = analyze_target(t, weight, cache[t.stat_key], opts)
-        entry.spectrum = entry.spectrum.spilled(spill)
-        entries[t.name] = entry
-    return Analysis(
-        "",
-        opts,
-        targets.targets,
-        targets.skipped,
-        {},
-        {},
-        entries,
-        fisher=fisher["alpha"] if fisher else None,
-        fisher_loss=fisher["description"] if fisher else None,
-        mask_input=meta["mask_input"],
-        heldout_feeds=heldout,
-        probe_feeds=probe,
-        heldout_is_calibration=False,
-        spill=spill,
-    )
-
-
-def cached_analysis(model, targets, meta, a_opts, key, compare, calib, fisher):
-    """The derived analysis of one setting, saved as a flarc analysis file the first time, so
-    that every later row (each in a fresh process) loads its spectra lazily instead of
-    recomputing them (15-20 min on this model)."""
-    from flarc.rewrite.analysis_file import load_analysis, save_analysis
-
-    # Fisher importances do not change the spectra: settings that differ only there share a file.
-    spectra_key = json.dumps({k: v for k, v in a_opts.items() if k != "fisher"}, sort_keys=True)
-    path = WORK / "analyses" / f"{slug(spectra_key) or 'default'}.analysis"
-    if path.is_file():
-        analysis = load_analysis(path)
-        log(f"analysis {key}: loaded {path.name}")
-        if fisher:
-            analysis.fisher, analysis.fisher_loss = fisher["alpha"], fisher["description"]
-            analysis.options = dataclasses.replace(analysis.options, fisher="lm")
-        return analysis, analysis.extra["derive_s"]
+    options = AnalysisOptions(**{k: v for k, v in a_opts.items() if k != "fisher"})
     t0 = time.perf_counter()
-    analysis = derive_analysis(model, targets, meta, a_opts, compare, calib[:4], fisher)
-    derive_s = time.perf_counter() - t0
-    analysis.extra = {"derive_s": derive_s}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_analysis(analysis, path)
-    log(f"analysis {key}: {derive_s:.1f}s, saved to {path}")
-    return analysis, derive_s
+    analysis = rewhiten(model, base, options)
+    key = f"spectra {options.spectra_key()}"
+    if key not in timings():
+        note_time(key, time.perf_counter() - t0)
+    if fisher:
+        analysis = dataclasses.replace(
+            analysis, fisher=fisher["alpha"], fisher_loss=fisher["description"]
+        )
+    log(f"analysis {json.dumps(a_opts, sort_keys=True)}: {time.perf_counter() - t0:.1f}s")
+    return analysis, timings()[key]
 
 
 # ---------------------------------------------------------------- main
@@ -498,7 +380,6 @@ def main() -> int:
                     help="sequences of 128 tokens FLAR-SVD's output criterion runs on (1)")  # fmt: skip
     ap.add_argument("--fisher-dtype", default="float32", choices=("float32", "float64"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--stat-chunks", type=int, default=4, help="layer groups for statistics")
     ap.add_argument("--report", action="store_true", help="only write the tables")
     args = ap.parse_args()
     (WORK / "rows").mkdir(parents=True, exist_ok=True)
@@ -520,7 +401,6 @@ def main() -> int:
     if n_calib > int(len(ids) * 0.4):
         raise SystemExit("calibration would run into the held-out parts")
     log(f"pydoc_data.topics: {len(ids)} tokens; licences: {len(ood_ids)} tokens")
-    meta = collect_base(args)
     t0 = time.perf_counter()
     model = load_model(ONNX)
     log(f"load_model: {time.perf_counter() - t0:.1f}s")
@@ -561,7 +441,7 @@ def main() -> int:
         orig_path.write_text(json.dumps(row, indent=1))
         log(f"original {scores} eval {row['eval_s']:.1f}s")
 
-    meta = collect_base(args)
+    base = base_analysis(model, targets, calib, compare)
     # Group by analysis setting so only one set of spectra is in memory at a time.
     groups: dict[str, list[str]] = {}
     for m in args.methods:
@@ -578,12 +458,10 @@ def main() -> int:
         a_opts = json.loads(key)
         fisher = None
         if a_opts.get("fisher"):
-            fisher = fisher_alpha(model, targets, calib, meta["mask_input"], args.fisher_dtype)
-        analysis, derive_s = cached_analysis(
-            model, targets, meta, a_opts, key, compare, calib, fisher
-        )
+            fisher = fisher_alpha(model, targets, calib, base.mask_input, args.fisher_dtype)
+        analysis, derive_s = setting_analysis(model, base, a_opts, fisher)
         # Time of the analysis this setting needs: statistics (shared) + its spectra (+ Fisher).
-        analysis_s = meta["analyze_s"] + derive_s + (fisher["seconds"] if fisher else 0.0)
+        analysis_s = timings()["statistics"] + derive_s + (fisher["seconds"] if fisher else 0.0)
         for method, budget in todo:
             _, r_opts, closed, comp = METHODS[method]
             latency = None

@@ -1,14 +1,14 @@
-"""Checkpoints of the calibration statistics, so an interrupted run resumes where it stopped.
+"""The calibration sums in the store, saved as they grow, so an interrupted run resumes where it
+stopped; the last save is the statistics themselves (what the analysis reads).
 
-A checkpoint is one ``.npz`` (read back without pickle) in the checkpoint folder holding the
-running sums of every statistic after a whole number of batches, and a JSON manifest: the
-number of batches summed, a fingerprint of the model, the statistics options, the plans and
-the calibration feeds in order, and a SHA-256 of the arrays. It is written to a temporary
-name, fsynced, then renamed over the previous one (and the folder fsynced), so a kill at any
-moment leaves either the old checkpoint or the new one, never half a file under the real name.
+A save is one group of the store (:meth:`flarc.core.store.Store.commit`): the running sums of
+every statistic after a whole number of batches, and a meta with the number of batches summed,
+the identity of the run (model fingerprint, statistics options, plans, a digest of the
+calibration feeds in order) and a SHA-256 of the arrays. Groups are replaced atomically, so a
+kill at any moment leaves the previous save or the new one.
 
-Because the sums are added in batch order and a resumed run starts from the saved float64
-sums at the next batch, the final statistics are bit-identical to an uninterrupted run.
+Because the sums are added in batch order and a resumed run starts from the saved float64 sums
+at the next batch, the final statistics are bit-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -16,25 +16,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flarc.calib.moments import Moments
+from flarc.calib.moments import Moments, moments_arrays, moments_from_arrays
 from flarc.core.errors import DataError
+from flarc.core.store import Store, as_array
 
 log = logging.getLogger(__name__)
 
-FORMAT = "flarc-stats-checkpoint/1"
-FILE_NAME = "statistics.ckpt.npz"
-# Test hook: os._exit() inside the N-th checkpoint write, after the temporary file is complete
-# and before the rename (what a power cut or kill -9 at the worst moment would leave behind).
-CRASH_ENV = "FLARC_TEST_CRASH_IN_CHECKPOINT"
+FORMAT = "flarc-statistics/1"
 
 
 def feeds_digest(feeds: Iterable[dict[str, np.ndarray]]) -> str:
@@ -49,59 +43,49 @@ def feeds_digest(feeds: Iterable[dict[str, np.ndarray]]) -> str:
     return h.hexdigest()
 
 
-def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
-    """SHA-256 of the checkpoint's arrays (keys in order, dtype, shape, bytes)."""
+def arrays_digest(arrays: dict) -> str:
+    """SHA-256 of a save's arrays (names in order, dtype, shape, bytes)."""
     h = hashlib.sha256()
     for key in sorted(arrays):
-        arr = np.ascontiguousarray(arrays[key])
+        arr = np.ascontiguousarray(as_array(arrays[key]))
         h.update(f"{key}|{arr.dtype.str}|{arr.shape}\n".encode())
         h.update(memoryview(arr).cast("B"))
     return h.hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 @dataclass
-class Checkpointer:
-    """Saves and restores the running sums of one statistics pass.
+class Checkpoint:
+    """Saves the running sums of one statistics pass into ``store``'s group ``group``.
 
-    ``identity`` is everything the sums depend on (model hash, options, plans, feeds digest);
-    a checkpoint with another identity is refused rather than silently mixed in.
+    ``every`` batches (None: only after the last one); ``resume`` starts from a save of the
+    same identity, and a save of another identity is refused rather than silently mixed in.
     """
 
-    folder: Path
+    store: Store
+    group: str
     identity: dict[str, Any]
-    every: int = 8
+    every: int | None = None
     resume: bool = False
-    writes: int = 0
+    checksum: bool = True  # a save to resume from is checked; a finished analysis need not be
 
     def __post_init__(self) -> None:
-        self.folder = Path(self.folder)
-        if self.every < 1:
+        if self.every is not None and self.every < 1:
             raise DataError(f"--checkpoint-every {self.every}: must be at least 1")
-        if self.folder.exists() and not self.folder.is_dir():
-            raise DataError(f"{self.folder}: checkpoint path exists and is not a folder")
-        self.folder.mkdir(parents=True, exist_ok=True)
 
-    def for_part(self, part: str) -> Checkpointer:
-        """A checkpointer for one of several passes, in its own subfolder."""
-        return Checkpointer(self.folder / part, dict(self.identity), self.every, self.resume)
+    def part(self, name: str) -> Checkpoint:
+        """The checkpoint of one of several passes (a group of its own)."""
+        return Checkpoint(
+            self.store,
+            f"{self.group}/{name}",
+            dict(self.identity),
+            self.every,
+            self.resume,
+            self.checksum,
+        )
 
     @property
-    def path(self) -> Path:
-        return self.folder / FILE_NAME
+    def where(self) -> str:
+        return f"checkpoint {self.store.path(self.group) if self.store.on_disk else self.group}"
 
     @property
     def fingerprint(self) -> str:
@@ -110,96 +94,89 @@ class Checkpointer:
 
     def due(self, done: int, total: int) -> bool:
         """Whether to save after ``done`` batches (every N, and always after the last)."""
-        return done == total or done % self.every == 0
+        return done == total or (self.every is not None and done % self.every == 0)
 
     def load(self, keys: dict[str, int]) -> tuple[int, dict[str, Moments]] | None:
         """The saved ``(batches done, sums)``, or None when there is nothing to resume.
 
-        ``keys`` maps every statistic key to its width ``n``. Raises DataError for a
-        checkpoint of another model/options/data, or one that fails its checksum.
+        ``keys`` maps every statistic key to its width ``n``. Raises DataError for a save of
+        another model/options/data, or one that fails its checksum.
         """
+        self.store.clean(self.group)
+        saved = self.store.group(self.group)
         if not self.resume:
-            if self.path.exists():
-                log.warning("%s: not resuming (no --resume); starting over", self.path)
+            if saved is not None and self.store.on_disk:
+                log.warning("%s: not resuming (no --resume); starting over", self.where)
             return None
-        if not self.path.is_file():
-            log.info("%s: no checkpoint yet; starting from the first batch", self.path)
+        if saved is None:
+            log.info("%s: nothing saved yet; starting from the first batch", self.where)
             return None
-        where = f"checkpoint {self.path}"
-        try:
-            with np.load(self.path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-            manifest = json.loads(str(arrays.pop("manifest")))
-        except Exception as exc:
-            raise DataError(f"{where}: unreadable ({type(exc).__name__}: {exc})") from None
-        if manifest.get("format") != FORMAT:
-            raise DataError(f"{where}: unsupported format {manifest.get('format')!r}")
-        mine = self.identity
-        theirs = manifest.get("identity", {})
-        if manifest.get("fingerprint") != self.fingerprint:
+        arrays, meta = saved
+        if meta.get("format") != FORMAT:
+            raise DataError(f"{self.where}: unsupported format {meta.get('format')!r}")
+        mine, theirs = self.identity, meta.get("identity", {})
+        if meta.get("fingerprint") != self.fingerprint:
             differs = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             what = ", ".join(differs) or "identity"
             raise DataError(
-                f"{where} was made for another model, options or calibration data "
+                f"{self.where} was made for another model, options or calibration data "
                 f"(differs in: {what}); use another --checkpoint folder or delete it"
             )
-        if arrays_digest(arrays) != manifest.get("checksum"):
-            raise DataError(f"{where}: checksum mismatch (corrupted file); delete it to start over")
-        if list(manifest.get("keys", [])) != list(keys):
-            raise DataError(f"{where}: statistics keys differ from this run's")
+        if arrays_digest(arrays) != meta.get("checksum"):
+            raise DataError(
+                f"{self.where}: checksum mismatch (corrupted file); delete it to start over"
+            )
+        if list(meta.get("keys", [])) != list(keys):
+            raise DataError(f"{self.where}: statistics keys differ from this run's")
         try:
-            sums = {}
-            for j, key in enumerate(manifest["keys"]):
-                sums[key] = Moments.from_arrays(arrays, f"s{j}/")
-                if f"s{j}/cross" in arrays:
-                    sums[key].cross = np.array(arrays[f"s{j}/cross"], dtype=np.float64)
+            sums = moments_from_arrays(arrays, meta["keys"], lazy=False)
         except KeyError as exc:
-            raise DataError(f"{where}: missing array {exc}") from None
+            raise DataError(f"{self.where}: missing array {exc}") from None
         for key, n in keys.items():
             if sums[key].gram.shape != (n, n):
-                raise DataError(f"{where}: statistic '{key}' has the wrong shape")
-        done = int(manifest["batches_done"])
-        log.info("%s: resuming after batch %d", self.path, done)
+                raise DataError(f"{self.where}: statistic '{key}' has the wrong shape")
+        done = int(meta["batches_done"])
+        log.info("%s: resuming after batch %d", self.where, done)
         return done, sums
 
     def save(self, done: int, total: int, sums: dict[str, Moments]) -> None:
-        """Write the sums after ``done`` of ``total`` batches atomically (temp, fsync, rename)."""
-        arrays: dict[str, np.ndarray] = {}
-        for j, moments in enumerate(sums.values()):
-            arrays.update(moments.to_arrays(f"s{j}/"))
-            if moments.cross is not None:  # closed-loop cross-statistic, not in to_arrays
-                arrays[f"s{j}/cross"] = moments.cross
-        manifest = {
+        """Commit the sums after ``done`` of ``total`` batches (atomically, as one group)."""
+        arrays = moments_arrays(sums)
+        meta = {
             "format": FORMAT,
             "batches_done": done,
             "batches_total": total,
             "keys": list(sums),
             "fingerprint": self.fingerprint,
             "identity": self.identity,
-            "checksum": arrays_digest(arrays),
+            "checksum": arrays_digest(arrays) if self.store.on_disk and self.checksum else None,
         }
-        self.writes += 1
-        fd, tmp = tempfile.mkstemp(prefix=f".{FILE_NAME}.", suffix=".tmp", dir=self.folder)
-        tmp_path = Path(tmp)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, manifest=np.array(json.dumps(manifest, default=str)), **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            crash_at = os.environ.get(CRASH_ENV)
-            if crash_at and crash_at.isdigit() and int(crash_at) == self.writes:
-                os._exit(77)
-            os.replace(tmp_path, self.path)
-        finally:
-            if tmp_path.exists():
-                tmp_path.unlink()
-        _fsync_dir(self.folder)
-        log.debug("%s: %d of %d batches", self.path, done, total)
+        self.store.commit(self.group, arrays, meta)
+        log.debug("%s: %d of %d batches", self.where, done, total)
 
-    def clean_stale(self) -> None:
-        """Remove temporary files that a killed writer left behind (never the checkpoint)."""
-        for stale in self.folder.glob(f".{FILE_NAME}.*.tmp"):
-            try:
-                stale.unlink()
-            except OSError:
-                pass
+    def saved(self) -> dict[str, Moments]:
+        """The statistics of the last save, their Grams read when used (a store on disk)."""
+        found = self.store.group(self.group)
+        if found is None:
+            raise DataError(f"{self.where}: no statistics saved")
+        arrays, meta = found
+        return moments_from_arrays(arrays, meta["keys"], lazy=True)
+
+
+def statistics_source(store: Store, group: str = "statistics") -> str | None:
+    """A fingerprint of the statistics saved in ``store`` (all parts of ``group``): what spectra
+    derived from them record, so that spectra of other statistics are never reused. None for
+    an in-memory store (nothing there outlives the run)."""
+    if not store.on_disk:
+        return None
+    found = []
+    for name in [group, *store.groups(group)]:
+        saved = store.group(name)
+        if saved is not None:
+            meta = saved[1]
+            found.append(
+                [name, meta.get("fingerprint"), meta.get("batches_done"), meta.get("keys")]
+            )
+    if not found:
+        return None
+    return hashlib.sha256(json.dumps(found, sort_keys=True).encode()).hexdigest()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flarc.core.diskarray import DiskArray, SpillFolder, as_array
+from flarc.core.store import StoredArray, Value, as_array
 
 
 @dataclass
@@ -79,40 +79,68 @@ class Moments:
         return sum_a2 + 4 * sum_b2 + n_rows * c * c - 4 * sum_ab + 2 * c * sum_a - 4 * c * sum_b
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        return {
+        """The sums as named arrays (``cross`` only when there is one)."""
+        out = {
             f"{prefix}gram": self.gram,
             f"{prefix}count": np.array(self.count, dtype=np.int64),
             f"{prefix}sum4": np.array(self.sum4),
             f"{prefix}sum1": self.sum1,
             f"{prefix}sum2x": self.sum2x,
         }
+        if self.cross is not None:
+            out[f"{prefix}cross"] = self.cross
+        return out
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> Moments:
+    def from_arrays(cls, arrays: Mapping[str, Value], prefix: str, lazy: bool = False) -> Moments:
+        """Inverse of :meth:`to_arrays`; with ``lazy`` a stored Gram stays in its file."""
+        gram = arrays[f"{prefix}gram"]
+        cross = arrays.get(f"{prefix}cross")
         return cls(
-            np.array(arrays[f"{prefix}gram"], dtype=np.float64),
-            int(arrays[f"{prefix}count"]),
-            float(arrays[f"{prefix}sum4"]),
-            np.array(arrays[f"{prefix}sum1"], dtype=np.float64),
-            np.array(arrays[f"{prefix}sum2x"], dtype=np.float64),
+            gram if lazy else _float64(gram),
+            int(as_array(arrays[f"{prefix}count"])),
+            float(as_array(arrays[f"{prefix}sum4"])),
+            _float64(arrays[f"{prefix}sum1"]),
+            _float64(arrays[f"{prefix}sum2x"]),
+            None if cross is None else _float64(cross),
         )
 
 
-def spill_moments(stats: Mapping[str, Moments], folder: SpillFolder) -> dict[str, Moments]:
-    """``stats`` with each Gram written to ``folder`` (a DiskArray in place of the array)."""
-    return {key: dataclasses.replace(m, gram=folder.put(m.gram)) for key, m in stats.items()}
+def _float64(value: Value) -> np.ndarray:
+    return np.array(as_array(value), dtype=np.float64)
+
+
+def moments_arrays(stats: Mapping[str, Moments]) -> dict[str, np.ndarray]:
+    """Every statistic's sums as arrays named ``s<index>_<field>`` (keys are listed apart)."""
+    out: dict[str, np.ndarray] = {}
+    for j, moments in enumerate(stats.values()):
+        out.update(moments.to_arrays(f"s{j}_"))
+    return out
+
+
+def moments_from_arrays(
+    arrays: Mapping[str, Value], keys: list[str], lazy: bool = False
+) -> dict[str, Moments]:
+    """Inverse of :func:`moments_arrays` for the statistic ``keys`` in order."""
+    return {key: Moments.from_arrays(arrays, f"s{j}_", lazy) for j, key in enumerate(keys)}
 
 
 class LazyMoments(Mapping[str, Moments]):
-    """Moments by key whose Gram matrices may live on disk: each lookup reads one Gram, so a
-    large model's statistics are in memory one at a time."""
+    """Moments by key whose Gram matrices may be stored: each lookup reads one Gram, so a large
+    model's statistics are in memory one at a time."""
 
     def __init__(self, items: dict[str, Moments]) -> None:
-        self._items = items  # their ``gram`` is an array or a DiskArray
+        self._items = items  # their ``gram`` is an array or a StoredArray
 
     def __getitem__(self, key: str) -> Moments:
         m = self._items[key]
-        return dataclasses.replace(m, gram=as_array(m.gram)) if isinstance(m.gram, DiskArray) else m
+        return (
+            dataclasses.replace(m, gram=as_array(m.gram)) if isinstance(m.gram, StoredArray) else m
+        )
+
+    def raw(self) -> dict[str, Moments]:
+        """The moments as held: stored Grams stay stored (for copying them file to file)."""
+        return dict(self._items)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)

@@ -10,8 +10,7 @@ Conv with a one-hot kernel of the target's geometry, so rows are im2col patches 
 from __future__ import annotations
 
 import logging
-import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,12 +18,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from flarc.calib.checkpoint import Checkpointer, feeds_digest
-from flarc.calib.moments import Moments
+from flarc.calib.checkpoint import Checkpoint, feeds_digest
+from flarc.calib.data import CalibrationSet
+from flarc.calib.moments import LazyMoments, Moments
 from flarc.core.errors import DataError
 from flarc.core.external import external_dir, split_large_initializers
 from flarc.core.inputs import Feed, find_mask_input
-from flarc.core.modelio import model_opset
+from flarc.core.memory import release_free_memory
+from flarc.core.modelio import is_large, model_opset, tensor_nbytes
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.sessions import fed_session, session_options
 from flarc.core.targets import ConvGeometry, Target
@@ -48,15 +49,43 @@ class StatPlan:
     partner: str | None = None  # a second tensor: adds the cross-statistic ``X^T P``
 
 
-def plan_statistics(targets: list[Target]) -> list[StatPlan]:
+def plan_statistics(
+    targets: list[Target],
+    input_of: Callable[[str], str] | None = None,
+    partner: bool = False,
+    prefix: str = "",
+) -> list[StatPlan]:
+    """One statistic per distinct :attr:`Target.stat_key` (q, k and v share their input), in
+    target order. ``input_of`` renames the tensor the rows come from (the closed loop's twin);
+    ``partner`` adds the cross-statistic with each target's own input."""
     plans: dict[str, StatPlan] = {}
     for t in targets:
         if t.stat_key not in plans:
             channels = t.weight_shape[1] if t.conv is not None else 0
-            plans[t.stat_key] = StatPlan(t.stat_key, t.input, t.n, t.conv, channels)
+            source = input_of(t.input) if input_of is not None else t.input
+            plans[t.stat_key] = StatPlan(
+                t.stat_key, source, t.n, t.conv, channels, partner=t.input if partner else None
+            )
     for i, plan in enumerate(plans.values()):
-        plan.outputs = {f: f"flarc_stats/{i}/{f}" for f in (*FIELDS, "cross")}
+        plan.outputs = {f: f"flarc_stats/{prefix}{i}/{f}" for f in (*FIELDS, "cross")}
     return list(plans.values())
+
+
+def statistic_groups(plans: list[StatPlan], max_bytes: int | None) -> list[list[StatPlan]]:
+    """Consecutive plans whose float64 Gram matrices together stay under ``max_bytes`` (one
+    calibration pass per group); a single plan larger than that is a group of its own."""
+    if max_bytes is None:
+        return [plans]
+    groups: list[list[StatPlan]] = [[]]
+    size = 0
+    for p in plans:
+        nbytes = 8 * p.n * p.n
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(p)
+        size += nbytes
+    return groups
 
 
 def intermediate_shapes(
@@ -246,7 +275,6 @@ class StatisticsSession:
         """``originals``: the tensors of stubs in ``model`` (:func:`split_large_initializers`)."""
         self.plans = plans if plans is not None else plan_statistics(targets)
         self.mask_input = find_mask_input(model, mask_input)
-        self._tmp = tempfile.TemporaryDirectory(prefix="flarc-stats-")
         # The statistics graph is built on a copy whose large weights are stubs, never copied.
         model, more = split_large_initializers(model)
         originals = {**more, **(originals or {})}
@@ -296,26 +324,26 @@ class StatisticsSession:
         feeds: Iterable[Feed],
         progress: Progress | None = None,
         description: str = "calibrating",
-        checkpoint: Checkpointer | None = None,
+        checkpoint: Checkpoint | None = None,
     ) -> dict[str, Moments]:
         """Sum the moments of ``feeds`` in batch order.
 
-        With ``checkpoint``, the running sums are saved every ``checkpoint.every`` batches and,
-        when resuming, the saved sums are the starting point and the loop continues at the next
-        batch: the order of additions is unchanged, so the result is bit-identical.
+        With ``checkpoint``, the running sums are saved as it says (and always after the last
+        batch) and, when resuming, the saved sums are the starting point and the loop continues
+        at the next batch: the order of additions is unchanged, so the result is bit-identical.
         """
         progress = progress or NoProgress()
         feeds = list(feeds) if not isinstance(feeds, list) else feeds
         totals = {p.key: Moments.zeros(p.n) for p in self.plans}
         start = 0
         if checkpoint is not None:
-            checkpoint.identity = {
-                **checkpoint.identity,
-                "plans": [[p.key, p.input, p.n, p.masked, p.partner] for p in self.plans],
-                "feeds": feeds_digest(feeds),
-                "batches": len(feeds),
-            }
-            checkpoint.clean_stale()
+            if checkpoint.store.on_disk:  # what a save must match to be resumed
+                checkpoint.identity = {
+                    **checkpoint.identity,
+                    "plans": [[p.key, p.input, p.n, p.masked, p.partner] for p in self.plans],
+                    "feeds": feeds_digest(feeds),
+                    "batches": len(feeds),
+                }
             saved = checkpoint.load({p.key: p.n for p in self.plans})
             if saved is not None:
                 start, totals = saved
@@ -332,9 +360,6 @@ class StatisticsSession:
                 raise DataError(f"tensor '{p.input}': no unmasked rows in the calibration data")
         return totals
 
-    def close(self) -> None:
-        self._tmp.cleanup()
-
 
 def collect_statistics(
     model: onnx.ModelProto,
@@ -345,8 +370,61 @@ def collect_statistics(
     progress: Progress | None = None,
 ) -> dict[str, Moments]:
     """Moments of every target's input over ``feeds``, keyed by :attr:`Target.stat_key`."""
-    session = StatisticsSession(model, targets, feeds[0], mask_input, precision)
-    try:
-        return session.collect(feeds, progress)
-    finally:
-        session.close()
+    return StatisticsSession(model, targets, feeds[0], mask_input, precision).collect(
+        feeds, progress
+    )
+
+
+# Smallest Gram budget of one statistics pass when a large model's statistics are grouped.
+STAT_GROUP_MIN_BYTES = 64 << 20
+
+
+def collect_moments(
+    model: onnx.ModelProto,
+    targets: list[Target],
+    data: CalibrationSet,
+    checkpoint: Checkpoint,
+    precision: str = "float64",
+    mask_input: str | None = None,
+    progress: Progress | None = None,
+) -> tuple[LazyMoments, LazyMoments, str | None]:
+    """Calibration and held-out moments of every statistic, and the mask input if one was used.
+
+    The calibration sums are saved through ``checkpoint`` (the statistics of the store); the
+    held-out ones go to the store's ``heldout`` group. A large model's statistics are gathered
+    a group at a time, their Grams within an eighth of the model's size (held about three
+    times over: onnxruntime's outputs, their copies, the sums), and each group is on disk before
+    the next one starts: memory holds one group, not all.
+    """
+    store = checkpoint.store
+    budget = max(STAT_GROUP_MIN_BYTES, tensor_nbytes(model) // 8) if is_large(model) else None
+    groups = statistic_groups(plan_statistics(targets), budget)
+    stats: dict[str, Moments] = {}
+    heldout: dict[str, Moments] = {}
+    mask = None
+    for g, plans in enumerate(groups):
+        label = f" ({g + 1}/{len(groups)})" if len(groups) > 1 else ""
+        part = checkpoint if len(groups) == 1 else checkpoint.part(f"part{g}")
+        held = Checkpoint(store, part.group.replace(checkpoint.group, "heldout", 1), {})
+        session = StatisticsSession(
+            model, targets, data.calibration[0], mask_input, precision, plans=plans
+        )
+        group = session.collect(
+            data.calibration, progress, "calibration statistics" + label, checkpoint=part
+        )
+        if store.on_disk:  # the saved sums, their Grams read when used
+            group = part.saved()
+            release_free_memory()
+        if data.heldout:
+            sums = session.collect(data.heldout, progress, "held-out statistics" + label)
+            held.save(len(data.heldout), len(data.heldout), sums)
+            heldout.update(held.saved() if store.on_disk else sums)
+            del sums
+        if any(p.masked for p in session.plans):
+            mask = session.mask_input
+        del session
+        stats.update(group)
+        del group
+        if store.on_disk:
+            release_free_memory()
+    return LazyMoments(stats), LazyMoments(heldout), mask

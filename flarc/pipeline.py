@@ -1,6 +1,6 @@
-"""The stages in order: targets -> statistics -> whitened spectra (the cacheable analysis) ->
-ranks -> factor pairs in the graph -> checked and compared model. The CLI is a thin layer
-over these functions."""
+"""The stages in order (DESIGN.md section 1): targets -> statistics -> whitened spectra (the
+analysis, kept in the store) -> ranks -> factor pairs in the graph -> a checked, guarded and
+compared model. The CLI is a thin layer over :func:`analyze` and :func:`compress`."""
 
 from __future__ import annotations
 
@@ -8,151 +8,37 @@ import dataclasses
 import hashlib
 import logging
 import math
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
+from flarc.calib.checkpoint import Checkpoint, statistics_source
 from flarc.calib.data import CalibrationSet
-from flarc.calib.moments import LazyMoments, Moments, spill_moments
-from flarc.calib.shrinkage import shrink
-from flarc.calib.statistics import StatisticsSession, StatPlan, plan_statistics
+from flarc.calib.statistics import collect_moments
 from flarc.core.compare import OutputComparison, compare_models, compare_streamed
-from flarc.core.diskarray import SpillFolder
 from flarc.core.errors import ModelError
-from flarc.core.external import FactorFile, all_tensors, as_array, external_dir
+from flarc.core.external import FactorFile
 from flarc.core.inputs import Feed, find_mask_input
 from flarc.core.memory import release_free_memory
-from flarc.core.modelio import EXTERNAL_DATA_THRESHOLD, is_large, save_model, tensor_nbytes
+from flarc.core.modelio import check_model_any_size, is_large
 from flarc.core.progress import NoProgress, Progress
-from flarc.core.sessions import fed_session
-from flarc.core.sums import PairSums
-from flarc.core.targets import Target, TargetSet, constant_tensors, weight_matrix, weight_view
-from flarc.rewrite.analysis import Analysis, AnalysisOptions, TargetAnalysis
-from flarc.rewrite.output_error import OutputErrorProbe
+from flarc.core.store import Store
+from flarc.core.targets import Target, TargetSet, Weights
+from flarc.rewrite.analysis import Analysis, AnalysisOptions, derive_spectra
+from flarc.rewrite.guard import guard_tolerance, output_guard
+from flarc.rewrite.pairs import factorize, lazy_factors
 from flarc.rewrite.policy import RankOptions, choose_ranks
 from flarc.rewrite.ranks import RankChoice
-from flarc.rewrite.spectrum import whitened_svd
-from flarc.rewrite.surgery import factorize
-from flarc.rewrite.whiten import whitener
+from flarc.rewrite.rows import TargetRow, target_rows
 
-if TYPE_CHECKING:
-    from flarc.calib.checkpoint import Checkpointer
+__all__ = ["Analysis", "AnalysisOptions", "CompressResult", "analyze", "compress", "rewhiten"]
 
 log = logging.getLogger(__name__)
 
 # Batches an analysis keeps for comparisons and output criteria (held out, and calibration).
 MAX_KEPT_FEEDS = 4
-# Output columns per block of the held-out error of one target.
-HELDOUT_BLOCK = 2048
-# Smallest Gram budget of one statistics pass when a large model's statistics are grouped.
-STAT_GROUP_MIN_BYTES = 64 << 20
-# Largest relative difference between the factor pairs and their dense product that is rounding.
-GUARD_TOLERANCE = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 5e-2}
-
-
-def analyze_target(
-    target: Target, weight: np.ndarray, moments: Moments, options: AnalysisOptions
-) -> TargetAnalysis:
-    """Shrink the statistic, whiten, and take the SVD of one target's weight."""
-    shrunk = shrink(moments, options.shrinkage, options.centered, options.shrinkage_lambda)
-    w, fell_back = whitener(shrunk.covariance, options.whiten, target.name)
-    max_rank = None if options.full_rank else math.ceil(target.k_equiv)
-    kind = "eig (fallback)" if fell_back else w.kind
-    # B is passed as a temporary so whitened_svd can free it before the SVD.
-    spectrum = whitened_svd(weight_matrix(target, weight), w, max_rank)
-    return TargetAnalysis(target, spectrum, shrunk.lam, kind, moments.count)
-
-
-def spill_statistics(model: onnx.ModelProto) -> bool:
-    """Whether statistics and spectra of ``model`` are kept on disk between stages."""
-    return is_large(model)
-
-
-def statistic_groups(plans: list[StatPlan], max_bytes: int | None) -> list[list[StatPlan]]:
-    """Consecutive plans whose float64 Gram matrices together stay under ``max_bytes`` (one
-    calibration pass per group); a single plan larger than that is a group of its own."""
-    if max_bytes is None:
-        return [plans]
-    groups: list[list[StatPlan]] = [[]]
-    size = 0
-    for p in plans:
-        nbytes = 8 * p.n * p.n
-        if groups[-1] and size + nbytes > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(p)
-        size += nbytes
-    return groups
-
-
-def collect_grouped(
-    model: onnx.ModelProto,
-    targets: TargetSet,
-    data: CalibrationSet,
-    options: AnalysisOptions,
-    progress: Progress,
-    checkpointer: Checkpointer | None,
-    spill: SpillFolder | None,
-) -> tuple[Mapping[str, Moments], Mapping[str, Moments], str | None]:
-    """Calibration and held-out moments of every statistic, and the mask input if one was used.
-
-    With ``spill``, statistics are gathered a group at a time (their Gram matrices within a
-    fraction of the model's size) and kept on disk: memory holds one group, not all.
-    """
-    # A group's Grams are held about three times over (onnxruntime's outputs, their copies,
-    # the sums): an eighth of the model each keeps statistics well under the model's size.
-    budget = max(STAT_GROUP_MIN_BYTES, tensor_nbytes(model) // 8) if spill is not None else None
-    groups = statistic_groups(plan_statistics(targets.targets), budget)
-    stats: dict[str, Moments] = {}
-    heldout: dict[str, Moments] = {}
-    mask = None
-    for g, plans in enumerate(groups):
-        label = f" ({g + 1}/{len(groups)})" if len(groups) > 1 else ""
-        session = StatisticsSession(
-            model,
-            targets.targets,
-            data.calibration[0],
-            options.mask_input,
-            options.precision,
-            plans=plans,
-        )
-        part = checkpointer
-        if checkpointer is not None and len(groups) > 1:
-            part = checkpointer.for_part(f"group-{g}")
-        try:
-            group = session.collect(
-                data.calibration,
-                progress,
-                "calibration statistics" + label,
-                checkpoint=part,
-            )
-            if spill is not None:  # to disk before the held-out pass: one group's Grams at a time
-                group = spill_moments(group, spill)
-                release_free_memory()
-            held = (
-                session.collect(data.heldout, progress, "held-out statistics" + label)
-                if data.heldout
-                else {}
-            )
-            if any(p.masked for p in session.plans):
-                mask = session.mask_input
-        finally:
-            session.close()
-        if spill is not None:
-            held = spill_moments(held, spill)
-        stats.update(group)
-        heldout.update(held)
-        del group, held
-        if spill is not None:
-            release_free_memory()
-    if spill is not None:
-        return LazyMoments(stats), LazyMoments(heldout), mask
-    return stats, heldout, mask
 
 
 def analyze(
@@ -168,39 +54,34 @@ def analyze(
 ) -> Analysis:
     """Statistics on calibration (and held-out) data, then the whitened spectrum of every target.
 
-    With ``checkpoint`` (a folder), the calibration sums are saved every ``checkpoint_every``
-    batches; ``resume`` continues from a saved checkpoint of the same model, options and data.
+    The arrays go to the store (:meth:`Store.for_model`): ``checkpoint`` (a folder) when given,
+    where the calibration sums are saved every ``checkpoint_every`` batches and from which
+    ``resume`` continues a run of the same model, options and data.
     """
     options = options or AnalysisOptions()
     progress = progress or NoProgress()
     if not targets.targets:
         raise ModelError("no targets to analyse")
-    weights = constant_tensors(model)
-    folder = external_dir(model)
+    if resume and checkpoint is None:
+        raise ModelError("resume needs a checkpoint folder (--checkpoint DIR)")
+    weights = Weights(model)
     for t in targets.targets:
         # NaN/Inf in a weight would surface much later as "SVD did not converge"; name it now.
-        bad = int((~np.isfinite(as_array(weights[t.weight], folder))).sum())
+        bad = int((~np.isfinite(weights.array(t.weight))).sum())
         if bad:
             raise ModelError(
                 f"tensor '{t.weight}' (weight of node '{t.name}') has {bad} NaN or Inf values"
             )
-    del weights
-    checkpointer = None
-    if checkpoint is not None:
-        from flarc.calib.checkpoint import Checkpointer
-
-        model_id = model_sha256 or hashlib.sha256(model.SerializeToString()).hexdigest()
-        identity = {
-            "model": model_id,
-            "precision": options.precision,
-            "mask_input": options.mask_input,
-        }
-        checkpointer = Checkpointer(Path(checkpoint), identity, checkpoint_every, resume)
-    elif resume:
-        raise ModelError("resume needs a checkpoint folder (--checkpoint DIR)")
-    spill = SpillFolder() if spill_statistics(model) else None
-    stats, heldout, mask = collect_grouped(
-        model, targets, data, options, progress, checkpointer, spill
+    store = Store.for_model(is_large(model), checkpoint)
+    identity = {
+        "model": model_sha256 or hashlib.sha256(model.SerializeToString()).hexdigest(),
+        "precision": options.precision,
+        "mask_input": options.mask_input,
+    }
+    every = checkpoint_every if checkpoint is not None else None
+    sums = Checkpoint(store, "statistics", identity if store.on_disk else {}, every, resume)
+    stats, heldout, mask = collect_moments(
+        model, targets.targets, data, sums, options.precision, options.mask_input, progress
     )
     fisher = None
     if options.fisher:
@@ -215,17 +96,10 @@ def analyze(
             options.seed,
             progress,
         )
-    consts = constant_tensors(model)
-    if spill is not None:
+    if store.on_disk:
         release_free_memory()
-    entries = {}
-    for t in progress.track(
-        targets.targets, total=len(targets.targets), description="whitened SVD"
-    ):
-        entry = analyze_target(t, as_array(consts[t.weight], folder), stats[t.stat_key], options)
-        if spill is not None:
-            entry.spectrum = entry.spectrum.spilled(spill)
-        entries[t.name] = entry
+    source = statistics_source(store)
+    entries = derive_spectra(targets.targets, weights, stats, options, store, progress, source)
     return Analysis(
         model_sha256,
         options,
@@ -240,111 +114,35 @@ def analyze(
         heldout_feeds=(data.heldout or data.calibration)[:MAX_KEPT_FEEDS],
         probe_feeds=data.calibration[:MAX_KEPT_FEEDS],
         heldout_is_calibration=not data.heldout,
-        spill=spill,
+        store=store,
     )
 
 
-class LazyMapping(Mapping):
-    """``key -> make(key)`` over fixed keys, each value made when looked up and never kept (a
-    large model's factors one target at a time, not all of them at once)."""
-
-    def __init__(self, keys: Iterable[str], make: Callable[[str], Any]) -> None:
-        self._keys = list(keys)
-        self._known = set(self._keys)
-        self._make = make
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self._known:
-            raise KeyError(key)
-        return self._make(key)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._known
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-
-def lazy_factors(analysis: Analysis, ranks: dict[str, RankChoice]) -> LazyMapping:
-    """The factor pair of every target with a rank, in the model's dtype, made when looked up."""
-    chosen = {name: c.rank for name, c in ranks.items() if c.rank is not None}
-    dtype = {t.name: np.dtype(t.dtype) for t in analysis.targets}
-
-    def pair(name: str) -> tuple[np.ndarray, np.ndarray]:
-        a, c = analysis.entries[name].spectrum.factors(chosen[name])
-        if not (np.isfinite(a).all() and np.isfinite(c).all()):
-            raise ModelError(f"node '{name}': factors are not finite (degenerate statistics)")
-        return a.astype(dtype[name]), c.astype(dtype[name])
-
-    return LazyMapping(chosen, pair)
-
-
-def dense_products(factors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> LazyMapping:
-    """``name -> A C`` for factor pairs, each made when looked up."""
-
-    def product(name: str) -> np.ndarray:
-        a, c = factors[name]
-        return a @ c
-
-    return LazyMapping(factors, product)
-
-
-def chosen_factors(
-    analysis: Analysis, ranks: dict[str, RankChoice]
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    return {
-        name: analysis.entries[name].spectrum.factors(choice.rank)
-        for name, choice in ranks.items()
-        if choice.rank is not None
-    }
-
-
-def heldout_error(
-    analysis: Analysis, target: Target, a: np.ndarray, c: np.ndarray, weight
-) -> float | None:
-    """Measured ``||X (B - A C)||^2 / ||X B||^2`` on held-out rows, exact from their Gram."""
-    moments = analysis.heldout_stats.get(target.stat_key)
-    if moments is None:
-        return None
-    num = den = 0.0
-    view = weight_view(target, weight)
-    # In blocks of output columns: a large target's float64 B and residual are never whole.
-    for j in range(0, target.m, HELDOUT_BLOCK):
-        b = np.asarray(view[:, j : j + HELDOUT_BLOCK], dtype=np.float64)
-        d = b - a @ c[:, j : j + HELDOUT_BLOCK]
-        num += float(np.einsum("ij,ij->", d, moments.gram @ d))
-        den += float(np.einsum("ij,ij->", b, moments.gram @ b))
-    return num / den if den > 0 else None
-
-
-@dataclass
-class TargetRow:
-    name: str
-    op_type: str
-    n: int
-    m: int
-    k_equiv: float
-    rank: int | None
-    params: int
-    kept_params: int
-    predicted_error: float | None
-    heldout_error: float | None
-    shrinkage: float
-    whitening: str
-    rows: int
-    reason: str
-    criterion: float | None = None
-    alpha: float | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+def rewhiten(
+    model: onnx.ModelProto,
+    analysis: Analysis,
+    options: AnalysisOptions,
+    progress: Progress | None = None,
+) -> Analysis:
+    """``analysis`` with spectra for other whitening options, from the same statistics (no
+    calibration): read from its store when they are there, else derived and kept there when
+    the store can be written (a large model's otherwise go to a temporary store)."""
+    if options.spectra_key() == analysis.options.spectra_key():
+        return dataclasses.replace(analysis, options=options)
+    store = analysis.store
+    if store is None or not store.writable:
+        store = Store.for_model(is_large(model))
+    source = statistics_source(analysis.store) if analysis.store is not None else None
+    entries = derive_spectra(
+        analysis.targets, Weights(model), analysis.stats, options, store, progress, source
+    )
+    return dataclasses.replace(analysis, options=options, entries=entries, store=store)
 
 
 @dataclass
 class CompressResult:
+    """The compressed model and what was done to get it."""
+
     model: onnx.ModelProto
     targets: list[Target]
     ranks: dict[str, RankChoice]
@@ -356,7 +154,7 @@ class CompressResult:
     model_params_after: int
     guard: float = 0.0  # relative difference to the dense equivalent (rounding)
     # A large model's factor data, which ``model`` refers to: save the model while this lives.
-    spill: SpillFolder | None = None
+    spill: Store | None = None
 
     def predicted_speedup(self, latency, timing: dict) -> float:
         """End-to-end speedup the latency model expects: the targets' predicted times, plus the
@@ -374,101 +172,8 @@ class CompressResult:
 
 
 def count_params(model: onnx.ModelProto) -> int:
+    """Elements of the model's initializers."""
     return int(sum(math.prod(t.dims) for t in model.graph.initializer))
-
-
-def target_rows(
-    analysis: Analysis, ranks: dict[str, RankChoice], model: onnx.ModelProto
-) -> list[TargetRow]:
-    consts = constant_tensors(model)
-    folder = external_dir(model)
-    rows = []
-    for t in analysis.targets:
-        e = analysis.entries[t.name]
-        choice = ranks[t.name]
-        k = choice.rank
-        measured = None
-        if k is not None:
-            a, c = e.spectrum.factors(k)
-            measured = heldout_error(analysis, t, a, c, as_array(consts[t.weight], folder))
-        rows.append(
-            TargetRow(
-                name=t.name,
-                op_type=t.op_type,
-                n=t.n,
-                m=t.m,
-                k_equiv=t.k_equiv,
-                rank=k,
-                params=t.params,
-                kept_params=t.rank_params(k) if k is not None else t.params,
-                predicted_error=e.spectrum.error(k) if k is not None else 0.0,
-                heldout_error=measured,
-                shrinkage=e.lam,
-                whitening=e.whitening,
-                rows=e.rows,
-                reason=choice.reason,
-                criterion=choice.criterion,
-                alpha=(analysis.fisher or {}).get(t.name),
-            )
-        )
-    return rows
-
-
-def output_guard(
-    model: onnx.ModelProto, new_model: onnx.ModelProto, analysis: Analysis, factors
-) -> float:
-    """Relative difference between the rewritten model and the original with each chosen weight
-    replaced by its dense product ``A C``: rounding only, unless the rewrite is wrong."""
-    if not factors:
-        return 0.0
-    # A large model's outputs (a language model's logits) are large: one batch checks a rewrite.
-    feeds = analysis.heldout_feeds[: 1 if external_dir(model) is not None else 2]
-    probe = OutputErrorProbe(model, analysis.targets, feeds)
-    try:
-        expected = probe.outputs(dense_products(factors))
-    finally:
-        probe.close()
-    if external_dir(model) is not None:
-        release_free_memory()  # the dense products, before the rewritten model's session
-    sums = PairSums()
-    # Large weights are fed, not serialised: no copy of the model, and no protobuf 2 GB limit.
-    sess = fed_session(new_model)
-    for feed, ys in zip(feeds, expected, strict=True):
-        for y, y_ref in zip(sess.run(probe.outputs_names, feed), ys, strict=True):
-            sums.add(y_ref, y)
-    del sess
-    return sums.relative_l2()
-
-
-def check_graph_of_lazy_model(model: onnx.ModelProto) -> None:
-    """``onnx.checker`` on a model whose data stay in files, without reading them: every
-    external reference is pointed at one empty file (the checker wants a file, not its bytes)."""
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
-    with tempfile.TemporaryDirectory(prefix="flarc-check-") as tmp:
-        (Path(tmp) / "data").touch()
-        for tensor in all_tensors(light):
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = "data"
-        path = Path(tmp) / "model.onnx"
-        path.write_bytes(light.SerializeToString())
-        onnx.checker.check_model(str(path))
-
-
-def check_model_any_size(model: onnx.ModelProto) -> None:
-    """``onnx.checker`` on ``model``; one over protobuf's 2 GB limit cannot be serialised for
-    the in-memory check, so it is checked from a file with external data."""
-    if external_dir(model) is not None:
-        check_graph_of_lazy_model(model)
-        return
-    if tensor_nbytes(model) <= EXTERNAL_DATA_THRESHOLD:
-        onnx.checker.check_model(model)
-        return
-    with tempfile.TemporaryDirectory(prefix="flarc-check-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        save_model(model, path, external_data=True)
-        onnx.checker.check_model(str(path))
 
 
 def compress(
@@ -485,7 +190,8 @@ def compress(
     With ``closed_loop`` calibration feeds, the chosen targets are refactorized in closed loop
     (:mod:`flarc.rewrite.closed_loop`), with error compensation when ``compensate``.
     """
-    ranks = choose_ranks(analysis, options, model, analysis.probe_feeds)
+    weights = Weights(model)
+    ranks = choose_ranks(analysis, options, model, analysis.probe_feeds, progress)
     if closed_loop:
         from flarc.rewrite.closed_loop import closed_loop_entries
 
@@ -493,27 +199,25 @@ def compress(
         analysis = dataclasses.replace(analysis, entries=entries)
     factors = lazy_factors(analysis, ranks)
     spill = None
-    if external_dir(model) is not None:
+    if weights.lazy:
         # A large model's factors go to disk as they are made; the new model refers to them.
-        spill = SpillFolder(prefix="flarc-factors-")
-        factor_file = FactorFile(spill.path, external_dir(model))
+        spill = Store.temporary(prefix="flarc-factors-")
+        factor_file = FactorFile(spill.root, weights.folder)
         try:
             new_model = factorize(model, analysis.targets, factors, factor_file.put)
         finally:
             factor_file.close()
+        release_free_memory()
     else:
         new_model = factorize(model, analysis.targets, dict(factors.items()))
     try:
         check_model_any_size(new_model)
     except Exception as exc:  # a rewrite bug, not bad input: say which check failed
         raise ModelError(f"compressed model fails onnx.checker: {exc}") from None
-    if spill is not None:
-        release_free_memory()
-    guard = output_guard(model, new_model, analysis, factors)
-    if spill is not None:
-        release_free_memory()
-    dtypes = {t.dtype for t in analysis.targets}
-    tolerance = max(GUARD_TOLERANCE.get(d, 1e-3) for d in dtypes)
+    guard = output_guard(
+        model, new_model, analysis.targets, factors, analysis.heldout_feeds, weights.lazy
+    )
+    tolerance = guard_tolerance(analysis.targets)
     if not guard <= tolerance:  # NaN included
         message = (
             f"output guard: the rewritten model differs from its own dense equivalent by {guard:.2e} "
@@ -522,12 +226,12 @@ def compress(
         if not force:
             raise ModelError(message + "; not written (use --force to write it anyway)")
         log.warning("%s; written because of --force", message)
-    if external_dir(model) is not None:
+    if weights.lazy:
         release_free_memory()
         comparison = compare_streamed(model, new_model, analysis.heldout_feeds)
     else:
         comparison = compare_models(model, new_model, analysis.heldout_feeds)
-    rows = target_rows(analysis, ranks, model)
+    rows = target_rows(analysis, ranks, weights)
     return CompressResult(
         model=new_model,
         targets=analysis.targets,

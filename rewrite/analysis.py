@@ -1,40 +1,156 @@
 """The analysis: everything expensive (statistics, whitened spectra, importances), computed once
-so that ranks can be chosen again without redoing it."""
+so that ranks can be chosen again without redoing it; and the one per-target step that turns a
+target's statistic into its whitened spectrum (DESIGN.md sections 3-4).
+
+Statistics live in the store (:mod:`flarc.calib.checkpoint`); spectra are derived from them per
+set of whitening options (:meth:`AnalysisOptions.spectra_key`) and, in a store on disk, kept
+there as well, so that a stored analysis can be re-whitened without calibrating again.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
 
 from flarc.calib.moments import Moments
-from flarc.core.diskarray import SpillFolder
+from flarc.calib.shrinkage import shrink
 from flarc.core.inputs import Feed
-from flarc.core.targets import Skipped, Target
-from flarc.rewrite.spectrum import Spectrum
+from flarc.core.progress import NoProgress, Progress
+from flarc.core.store import Store
+from flarc.core.targets import Skipped, Target, Weights, weight_matrix
+from flarc.rewrite.spectrum import Spectrum, compensated_svd, whitened_svd
+from flarc.rewrite.whiten import whitener
+
+# The options a spectrum depends on (the statistics fix the rest).
+SPECTRUM_OPTIONS = ("shrinkage", "centered", "shrinkage_lambda", "whiten", "full_rank")
 
 
 @dataclass
 class AnalysisOptions:
+    """How statistics are gathered and whitened, and whether importances are computed."""
+
     shrinkage: str = "ledoit-wolf"  # ledoit-wolf | oas | none
     centered: bool = False
     shrinkage_lambda: float | None = None  # fixed intensity instead of an estimate
-    whiten: str = "cholesky"  # cholesky | eig
+    whiten: str = "cholesky"  # cholesky | eig | diag | none
     precision: str = "float64"  # accumulation type inside the statistics graph
     mask_input: str | None = None
     full_rank: bool = False  # keep every singular direction, not only those below k_equiv
-    fisher: str | None = (
-        None  # compute Fisher importances with this loss (auto|lm|sampled|projection)
-    )
+    fisher: str | None = None  # compute Fisher importances with this loss (auto|lm|...)
     seed: int = 0
+
+    def spectra_key(self) -> str:
+        """A short name for the spectra these options give from the same statistics."""
+        chosen = {k: asdict(self)[k] for k in SPECTRUM_OPTIONS}
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
 class TargetAnalysis:
+    """One target's whitened spectrum and how it was whitened."""
+
     target: Target
     spectrum: Spectrum
     lam: float  # shrinkage intensity used
-    whitening: str  # cholesky | eig | eig (fallback)
+    whitening: str  # cholesky | eig | eig (fallback) | diag | none
     rows: int  # unmasked rows the statistic was computed from
+
+
+def analyze_target(
+    target: Target,
+    weight: np.ndarray,
+    moments: Moments,
+    options: AnalysisOptions,
+    compensate: bool = False,
+) -> TargetAnalysis:
+    """Shrink the statistic, whiten, and take the SVD of one target's weight (as stored).
+
+    With ``compensate`` (closed loop), ``moments`` hold the compressed model's rows and their
+    cross-statistic with the original's; the cross-statistic is shrunk like the Gram (same
+    intensity, same target ``mu I``), so identical activations give plain whitening exactly.
+    """
+    shrunk = shrink(moments, options.shrinkage, options.centered, options.shrinkage_lambda)
+    w, fell_back = whitener(shrunk.covariance, options.whiten, target.name)
+    max_rank = None if options.full_rank else math.ceil(target.k_equiv)
+    kind = "eig (fallback)" if fell_back else w.kind
+    if compensate:
+        cross = (1.0 - shrunk.lam) * moments.cross / moments.count
+        cross[np.diag_indices_from(cross)] += shrunk.lam * shrunk.mu
+        spectrum = compensated_svd(weight_matrix(target, weight), w, cross, max_rank)
+    else:
+        # B is passed as a temporary so whitened_svd can free it before the SVD.
+        spectrum = whitened_svd(weight_matrix(target, weight), w, max_rank)
+    return TargetAnalysis(target, spectrum, shrunk.lam, kind, moments.count)
+
+
+def derive_spectra(
+    targets: list[Target],
+    weights: Weights,
+    stats: Mapping[str, Moments],
+    options: AnalysisOptions,
+    store: Store,
+    progress: Progress | None = None,
+    source: str | None = None,
+) -> dict[str, TargetAnalysis]:
+    """The whitened spectrum of every target under ``options``.
+
+    In a store on disk they are written under ``spectra/<key>/`` as they are made (only one is
+    in memory at a time), with ``source`` (a fingerprint of the statistics); spectra already
+    there from the same source are read instead of computed again.
+    """
+    key = f"spectra/{options.spectra_key()}"
+    meta = store.get_json(f"{key}/meta.json") if store.on_disk else None
+    if meta is not None and source is not None and meta.get("source") == source:
+        found = read_spectra(store, key, targets)
+        if found is not None:
+            return found
+    progress = progress or NoProgress()
+    entries = {}
+    for i, t in enumerate(progress.track(targets, total=len(targets), description="whitened SVD")):
+        entry = analyze_target(t, weights.array(t.weight), stats[t.stat_key], options)
+        if store.writable:
+            entry.spectrum = entry.spectrum.stored(store, f"{key}/t{i}")
+        entries[t.name] = entry
+    if store.on_disk and store.writable:
+        store.put_json(f"{key}/meta.json", spectra_meta(entries, options, source))
+    return entries
+
+
+def read_spectra(store: Store, key: str, targets: list[Target]) -> dict[str, TargetAnalysis] | None:
+    """The spectra stored under ``key`` for exactly these targets (arrays read when used), or
+    None when there are none."""
+    meta = store.get_json(f"{key}/meta.json") if store.on_disk else None
+    if meta is None or list(meta["entries"]) != [t.name for t in targets]:
+        return None
+    entries = {}
+    for i, t in enumerate(targets):
+        e = meta["entries"][t.name]
+        spectrum = Spectrum(
+            np.asarray(store.get(f"{key}/t{i}/sigma").load()),
+            store.get(f"{key}/t{i}/basis"),
+            store.get(f"{key}/t{i}/vt"),
+        )
+        entries[t.name] = TargetAnalysis(t, spectrum, e["lam"], e["whitening"], e["rows"])
+    return entries
+
+
+def spectra_meta(
+    entries: Mapping[str, TargetAnalysis], options: AnalysisOptions, source: str | None = None
+) -> dict:
+    """What a stored set of spectra records besides its arrays."""
+    return {
+        "source": source,
+        "options": {k: asdict(options)[k] for k in SPECTRUM_OPTIONS},
+        "entries": {
+            name: {"lam": e.lam, "whitening": e.whitening, "rows": e.rows}
+            for name, e in entries.items()
+        },
+    }
 
 
 @dataclass
@@ -45,7 +161,7 @@ class Analysis:
     options: AnalysisOptions
     targets: list[Target]
     skipped: list[Skipped]
-    stats: Mapping[str, Moments]  # a dict, or LazyMoments for a large model
+    stats: Mapping[str, Moments]  # Grams read from the store when looked up
     heldout_stats: Mapping[str, Moments]
     entries: dict[str, TargetAnalysis]
     fisher: dict[str, float] | None = None
@@ -55,7 +171,7 @@ class Analysis:
     probe_feeds: list[Feed] = field(default_factory=list)  # calibration batches for output criteria
     heldout_is_calibration: bool = False  # no batch could be held out
     extra: dict = field(default_factory=dict)
-    spill: SpillFolder | None = field(default=None, repr=False)  # where large arrays live
+    store: Store | None = field(default=None, repr=False)  # where the large arrays live
 
     @property
     def heldout_label(self) -> str:

@@ -1,32 +1,37 @@
-"""The analysis file (``flarc analyze -o model.analysis``): statistics, spectra and importances
-stored once, so ranks can be chosen again in seconds with no calibration and no SVD.
+"""The analysis file (``flarc analyze -o model.analysis``): a store folder holding statistics,
+spectra and importances, so ranks can be chosen again in seconds with no calibration and no SVD.
 
-One uncompressed ``.npz`` (read back without pickle): a JSON manifest under ``manifest`` and
-float64 arrays ``t{i}/sigma|basis|vt`` per target and ``s{j}/...`` / ``h{j}/...`` per statistic.
+Layout (:mod:`flarc.core.store`): ``manifest.json`` (format, model, options, targets, entries,
+importances, feeds' names), the ``statistics`` and ``heldout`` groups (the calibration sums,
+:mod:`flarc.calib.checkpoint`), ``spectra/<key>/t<i>/{sigma,basis,vt}.npy`` (the basis in
+Fortran order: a rank's factors are a prefix read) and ``feeds/<kind><i>/<j>.npy``. It is
+written in a temporary folder beside its final name and renamed into place.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
+import os
+import shutil
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from flarc.calib.checkpoint import Checkpoint
 from flarc.calib.moments import LazyMoments, Moments
-from flarc.core.diskarray import MIN_SPILL_BYTES, DiskArray, as_array, npz_members, write_npz
 from flarc.core.errors import FlarcError
-from flarc.core.files import atomic_path
+from flarc.core.store import Store, as_array
 from flarc.core.targets import ConvGeometry, Skipped, Target
 from flarc.core.version import __version__
-from flarc.rewrite.analysis import Analysis, AnalysisOptions, TargetAnalysis
-from flarc.rewrite.spectrum import Spectrum
+from flarc.rewrite.analysis import Analysis, AnalysisOptions, read_spectra, spectra_meta
 
-FORMAT = "flarc-analysis/1"
+FORMAT = "flarc-analysis/2"
+MANIFEST = "manifest.json"
 
 
 def target_from_dict(d: dict) -> Target:
+    """Inverse of :meth:`Target.to_dict`."""
     fields = {k: v for k, v in d.items() if k != "k_equiv"}
     fields["weight_shape"] = tuple(fields["weight_shape"])
     if fields.get("conv"):
@@ -36,106 +41,105 @@ def target_from_dict(d: dict) -> Target:
     return Target(**fields)
 
 
-def _feeds(arrays: dict[str, np.ndarray], kind: str, names: list[list[str]]) -> list[dict]:
-    return [
-        {name: as_array(arrays[f"{kind}{i}/{name}"]) for name in feed}
-        for i, feed in enumerate(names)
-    ]
+def _save_moments(store: Store, group: str, stats) -> None:
+    raw: dict[str, Moments] = stats.raw() if isinstance(stats, LazyMoments) else dict(stats)
+    n = len(raw)
+    Checkpoint(store, group, {}, checksum=False).save(n, n, raw)
 
 
-def save_analysis(analysis: Analysis, path: str | Path) -> None:
-    keys = list(analysis.stats)
-    manifest = {
-        "format": FORMAT,
-        "flarc_version": __version__,
-        "model_sha256": analysis.model_sha256,
-        "options": asdict(analysis.options),
-        "targets": [t.to_dict() for t in analysis.targets],
-        "skipped": [asdict(s) for s in analysis.skipped],
-        "entries": {
-            name: {"lam": e.lam, "whitening": e.whitening, "rows": e.rows}
-            for name, e in analysis.entries.items()
-        },
-        "stat_keys": keys,
-        "heldout_keys": list(analysis.heldout_stats),
-        "fisher": analysis.fisher,
-        "fisher_loss": analysis.fisher_loss,
-        "mask_input": analysis.mask_input,
-        "heldout_feeds": [sorted(f) for f in analysis.heldout_feeds],
-        "probe_feeds": [sorted(f) for f in analysis.probe_feeds],
-        "heldout_is_calibration": analysis.heldout_is_calibration,
-        "extra": analysis.extra,
-    }
-    with atomic_path(path, suffix=".npz") as tmp:
-        with open(tmp, "wb") as fh:
-            write_npz(fh, _arrays(analysis, manifest))
-
-
-def _arrays(analysis: Analysis, manifest: dict) -> Iterator[tuple[str, np.ndarray | DiskArray]]:
-    """Every array of the file, one at a time (a large model's are read from disk as needed)."""
-    yield "manifest", np.array(json.dumps(manifest))
-    for i, t in enumerate(analysis.targets):
-        s = analysis.entries[t.name].spectrum
-        yield f"t{i}/sigma", s.sigma
-        # Fortran order: the factors of a rank are a prefix of columns, one read when loaded.
-        basis = s.basis if isinstance(s.basis, DiskArray) else np.asfortranarray(s.basis)
-        yield f"t{i}/basis", basis
-        yield f"t{i}/vt", s.vt
-    for prefix, stats in (("s", analysis.stats), ("h", analysis.heldout_stats)):
-        for j, key in enumerate(stats):
-            yield from stats[key].to_arrays(f"{prefix}{j}/").items()
-    for kind, feeds in (("hf", analysis.heldout_feeds), ("pf", analysis.probe_feeds)):
-        for i, feed in enumerate(feeds):
-            for name, value in feed.items():
-                yield f"{kind}{i}/{name}", value
-
-
-def _moments(arrays: dict, prefix: str, keys: list[str]) -> LazyMoments:
-    out = {}
-    for j, key in enumerate(keys):
-        gram = arrays[f"{prefix}{j}/gram"]
-        small = {
-            k: as_array(v)
-            for k, v in arrays.items()
-            if k.startswith(f"{prefix}{j}/") and k != f"{prefix}{j}/gram"
-        }
-        moments = Moments.from_arrays(
-            {**small, f"{prefix}{j}/gram": np.zeros((0, 0))}, f"{prefix}{j}/"
-        )
-        moments.gram = gram if isinstance(gram, DiskArray) else np.asarray(gram, dtype=np.float64)
-        out[key] = moments
-    return LazyMoments(out)
-
-
-def load_analysis(path: str | Path, model_sha256: str | None = None) -> Analysis:
-    """Read an analysis file; refuse one made for another model (when ``model_sha256`` is given)."""
+def save_analysis(analysis: Analysis, path: str | os.PathLike) -> None:
+    """Write ``analysis`` to the folder ``path`` (replacing an older one there), one array at a
+    time: stored arrays are copied file to file, never loaded whole."""
     path = Path(path)
-    if not path.is_file():
-        raise FlarcError(f"{path}: no such analysis file")
+    if path.exists() and not (path / MANIFEST).is_file() and not path.is_file():
+        if any(path.iterdir()):
+            raise FlarcError(f"{path}: exists and is not an analysis; refusing to overwrite it")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        # Large arrays stay in the file and are read when used (a prefix for a rank's factors).
-        members = npz_members(path)
-        arrays = {k: v.load() if v.nbytes < MIN_SPILL_BYTES else v for k, v in members.items()}
-        manifest = json.loads(str(as_array(arrays["manifest"])))
-    except Exception as exc:
-        raise FlarcError(
-            f"{path}: not a flarc analysis file ({type(exc).__name__}: {exc})"
-        ) from None
+        store = Store(tmp)
+        _save_moments(store, "statistics", analysis.stats)
+        _save_moments(store, "heldout", analysis.heldout_stats)
+        key = f"spectra/{analysis.options.spectra_key()}"
+        for i, t in enumerate(analysis.targets):
+            analysis.entries[t.name].spectrum.stored(store, f"{key}/t{i}")
+        store.put_json(f"{key}/meta.json", spectra_meta(analysis.entries, analysis.options))
+        feeds = {"hf": analysis.heldout_feeds, "pf": analysis.probe_feeds}
+        for kind, batch in feeds.items():
+            for i, feed in enumerate(batch):
+                for j, value in enumerate(feed.values()):
+                    store.put(f"feeds/{kind}{i}/{j}", np.asarray(value))
+        store.put_json(
+            MANIFEST,
+            {
+                "format": FORMAT,
+                "flarc_version": __version__,
+                "model_sha256": analysis.model_sha256,
+                "options": asdict(analysis.options),
+                "spectra": key,
+                "targets": [t.to_dict() for t in analysis.targets],
+                "skipped": [asdict(s) for s in analysis.skipped],
+                "fisher": analysis.fisher,
+                "fisher_loss": analysis.fisher_loss,
+                "mask_input": analysis.mask_input,
+                "feeds": {kind: [list(f) for f in batch] for kind, batch in feeds.items()},
+                "heldout_is_calibration": analysis.heldout_is_calibration,
+                "extra": analysis.extra,
+            },
+        )
+        _replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace(new: Path, path: Path) -> None:
+    """Rename the finished folder onto ``path``; what was there is moved aside first."""
+    if path.exists() or path.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+        os.replace(path, old / "x")
+        os.replace(new, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, path)
+
+
+def _moments(store: Store, group: str) -> LazyMoments:
+    return LazyMoments(Checkpoint(store, group, {}).saved())
+
+
+def load_analysis(path: str | os.PathLike, model_sha256: str | None = None) -> Analysis:
+    """Read an analysis folder; refuse one made for another model (when ``model_sha256`` is
+    given). Large arrays stay in their files and are read when used."""
+    path = Path(path)
+    if not path.exists():
+        raise FlarcError(f"{path}: no such analysis")
+    store = Store(path, writable=False)
+    try:
+        manifest = store.get_json(MANIFEST) if path.is_dir() else None
+    except (OSError, ValueError) as exc:
+        raise FlarcError(f"{path}: unreadable analysis manifest ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise FlarcError(f"{path}: not a flarc analysis folder (made by 'flarc analyze -o')")
     if manifest.get("format") != FORMAT:
         raise FlarcError(f"{path}: unsupported analysis format {manifest.get('format')!r}")
     if model_sha256 and manifest["model_sha256"] != model_sha256:
         raise FlarcError(
             f"{path}: analysis was made for another model (sha256 {manifest['model_sha256'][:12]}...)"
         )
-    targets = [target_from_dict(d) for d in manifest["targets"]]
-    entries = {}
-    for i, t in enumerate(targets):
-        meta = manifest["entries"][t.name]
-        sigma = as_array(arrays[f"t{i}/sigma"])
-        spectrum = Spectrum(sigma, arrays[f"t{i}/basis"], arrays[f"t{i}/vt"])
-        entries[t.name] = TargetAnalysis(t, spectrum, meta["lam"], meta["whitening"], meta["rows"])
-    stats = _moments(arrays, "s", manifest["stat_keys"])
-    heldout = _moments(arrays, "h", manifest["heldout_keys"])
+    try:
+        targets = [target_from_dict(d) for d in manifest["targets"]]
+        entries = read_spectra(store, manifest["spectra"], targets)
+        if entries is None:
+            raise KeyError(f"spectra {manifest['spectra']}")
+        feeds = {
+            kind: [
+                {name: as_array(store.get(f"feeds/{kind}{i}/{j}")) for j, name in enumerate(names)}
+                for i, names in enumerate(batches)
+            ]
+            for kind, batches in manifest["feeds"].items()
+        }
+        stats, heldout = _moments(store, "statistics"), _moments(store, "heldout")
+    except (KeyError, OSError, ValueError, FlarcError) as exc:
+        raise FlarcError(f"{path}: incomplete analysis ({type(exc).__name__}: {exc})") from None
     return Analysis(
         model_sha256=manifest["model_sha256"],
         options=AnalysisOptions(**manifest["options"]),
@@ -147,8 +151,9 @@ def load_analysis(path: str | Path, model_sha256: str | None = None) -> Analysis
         fisher=manifest["fisher"],
         fisher_loss=manifest["fisher_loss"],
         mask_input=manifest["mask_input"],
-        heldout_feeds=_feeds(arrays, "hf", manifest["heldout_feeds"]),
-        probe_feeds=_feeds(arrays, "pf", manifest["probe_feeds"]),
+        heldout_feeds=feeds["hf"],
+        probe_feeds=feeds["pf"],
         heldout_is_calibration=manifest["heldout_is_calibration"],
         extra=manifest.get("extra", {}),
+        store=store,
     )

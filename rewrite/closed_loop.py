@@ -12,23 +12,17 @@ reproduces the *original* layer's output from the compressed activations
 from __future__ import annotations
 
 import logging
-import math
 
-import numpy as np
 import onnx
 
-from flarc.calib.moments import Moments
-from flarc.calib.shrinkage import shrink
-from flarc.calib.statistics import FIELDS, StatisticsSession, StatPlan
+from flarc.calib.statistics import StatisticsSession, plan_statistics
 from flarc.calib.twin import target_levels, twin_model, twin_name, weight_input
-from flarc.core.external import as_array, external_dir, split_large_initializers
+from flarc.core.external import split_large_initializers
 from flarc.core.inputs import Feed
 from flarc.core.progress import NoProgress, Progress
-from flarc.core.targets import Target, constant_tensors, stored_weight, weight_matrix
-from flarc.rewrite.analysis import Analysis, AnalysisOptions, TargetAnalysis
+from flarc.core.targets import Weights, stored_weight
+from flarc.rewrite.analysis import Analysis, TargetAnalysis, analyze_target
 from flarc.rewrite.ranks import RankChoice
-from flarc.rewrite.spectrum import compensated_svd, whitened_svd
-from flarc.rewrite.whiten import whitener
 
 log = logging.getLogger(__name__)
 
@@ -36,47 +30,6 @@ log = logging.getLogger(__name__)
 # Qwen2.5-0.5B at a 20% cut (4096 rows, 4864 down_proj inputs): intensity 1e-6, perplexity
 # 17.3 (open loop) -> 29.1; Ledoit-Wolf's estimate (about 0.02 there), 19.1 -> 14.7.
 WEAK_SHRINKAGE = 1e-3
-
-
-def refactor_target(
-    target: Target,
-    weight,
-    moments: Moments,
-    options: AnalysisOptions,
-    compensate: bool,
-) -> TargetAnalysis:
-    """Shrink, whiten and take the (compensated) SVD of one target from closed-loop moments."""
-    shrunk = shrink(moments, options.shrinkage, options.centered, options.shrinkage_lambda)
-    w, fell_back = whitener(shrunk.covariance, options.whiten, target.name)
-    b = weight_matrix(target, weight)
-    max_rank = None if options.full_rank else math.ceil(target.k_equiv)
-    if compensate:
-        lam, n_rows = shrunk.lam, moments.count
-        cross = (1.0 - lam) * moments.cross / n_rows
-        cross[np.diag_indices_from(cross)] += lam * shrunk.mu
-        spectrum = compensated_svd(b, w, cross, max_rank)
-    else:
-        spectrum = whitened_svd(b, w, max_rank)
-    kind = "eig (fallback)" if fell_back else w.kind
-    return TargetAnalysis(target, spectrum, shrunk.lam, kind, moments.count)
-
-
-def level_plans(model: onnx.ModelProto, level: list[Target], compensate: bool) -> list[StatPlan]:
-    plans: dict[str, StatPlan] = {}
-    for t in level:
-        if t.stat_key in plans:
-            continue
-        plans[t.stat_key] = StatPlan(
-            key=t.stat_key,
-            input=twin_name(model, t.input),
-            n=t.n,
-            conv=t.conv,
-            channels=t.weight_shape[1] if t.conv is not None else 0,
-            partner=t.input if compensate else None,
-        )
-    for i, plan in enumerate(plans.values()):
-        plan.outputs = {f: f"flarc_stats/cl{i}/{f}" for f in (*FIELDS, "cross")}
-    return list(plans.values())
 
 
 def closed_loop_entries(
@@ -93,18 +46,19 @@ def closed_loop_entries(
     entries = dict(analysis.entries)
     if not chosen:
         return entries
-    consts = constant_tensors(model)
+    stored = Weights(model)
     # The twin graph is built on a copy whose large weights are stubs (never copied as protos).
     light, originals = split_large_initializers(model)
     twin = twin_model(light, chosen)
     del light
-    folder = external_dir(model)
-    weights = {weight_input(t.weight): as_array(consts[t.weight], folder) for t in chosen}
+    weights = {weight_input(t.weight): stored.array(t.weight) for t in chosen}
     options = analysis.options
     levels = target_levels(model, chosen)
     underdetermined: list[TargetAnalysis] = []
     for i, level in enumerate(progress.track(levels, total=len(levels), description="closed loop")):
-        plans = level_plans(model, level, compensate)
+        plans = plan_statistics(
+            level, lambda name: twin_name(model, name), partner=compensate, prefix="cl"
+        )
         session = StatisticsSession(
             twin,
             [],
@@ -114,13 +68,11 @@ def closed_loop_entries(
             plans=plans,
             originals=originals,
         )
-        try:
-            stats = session.collect(({**f, **weights} for f in feeds), description=f"level {i}")
-        finally:
-            session.close()
+        stats = session.collect(({**f, **weights} for f in feeds), description=f"level {i}")
+        del session
         for t in level:
-            entry = refactor_target(
-                t, as_array(consts[t.weight], folder), stats[t.stat_key], options, compensate
+            entry = analyze_target(
+                t, stored.array(t.weight), stats[t.stat_key], options, compensate
             )
             entries[t.name] = entry
             if compensate and entry.rows < t.n and entry.lam < WEAK_SHRINKAGE:

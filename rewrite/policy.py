@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from flarc.core.errors import OptionError
-from flarc.core.external import as_array, external_dir
 from flarc.core.inputs import Feed
-from flarc.core.targets import Target, constant_tensors, weight_matrix
+from flarc.core.progress import NoProgress, Progress
+from flarc.core.targets import Target, Weights
 from flarc.rewrite.allocate import fisher_ranks, global_ranks, parameter_cost
 from flarc.rewrite.analysis import Analysis
 from flarc.rewrite.output_error import OutputErrorProbe
@@ -152,7 +152,12 @@ def rescale_to_budget(
 
 
 def output_sensitivity(
-    analysis: Analysis, model, feeds: list[Feed], budget: float, opts: RankOptions
+    analysis: Analysis,
+    model,
+    feeds: list[Feed],
+    budget: float,
+    opts: RankOptions,
+    progress: Progress | None = None,
 ) -> dict[str, float]:
     """How much end-output error one unit of a target's whitened error causes: the output error
     with only that target at the uniform rank of ``budget``, over its whitened error there
@@ -160,7 +165,8 @@ def output_sensitivity(
     probe = _output_probe(model, analysis, feeds, opts)
     try:
         out = {}
-        for t in analysis.targets:
+        targets = analysis.targets
+        for t in (progress or NoProgress()).track(targets, len(targets), "output sensitivity"):
             grid = rank_grid(t, opts.align)
             if not grid:
                 out[t.name] = 1.0
@@ -175,7 +181,11 @@ def output_sensitivity(
 
 
 def choose_ranks(
-    analysis: Analysis, opts: RankOptions, model=None, feeds: list[Feed] | None = None
+    analysis: Analysis,
+    opts: RankOptions,
+    model=None,
+    feeds: list[Feed] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, RankChoice]:
     """The rank (or dense) of every target under ``opts``."""
     targets = analysis.targets
@@ -196,7 +206,7 @@ def choose_ranks(
             if model is None or not feeds:
                 raise OptionError("--output-weighted needs the model and calibration batches")
             budget = opts.budget if opts.budget is not None else (opts.ratio or 0.8)
-            sensitivity = output_sensitivity(analysis, model, feeds, budget, opts)
+            sensitivity = output_sensitivity(analysis, model, feeds, budget, opts, progress)
             weights = {k: sensitivity[k] * (weights or {}).get(k, 1.0) for k in sensitivity}
         spectra = {t.name: analysis.entries[t.name].spectrum for t in targets}
         if opts.latency_budget is not None:
@@ -212,7 +222,7 @@ def choose_ranks(
         choices = global_ranks(targets, spectra, budget, opts.align, parameter_cost, weights)
         return {t.name: _latency_checked(t, choices[t.name], opts) for t in targets}
     if opts.search == "bisect":
-        return bisect_all(analysis, opts, model, feeds)
+        return bisect_all(analysis, opts, model, feeds, progress)
     out = {}
     for t in targets:
         if opts.energy is not None:
@@ -224,7 +234,11 @@ def choose_ranks(
 
 
 def bisect_all(
-    analysis: Analysis, opts: RankOptions, model, feeds: list[Feed] | None
+    analysis: Analysis,
+    opts: RankOptions,
+    model,
+    feeds: list[Feed] | None,
+    progress: Progress | None = None,
 ) -> dict[str, RankChoice]:
     targets = analysis.targets
     probe = None
@@ -245,14 +259,10 @@ def bisect_all(
         if threshold is None:
             threshold = {"whitened": 0.05, "cosine": 0.95, "output": 1e-3}[opts.criterion]
         threshold = float(threshold)
-        consts = constant_tensors(model) if model is not None and opts.criterion == "cosine" else {}
+        weights = Weights(model) if model is not None and opts.criterion == "cosine" else None
         out = {}
-        for t in targets:
-            b = (
-                weight_matrix(t, as_array(consts[t.weight], external_dir(model)))
-                if opts.criterion == "cosine"
-                else None
-            )
+        for t in (progress or NoProgress()).track(targets, len(targets), "rank search"):
+            b = weights.matrix(t) if weights is not None else None
             crit = _criterion(opts.criterion, t, analysis, b, threshold, probe)
             out[t.name] = searched_choice(t, allowed_grid(t, opts), crit, threshold)
         if opts.threshold == "auto":

@@ -6,7 +6,7 @@ With ``H = L L^T`` and ``M = L^T B = U diag(s) V^T`` (DESIGN.md section 3):
     relative output error at rank k = sum_{i>k} s_i^2 / sum_i s_i^2   (an identity on the data of H)
 
 ``basis = L^{-T} U`` and ``vt = V^T`` are stored up to ``max_rank`` columns, in float64, in
-memory or (for large models, :meth:`Spectrum.spilled`) on disk with the basis in Fortran order, so
+memory or (for large models, :meth:`Spectrum.stored`) in the store with the basis in Fortran order, so
 that the factors of a rank are a prefix read.
 """
 
@@ -17,15 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-from flarc.core.diskarray import DiskArray, SpillFolder, leading
+from flarc.core.store import Store, StoredArray, leading
 from flarc.rewrite.whiten import Whitener
 
 
 @dataclass
 class Spectrum:
     sigma: np.ndarray  # all whitened singular values, descending
-    basis: np.ndarray | DiskArray  # [n, r] = L^{-T} U[:, :r]
-    vt: np.ndarray | DiskArray  # [r, m] = V^T[:r]
+    basis: np.ndarray | StoredArray  # [n, r] = L^{-T} U[:, :r]
+    vt: np.ndarray | StoredArray  # [r, m] = V^T[:r]
 
     @property
     def max_rank(self) -> int:
@@ -51,15 +51,25 @@ class Spectrum:
             self.vt, k, columns=False
         )
 
-    def spilled(self, folder: SpillFolder) -> Spectrum:
-        """The same spectrum with its basis and ``V^T`` in ``folder`` (large ones only)."""
+    def stored(self, store: Store, prefix: str) -> Spectrum:
+        """The same spectrum with its arrays in ``store`` under ``prefix`` (the basis in
+        Fortran order, so a rank's columns are one read); itself for an in-memory store."""
+        if not store.on_disk:
+            return self
+        store.put(f"{prefix}/sigma", np.asarray(self.sigma))
         return Spectrum(
-            self.sigma,
-            folder.put(self.basis, fortran=True)
-            if isinstance(self.basis, np.ndarray)
-            else self.basis,
-            folder.put(self.vt) if isinstance(self.vt, np.ndarray) else self.vt,
+            np.asarray(self.sigma),
+            _put(store, f"{prefix}/basis", self.basis, fortran=True),
+            _put(store, f"{prefix}/vt", self.vt, fortran=False),
         )
+
+
+def _put(store: Store, name: str, value: np.ndarray | StoredArray, fortran: bool):
+    return (
+        store.copy(name, value)
+        if isinstance(value, StoredArray)
+        else store.put(name, value, fortran)
+    )
 
 
 def whitened_svd(b: np.ndarray, whitener: Whitener, max_rank: int | None = None) -> Spectrum:

@@ -10,9 +10,10 @@ import torch
 
 from flarc.calib.data import CalibrationSet
 from flarc.core.targets import constant_tensors, find_targets, weight_matrix
-from flarc.pipeline import AnalysisOptions, analyze, chosen_factors
+from flarc.pipeline import AnalysisOptions, analyze
+from flarc.rewrite.pairs import chosen_factors
+from flarc.rewrite.pairs import factorize
 from flarc.rewrite.ranks import RankChoice
-from flarc.rewrite.surgery import factorize
 
 from _models import (
     Mlp2d,

@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from flarc.calib.checkpoint import CRASH_ENV, FILE_NAME
 from flarc.cli import main
+from flarc.core.store import CURRENT, Store
 from flarc.rewrite.analysis_file import load_analysis
 
 from _models import Mlp3d, export
@@ -68,19 +68,55 @@ def analyze_args(model: Path, calib: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+# The CLI in a child whose N-th publication of a store group dies after the new version is
+# complete and before it is published (what a power cut or kill -9 at the worst moment leaves).
+CRASHING = """
+import os, sys
+import flarc.core.store as store
+real, calls = store.publish, []
+def publish(folder, version):
+    calls.append(version)
+    if len(calls) == int(os.environ["CRASH_AT"]):
+        os._exit(77)
+    real(folder, version)
+store.publish = publish
+from flarc.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def spawn(args: list[str], crash_at: int | None = None) -> subprocess.Popen:
+    code = ["-c", CRASHING] if crash_at else ["-m", "flarc.cli"]
     return subprocess.Popen(
-        [sys.executable, "-m", "flarc.cli", *args],
+        [sys.executable, *code, *args],
         cwd=REPO,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "CRASH_AT": str(crash_at or 0)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
 
 
 def manifest(folder: Path) -> dict:
-    with np.load(folder / FILE_NAME, allow_pickle=False) as data:
-        return json.loads(str(data["manifest"]))
+    """The meta of the statistics saved in the checkpoint folder (KeyError when none)."""
+    saved = Store(folder, writable=False).group("statistics")
+    if saved is None:
+        raise KeyError("statistics")
+    return saved[1]
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """What killed writers left in the statistics group: unpublished versions, temporary files."""
+    group = folder / "statistics"
+    live = (group / CURRENT).read_text()
+    return [p for p in group.iterdir() if p.name not in (CURRENT, live)]
+
+
+def folder_sha(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode() + p.read_bytes())
+    return h.hexdigest()
 
 
 def assert_same_statistics(a_path: Path, b_path: Path) -> None:
@@ -112,7 +148,9 @@ def kill_after_checkpoint(args: list[str], ckpt: Path, after_batch: int) -> int:
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if (ckpt / FILE_NAME).exists() and manifest(ckpt)["batches_done"] > after_batch:
+            if (ckpt / "statistics" / CURRENT).exists() and manifest(ckpt)[
+                "batches_done"
+            ] > after_batch:
                 break
             time.sleep(0.002)
         os.kill(proc.pid, signal.SIGKILL)
@@ -138,7 +176,7 @@ def test_kill9_then_resume_is_bit_identical(wide, reference, tmp_path):
     assert main([*args, "--resume"]) == 0
     assert manifest(ckpt)["batches_done"] == manifest(ckpt)["batches_total"] == 150
     assert_same_statistics(reference, out)
-    assert not list(ckpt.glob(".*.tmp"))
+    assert not leftovers(ckpt)
 
 
 def test_crash_inside_checkpoint_write_keeps_the_old_one(wide, reference, tmp_path, capsys):
@@ -146,17 +184,17 @@ def test_crash_inside_checkpoint_write_keeps_the_old_one(wide, reference, tmp_pa
     ckpt = tmp_path / "ckpt"
     out = tmp_path / "resumed.analysis"
     args = analyze_args(model, calib, out, "--checkpoint", str(ckpt), "--checkpoint-every", "5")
-    # The third write dies after its temporary file is complete, before the rename.
-    proc = spawn(args, {CRASH_ENV: "3"})
+    # The third save dies after its version is complete, before it is published.
+    proc = spawn(args, crash_at=3)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 77, err.decode()
-    assert manifest(ckpt)["batches_done"] == 10  # the second write, intact
-    stale = list(ckpt.glob(".*.tmp"))
-    assert len(stale) == 1 and stale[0].stat().st_size > 0
+    assert manifest(ckpt)["batches_done"] == 10  # the second save, intact
+    (stale,) = leftovers(ckpt)
+    assert (stale / "meta.json").stat().st_size > 0
     assert not out.exists()
     assert main([*args, "--resume"]) == 0, capsys.readouterr().err
     assert_same_statistics(reference, out)
-    assert not list(ckpt.glob(".*.tmp"))
+    assert not leftovers(ckpt)
 
 
 def test_crash_in_first_checkpoint_write_starts_over(wide, reference, tmp_path, capsys):
@@ -164,10 +202,11 @@ def test_crash_in_first_checkpoint_write_starts_over(wide, reference, tmp_path, 
     ckpt = tmp_path / "ckpt"
     out = tmp_path / "resumed.analysis"
     args = analyze_args(model, calib, out, "--checkpoint", str(ckpt), "--checkpoint-every", "50")
-    proc = spawn(args, {CRASH_ENV: "1"})
+    proc = spawn(args, crash_at=1)
     proc.communicate(timeout=120)
     assert proc.returncode == 77
-    assert not (ckpt / FILE_NAME).exists()  # the half-made one was never renamed into place
+    with pytest.raises(KeyError):  # the half-made save was never published
+        manifest(ckpt)
     assert main([*args, "--resume"]) == 0, capsys.readouterr().err
     assert_same_statistics(reference, out)
 
@@ -189,12 +228,12 @@ def test_checkpoint_of_another_model_options_or_data_is_refused(wide, tmp_path, 
     out = tmp_path / "a.analysis"
     base = ["--checkpoint", str(ckpt), "--checkpoint-every", "40"]
     assert main(analyze_args(model, calib, out, *base)) == 0
-    before = sha(ckpt / FILE_NAME)
+    before = folder_sha(ckpt / "statistics")
     resume = [*base, "--resume"]
     # Another model (a different seed, same shapes).
     torch.manual_seed(1)
     other = export(Wide(), (torch.randn(4, 8, 96),), tmp_path / "o.onnx", ["x"], {"x": {0: "b"}})
-    one_error(capsys, analyze_args(other, calib, out, *resume), FILE_NAME, "model")
+    one_error(capsys, analyze_args(other, calib, out, *resume), "checkpoint", "model")
     # Other statistics options.
     one_error(
         capsys,
@@ -206,13 +245,10 @@ def test_checkpoint_of_another_model_options_or_data_is_refused(wide, tmp_path, 
     np.savez(tmp_path / "c2.npz", x=rng.standard_normal((800, 8, 96)).astype(np.float32))
     one_error(capsys, analyze_args(model, tmp_path / "c2.npz", out, *resume), "feeds")
     one_error(capsys, analyze_args(model, calib, out, *resume, "--batch-size", "8"), "feeds")
-    assert sha(ckpt / FILE_NAME) == before  # a refused resume never touches the checkpoint
+    assert folder_sha(ckpt / "statistics") == before  # a refused resume never touches it
     # A checkpoint whose arrays were changed after it was written fails its checksum.
-    with np.load(ckpt / FILE_NAME, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-    arrays["s0/gram"] = arrays["s0/gram"] + 1.0
-    with open(ckpt / FILE_NAME, "wb") as fh:
-        np.savez(fh, **arrays)
+    gram = ckpt / "statistics" / (ckpt / "statistics" / CURRENT).read_text() / "s0_gram.npy"
+    np.save(gram, np.load(gram) + 1.0)
     one_error(capsys, analyze_args(model, calib, out, *resume), "checksum")
     # --resume without a folder.
     one_error(capsys, analyze_args(model, calib, out, "--resume"), "--checkpoint")

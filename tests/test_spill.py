@@ -1,22 +1,19 @@
-"""Large-model memory paths: arrays kept on disk and statistics gathered in groups give the same
-numbers, bit for bit, as the in-memory path (forced here on a small model)."""
+"""Large-model memory paths: arrays kept in a store on disk and statistics gathered in groups
+give the same numbers, bit for bit, as the in-memory path (forced here on a small model)."""
 
 from __future__ import annotations
-
-import io
-import zipfile
 
 import numpy as np
 import onnx
 import pytest
 import torch
 
-import flarc.core.diskarray
+import flarc.calib.statistics
 import flarc.core.modelio
-import flarc.pipeline
 from flarc.calib.data import CalibrationSet
 from flarc.calib.moments import LazyMoments
-from flarc.core.diskarray import DiskArray, SpillFolder, npz_members, write_npz
+from flarc.calib.statistics import plan_statistics, statistic_groups
+from flarc.core.store import CURRENT, Store, StoredArray
 from flarc.core.targets import find_targets
 from flarc.pipeline import AnalysisOptions, analyze, compress
 from flarc.rewrite.analysis_file import load_analysis, save_analysis
@@ -27,60 +24,59 @@ from _models import TinyEncoder, export, token_batch
 
 @pytest.fixture
 def spill_everything(monkeypatch):
-    """Every array spilled, every model 'large', one statistic per calibration pass."""
-    monkeypatch.setattr(flarc.core.diskarray, "MIN_SPILL_BYTES", 0)
+    """Every model 'large' (arrays in a store on disk), one statistic per calibration pass."""
     monkeypatch.setattr(flarc.core.modelio, "LARGE_MODEL_BYTES", 0)
-    monkeypatch.setattr(flarc.pipeline, "STAT_GROUP_MIN_BYTES", 0)
+    monkeypatch.setattr(flarc.calib.statistics, "STAT_GROUP_MIN_BYTES", 0)
 
 
-def test_disk_array_prefixes_equal_slices(spill_everything):
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_store_prefixes_equal_slices_and_numpy_reads_its_files(on_disk):
     rng = np.random.default_rng(0)
-    folder = SpillFolder()
+    store = Store.temporary() if on_disk else Store()
     try:
         a = rng.standard_normal((37, 11))
-        rows, cols = folder.put(a), folder.put(a, fortran=True)
-        assert isinstance(rows, DiskArray) and isinstance(cols, DiskArray) and cols.fortran
-        for k in (0, 1, 5, 11):
-            np.testing.assert_array_equal(cols.prefix(k), a[:, :k])
-        for k in (0, 1, 20, 37):
-            np.testing.assert_array_equal(rows.prefix(k), a[:k])
-        np.testing.assert_array_equal(rows.load(), a)
-        np.testing.assert_array_equal(cols.load(), a)
+        rows, cols = store.put("x/rows", a), store.put("x/cols", a, fortran=True)
+        scalar = store.put("s", np.array(3, dtype=np.int64))
+        if on_disk:
+            assert isinstance(cols, StoredArray) and cols.fortran and not rows.fortran
+            assert scalar.load().shape == ()  # 0-d arrays stay 0-d
+            for name, want in (("x/rows", a), ("x/cols", a), ("s", 3)):
+                np.testing.assert_array_equal(np.load(store.path(name + ".npy")), want)
+            for k in (0, 1, 5, 11):
+                np.testing.assert_array_equal(cols.prefix(k), a[:, :k])
+            for k in (0, 1, 20, 37):
+                np.testing.assert_array_equal(rows.prefix(k), a[:k])
+        for v in (rows, cols):
+            got = v.load() if isinstance(v, StoredArray) else v
+            np.testing.assert_array_equal(got, a)
     finally:
-        folder.close()
+        store.close()
 
 
-def test_npz_members_read_what_numpy_wrote(tmp_path):
-    rng = np.random.default_rng(1)
-    arrays = {
-        "a/x": rng.standard_normal((5, 7)),
-        "b": np.asfortranarray(rng.standard_normal((3, 4))),
-        "c": np.arange(6, dtype=np.int64),
-        "s": np.array("text"),
-    }
-    np.savez(tmp_path / "numpy.npz", **arrays)
-    with open(tmp_path / "ours.npz", "wb") as fh:
-        write_npz(fh, arrays.items())
-    for name in ("numpy.npz", "ours.npz"):
-        members = npz_members(tmp_path / name)
-        assert set(members) == set(arrays)
-        for k, v in arrays.items():
-            np.testing.assert_array_equal(members[k].load(), v)
-        with np.load(tmp_path / name, allow_pickle=False) as data:
-            for k, v in arrays.items():
-                np.testing.assert_array_equal(data[k], v)
-    np.savez_compressed(tmp_path / "z.npz", **arrays)
-    with pytest.raises(ValueError, match="compressed"):
-        npz_members(tmp_path / "z.npz")
+def test_store_groups_are_replaced_whole_and_leftovers_cleaned():
+    store = Store.temporary()
+    try:
+        for i in range(3):
+            store.commit("g", {"a": np.full(4, float(i)), "n": np.array(i)}, {"i": i})
+        arrays, meta = store.group("g")
+        assert meta == {"i": 2} and arrays["n"].load() == 2
+        folder = store.path("g")
+        assert sorted(p.name for p in folder.iterdir()) == sorted([CURRENT, "v000003"])
+        (folder / "v000009").mkdir()  # a version a killed writer never published
+        (folder / ".CURRENT.x.tmp").write_text("v000009")
+        store.clean("g")
+        assert sorted(p.name for p in folder.iterdir()) == sorted([CURRENT, "v000003"])
+        assert store.group("missing") is None
+    finally:
+        store.close()
 
 
-def test_truncated_npz_member_is_refused(tmp_path):
-    buf = io.BytesIO()
-    np.save(buf, np.arange(1000.0))
-    with zipfile.ZipFile(tmp_path / "bad.npz", "w", zipfile.ZIP_STORED) as zf:
-        zf.writestr("x.npy", buf.getvalue()[:500])  # a header promising 8000 bytes, then 372
+def test_truncated_stored_array_is_refused(tmp_path):
+    np.save(tmp_path / "x.npy", np.arange(1000.0))
+    data = (tmp_path / "x.npy").read_bytes()
+    (tmp_path / "x.npy").write_bytes(data[:500])  # a header promising 8000 bytes, then 372
     with pytest.raises(ValueError, match="shorter"):
-        npz_members(tmp_path / "bad.npz")
+        StoredArray.open(tmp_path / "x.npy")
 
 
 @pytest.fixture(scope="module")
@@ -103,13 +99,13 @@ def test_spilled_grouped_analysis_equals_in_memory(
     model, data = small_lm
     targets = find_targets(model)
     spilled = analyze(model, targets, data, AnalysisOptions())
-    assert isinstance(spilled.stats, LazyMoments) and spilled.spill is not None
-    groups = flarc.pipeline.statistic_groups(flarc.pipeline.plan_statistics(targets.targets), 0)
+    assert isinstance(spilled.stats, LazyMoments) and spilled.store.on_disk
+    groups = statistic_groups(plan_statistics(targets.targets), 0)
     assert len(groups) == len({t.stat_key for t in targets.targets}) > 1
-    assert any(isinstance(e.spectrum.vt, DiskArray) for e in spilled.entries.values())
+    assert any(isinstance(e.spectrum.vt, StoredArray) for e in spilled.entries.values())
     monkeypatch.setattr(flarc.core.modelio, "LARGE_MODEL_BYTES", 1 << 62)
     plain = analyze(model, targets, data, AnalysisOptions())
-    assert plain.spill is None
+    assert not plain.store.on_disk
     for stats_a, stats_b in (
         (spilled.stats, plain.stats),
         (spilled.heldout_stats, plain.heldout_stats),
@@ -138,7 +134,7 @@ def test_grouped_statistics_resume_from_checkpoint(small_lm, spill_everything, t
     model, data = small_lm
     targets = find_targets(model)
     first = analyze(model, targets, data, checkpoint=tmp_path / "ck", checkpoint_every=1)
-    assert len([p for p in (tmp_path / "ck").iterdir() if p.name.startswith("group-")]) > 1
+    assert len(list((tmp_path / "ck" / "statistics").glob("part*"))) > 1
     again = analyze(model, targets, data, checkpoint=tmp_path / "ck", resume=True)
     for key in first.stats:
         np.testing.assert_array_equal(first.stats[key].gram, again.stats[key].gram)
@@ -262,17 +258,23 @@ def test_blocked_metrics_equal_direct_numpy():
     assert _metrics(ref, out) == pytest.approx(want, rel=1e-12)
 
 
-def test_lazy_models_time_end_to_end(small_lm, spill_everything, tmp_path):
-    """The end-to-end timing runs a lazily loaded model and its rewrite (factors in a spill
-    file) as they are, without loading their data."""
+def test_timing_sessions_run_lazy_models_as_in_memory(small_lm, spill_everything, tmp_path):
+    """The timing session runs a lazily loaded model and its rewrite (factors in a spill file)
+    from their files, and computes what the in-memory models compute."""
     from flarc.core.modelio import load_model
-    from flarc.latency.end_to_end import measure_end_to_end
-    from flarc.latency.timing import TimingConfig
+    from flarc.latency.backend import get_backend
 
     model, data = small_lm
-    lazy = load_model(_saved_external(model, tmp_path / "in"), lazy=True)
-    analysis = analyze(lazy, find_targets(lazy), data, AnalysisOptions())
-    small = compress(lazy, analysis, RankOptions(ratio=0.5, align=4))
-    quick = TimingConfig(warmup=1, min_repeats=3, max_repeats=3, rel_ci=1.0, max_seconds=1.0)
-    timing = measure_end_to_end(lazy, small.model, data.heldout[0], timing=quick)
-    assert timing["original"]["median"] > 0 and timing["compressed"]["median"] > 0
+    src = _saved_external(model, tmp_path / "in")
+    lazy, eager = load_model(src, lazy=True), load_model(src, lazy=False)
+    opts = RankOptions(ratio=0.5, align=4)
+    small = compress(lazy, analyze(lazy, find_targets(lazy), data), opts)
+    small_eager = compress(eager, analyze(eager, find_targets(eager), data), opts)
+    assert small.spill is not None and small_eager.spill is None
+    backend = get_backend("ort-cpu", threads=1)
+    feed = data.heldout[0]
+    for m, ref in ((lazy, eager), (small.model, small_eager.model)):
+        got = backend._session(m, "lazy", tmp_path).run(None, feed)
+        want = backend._session(ref, "eager").run(None, feed)
+        for x, y in zip(got, want, strict=True):
+            np.testing.assert_array_equal(x, y)

@@ -259,3 +259,34 @@ def refuse_overwriting_sources(model: onnx.ModelProto, data_path: Path) -> None:
                     f"{data_path}: is the data file of the model being compressed "
                     f"(tensor '{tensor.name}'); choose another output name"
                 )
+
+
+def _check_graph_of_lazy_model(model: onnx.ModelProto) -> None:
+    """``onnx.checker`` on a model whose data stay in files, without reading them: every
+    external reference is pointed at one empty file (the checker wants a file, not its bytes)."""
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    with tempfile.TemporaryDirectory(prefix="flarc-check-") as tmp:
+        (Path(tmp) / "data").touch()
+        for tensor in all_tensors(light):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = "data"
+        path = Path(tmp) / "model.onnx"
+        path.write_bytes(light.SerializeToString())
+        onnx.checker.check_model(str(path))
+
+
+def check_model_any_size(model: onnx.ModelProto) -> None:
+    """``onnx.checker`` on ``model``; one over protobuf's 2 GB limit cannot be serialised for
+    the in-memory check, so it is checked from a file with external data."""
+    if external_dir(model) is not None:
+        _check_graph_of_lazy_model(model)
+        return
+    if tensor_nbytes(model) <= EXTERNAL_DATA_THRESHOLD:
+        onnx.checker.check_model(model)
+        return
+    with tempfile.TemporaryDirectory(prefix="flarc-check-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        save_model(model, path, external_data=True)
+        onnx.checker.check_model(str(path))

@@ -12,6 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from flarc.core.errors import ModelError
+from flarc.core.external import external_dir, tensor_array
 
 
 @dataclass(frozen=True)
@@ -275,6 +276,32 @@ def require_targets(targets: TargetSet, path: str) -> None:
         raise ModelError(
             f"{path}: no MatMul, Gemm or Conv node with a constant weight to factorize{more}"
         )
+
+
+class Weights:
+    """A model's constant tensors as arrays: read from the proto, or for a lazily loaded model
+    mapped read-only from its data files. The one place that asks where a weight's bytes are."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.tensors = constant_tensors(model)
+        self.folder = external_dir(model)
+
+    @property
+    def lazy(self) -> bool:
+        """Whether the weights stay in the model's data files (a large model)."""
+        return self.folder is not None
+
+    def array(self, name: str) -> np.ndarray:
+        """The constant ``name`` as stored (a read-only map for a lazy model)."""
+        return tensor_array(self.tensors[name], self.folder)
+
+    def view(self, target: Target) -> np.ndarray:
+        """``B: [n, m]`` of ``target`` in its stored dtype (a view where possible)."""
+        return weight_view(target, self.array(target.weight))
+
+    def matrix(self, target: Target) -> np.ndarray:
+        """``B: [n, m]`` of ``target`` in float64."""
+        return weight_matrix(target, self.array(target.weight))
 
 
 def weight_view(target: Target, tensor: onnx.TensorProto | np.ndarray) -> np.ndarray:

@@ -18,8 +18,12 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from flarc.core.errors import ModelError
 from flarc.core.external import split_large_initializers
+from flarc.core.lazy import LazyMapping
 from flarc.core.targets import Target, node_names
+from flarc.rewrite.analysis import Analysis
+from flarc.rewrite.ranks import RankChoice
 
 # Where a factor's values go: None keeps them in the graph; a FactorFile writes them to disk.
 Store = Callable[[str, np.ndarray], onnx.TensorProto] | None
@@ -124,3 +128,28 @@ def factorize(
     if not out.functions and model.functions:
         out.functions.extend(model.functions)
     return out
+
+
+def chosen_factors(
+    analysis: Analysis, ranks: Mapping[str, RankChoice]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The float64 factor pair of every target with a rank (small models, tests)."""
+    return {
+        name: analysis.entries[name].spectrum.factors(choice.rank)
+        for name, choice in ranks.items()
+        if choice.rank is not None
+    }
+
+
+def lazy_factors(analysis: Analysis, ranks: Mapping[str, RankChoice]) -> LazyMapping:
+    """The factor pair of every target with a rank, in the model's dtype, made when looked up."""
+    chosen = {name: c.rank for name, c in ranks.items() if c.rank is not None}
+    dtype = {t.name: np.dtype(t.dtype) for t in analysis.targets}
+
+    def pair(name: str) -> tuple[np.ndarray, np.ndarray]:
+        a, c = analysis.entries[name].spectrum.factors(chosen[name])
+        if not (np.isfinite(a).all() and np.isfinite(c).all()):
+            raise ModelError(f"node '{name}': factors are not finite (degenerate statistics)")
+        return a.astype(dtype[name]), c.astype(dtype[name])
+
+    return LazyMapping(chosen, pair)

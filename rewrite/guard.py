@@ -1,0 +1,66 @@
+"""The output guard: the rewritten model against the original with each chosen weight replaced by
+its dense product ``A C``. They compute the same function, so their difference is rounding;
+anything larger is a rewrite bug, not compression, and the model is not written."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+
+from flarc.core.inputs import Feed
+from flarc.core.lazy import LazyMapping
+from flarc.core.memory import release_free_memory
+from flarc.core.sessions import fed_session
+from flarc.core.sums import PairSums
+from flarc.core.targets import Target
+from flarc.rewrite.output_error import OutputErrorProbe
+
+# Largest relative difference between the factor pairs and their dense product that is rounding.
+TOLERANCE = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 5e-2}
+
+
+def dense_products(factors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> LazyMapping:
+    """``name -> A C`` for factor pairs, each made when looked up."""
+
+    def product(name: str) -> np.ndarray:
+        a, c = factors[name]
+        return a @ c
+
+    return LazyMapping(factors, product)
+
+
+def output_guard(
+    model: onnx.ModelProto,
+    new_model: onnx.ModelProto,
+    targets: list[Target],
+    factors: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    feeds: list[Feed],
+    large: bool = False,
+) -> float:
+    """``||y_new - y_dense|| / ||y_dense||`` over ``feeds`` (a large model: the first only)."""
+    if not factors:
+        return 0.0
+    # A large model's outputs (a language model's logits) are large: one batch checks a rewrite.
+    feeds = feeds[: 1 if large else 2]
+    probe = OutputErrorProbe(model, targets, feeds)
+    try:
+        expected = probe.outputs(dense_products(factors))
+    finally:
+        probe.close()
+    if large:
+        release_free_memory()  # the dense products, before the rewritten model's session
+    sums = PairSums()
+    # Large weights are fed, not serialised: no copy of the model, and no protobuf 2 GB limit.
+    sess = fed_session(new_model)
+    for feed, ys in zip(feeds, expected, strict=True):
+        for y, y_ref in zip(sess.run(probe.outputs_names, feed), ys, strict=True):
+            sums.add(y_ref, y)
+    del sess
+    return sums.relative_l2()
+
+
+def guard_tolerance(targets: list[Target]) -> float:
+    """The rounding allowed for the targets' dtypes (the loosest of them)."""
+    return max(TOLERANCE.get(t.dtype, 1e-3) for t in targets)

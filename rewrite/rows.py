@@ -1,0 +1,95 @@
+"""What each target became: rank, parameters kept, the predicted whitened error, and the error
+measured on held-out rows (exact, from their Gram)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from flarc.core.targets import Target, Weights, weight_view
+from flarc.rewrite.analysis import Analysis
+from flarc.rewrite.ranks import RankChoice
+
+# Output columns per block of the held-out error of one target.
+HELDOUT_BLOCK = 2048
+
+
+@dataclass
+class TargetRow:
+    """One target's line of the report."""
+
+    name: str
+    op_type: str
+    n: int
+    m: int
+    k_equiv: float
+    rank: int | None
+    params: int
+    kept_params: int
+    predicted_error: float | None
+    heldout_error: float | None
+    shrinkage: float
+    whitening: str
+    rows: int
+    reason: str
+    criterion: float | None = None
+    alpha: float | None = None
+
+    def to_dict(self) -> dict:
+        """The row as plain JSON values."""
+        return asdict(self)
+
+
+def heldout_error(
+    analysis: Analysis, target: Target, a: np.ndarray, c: np.ndarray, weight: np.ndarray
+) -> float | None:
+    """Measured ``||X (B - A C)||^2 / ||X B||^2`` on held-out rows, exact from their Gram."""
+    moments = analysis.heldout_stats.get(target.stat_key)
+    if moments is None:
+        return None
+    num = den = 0.0
+    view = weight_view(target, weight)
+    # In blocks of output columns: a large target's float64 B and residual are never whole.
+    for j in range(0, target.m, HELDOUT_BLOCK):
+        b = np.asarray(view[:, j : j + HELDOUT_BLOCK], dtype=np.float64)
+        d = b - a @ c[:, j : j + HELDOUT_BLOCK]
+        num += float(np.einsum("ij,ij->", d, moments.gram @ d))
+        den += float(np.einsum("ij,ij->", b, moments.gram @ b))
+    return num / den if den > 0 else None
+
+
+def target_rows(
+    analysis: Analysis, ranks: dict[str, RankChoice], weights: Weights
+) -> list[TargetRow]:
+    """A row per target, in graph order."""
+    rows = []
+    for t in analysis.targets:
+        e = analysis.entries[t.name]
+        choice = ranks[t.name]
+        k = choice.rank
+        measured = None
+        if k is not None:
+            a, c = e.spectrum.factors(k)
+            measured = heldout_error(analysis, t, a, c, weights.array(t.weight))
+        rows.append(
+            TargetRow(
+                name=t.name,
+                op_type=t.op_type,
+                n=t.n,
+                m=t.m,
+                k_equiv=t.k_equiv,
+                rank=k,
+                params=t.params,
+                kept_params=t.rank_params(k) if k is not None else t.params,
+                predicted_error=e.spectrum.error(k) if k is not None else 0.0,
+                heldout_error=measured,
+                shrinkage=e.lam,
+                whitening=e.whitening,
+                rows=e.rows,
+                reason=choice.reason,
+                criterion=choice.criterion,
+                alpha=(analysis.fisher or {}).get(t.name),
+            )
+        )
+    return rows
