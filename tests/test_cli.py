@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,8 +13,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from sklearn.covariance import ledoit_wolf
 
 from flarc.cli import main
+from flarc.core.targets import find_targets
+from flarc.latency.model import load_latency_model
+from flarc.latency.profile import LatencyProfile, ShapeProfile
+from flarc.latency.spec import LayerSpec
+from flarc.latency.timing import Stats
 
 from _models import Mlp3d, export
 
@@ -72,9 +79,45 @@ def test_compress_end_to_end(tmp_path, mlp, capsys):
     for row in report["targets"]:
         assert row["rank"] % 4 == 0 and row["rank"] < row["k_equiv"]
         assert 0 <= row["predicted_error"] < 1
-    assert report["comparison"][0]["cosine"] > 0.5
+    # An independent float64 reference (scikit-learn's Ledoit-Wolf, Cholesky, SVD; DESIGN.md
+    # sections 3-4) at the reported ranks: same intensities, predicted errors and held-out cosine.
+    ranks = [row["rank"] for row in report["targets"]]
+    reference = whitened_reference(mlp, np.load(tmp_path / "calib.npz")["x"], ranks)
+    for row, (lam, error) in zip(report["targets"], reference["targets"], strict=True):
+        assert row["rows"] == 48 * 5  # the first six batches of eight samples, five tokens each
+        assert row["shrinkage"] == pytest.approx(lam, rel=1e-6)  # fc2 reads float32 activations
+        assert row["predicted_error"] == pytest.approx(error, rel=1e-6)
+    cosine = report["comparison"][0]["cosine"]
+    assert cosine == pytest.approx(reference["cosine"], rel=1e-6)
+    assert cosine > 0.8  # measured 0.834: ranks 8 of 24 x 40 and 40 x 16 on white-noise inputs
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def whitened_reference(model_path, x: np.ndarray, ranks: list[int]) -> dict:
+    """Mlp3d (``relu(x B1 + b1) B2``) compressed by hand in float64 at ``ranks``: per target the
+    Ledoit-Wolf intensity and relative output error on the calibration rows (the first 48
+    samples; the last two batches of eight are held out), and the held-out output cosine."""
+    model = onnx.load(str(model_path))
+    w = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    b1, b2 = (w[n.input[1]] for n in model.graph.node if n.op_type == "MatMul")
+    (bias,) = (w[i] for n in model.graph.node if n.op_type == "Add" for i in n.input if i in w)
+    x = x.astype(np.float64)
+    calib, held = x[:48].reshape(-1, x.shape[-1]), x[48:]
+
+    def truncate(rows: np.ndarray, b: np.ndarray, k: int) -> tuple[np.ndarray, float, float]:
+        shrunk, lam = ledoit_wolf(rows, assume_centered=True)
+        lower = np.linalg.cholesky(shrunk)
+        u, s, vt = np.linalg.svd(lower.T @ b, full_matrices=False)
+        b_k = np.linalg.solve(lower.T, u[:, :k] * s[:k]) @ vt[:k]
+        return b_k, lam, float(np.sum(s[k:] ** 2) / np.sum(s**2))
+
+    b1_k, lam1, err1 = truncate(calib, b1, ranks[0])
+    b2_k, lam2, err2 = truncate(np.maximum(calib @ b1 + bias, 0), b2, ranks[1])
+    y = np.maximum(held @ b1 + bias, 0) @ b2
+    y_k = np.maximum(held @ b1_k + bias, 0) @ b2_k
+    cosine = float(np.sum(y * y_k) / np.linalg.norm(y) / np.linalg.norm(y_k))
+    return {"targets": [(lam1, err1), (lam2, err2)], "cosine": cosine}
 
 
 def test_inspect_lists_targets(mlp, capsys):
@@ -213,18 +256,99 @@ def test_unwritable_output_folder(tmp_path, mlp, capsys):
 
 
 def test_compress_with_latency_reports_speedups(tmp_path, mlp, capsys, monkeypatch):
+    """``--latency ort-cpu`` profiles on the fly; the profile it left in the cache explains the
+    report: every kept rank is predicted no slower than dense, every target left dense at its
+    ratio rank is predicted slower, and the predicted speedup is the profile's (targets'
+    predicted times plus the rest of the measured original time)."""
     monkeypatch.setenv("FLARC_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "small.onnx"
     argv = compress_argv(mlp, out, tmp_path)
     assert main([*argv, "--latency", "ort-cpu", "--report", str(tmp_path / "r.json")]) == 0, (
         capsys.readouterr().err
     )
-    timing = json.loads((tmp_path / "r.json").read_text())["latency"]
-    assert timing["backend"] == "ort-cpu"
-    assert timing["speedup"] > 0 and timing["predicted_speedup"] > 0
-    assert timing["original"]["median"] > 0 and timing["compressed"]["median"] > 0
-    profiled = json.loads((tmp_path / "r.json").read_text())["targets"]
-    assert all(r["rank"] is None or r["rank"] < r["k_equiv"] for r in profiled)
+    report = json.loads((tmp_path / "r.json").read_text())
+    timing = report["latency"]
+    assert timing["backend"] == "ort-cpu" and timing["feeds"] == {"x": [8, 5, 24]}
+    for side in ("original", "compressed"):
+        assert 0 < timing[side]["min"] <= timing[side]["median"] <= timing[side]["max"] < 1
+    assert math.isfinite(timing["speedup"]) and timing["speedup"] > 0
+    # The same profile again, from the cache only: a new measurement would fail the test.
+    import flarc.latency.ort_cpu
+
+    def remeasured(*_):
+        raise AssertionError("the profile was not cached")
+
+    for method in ("time_dense", "time_pair"):
+        monkeypatch.setattr(flarc.latency.ort_cpu.OrtCpuBackend, method, remeasured)
+    model = onnx.load(str(mlp))
+    targets = {t.name: t for t in find_targets(model).targets}
+    latency = load_latency_model(
+        "ort-cpu", model, list(targets.values()), {"x": [8, 5, 24]}, align=4
+    )
+    dense, new = 0.0, 0.0
+    for row in report["targets"]:
+        t = targets[row["name"]]
+        assert latency.t_dense(t) > 0 and all(latency.t_pair(t, k) > 0 for k in (4, 8))
+        dense += latency.t_dense(t)
+        if row["rank"] is None:
+            assert latency.lat_recov(t, 8) > 1.0 and "not faster" in row["reason"]
+            new += latency.t_dense(t)
+        else:
+            assert row["rank"] == 8 and latency.lat_recov(t, 8) <= 1.0
+            new += latency.t_pair(t, 8)
+    rest = max(timing["original"]["median"] - dense, 0.0)
+    assert timing["predicted_speedup"] == pytest.approx((rest + dense) / (rest + new), rel=1e-9)
+
+
+def seconds(t: float) -> Stats:
+    return Stats.from_samples([t])
+
+
+def write_latency_file(path) -> None:
+    """A made-up profile of the mlp fixture's targets at the held-out batch shape (8 x 5 tokens):
+    dense 1 s each; fc1's rank-8 pair 1.2 s (slower), fc2's 0.5 s."""
+    fc1 = LayerSpec("linear", 24, 40, (40, 24))
+    fc2 = LayerSpec("linear", 40, 16, (40, 40))
+    fc1_pairs = {4: seconds(0.6), 8: seconds(1.2), 12: seconds(1.5)}
+    shapes = {
+        fc1.key: ShapeProfile(fc1, seconds(1.0), fc1_pairs, ["/fc1/MatMul"]),
+        fc2.key: ShapeProfile(
+            fc2, seconds(1.0), {4: seconds(0.3), 8: seconds(0.5)}, ["/fc2/MatMul"]
+        ),
+    }
+    names = {"/fc1/MatMul": fc1.key, "/fc2/MatMul": fc2.key}
+    LatencyProfile("ort-cpu", "0", "made-up", 1, "fp32", 4, {"x": [8, 5, 24]}, shapes, names).save(
+        path
+    )
+
+
+@pytest.mark.parametrize(
+    ("max_lat_recov", "ranks", "predicted"),
+    [(None, [None, 8], 2.0 / 1.5), ("1.25", [8, 8], 2.0 / 1.7)],
+    ids=["default-1.0", "1.25"],
+)
+def test_compress_with_latency_file_obeys_max_lat_recov(
+    tmp_path, mlp, capsys, max_lat_recov, ranks, predicted
+):
+    """With a latency file, a ratio rank predicted slower than ``--max-lat-recov`` x dense leaves
+    the target dense, and the predicted speedup is the file's: the made-up layers take 1 s, far
+    more than the whole measured model, so it is (dense times) / (chosen times) exactly."""
+    write_latency_file(tmp_path / "latency.json")
+    argv = compress_argv(mlp, tmp_path / "small.onnx", tmp_path)
+    argv += ["--report", str(tmp_path / "r.json"), "--latency", str(tmp_path / "latency.json")]
+    if max_lat_recov is not None:
+        argv += ["--max-lat-recov", max_lat_recov]
+    assert main(argv) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [row["rank"] for row in report["targets"]] == ranks
+    if ranks[0] is None:
+        assert "not faster (lat_recov 1.20)" in report["targets"][0]["reason"]
+    assert report["summary"]["factorized"] == sum(r is not None for r in ranks)
+    assert report["latency"]["predicted_speedup"] == pytest.approx(predicted, rel=1e-12)
+    # The written model really keeps fc1 dense when told to: its weight is still there.
+    (fc1,) = (t for t in find_targets(onnx.load(str(mlp))).targets if t.name == "/fc1/MatMul")
+    kept = {t.name for t in onnx.load(str(tmp_path / "small.onnx")).graph.initializer}
+    assert (fc1.weight in kept) == (ranks[0] is None)
 
 
 def test_data_loader_script_and_calibration_data_reader(tmp_path, mlp):

@@ -110,7 +110,7 @@ def calib(x: np.ndarray) -> dict[str, np.ndarray]:
 class Case:
     name: str
     model: bytes
-    expect: str  # ok | error | either
+    expect: str  # ok | error | either (bit flips only: some leave a valid model)
     words: tuple[str, ...] = ()  # what the error line must mention
     data: dict[str, np.ndarray] | None = None  # a .npz; otherwise --synthetic 4
     args: tuple[str, ...] = ()
@@ -233,8 +233,16 @@ def cases() -> list[Case]:
         Case("opset-13", raw(mlp(opset=13)), "ok"),
         Case("opset-21", raw(mlp(opset=21)), "ok"),
         Case("custom-domain-op", raw(mlp(custom=True)), "error", ("model.onnx",)),
-        Case("fp16", raw(mlp(TensorProto.FLOAT16)), "either", ("model.onnx",), tolerance=2e-2),
-        Case("bf16", raw(mlp(TensorProto.BFLOAT16)), "either", ("model.onnx",), tolerance=5e-2),
+        # fp16 end to end: factors stored in fp16; measured relative output error 3.6e-4.
+        Case("fp16", raw(mlp(TensorProto.FLOAT16)), "ok", tolerance=2e-3),
+        # bf16 activations: onnxruntime's CPU provider has no bf16 kernels (MatMul, Relu), so
+        # the model cannot be run to calibrate, nor by its user on this runtime.
+        Case(
+            "bf16",
+            raw(mlp(TensorProto.BFLOAT16)),
+            "error",
+            ("model.onnx: onnxruntime:", "NOT_IMPLEMENTED", "Could not find an implementation"),
+        ),
         Case("symbolic-batch", raw(mlp(batch="batch_size")), "ok"),
         Case("fixed-batch", raw(mlp(batch=4)), "ok", data=calib(rng.standard_normal((16, N)))),
         Case("nan-batch", raw(base), "error", ("NaN",), data=calib(np.full((16, N), np.nan))),
@@ -344,7 +352,13 @@ def run_case(case: Case, folder: Path, capsys) -> str:
 
 
 def check_output(original: Path, output: Path, tolerance: float) -> None:
+    """A valid model, smaller than the original (every "ok" case factorizes a target at rank
+    8), whose weights keep the original's element types, with outputs close to the original's."""
     onnx.checker.check_model(onnx.load(str(output)))
+    before = onnx.load(str(original), load_external_data=False).graph.initializer
+    after = onnx.load(str(output)).graph.initializer
+    assert sum(np.prod(t.dims) for t in after) < sum(np.prod(t.dims) for t in before)
+    assert {t.data_type for t in after} == {t.data_type for t in before}
     spec = onnx.load(str(original), load_external_data=False).graph.input[0].type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else 3 for d in spec.shape.dim]
     np_dtype = helper.tensor_dtype_to_np_dtype(spec.elem_type)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 
@@ -16,6 +17,7 @@ from flarc.calib.fisher import (
     resolve_loss,
     weight_gradients,
 )
+from flarc.cli import build_parser
 from flarc.core.errors import DataError, ModelError
 from flarc.core.targets import find_targets
 
@@ -238,7 +240,28 @@ def test_auto_loss_rules():
         resolve_loss("sampled", {"y": t(4)}, {})
     with pytest.raises(ValueError, match="unknown Fisher loss"):
         resolve_loss("mse", {"y": t(4)}, {})
-    assert set(LOSSES) == {"auto", "lm", "sampled", "projection"}
+
+
+def _fisher_loss_options(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """``(command path, --fisher-loss action)`` for every (sub)command that offers it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _fisher_loss_options(sub, (*path, name))
+        elif "--fisher-loss" in action.option_strings:
+            yield path, action
+
+
+def test_cli_offers_exactly_the_library_losses():
+    """The CLI's ``--fisher-loss`` choices are written apart from ``LOSSES``: every command that
+    offers the option offers exactly the losses the library resolves (no name the library would
+    refuse, none it knows left out), its default among them, and its help explains each one."""
+    found = dict(_fisher_loss_options(build_parser()))
+    assert {("analyze",), ("compress",)} <= set(found)
+    for path, action in found.items():
+        assert sorted(action.choices) == sorted(LOSSES), path
+        assert action.default in LOSSES, path
+        assert all(f"{name} " in action.help for name in LOSSES), path
 
 
 def test_errors(exported):

@@ -69,15 +69,18 @@ def test_kl_probe_equals_onnxruntime_on_the_replaced_model(gpt):
     feeds = analysis.probe_feeds[:2]
     probe = OutputErrorProbe(model, analysis.targets, feeds, "kl", "attention_mask")
     assert probe.outputs_names == ["logits"]
-    assert probe.error({}) == 0.0
     consts = constant_tensors(model)
     t = analysis.targets[0]
+    original = weight_matrix(t, consts[t.weight])
+    # Swapping in the weight the model already holds (read as B [n, m], stored back) is no change.
+    assert probe.error({t.name: original}) == pytest.approx(0, abs=1e-12)
     rng = np.random.default_rng(1)
-    b = weight_matrix(t, consts[t.weight])
-    b = b + 0.3 * rng.standard_normal(b.shape) * np.abs(b).mean()
+    b = original + 0.3 * rng.standard_normal(original.shape) * np.abs(original).mean()
     total, rows = 0.0, 0
-    for feed in feeds:
+    for feed, (probed,) in zip(feeds, probe.reference, strict=True):
         ref = fm.run_ort(model, feed)["logits"]
+        # The probe's graph (target weights turned into inputs) computes the original model.
+        np.testing.assert_allclose(probed, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
         new = _replaced_outputs(model, t, b, feed)
         keep = feed["attention_mask"] != 0
         total += _torch_kl(ref[keep], new[keep])
