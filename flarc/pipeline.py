@@ -1,6 +1,7 @@
 """The stages in order (DESIGN.md section 1): targets -> statistics -> whitened spectra (the
 analysis, kept in the store) -> ranks -> factor pairs in the graph -> a checked, guarded and
-compared model. The CLI is a thin layer over :func:`analyze` and :func:`compress`."""
+compared model (:func:`compress`), or rank buckets for progressive decoding
+(:func:`build_buckets`). The CLI is a thin layer over these functions."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import dataclasses
 import hashlib
 import logging
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,9 @@ from flarc.core.memory import release_free_memory
 from flarc.core.modelio import check_model_any_size, is_large
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.store import Store
-from flarc.core.targets import Target, TargetSet, Weights
+from flarc.core.targets import Skipped, Target, TargetSet, Weights
+from flarc.export.buckets import BuildResult, calibration_for_lm, write_buckets
+from flarc.export.hf import layout_from_onnx
 from flarc.rewrite.analysis import Analysis, AnalysisOptions, derive_spectra
 from flarc.rewrite.guard import guard_tolerance, output_guard
 from flarc.rewrite.pairs import factorize, lazy_factors
@@ -33,7 +37,15 @@ from flarc.rewrite.policy import RankOptions, choose_ranks
 from flarc.rewrite.ranks import RankChoice
 from flarc.rewrite.rows import TargetRow, target_rows
 
-__all__ = ["Analysis", "AnalysisOptions", "CompressResult", "analyze", "compress", "rewhiten"]
+__all__ = [
+    "Analysis",
+    "AnalysisOptions",
+    "CompressResult",
+    "analyze",
+    "build_buckets",
+    "compress",
+    "rewhiten",
+]
 
 log = logging.getLogger(__name__)
 
@@ -244,4 +256,54 @@ def compress(
         model_params_after=count_params(new_model),
         guard=guard,
         spill=spill,
+    )
+
+
+def build_buckets(
+    model: onnx.ModelProto,
+    targets: TargetSet,
+    data: CalibrationSet,
+    budgets: list[float],
+    output: str | os.PathLike,
+    align: int = 8,
+    alpha: dict[str, float] | None = None,
+    analysis_options=None,
+    fisher_loss: str = "lm",
+    provenance: dict | None = None,
+    progress: Progress | None = None,
+) -> BuildResult:
+    """Analyse once (spectra and, unless ``alpha`` is given, Fisher importances), write the
+    buckets. ``data`` holds token batches; empty past tensors are added here."""
+    progress = progress or NoProgress()
+    layout = layout_from_onnx(model)
+    data = calibration_for_lm(data, layout)
+    convs = [t for t in targets.targets if t.op_type == "Conv"]
+    usable = TargetSet(
+        [t for t in targets.targets if t.op_type != "Conv"],
+        [
+            *targets.skipped,
+            *(Skipped(t.name, t.op_type, "Conv stays dense in buckets") for t in convs),
+        ],
+    )
+    options = dataclasses.replace(
+        analysis_options or AnalysisOptions(), fisher=None if alpha is not None else fisher_loss
+    )
+    analysis = analyze(model, usable, data, options, progress=progress)
+    provenance = dict(provenance or {})
+    opts = dict(provenance.get("options", {}))
+    opts["analysis"] = asdict(options)
+    opts["fisher"] = analysis.fisher_loss or "alpha given by the caller"
+    opts["calibration_batches"] = len(data.calibration)
+    provenance["options"] = opts
+    spectra = {name: e.spectrum for name, e in analysis.entries.items()}
+    return write_buckets(
+        model,
+        usable.targets,
+        spectra,
+        alpha if alpha is not None else analysis.fisher,
+        budgets,
+        output,
+        align,
+        provenance,
+        progress,
     )

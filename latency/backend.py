@@ -39,7 +39,11 @@ class Backend(ABC):
     name: ClassVar[str]
 
     def __init__(
-        self, threads: int | None = None, dtype: str = "fp32", timing: TimingConfig | None = None
+        self,
+        threads: int | None = None,
+        dtype: str = "fp32",
+        timing: TimingConfig | None = None,
+        prefix_rows: bool = False,
     ) -> None:
         if dtype not in DTYPES:
             raise BackendError(f"{self.name}: dtype '{dtype}' is not one of {', '.join(DTYPES)}")
@@ -48,6 +52,7 @@ class Backend(ABC):
         self.threads = threads
         self.dtype = dtype
         self.timing = timing or TimingConfig()
+        self.prefix_rows = prefix_rows  # time the pair as the rank buckets write it
 
     @abstractmethod
     def version(self) -> str:
@@ -71,13 +76,16 @@ class Backend(ABC):
 
     def cache_identity(self) -> dict:
         """What a cached result must match besides the layer and rank."""
-        return {
+        identity = {
             "device": self.fingerprint(),
             "backend": self.name,
             "backend_version": self.version(),
             "threads": self.threads if self.threads is not None else "default",
             "dtype": self.dtype,
         }
+        if self.prefix_rows:
+            identity["pair"] = "prefix-rows"
+        return identity
 
 
 def backend_class(name: str) -> type[Backend]:
@@ -88,10 +96,14 @@ def backend_class(name: str) -> type[Backend]:
 
 
 def get_backend(
-    name: str, threads: int | None = None, dtype: str = "fp32", timing: TimingConfig | None = None
+    name: str,
+    threads: int | None = None,
+    dtype: str = "fp32",
+    timing: TimingConfig | None = None,
+    prefix_rows: bool = False,
 ) -> Backend:
     """Construct the backend ``name``; BackendError if it cannot run here."""
-    return backend_class(name)(threads=threads, dtype=dtype, timing=timing)
+    return backend_class(name)(threads=threads, dtype=dtype, timing=timing, prefix_rows=prefix_rows)
 
 
 def cpu_fingerprint() -> str:

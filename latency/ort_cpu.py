@@ -43,7 +43,8 @@ class OrtCpuBackend(Backend):
 
     def _time_layer(self, spec: LayerSpec, k: int | None) -> Stats:
         what = f"{spec.key} {'dense' if k is None else f'rank {k}'}"
-        sess = self._session(layer_model(spec, k, self.dtype), what)
+        model = layer_model(spec, k, self.dtype, prefix_rows=self.prefix_rows)
+        sess = self._session(model, what)
         x = random_input(spec, self.dtype)
         out_shape = sess.get_outputs()[0].shape
         y = np.empty(out_shape, dtype=NP_DTYPES[self.dtype])

@@ -26,20 +26,6 @@ DEFAULT_BATCH = 1
 DEFAULT_DIM = 128
 
 
-def parse_shape_args(items: list[str] | None) -> dict[str, list[int]]:
-    """``["input_ids:1x128", "mask:1x128"]`` -> ``{"input_ids": [1, 128], ...}``."""
-    shapes: dict[str, list[int]] = {}
-    for item in items or []:
-        name, sep, dims = item.rpartition(":")
-        try:
-            values = [int(d) for d in dims.lower().split("x")] if dims else []
-        except ValueError:
-            values = []
-        if not sep or not name or not values or any(v < 1 for v in values):
-            raise DataError(f"--shape '{item}': expected NAME:DIMS such as input_ids:1x128")
-        shapes[name] = values
-    return shapes
-
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """Inputs that need a feed (initializers listed as inputs have a default)."""

@@ -84,9 +84,13 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(
-        self, threads: int | None = None, dtype: str = "fp32", timing: TimingConfig | None = None
+        self,
+        threads: int | None = None,
+        dtype: str = "fp32",
+        timing: TimingConfig | None = None,
+        prefix_rows: bool = False,
     ) -> None:
-        super().__init__(threads=threads, dtype=dtype, timing=timing)
+        super().__init__(threads, dtype, timing, prefix_rows)
         self.trt, wrapper = require_tensorrt()
         self.cudart = _Cudart(wrapper)
 
@@ -223,7 +227,7 @@ class TensorRTBackend(Backend):
         return launch
 
     def _time_layer(self, spec: LayerSpec, k: int | None) -> Stats:
-        engine = self.build_engine(layer_model(spec, k, "fp32"))
+        engine = self.build_engine(layer_model(spec, k, "fp32", prefix_rows=self.prefix_rows))
         return self.time_engine(engine, {"X": random_input(spec, "fp32")})
 
     def time_dense(self, spec: LayerSpec) -> Stats:

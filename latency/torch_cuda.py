@@ -37,9 +37,15 @@ class TorchCudaBackend(Backend):
     name = "torch-cuda"
 
     def __init__(
-        self, threads: int | None = None, dtype: str = "fp32", timing: TimingConfig | None = None
+        self,
+        threads: int | None = None,
+        dtype: str = "fp32",
+        timing: TimingConfig | None = None,
+        prefix_rows: bool = False,
     ) -> None:
-        super().__init__(threads=threads, dtype=dtype, timing=timing)
+        if prefix_rows:
+            raise BackendError("torch-cuda times torch ops, not ONNX graphs: no row-prefix form")
+        super().__init__(threads, dtype, timing)
         self.torch = _require_cuda_torch()
         self.device = self.torch.device("cuda", self.torch.cuda.current_device())
         self.torch.backends.cudnn.benchmark = True

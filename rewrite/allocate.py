@@ -55,8 +55,11 @@ def fisher_ranks(
     }
     if not active:
         return out
-    total_alpha = sum(max(alpha[t.name], 0.0) for t in active) or 1.0
-    share = {t.name: max(alpha[t.name], 0.0) / total_alpha for t in active}
+    weight = {t.name: max(float(alpha.get(t.name, 0.0)), 0.0) for t in active}
+    if not any(weight.values()):
+        weight = dict.fromkeys(weight, 1.0)  # no information: equal ranks
+    total_alpha = sum(weight.values())
+    share = {name: w / total_alpha for name, w in weight.items()}
     kmax = {t.name: grids[t.name][-1] for t in active}
     limit = budget * sum(t.params for t in targets) - sum(
         t.params for t in targets if not grids[t.name]
@@ -93,7 +96,7 @@ def fisher_ranks(
             ranks[t.name] += align
             used += step
     for t in active:
-        out[t.name] = RankChoice(ranks[t.name], f"fisher budget {budget:g}", alpha[t.name])
+        out[t.name] = RankChoice(ranks[t.name], f"fisher budget {budget:g}", alpha.get(t.name))
     return out
 
 

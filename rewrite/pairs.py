@@ -1,12 +1,21 @@
-"""Graph surgery: each chosen target becomes a factor pair (DESIGN.md section 2).
+"""The one factor-pair writer: each chosen target becomes a factor pair (DESIGN.md section 2),
+for ``flarc compress``, the rank buckets and the latency profiles alike.
 
     MatMul(X, B)          ->  MatMul(MatMul(X, A), C)
     Gemm(X, B, bias)      ->  Gemm(MatMul(X, A), alpha * C, bias)       (transB normalised away)
     Conv(X, W, bias)      ->  Conv1x1(Conv_k(X, A as [k, c, kh, kw]), C as [m, k, 1, 1], bias)
 
+With ``prefix_rows`` (rank buckets) the first factor is stored as ``A^T [k, n]``, so that a
+smaller rank is a row prefix of both factors, and applied by a Gemm with ``transB=1`` (a
+``Transpose`` in front of a MatMul would be constant-folded into a private copy per session):
+
+    MatMul(X, B)          ->  Reshape(MatMul(Gemm(Reshape(X, [-1, n]), A^T, transB=1), C), X[:-1]+[m])
+    Gemm(X, B, bias)      ->  Gemm(Gemm(X, A^T, transB=1), C, bias, alpha, beta)
+
 The first node is named ``<node>/lowrank_A``, the second keeps the original's output as
-``<node>/lowrank_C``; their weights carry the same names. Inputs, outputs, opset and metadata
-of the model are kept; unused originals are removed.
+``<node>/lowrank_C``; their weights are ``<node>/lowrank_A`` (``lowrank_At`` with prefix rows)
+and ``<node>/lowrank_C``. Inputs, outputs, opset and metadata of the model are kept; unused
+originals are removed.
 """
 
 from __future__ import annotations
@@ -25,62 +34,105 @@ from flarc.core.targets import Target, node_names
 from flarc.rewrite.analysis import Analysis
 from flarc.rewrite.ranks import RankChoice
 
-# Where a factor's values go: None keeps them in the graph; a FactorFile writes them to disk.
+# Where a factor's values go: None keeps them in the graph; else a function that stores them and
+# returns the tensor the graph refers to (a large model's spill file, a bucket's shared file).
 Store = Callable[[str, np.ndarray], onnx.TensorProto] | None
 
 
-def _factor_constant(name: str, value: np.ndarray, dtype: str, store: Store) -> gs.Constant:
-    value = np.ascontiguousarray(value.astype(np.dtype(dtype), copy=False))
-    if store is None:
-        return gs.Constant(name, value)
-    return gs.Constant(name, LazyValues(store(name, value)))  # exported as the stored reference
+class _Writer:
+    """Rewrites targets of one imported graph (shared shape nodes are made once)."""
 
+    def __init__(self, graph: gs.Graph, store: Store, prefix_rows: bool) -> None:
+        self.graph = graph
+        self.store = store
+        self.prefix_rows = prefix_rows
+        self.lead: dict[str, gs.Variable] = {}  # activation -> its leading dims
 
-def _rewrite_matmul(
-    graph: gs.Graph, node: gs.Node, t: Target, a: np.ndarray, c: np.ndarray, store: Store
-) -> None:
-    x = node.inputs[0]
-    mid = gs.Variable(f"{t.name}/lowrank_mid", dtype=x.dtype)
-    first = gs.Node(
-        "MatMul",
-        name=f"{t.name}/lowrank_A",
-        inputs=[x, _factor_constant(f"{t.name}/lowrank_A", a, t.dtype, store)],
-        outputs=[mid],
-    )
-    if t.op_type == "Gemm":
-        alpha = float(node.attrs.get("alpha", 1.0))
-        c = c * alpha
-        node.attrs["alpha"] = 1.0
-        node.attrs["transB"] = 0
-    node.inputs[0] = mid
-    node.inputs[1] = _factor_constant(f"{t.name}/lowrank_C", c, t.dtype, store)
-    node.name = f"{t.name}/lowrank_C"
-    graph.nodes.append(first)
+    def constant(self, name: str, value: np.ndarray, dtype: str) -> gs.Constant:
+        value = np.ascontiguousarray(value.astype(np.dtype(dtype), copy=False))
+        if self.store is None:
+            return gs.Constant(name, value)
+        return gs.Constant(name, LazyValues(self.store(name, value)))  # the stored reference
 
+    def node(self, op: str, name: str, inputs: list, dtype=None, **attrs) -> gs.Variable:
+        out = gs.Variable(f"{name}_out", dtype=dtype)
+        self.graph.nodes.append(gs.Node(op, name=name, attrs=attrs, inputs=inputs, outputs=[out]))
+        return out
 
-def _rewrite_conv(
-    graph: gs.Graph, node: gs.Node, t: Target, a: np.ndarray, c: np.ndarray, store: Store
-) -> None:
-    g = t.conv
-    k = a.shape[1]
-    x = node.inputs[0]
-    mid = gs.Variable(f"{t.name}/lowrank_mid", dtype=x.dtype)
-    attrs = g.onnx_attrs()
-    a_kernel = a.T.reshape(k, *t.weight_shape[1:])
-    first = gs.Node(
-        "Conv",
-        name=f"{t.name}/lowrank_A",
-        attrs=attrs,
-        inputs=[x, _factor_constant(f"{t.name}/lowrank_A", a_kernel, t.dtype, store)],
-        outputs=[mid],
-    )
-    nd = len(g.kernel_shape)
-    c_kernel = c.T.reshape(t.m, k, *([1] * nd))
-    node.attrs = {"kernel_shape": [1] * nd, "group": 1}
-    node.inputs[0] = mid
-    node.inputs[1] = _factor_constant(f"{t.name}/lowrank_C", c_kernel, t.dtype, store)
-    node.name = f"{t.name}/lowrank_C"
-    graph.nodes.append(first)
+    def linear(self, node: gs.Node, t: Target, a: np.ndarray, c: np.ndarray) -> None:
+        x = node.inputs[0]
+        if self.prefix_rows:
+            self._linear_prefix_rows(node, t, a, c)
+            return
+        mid = gs.Variable(f"{t.name}/lowrank_mid", dtype=x.dtype)
+        first = gs.Node(
+            "MatMul",
+            name=f"{t.name}/lowrank_A",
+            inputs=[x, self.constant(f"{t.name}/lowrank_A", a, t.dtype)],
+            outputs=[mid],
+        )
+        if t.op_type == "Gemm":
+            alpha = float(node.attrs.get("alpha", 1.0))
+            c = c * alpha
+            node.attrs["alpha"] = 1.0
+            node.attrs["transB"] = 0
+        node.inputs[0] = mid
+        node.inputs[1] = self.constant(f"{t.name}/lowrank_C", c, t.dtype)
+        node.name = f"{t.name}/lowrank_C"
+        self.graph.nodes.append(first)
+
+    def _linear_prefix_rows(self, node: gs.Node, t: Target, a: np.ndarray, c: np.ndarray) -> None:
+        x = node.inputs[0]
+        at = self.constant(f"{t.name}/lowrank_At", a.T, t.dtype)
+        cc = self.constant(f"{t.name}/lowrank_C", c, t.dtype)
+        if t.op_type == "Gemm":  # 2-D already; alpha and beta stay on the second Gemm
+            mid = self.node("Gemm", f"{t.name}/lowrank_A", [x, at], x.dtype, transB=1)
+            node.attrs["transB"] = 0
+            node.inputs[0], node.inputs[1] = mid, cc
+            node.name = f"{t.name}/lowrank_C"
+            return
+        flat = gs.Constant(f"{t.name}/lowrank_flat_shape", np.array([-1, t.n], np.int64))
+        x2 = self.node("Reshape", f"{t.name}/lowrank_flat", [x, flat], x.dtype)
+        mid = self.node("Gemm", f"{t.name}/lowrank_A", [x2, at], x.dtype, transB=1)
+        y2 = self.node("MatMul", f"{t.name}/lowrank_C", [mid, cc], x.dtype)
+        m = gs.Constant(f"{t.name}/lowrank_m", np.array([t.m], np.int64))
+        shape = self.node("Concat", f"{t.name}/lowrank_yshape", [self.leading(x), m], axis=0)
+        node.op = "Reshape"
+        node.name = f"{t.name}/lowrank_unflat"
+        node.attrs = {}
+        node.inputs[0], node.inputs[1] = y2, shape
+
+    def leading(self, x: gs.Variable) -> gs.Variable:
+        """``Shape(x)[:-1]``, made once per activation (q, k and v share it)."""
+        if x.name not in self.lead:
+            full = self.node("Shape", f"{x.name}/lowrank_lead/Shape", [x])
+            start = gs.Constant(f"{x.name}/lowrank_lead_start", np.array([0], np.int64))
+            end = gs.Constant(f"{x.name}/lowrank_lead_end", np.array([-1], np.int64))
+            self.lead[x.name] = self.node(
+                "Slice", f"{x.name}/lowrank_lead/Slice", [full, start, end]
+            )
+        return self.lead[x.name]
+
+    def conv(self, node: gs.Node, t: Target, a: np.ndarray, c: np.ndarray) -> None:
+        g = t.conv
+        k = a.shape[1]
+        x = node.inputs[0]
+        mid = gs.Variable(f"{t.name}/lowrank_mid", dtype=x.dtype)
+        a_kernel = a.T.reshape(k, *t.weight_shape[1:])
+        first = gs.Node(
+            "Conv",
+            name=f"{t.name}/lowrank_A",
+            attrs=g.onnx_attrs(),
+            inputs=[x, self.constant(f"{t.name}/lowrank_A", a_kernel, t.dtype)],
+            outputs=[mid],
+        )
+        nd = len(g.kernel_shape)
+        c_kernel = c.T.reshape(t.m, k, *([1] * nd))
+        node.attrs = {"kernel_shape": [1] * nd, "group": 1}
+        node.inputs[0] = mid
+        node.inputs[1] = self.constant(f"{t.name}/lowrank_C", c_kernel, t.dtype)
+        node.name = f"{t.name}/lowrank_C"
+        self.graph.nodes.append(first)
 
 
 def factorize(
@@ -88,17 +140,24 @@ def factorize(
     targets: list[Target],
     factors: Mapping[str, tuple[np.ndarray, np.ndarray]],
     store: Store = None,
+    prefix_rows: bool = False,
+    restore: bool = True,
 ) -> onnx.ModelProto:
     """A new model in which each target named in ``factors`` is replaced by its factor pair.
 
     ``factors`` may make each pair when it is looked up; with ``store``, each factor goes to
-    disk at once and the graph refers to it there (a large model's rewrite).
+    disk at once and the graph refers to it there (a large model's rewrite). ``prefix_rows``
+    stores the first factor transposed (module doc). Large initializers travel as data-less
+    stubs; ``restore`` puts back the data of those still used (else they stay stubs, for a
+    caller that writes them elsewhere).
     """
-    # Large weights travel as data-less stubs and only those still used are copied back at the end.
+    if prefix_rows and any(t.op_type == "Conv" for t in targets if t.name in factors):
+        raise ModelError("Conv targets have no row-prefix factor form (they stay dense)")
     named, originals = split_large_initializers(model)
     for node, name in zip(named.graph.node, node_names(named), strict=True):
         node.name = name
     graph = gs.import_onnx(named)
+    writer = _Writer(graph, store, prefix_rows)
     by_name = {node.name: node for node in graph.nodes}
     for t in targets:
         if t.name not in factors:
@@ -106,15 +165,16 @@ def factorize(
         a, c = factors[t.name]
         node = by_name[t.name]
         if t.op_type == "Conv":
-            _rewrite_conv(graph, node, t, a, c, store)
+            writer.conv(node, t, a, c)
         else:
-            _rewrite_matmul(graph, node, t, a, c, store)
+            writer.linear(node, t, a, c)
         del a, c
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = gs.export_onnx(graph, do_type_check=False)
-    for tensor in out.graph.initializer:
-        if tensor.name in originals and not tensor.HasField("raw_data"):
-            tensor.CopyFrom(originals[tensor.name])
+    if restore:
+        for tensor in out.graph.initializer:
+            if tensor.name in originals and not tensor.HasField("raw_data"):
+                tensor.CopyFrom(originals[tensor.name])
     out.ir_version = model.ir_version
     out.producer_name = model.producer_name
     out.producer_version = model.producer_version

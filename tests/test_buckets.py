@@ -17,11 +17,13 @@ from flarc.calib.data import CalibrationSet
 from flarc.cli import build_parser
 from flarc.core.errors import FlarcError, ModelError
 from flarc.core.modelio import load_model
-from flarc.core.targets import constant_tensors, find_targets, weight_matrix
-from flarc.export.buckets import allocate_ranks, build_buckets, parse_budgets, read_factor_rows
+from flarc.core.targets import Target, constant_tensors, find_targets, weight_matrix
+from flarc.export.buckets import parse_budgets, plan_buckets, read_factor_rows
 from flarc.export.hf import example_inputs, export_hf, layout_from_onnx
 from flarc.export.manifest import load_manifest
 from flarc.export.runtime import Generator
+from flarc.pipeline import build_buckets
+from flarc.rewrite.allocate import fisher_ranks
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 256
@@ -85,22 +87,33 @@ def test_export_hf_layout_and_logits(lm):
     assert (layout.num_layers, layout.kv_heads, layout.head_dim) == (2, 2, 16)
 
 
-def test_allocation_rule():
-    max_ranks = {"a": 64, "b": 64, "c": 32, "d": 128}
+def _target(name: str, n: int, m: int) -> Target:
+    return Target(name, "MatMul", "x", "y", f"{name}.w", (n, m), n, m, False, "float32")
+
+
+def test_bucket_plans_follow_the_one_allocator():
+    targets = [
+        _target("a", 64, 64),
+        _target("b", 64, 96),
+        _target("c", 32, 128),
+        _target("d", 128, 128),
+    ]
     alpha = {"a": 10.0, "b": 1.0, "c": 0.0, "d": 5.0}
-    full = allocate_ranks(alpha, max_ranks, 1.0, align=8)
-    assert full == max_ranks  # budget 1.0 is full rank everywhere
-    previous = full
-    for b in (0.8, 0.6, 0.4, 0.2):
-        ranks = allocate_ranks(alpha, max_ranks, b, align=8)
-        assert all(r % 8 == 0 and 8 <= r <= max_ranks[t] for t, r in ranks.items())
-        assert all(ranks[t] <= previous[t] for t in ranks)  # monotone in the budget
-        assert abs(sum(ranks.values()) - b * 288) <= 8 * len(ranks)
-        previous = ranks
-    # Proportional where no clipping applies: a has 2x the importance of d.
-    ranks = allocate_ranks({"a": 2.0, "d": 1.0}, {"a": 512, "d": 512}, 0.3, align=1)
-    assert ranks["a"] == pytest.approx(2 * ranks["d"], abs=1)
-    assert allocate_ranks({}, {"x": 40, "y": 40}, 0.5, align=4) == {"x": 20, "y": 20}
+    dense = sum(t.params for t in targets)
+    plans = plan_buckets(targets, alpha, [0.4, 1.0, 0.8, 0.6], align=8)
+    assert [p.budget for p in plans] == [1.0, 0.8, 0.6, 0.4]
+    assert all(r is None for r in plans[0].ranks.values())  # 1.0 keeps the dense targets
+    for plan in plans[1:]:
+        assert plan.ranks == {
+            k: c.rank for k, c in fisher_ranks(targets, alpha, plan.budget, 8).items()
+        }
+        assert all(r % 8 == 0 and 8 <= r < t.k_equiv for t in targets for r in [plan.ranks[t.name]])
+        spent = sum(t.rank_params(plan.ranks[t.name]) for t in targets)
+        assert (
+            plan.budget * dense - 8 * sum(t.n + t.m for t in targets)
+            <= spent
+            <= plan.budget * dense
+        )
     with pytest.raises(FlarcError):
         parse_budgets("1.0,1.2")
     assert parse_budgets("0.4,1,0.8") == [1.0, 0.8, 0.4]
@@ -132,39 +145,54 @@ def test_every_bucket_is_a_valid_standalone_model(lm):
 def test_weights_stored_once(lm):
     manifest = lm["result"].manifest
     data = manifest.data
+    buckets = data["buckets"]
+    for t in data["targets"]:  # the largest factors of a target, stored once
+        assert t["stored_rank"] == max(b["ranks"][t["name"]] or 0 for b in buckets)
     factor_bytes = sum(t["stored_rank"] * (t["n"] + t["m"]) * 4 for t in data["targets"])
     factors_size = manifest.path("factors.bin").stat().st_size
     assert factor_bytes <= factors_size < factor_bytes + 128 * len(data["targets"])
-    # All buckets together store the largest bucket's weights (less tiny inline ones, plus padding).
-    weights_on_disk = data["files"]["factors.bin"]["bytes"] + data["files"]["dense.bin"]["bytes"]
-    largest = max(r["weight_bytes"] for r in data["buckets"])
-    assert 0.99 * largest <= weights_on_disk < largest + 64 * (2 * len(data["targets"]) + 32)
-    assert sum(r["weight_bytes"] for r in data["buckets"]) > 2.5 * weights_on_disk
-    ranks = [r["ranks"] for r in data["buckets"]]
-    assert all(r == t["max_rank"] for t in data["targets"] for r in [ranks[0][t["name"]]])
+    # The dense bucket's weights are dense.bin (all but tiny inline ones, plus padding); every
+    # bucket refers to these two files only, so together they hold less than the buckets' sum.
+    dense_bucket = next(b for b in buckets if b["budget"] == 1.0)
+    assert all(r is None for r in dense_bucket["ranks"].values())
+    dense_size = data["files"]["dense.bin"]["bytes"]
+    assert (
+        0.99 * dense_bucket["weight_bytes"] <= dense_size <= dense_bucket["weight_bytes"] + 64 * 64
+    )
+    on_disk = dense_size + factors_size
+    assert all(b["weight_bytes"] <= on_disk for b in buckets)
+    assert sum(b["weight_bytes"] for b in buckets) > 1.5 * on_disk
     assert data["source"] == {} or "sha256" in data["source"]
-    assert set(data["files"]) == {"factors.bin", "dense.bin", *(r["file"] for r in data["buckets"])}
+    assert set(data["files"]) == {"factors.bin", "dense.bin", *(r["file"] for r in buckets)}
 
 
-def test_bucket_factors_are_row_prefixes_of_the_full_factors(lm):
+def test_bucket_factors_are_row_prefixes_of_the_stored_factors(lm):
     manifest = lm["result"].manifest
     consts = constant_tensors(lm["model"])
     by_name = lm["targets"].by_name()
-    full = {}
     for row in manifest.data["buckets"]:
         graph = onnx.load(str(manifest.path(row["file"])))  # reads the external byte ranges
         inits = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
         for t in manifest.data["targets"]:
             name, r = t["name"], row["ranks"][t["name"]]
+            target = by_name[name]
+            if r is None:  # a dense target keeps its original weight
+                np.testing.assert_array_equal(
+                    inits[target.weight], numpy_helper.to_array(consts[target.weight])
+                )
+                continue
             at, c = inits[f"{name}/lowrank_At"], inits[f"{name}/lowrank_C"]
-            assert at.shape == (r, t["n"]) and c.shape == (r, t["m"])
-            if name not in full:  # the first (largest) bucket holds every stored row
-                full[name] = read_factor_rows(manifest, name, t["stored_rank"])
-                b = weight_matrix(by_name[name], consts[by_name[name].weight])
-                rebuilt = full[name][0].T.astype(np.float64) @ full[name][1]
-                np.testing.assert_allclose(rebuilt, b, atol=1e-4 * np.abs(b).max())
-            np.testing.assert_array_equal(at, full[name][0][:r])
-            np.testing.assert_array_equal(c, full[name][1][:r])
+            assert at.shape == (r, t["n"]) and c.shape == (r, t["m"]) and r < target.k_equiv
+            stored_at, stored_c = read_factor_rows(manifest, name, t["stored_rank"])
+            np.testing.assert_array_equal(at, stored_at[:r])
+            np.testing.assert_array_equal(c, stored_c[:r])
+            # The factors approximate the weight: closer with every row kept.
+            b = weight_matrix(target, consts[target.weight])
+            errors = [
+                np.linalg.norm(b - stored_at[:k].T.astype(np.float64) @ stored_c[:k])
+                for k in (r // 2, r)
+            ]
+            assert errors[1] < errors[0] < np.linalg.norm(b)
 
 
 def _copy(src, dst):

@@ -11,8 +11,7 @@ import torch
 from flarc.calib.data import CalibrationSet
 from flarc.core.targets import constant_tensors, find_targets, weight_matrix
 from flarc.pipeline import AnalysisOptions, analyze
-from flarc.rewrite.pairs import chosen_factors
-from flarc.rewrite.pairs import factorize
+from flarc.rewrite.pairs import chosen_factors, factorize
 from flarc.rewrite.ranks import RankChoice
 
 from _models import (

@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from flarc.cli import build_parser
+from flarc.cli.args import ShapeArgs
 from flarc.cli.latency import Profile, Show
 from flarc.core.errors import BackendError, DataError
 from flarc.core.modelio import prepare_for_save
@@ -24,7 +25,7 @@ from flarc.latency.end_to_end import measure_end_to_end
 from flarc.latency.model import LatencyModel, load_latency_model
 from flarc.latency.predictor import LatencyRegressor, MonotoneCurve, isotonic
 from flarc.latency.profile import LatencyProfile, ShapeProfile, profile_model
-from flarc.latency.shapes import input_shapes, parse_shape_args, target_input_shapes
+from flarc.latency.shapes import input_shapes, target_input_shapes
 from flarc.latency.spec import LayerSpec, spec_for_target
 from flarc.latency.timing import Stats, TimingConfig, measure
 
@@ -111,7 +112,11 @@ def test_symbolic_dims_default_and_override():
 
 
 def test_parse_shape_args():
-    assert parse_shape_args(["X:1x128", "ids:0:2x8"]) == {"X": [1, 128], "ids:0": [2, 8]}
+    assert parse_shape_args(["X:1x128", "ids:0:2x8", "y:3,4"]) == {
+        "X": [1, 128],
+        "ids:0": [2, 8],
+        "y": [3, 4],
+    }
     for bad in ["X", "X:", "X:1xa", "X:0x3", ":3"]:
         with pytest.raises(DataError, match="NAME:DIMS"):
             parse_shape_args([bad])
@@ -416,6 +421,10 @@ def test_measure_end_to_end():
     assert r["feeds"] == {"X": [1, 64, 256]} and r["backend"] == "ort-cpu"
 
 
+def parse_shape_args(items: list[str]) -> dict[str, list[int]]:
+    return ShapeArgs().parse(argparse.Namespace(shape=items))
+
+
 # --- CLI ------------------------------------------------------------------------------------
 
 
@@ -487,3 +496,51 @@ def test_cli_profile_then_show(tmp_path, monkeypatch, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     shown = capsys.readouterr().out
     assert "linear:8x32->64" in shown and "k_equiv" in shown
+
+
+@pytest.mark.parametrize("prefix_rows", [False, True])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        LayerSpec("linear", 48, 40, (5, 48)),
+        LayerSpec("conv", 12, 10, (1, 3, 9, 8), ConvGeometry((2, 2), (2, 1), (1, 0, 0, 1), (1, 1))),
+    ],
+    ids=["linear", "conv"],
+)
+def test_timed_pair_is_the_writers_pair_and_computes_it(spec, prefix_rows):
+    """The latency layer models are written by the one factor-pair writer: the pair graph computes
+    the dense layer with its weight replaced by ``A C`` (read back from the pair's own factors)."""
+    import onnxruntime as ort
+
+    from flarc.latency.layers import dense_model, layer_model, layer_target, random_input
+
+    if prefix_rows and spec.kind == "conv":
+        with pytest.raises(Exception, match="row-prefix"):
+            layer_model(spec, 4, prefix_rows=True)
+        return
+    pair = layer_model(spec, 4, prefix_rows=prefix_rows)
+    inits = {t.name: numpy_helper.to_array(t) for t in pair.graph.initializer}
+    t = layer_target(spec)
+    a_name = "dense/lowrank_At" if prefix_rows else "dense/lowrank_A"
+    a = inits[a_name].T if prefix_rows else inits[a_name]
+    if spec.kind == "conv":
+        a = a.reshape(4, -1).T
+    c = (
+        inits["dense/lowrank_C"].reshape(t.m, 4).T
+        if spec.kind == "conv"
+        else inits["dense/lowrank_C"]
+    )
+    dense = dense_model(spec)
+    for init in dense.graph.initializer:  # the dense layer with B = A C, stored as the node wants
+        if init.name == t.weight:
+            w = (a @ c).T.reshape(t.weight_shape) if spec.kind == "conv" else a @ c
+            init.CopyFrom(numpy_helper.from_array(w.astype(np.float32), t.weight))
+    x = random_input(spec)
+    want = ort.InferenceSession(dense.SerializeToString()).run(None, {"X": x})[0]
+    got = ort.InferenceSession(pair.SerializeToString()).run(None, {"X": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    ops = [n.op_type for n in pair.graph.node]
+    expected = {"linear": ["MatMul", "MatMul"], "conv": ["Conv", "Conv"]}[spec.kind]
+    if prefix_rows:
+        expected = ["Shape", "Slice", "Reshape", "Gemm", "MatMul", "Concat", "Reshape"]
+    assert sorted(ops) == sorted(expected)

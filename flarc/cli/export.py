@@ -14,10 +14,10 @@ from flarc.cli.display import CliProgress, console
 from flarc.core.errors import FlarcError
 
 BUDGETS_HELP = (
-    "comma-separated bucket budgets in (0, 1] (1.0,0.8,0.6,0.4). Budget b gives the bucket a "
-    "total rank of b * sum over targets of min(n, m), shared out in proportion to each target's "
-    "Fisher importance, clipped to [align, min(n, m)] (surplus redistributed) and rounded to "
-    "--align; 1.0 is full rank, i.e. the dense model up to float rounding"
+    "comma-separated bucket budgets in (0, 1] (1.0,0.8,0.6,0.4): the fraction of the targets' "
+    "dense parameters each bucket keeps, as --budget everywhere. Below 1, FLRC ranks in "
+    "proportion to each target's Fisher importance (multiples of --align below k_equiv, so every "
+    "factorized target is smaller than its dense weight); 1.0 is the dense model"
 )
 SHAPES = ShapeArgs(
     "input shape such as input_ids:1x128 (repeatable); unset symbolic dims: first axis 1, "
@@ -84,7 +84,8 @@ class ExportBuckets(Command):
         from flarc.core.files import file_sha256
         from flarc.core.modelio import load_model
         from flarc.core.version import __version__
-        from flarc.export.buckets import build_buckets, parse_budgets
+        from flarc.export.buckets import parse_budgets
+        from flarc.pipeline import build_buckets
         from flarc.rewrite.analysis import AnalysisOptions
 
         budgets = parse_budgets(args.budgets)
@@ -115,7 +116,7 @@ class ExportBuckets(Command):
             budgets,
             out,
             args.align,
-            analysis_options=AnalysisOptions(mask_input=args.mask_input, full_rank=True),
+            analysis_options=AnalysisOptions(mask_input=args.mask_input),
             fisher_loss=args.fisher_loss,
             provenance=provenance,
             progress=CliProgress(),

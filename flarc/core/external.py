@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import external_data_helper, numpy_helper
+from onnx import numpy_helper
 
 from flarc.core.errors import ModelError
 
@@ -122,9 +122,40 @@ def session_options_for(
     return options
 
 
+def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            yield from _initializers(sub)
+
+
+def _attribute_tensors(nodes) -> Iterator[onnx.TensorProto]:
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
+        for sub in _subgraphs(node):
+            yield from _attribute_tensors(sub.node)
+
+
 def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor the model stores: initializers and Constant/attribute tensors, in subgraphs too."""
-    yield from external_data_helper._get_all_tensors(model)
+    """Every tensor the model stores: initializers (subgraphs' too), then the tensors of node
+    attributes (Constant values) in the graph, its subgraphs and the model's functions; the
+    order onnx's own external-data helpers use."""
+    yield from _initializers(model.graph)
+    yield from _attribute_tensors(model.graph.node)
+    for function in model.functions:
+        yield from _attribute_tensors(function.node)
 
 
 def _copy_range(src: Path, offset: int, length: int, dst) -> None:
