@@ -159,15 +159,30 @@ def qwen(args) -> int:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=36)
-    ap.add_argument("--n", type=int, default=512)
-    ap.add_argument("--m", type=int, default=32768)
-    ap.add_argument("--tokens", type=int, default=16)
+def model_args(ap: argparse.ArgumentParser, layers: int) -> None:
+    """The synthetic model's shape, the kept ratio and where it is built (shared with
+    bench/memory_stages.py)."""
+    ap.add_argument("--layers", type=int, default=layers)
+    for name, default in (("--n", 512), ("--m", 32768), ("--tokens", 16)):
+        ap.add_argument(name, type=int, default=default)
     ap.add_argument("--ratio", type=float, default=0.95, help="kept parameters (0.95: > 2 GB out)")
     ap.add_argument("--workdir", default=None, help="where to build (deleted afterwards)")
     ap.add_argument("--label", default="", help="a note stored with the result")
+
+
+def described(args: argparse.Namespace, size: int) -> dict:
+    """The fields a result row starts with: what was built, and how big it is on disk."""
+    return {
+        "label": args.label,
+        "layers": args.layers,
+        "shape": [args.n, args.m],
+        "model_bytes_on_disk": size,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    model_args(ap, layers=36)
     ap.add_argument("--qwen", action="store_true", help="compress the real Qwen2.5-0.5B instead")
     args = ap.parse_args()
     if args.qwen:
@@ -201,10 +216,7 @@ def main() -> int:
         load = child([sys.executable, "-c", LOAD_CHECK, str(out)]) if out.exists() else None
         gram = 2 * args.layers * args.n * args.n * 8  # calibration + held-out, float64
         result = {
-            "label": args.label,
-            "layers": args.layers,
-            "shape": [args.n, args.m],
-            "model_bytes_on_disk": size,
+            **described(args, size),
             "build_s": round(build_s, 1),
             "compress": run,
             "peak_over_size": round(run["peak_rss_bytes"] / size, 3),

@@ -87,24 +87,27 @@ def instrument(tracker: Tracker) -> None:
     import flarc.rewrite.closed_loop as closed_loop
     import flarc.rewrite.output_error as output_error
 
-    w = tracker.wrap
-    w(modelio, "load_model", "load_model")
-    w(pipeline, "analyze", "analyze")
-    w(statistics, "build_statistics_model", "build_statistics_model (graph)")
-    w(statistics.StatisticsSession, "__init__", "StatisticsSession (graph + ort session)")
-    w(statistics.StatisticsSession, "collect", "statistics collect")
-    w(analysis, "analyze_target", "analyze_target (shrink, whiten, SVD)")
-    w(pipeline, "compress", "compress")
-    w(pipeline, "choose_ranks", "choose_ranks")
-    w(pipeline, "factorize", "factorize (graph surgery)")
-    w(onnx.checker, "check_model", "onnx.checker")
-    w(pipeline, "output_guard", "output_guard")
-    w(output_error.OutputErrorProbe, "__init__", "OutputErrorProbe (graph + ort session)")
-    w(pipeline, "compare_models", "compare_models")
-    w(pipeline, "target_rows", "target_rows")
-    w(closed_loop, "closed_loop_entries", "closed_loop_entries")
-    w(modelio, "save_model", "save_model")
-    w(ort.InferenceSession, "__init__", "ort.InferenceSession")
+    stages = [  # (owner, attribute, label); the label is the attribute when None
+        (modelio, "load_model", None),
+        (pipeline, "analyze", None),
+        (statistics, "build_statistics_model", "build_statistics_model (graph)"),
+        (statistics.StatisticsSession, "__init__", "StatisticsSession (graph + ort session)"),
+        (statistics.StatisticsSession, "collect", "statistics collect"),
+        (analysis, "analyze_target", "analyze_target (shrink, whiten, SVD)"),
+        (pipeline, "compress", None),
+        (pipeline, "choose_ranks", None),
+        (pipeline, "factorize", "factorize (graph surgery)"),
+        (onnx.checker, "check_model", "onnx.checker"),
+        (pipeline, "output_guard", None),
+        (output_error.OutputErrorProbe, "__init__", "OutputErrorProbe (graph + ort session)"),
+        (pipeline, "compare_models", None),
+        (pipeline, "target_rows", None),
+        (closed_loop, "closed_loop_entries", None),
+        (modelio, "save_model", None),
+        (ort.InferenceSession, "__init__", "ort.InferenceSession"),
+    ]
+    for owner, attr, label in stages:
+        tracker.wrap(owner, attr, label or attr)
 
 
 def run(model_path: Path, out: Path, ratio: float, batches: int, closed: bool) -> None:
@@ -130,18 +133,12 @@ def run(model_path: Path, out: Path, ratio: float, batches: int, closed: bool) -
 
 
 def main() -> int:
-    from large_model import build
+    from large_model import build, described, model_args
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--n", type=int, default=512)
-    ap.add_argument("--m", type=int, default=32768)
-    ap.add_argument("--tokens", type=int, default=16)
+    model_args(ap, layers=2)
     ap.add_argument("--batches", type=int, default=4)
-    ap.add_argument("--ratio", type=float, default=0.95)
     ap.add_argument("--closed-loop", action="store_true")
-    ap.add_argument("--workdir", default=None)
-    ap.add_argument("--label", default="")
     ap.add_argument("--json", action="store_true", help=f"append the result to {RESULTS}")
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="flarc-mem-", dir=args.workdir))
@@ -174,10 +171,7 @@ def main() -> int:
             )
         if args.json:
             result = {
-                "label": args.label,
-                "layers": args.layers,
-                "shape": [args.n, args.m],
-                "model_bytes_on_disk": size,
+                **described(args, size),
                 "wall_s": round(wall, 1),
                 "peak_rss_bytes": max(m["peak"] for m in merged.values()),
                 "stages": [

@@ -261,21 +261,13 @@ def main() -> int:
 
 
 def plot(rows: dict, path: Path) -> None:
-    import matplotlib
+    from plots import axes
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, r in rows.items():
-        ax.plot(
-            r["tokens_per_s"], r["rouge_l"], "o", label=f"{label} (budget {r['mean_budget']:.2f})"
-        )
-    ax.set_xlabel("decode tokens/s (onnxruntime CPU)")
-    ax.set_ylabel("ROUGE-L vs the original's continuation")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tps, rouge = "decode tokens/s (onnxruntime CPU)", "ROUGE-L vs the original's continuation"
+    with axes(path, tps, rouge) as ax:
+        for label, r in rows.items():
+            budget = f"{label} (budget {r['mean_budget']:.2f})"
+            ax.plot(r["tokens_per_s"], r["rouge_l"], "o", label=budget)
 
 
 if __name__ == "__main__":

@@ -289,21 +289,13 @@ def write_markdown(rows: list[dict], metric: str, path: Path) -> None:
 
 
 def plot(rows: list[dict], metric: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from plots import axes
 
     key = next(k for k in rows[0] if k not in ("method", "budget", "kept", "seconds"))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        rs = [r for r in rows if r["method"] == method]
-        ax.plot([1 - r["kept"] for r in rs], [r[key] for r in rs], "o-", label=method)
-    ax.set_xlabel("fraction of target parameters removed")
-    ax.set_ylabel(f"{metric} ({key})")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with axes(path, "fraction of target parameters removed", f"{metric} ({key})") as ax:
+        for method in dict.fromkeys(r["method"] for r in rows):
+            rs = [r for r in rows if r["method"] == method]
+            ax.plot([1 - r["kept"] for r in rs], [r[key] for r in rs], "o-", label=method)
 
 
 if __name__ == "__main__":

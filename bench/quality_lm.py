@@ -327,7 +327,7 @@ def fisher_alpha(model, targets, calib, mask_input, dtype: str) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     t0 = time.perf_counter()
-    res = fisher_importance(model, targets.targets, calib, "lm", mask_input, 0, None, dtype)
+    res = fisher_importance(model, targets.targets, calib, dtype, loss="lm", mask_input=mask_input)
     out = {
         "alpha": res.alpha,
         "description": res.description,
@@ -600,22 +600,15 @@ def write_report() -> int:
 
 def plot_rows(rows: list[dict], path: Path) -> None:
     """Held-out perplexity per method (in-domain and out-of-domain bars, log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from plots import axes
 
     labels = [f"{r['method']}\n{1 - r['kept']:.0%} cut" for r in rows]
     x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4.5))
-    ax.bar(x - 0.2, [r["in_domain"] for r in rows], 0.4, label="in-domain (pydoc)")
-    ax.bar(x + 0.2, [r["out_of_domain"] for r in rows], 0.4, label="out-of-domain (licences)")
-    ax.set_yscale("log")
-    ax.set_xticks(x, labels, fontsize="small")
-    ax.set_ylabel("held-out perplexity")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with axes(path, "", "held-out perplexity", (max(6, 1.6 * len(rows)), 4.5)) as ax:
+        ax.bar(x - 0.2, [r["in_domain"] for r in rows], 0.4, label="in-domain (pydoc)")
+        ax.bar(x + 0.2, [r["out_of_domain"] for r in rows], 0.4, label="out-of-domain (licences)")
+        ax.set_yscale("log")
+        ax.set_xticks(x, labels, fontsize="small")
 
 
 if __name__ == "__main__":

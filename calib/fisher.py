@@ -41,6 +41,7 @@ import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import onnx
@@ -327,17 +328,12 @@ def weight_gradients(
     model: onnx.ModelProto,
     weights: list[str],
     batches: Iterable[Mapping[str, np.ndarray]],
-    loss: str = "auto",
-    mask_input: str | None = None,
-    seed: int = 0,
-    progress: Progress | None = None,
-    dtype: str = "float64",
+    **options: Any,
 ) -> dict[str, list[np.ndarray]]:
-    """``{weight: [dL_b/dW for each counted batch b]}``, shaped as stored, in ``dtype``."""
+    """``{weight: [dL_b/dW for each counted batch b]}``, shaped as stored; ``options`` are those
+    of :func:`iter_weight_gradients`."""
     out: dict[str, list[np.ndarray]] = {w: [] for w in dict.fromkeys(weights)}
-    for item in iter_weight_gradients(
-        model, weights, batches, loss, mask_input, seed, progress, dtype
-    ):
+    for item in iter_weight_gradients(model, weights, batches, **options):
         for name, g in item.gradients.items():
             out[name].append(g.numpy())
     return out
@@ -355,13 +351,11 @@ def fisher_importance(
     model: onnx.ModelProto,
     targets: list[Target],
     batches: Iterable[Mapping[str, np.ndarray]],
-    loss: str = "auto",
-    mask_input: str | None = None,
-    seed: int = 0,
-    progress: Progress | None = None,
     dtype: str = "auto",
+    **options: Any,
 ) -> FisherResult:
-    """FLRC importance ``alpha_t = sum_b sum (G_b * W)^2`` for every target (see module doc)."""
+    """FLRC importance ``alpha_t = sum_b sum (G_b * W)^2`` for every target (see module doc);
+    ``options`` (loss, mask_input, seed, progress) are those of :func:`iter_weight_gradients`."""
     if not targets:
         raise ModelError("Fisher importance: no targets to score")
     weights = list(dict.fromkeys(t.weight for t in targets))
@@ -369,7 +363,7 @@ def fisher_importance(
     plan: LossPlan | None = None
     count = 0
     for item in iter_weight_gradients(
-        model, weights, batches, loss, mask_input, seed, progress, resolve_dtype(dtype, model)
+        model, weights, batches, dtype=resolve_dtype(dtype, model), **options
     ):
         plan, count = item.plan, count + 1
         for name, g in item.gradients.items():

@@ -22,8 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from onnx import helper, numpy_helper
 from flarc.calib.data import CalibrationSet
 from flarc.core.errors import FlarcError, ModelError
 from flarc.core.external import external_dir, is_external, tensor_array
+from flarc.core.files import atomic_folder
 from flarc.core.inputs import Feed
 from flarc.core.modelio import prepare_for_save
 from flarc.core.progress import NoProgress, Progress
@@ -288,8 +287,7 @@ def write_buckets(
         raise ModelError("no MatMul/Gemm targets to put in buckets")
     budgets = sorted(budgets, reverse=True)
     plans = plan_buckets(usable, alpha, budgets, align)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         stored = _write_factors(tmp / FACTORS_FILE, usable, spectra, plans, progress)
         factorized_everywhere = {
             st.target.weight
@@ -353,10 +351,6 @@ def write_buckets(
             "files": file_entries(tmp, [FACTORS_FILE, DENSE_FILE, *(p.file for p in plans)]),
         }
         write_manifest(tmp, data)
-        _replace_folder(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     from flarc.export.manifest import load_manifest
 
     return BuildResult(load_manifest(out, verify=False), plans, alpha)
@@ -375,17 +369,6 @@ def default_schedules(budgets: list[float]) -> dict[str, str]:
         "steps": f"steps:{steps}",
         "entropy": "entropy:1.0:4.0",
     }
-
-
-def _replace_folder(new: Path, out: Path) -> None:
-    """Rename the finished temp folder onto ``out``; an old bucket folder is swapped out first."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-        os.replace(out, old / "x")
-        os.replace(new, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, out)
 
 
 def calibration_for_lm(data: CalibrationSet, layout: CacheLayout) -> CalibrationSet:

@@ -160,18 +160,7 @@ def export_hf(
         axes[name] = {0: "batch", 2: "total_sequence"}
     with tempfile.TemporaryDirectory(prefix=".flarc-export-", dir=out.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"
-        with torch.no_grad():
-            torch.onnx.export(
-                wrapper,
-                args,
-                str(raw),
-                input_names=in_names,
-                output_names=out_names,
-                dynamic_axes=axes,
-                opset_version=OPSET,
-                do_constant_folding=True,
-                dynamo=False,
-            )
+        export_torch(wrapper, args, raw, in_names, out_names, axes)
         onnx_model = load_model(raw)  # a large one lazily: its data stay in ``tmp`` until saved
         n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         if external_data is None:
@@ -190,6 +179,25 @@ def export_hf(
     if check:
         summary["max_abs_logits_error"] = verify_export(wrapper, out, layout, vocab)
     return summary
+
+
+def export_torch(
+    module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict
+) -> None:
+    """``torch.onnx.export`` as flarc uses it: the TorchScript exporter (``dynamo=False``) at
+    ``OPSET`` with the named dynamic axes, constants folded, no gradients."""
+    import torch
+
+    options = {
+        "input_names": inputs,
+        "output_names": outputs,
+        "dynamic_axes": axes,
+        "opset_version": OPSET,
+        "do_constant_folding": True,
+        "dynamo": False,
+    }
+    with torch.no_grad():
+        torch.onnx.export(module, args, str(path), **options)
 
 
 def verify_export(wrapper, path: Path, layout: CacheLayout, vocab: int) -> float:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from flarc.core.errors import ModelError
-from flarc.core.files import file_sha256, write_text_atomic
+from flarc.core.files import file_sha256, read_versioned_json, write_text_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "flarc-buckets"
@@ -103,16 +103,9 @@ def load_manifest(folder: str | os.PathLike, verify: bool = True) -> Manifest:
         raise ModelError(f"{folder}: not a folder")
     if not path.is_file():
         raise ModelError(f"{path}: missing; {folder} is not a flarc bucket folder")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ModelError(f"{path}: not a flarc bucket manifest (format != '{FORMAT}')")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise ModelError(
-            f"{path}: format_version {data.get('format_version')} is not {FORMAT_VERSION}"
-        )
+    data = read_versioned_json(
+        path, "bucket manifest", FORMAT, FORMAT_VERSION, "format_version", ModelError
+    )
     if data.get("manifest_sha256") != self_hash(data):
         raise ModelError(f"{path}: self-hash mismatch: the manifest was modified; refused")
     files = data.get("files") or {}

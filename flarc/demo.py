@@ -45,6 +45,8 @@ def export_minilm(path: Path) -> Path:
     import torch
     from transformers import AutoModel
 
+    from flarc.export.hf import export_torch
+
     bert = AutoModel.from_pretrained(str(minilm_folder()), local_files_only=True).eval()
 
     class LastHidden(torch.nn.Module):
@@ -64,17 +66,8 @@ def export_minilm(path: Path) -> Path:
     dyn = {name: {v: k for k, v in axes.items()} for name in (*MINILM_INPUTS, "last_hidden_state")}
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         tmp_path = Path(tmp) / path.name
-        with torch.no_grad():
-            torch.onnx.export(
-                model,
-                (ids, torch.ones_like(ids), torch.zeros_like(ids)),
-                str(tmp_path),
-                input_names=list(MINILM_INPUTS),
-                output_names=["last_hidden_state"],
-                dynamic_axes=dyn,
-                opset_version=17,
-                dynamo=False,
-            )
+        args = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+        export_torch(model, args, tmp_path, list(MINILM_INPUTS), ["last_hidden_state"], dyn)
         os.replace(tmp_path, path)
     return path
 

@@ -103,10 +103,10 @@ def analyze(
             model,
             targets.targets,
             data.calibration,
-            options.fisher,
-            find_mask_input(model, options.mask_input),
-            options.seed,
-            progress,
+            loss=options.fisher,
+            mask_input=find_mask_input(model, options.mask_input),
+            seed=options.seed,
+            progress=progress,
         )
     if store.on_disk:
         release_free_memory()

@@ -37,6 +37,7 @@ class Backend(ABC):
     """Times layers at a fixed thread count and precision."""
 
     name: ClassVar[str]
+    onnx_pairs: ClassVar[bool] = True  # times the writer's ONNX graphs (else its own ops)
 
     def __init__(
         self,
@@ -52,7 +53,15 @@ class Backend(ABC):
         self.threads = threads
         self.dtype = dtype
         self.timing = timing or TimingConfig()
+        if prefix_rows and not self.onnx_pairs:
+            raise BackendError(
+                f"{self.name}: times its own ops, not ONNX graphs: no row-prefix form"
+            )
         self.prefix_rows = prefix_rows  # time the pair as the rank buckets write it
+        self.setup()
+
+    def setup(self) -> None:  # noqa: B027 (most backends need nothing loaded)
+        """Load what the backend needs (BackendError, naming what is missing, if it cannot)."""
 
     @abstractmethod
     def version(self) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 
 from flarc.core.errors import DataError
-from flarc.core.files import write_text_atomic
+from flarc.core.files import read_versioned_json, write_text_atomic
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.targets import Target
 from flarc.latency.backend import Backend
@@ -91,18 +91,7 @@ class LatencyProfile:
     @classmethod
     def load(cls, path: str | os.PathLike) -> LatencyProfile:
         path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError(f"{path}: no such latency file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"{path}: not a readable latency JSON file ({exc})") from None
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise DataError(f"{path}: not a flarc latency file (no format '{FORMAT}')")
-        if d.get("version") != VERSION:
-            raise DataError(
-                f"{path}: latency file version {d.get('version')!r}, expected {VERSION}"
-            )
+        d = read_versioned_json(path, "latency JSON file", FORMAT, VERSION, error=DataError)
         try:
             shapes = {key: ShapeProfile.from_dict(v) for key, v in d["shapes"].items()}
             for key, sp in shapes.items():

@@ -26,7 +26,6 @@ DEFAULT_BATCH = 1
 DEFAULT_DIM = 128
 
 
-
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """Inputs that need a feed (initializers listed as inputs have a default)."""
     inits = {t.name for t in model.graph.initializer}

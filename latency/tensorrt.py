@@ -21,7 +21,7 @@ from flarc.core.modelio import prepare_for_save
 from flarc.latency.backend import Backend
 from flarc.latency.layers import layer_model, random_input
 from flarc.latency.spec import LayerSpec
-from flarc.latency.timing import Stats, TimingConfig, measure
+from flarc.latency.timing import Stats, measure
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +83,7 @@ class _Cudart:
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(
-        self,
-        threads: int | None = None,
-        dtype: str = "fp32",
-        timing: TimingConfig | None = None,
-        prefix_rows: bool = False,
-    ) -> None:
-        super().__init__(threads, dtype, timing, prefix_rows)
+    def setup(self) -> None:
         self.trt, wrapper = require_tensorrt()
         self.cudart = _Cudart(wrapper)
 

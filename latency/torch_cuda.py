@@ -14,7 +14,7 @@ from collections.abc import Callable
 from flarc.core.errors import BackendError
 from flarc.latency.backend import Backend
 from flarc.latency.spec import LayerSpec
-from flarc.latency.timing import Stats, TimingConfig, measure
+from flarc.latency.timing import Stats, measure
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +35,13 @@ def _require_cuda_torch():
 
 class TorchCudaBackend(Backend):
     name = "torch-cuda"
+    onnx_pairs = False
 
-    def __init__(
-        self,
-        threads: int | None = None,
-        dtype: str = "fp32",
-        timing: TimingConfig | None = None,
-        prefix_rows: bool = False,
-    ) -> None:
-        if prefix_rows:
-            raise BackendError("torch-cuda times torch ops, not ONNX graphs: no row-prefix form")
-        super().__init__(threads, dtype, timing)
+    def setup(self) -> None:
         self.torch = _require_cuda_torch()
         self.device = self.torch.device("cuda", self.torch.cuda.current_device())
         self.torch.backends.cudnn.benchmark = True
-        self.tdtype = self.torch.float16 if dtype == "fp16" else self.torch.float32
+        self.tdtype = self.torch.float16 if self.dtype == "fp16" else self.torch.float32
 
     def version(self) -> str:
         return f"torch {self.torch.__version__} cuda {self.torch.version.cuda}"

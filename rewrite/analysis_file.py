@@ -11,8 +11,6 @@ written in a temporary folder beside its final name and renamed into place.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import numpy as np
 from flarc.calib.checkpoint import Checkpoint
 from flarc.calib.moments import LazyMoments, Moments
 from flarc.core.errors import FlarcError
+from flarc.core.files import atomic_folder
 from flarc.core.store import Store, as_array
 from flarc.core.targets import ConvGeometry, Skipped, Target
 from flarc.core.version import __version__
@@ -54,8 +53,7 @@ def save_analysis(analysis: Analysis, path: str | os.PathLike) -> None:
     if path.exists() and not (path / MANIFEST).is_file() and not path.is_file():
         if any(path.iterdir()):
             raise FlarcError(f"{path}: exists and is not an analysis; refusing to overwrite it")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         store = Store(tmp)
         _save_moments(store, "statistics", analysis.stats)
         _save_moments(store, "heldout", analysis.heldout_stats)
@@ -86,20 +84,6 @@ def save_analysis(analysis: Analysis, path: str | os.PathLike) -> None:
                 "extra": analysis.extra,
             },
         )
-        _replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _replace(new: Path, path: Path) -> None:
-    """Rename the finished folder onto ``path``; what was there is moved aside first."""
-    if path.exists() or path.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-        os.replace(path, old / "x")
-        os.replace(new, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, path)
 
 
 def _moments(store: Store, group: str) -> LazyMoments:

@@ -164,17 +164,7 @@ def _softmax_cases() -> list[Case]:
     return cases
 
 
-REDUCTIONS = [
-    "ReduceSum",
-    "ReduceMean",
-    "ReduceMax",
-    "ReduceMin",
-    "ReduceProd",
-    "ReduceL1",
-    "ReduceL2",
-    "ReduceSumSquare",
-    "ReduceLogSumExp",
-]
+REDUCTIONS = sorted(op for op in OPS if op.startswith("Reduce"))
 
 
 def _reduce_cases() -> list[Case]:

@@ -10,6 +10,8 @@ from flarc.cli.args import (
     CalibrationArgs,
     CheckpointArgs,
     FisherLossArgs,
+    ModelArgs,
+    OutputArgs,
     RankArgs,
     TargetArgs,
     WhiteningArgs,
@@ -22,6 +24,9 @@ CALIBRATION = CalibrationArgs()
 TARGETS = TargetArgs()
 WHITENING = WhiteningArgs()
 CHECKPOINTS = CheckpointArgs()
+OUTPUT_HELP = "the analysis folder (e.g. model.analysis)"
+# The flags of an analysis: what analyze takes and compress takes too.
+ANALYSIS_GROUPS = (CALIBRATION, CHECKPOINTS, WHITENING, TARGETS)
 
 
 def analysis_for(args: argparse.Namespace, model, sha: str, progress):
@@ -49,13 +54,9 @@ def analysis_for(args: argparse.Namespace, model, sha: str, progress):
 class Analyze(Command):
     name = "analyze"
     help = "compute statistics, spectra (and Fisher importances) once"
-    groups = (CALIBRATION, CHECKPOINTS, WHITENING, TARGETS)
+    groups = (ModelArgs(), OutputArgs(OUTPUT_HELP), *ANALYSIS_GROUPS)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("model", help="the ONNX model")
-        parser.add_argument(
-            "-o", "--output", required=True, help="the analysis file (e.g. model.analysis)"
-        )
         parser.add_argument(
             "--fisher", action="store_true", help="also compute Fisher importances (gradients)"
         )

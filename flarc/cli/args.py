@@ -18,6 +18,20 @@ RATIO_HELP = (
     "option is given: 0.8"
 )
 
+LATENCY_HELP = (
+    "a 'flarc latency profile' file, or a backend to profile on the fly (ort-cpu, torch-cuda, "
+    "tensorrt): ranks predicted slower than the dense layer are rejected, and the end-to-end "
+    "speedup is measured"
+)
+CLOSED_LOOP_HELP = (
+    "refactorize targets level by level on the activations of the partly compressed model "
+    "(ranks chosen first), so later layers correct for earlier errors"
+)
+COMPENSATE_HELP = (
+    "closed loop with error compensation: each target reproduces the original layer's output "
+    "from the compressed activations (implies --closed-loop)"
+)
+
 
 def positive_int(text: str) -> int:
     """argparse type: an integer of at least 1."""
@@ -46,6 +60,36 @@ class ArgGroup:
     def parse(self, args: argparse.Namespace, *rest: Any) -> Any:
         """What the Python API takes, from the parsed flags."""
         raise NotImplementedError
+
+
+class ModelArgs(ArgGroup):
+    """The positional input a command works on (a model, by default)."""
+
+    def __init__(self, help: str = "the ONNX model", name: str = "model") -> None:
+        self.help = help
+        self.name = name
+
+    def add_to(self, g) -> None:
+        g.add_argument(self.name, help=self.help)
+
+    def parse(self, args: argparse.Namespace) -> str:
+        """The path as given."""
+        return getattr(args, self.name)
+
+
+class OutputArgs(ArgGroup):
+    """``-o/--output``: what a command writes."""
+
+    def __init__(self, help: str, required: bool = True) -> None:
+        self.help = help
+        self.required = required
+
+    def add_to(self, g) -> None:
+        g.add_argument("-o", "--output", required=self.required, default=None, help=self.help)
+
+    def parse(self, args: argparse.Namespace) -> str | None:
+        """The path as given (None when optional and absent)."""
+        return args.output
 
 
 class TargetArgs(ArgGroup):
@@ -288,6 +332,21 @@ class WhiteningArgs(ArgGroup):
         )
 
 
+RANK_FLAGS = (
+    "ratio",
+    "energy",
+    "align",
+    "search",
+    "criterion",
+    "allocate",
+    "budget",
+    "fisher_weighted",
+    "output_weighted",
+    "output_batches",
+    "output_metric",
+)
+
+
 class RankArgs(ArgGroup):
     """How ranks are chosen: a rule per target, a search, or an allocation under a budget."""
 
@@ -390,20 +449,9 @@ class RankArgs(ArgGroup):
                 raise OptionError(
                     f"--threshold '{threshold}': expected a number or 'auto'"
                 ) from None
-        return RankOptions(
-            ratio=args.ratio,
-            energy=args.energy,
-            align=args.align,
-            search=args.search,
-            criterion=args.criterion,
-            threshold=threshold,
-            allocate=args.allocate,
-            budget=args.budget,
-            fisher_weighted=args.fisher_weighted,
-            output_weighted=args.output_weighted,
-            output_batches=args.output_batches,
-            output_metric=args.output_metric,
-        )
+        # Every rank flag is the RankOptions field of the same name.
+        values = {name: getattr(args, name) for name in RANK_FLAGS}
+        return RankOptions(**values, threshold=threshold)
 
 
 class LatencyArgs(ArgGroup):
@@ -412,13 +460,7 @@ class LatencyArgs(ArgGroup):
     title = "latency"
 
     def add_to(self, g) -> None:
-        g.add_argument(
-            "--latency",
-            metavar="JSON|BACKEND",
-            help="a 'flarc latency profile' file, or a backend to profile on the fly (ort-cpu, "
-            "torch-cuda, tensorrt): ranks predicted slower than the dense layer are rejected, and "
-            "the end-to-end speedup is measured",
-        )
+        g.add_argument("--latency", metavar="JSON|BACKEND", help=LATENCY_HELP)
         g.add_argument(
             "--max-lat-recov",
             type=float,
@@ -469,18 +511,8 @@ class ClosedLoopArgs(ArgGroup):
     title = "closed loop"
 
     def add_to(self, g) -> None:
-        g.add_argument(
-            "--closed-loop",
-            action="store_true",
-            help="refactorize targets level by level on the activations of the partly compressed "
-            "model (ranks chosen first), so later layers correct for earlier errors",
-        )
-        g.add_argument(
-            "--compensate",
-            action="store_true",
-            help="closed loop with error compensation: each target reproduces the original "
-            "layer's output from the compressed activations (implies --closed-loop)",
-        )
+        g.add_argument("--closed-loop", action="store_true", help=CLOSED_LOOP_HELP)
+        g.add_argument("--compensate", action="store_true", help=COMPENSATE_HELP)
 
     def parse(self, args: argparse.Namespace) -> tuple[bool, bool]:
         """``(closed loop, compensate)``."""

@@ -20,9 +20,9 @@ class Command:
     def register(self, subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         """Add this command's parser to ``subparsers``."""
         parser = subparsers.add_parser(self.name, help=self.help, description=self.help)
-        self.add_arguments(parser)
-        for group in self.groups:
+        for group in self.groups:  # first: a group's positional comes before the command's own
             group.add(parser)
+        self.add_arguments(parser)
         parser.set_defaults(func=self.run)
         return parser
 

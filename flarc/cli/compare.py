@@ -7,7 +7,7 @@ import argparse
 
 from rich.table import Table
 
-from flarc.cli.args import ShapeArgs, positive_int
+from flarc.cli.args import ModelArgs, ShapeArgs, positive_int
 from flarc.cli.command import Command
 from flarc.cli.display import console
 
@@ -20,10 +20,9 @@ SHAPES = ShapeArgs(
 class Compare(Command):
     name = "compare"
     help = "compare a model with its engine or another model"
-    groups = (SHAPES,)
+    groups = (ModelArgs("reference ONNX model (run in onnxruntime)"), SHAPES)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("model", help="reference ONNX model (run in onnxruntime)")
         parser.add_argument("other", help="TensorRT engine, .ort or .onnx model")
         parser.add_argument("--atol", type=float, default=1e-4)
         parser.add_argument("--rtol", type=float, default=1e-3)

@@ -7,8 +7,8 @@ import argparse
 import time
 from pathlib import Path
 
-from flarc.cli.analyze import CALIBRATION, CHECKPOINTS, TARGETS, WHITENING, analysis_for
-from flarc.cli.args import ClosedLoopArgs, LatencyArgs, RankArgs
+from flarc.cli.analyze import ANALYSIS_GROUPS, CALIBRATION, analysis_for
+from flarc.cli.args import ClosedLoopArgs, LatencyArgs, ModelArgs, OutputArgs, RankArgs
 from flarc.cli.command import Command
 from flarc.cli.display import CliProgress, console
 from flarc.core.errors import DataError, FlarcError
@@ -16,16 +16,15 @@ from flarc.core.errors import DataError, FlarcError
 RANKS = RankArgs()
 LATENCY = LatencyArgs()
 CLOSED_LOOP = ClosedLoopArgs()
+OUTPUT_HELP = "the compressed model (.onnx)"
 
 
 class Compress(Command):
     name = "compress"
     help = "factorize a model's MatMul/Gemm/Conv weights"
-    groups = (CALIBRATION, CHECKPOINTS, WHITENING, TARGETS, RANKS, LATENCY, CLOSED_LOOP)
+    groups = (ModelArgs(), OutputArgs(OUTPUT_HELP), *ANALYSIS_GROUPS, RANKS, LATENCY, CLOSED_LOOP)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("model", help="the ONNX model")
-        parser.add_argument("-o", "--output", required=True, help="the compressed model (.onnx)")
         parser.add_argument(
             "--analysis", metavar="FILE", help="a 'flarc analyze' file: no new calibration, no SVD"
         )

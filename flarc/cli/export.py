@@ -8,7 +8,15 @@ from pathlib import Path
 
 from rich.table import Table
 
-from flarc.cli.args import CalibrationArgs, FisherLossArgs, ShapeArgs, TargetArgs, positive_int
+from flarc.cli.args import (
+    CalibrationArgs,
+    FisherLossArgs,
+    ModelArgs,
+    OutputArgs,
+    ShapeArgs,
+    TargetArgs,
+    positive_int,
+)
 from flarc.cli.command import Command, CommandGroup
 from flarc.cli.display import CliProgress, console
 from flarc.core.errors import FlarcError
@@ -28,10 +36,9 @@ SHAPES = ShapeArgs(
 class ExportOrt(Command):
     name = "ort"
     help = "write an onnxruntime .ort model"
+    groups = (ModelArgs("ONNX model"), OutputArgs(".ort file to write"))
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("model", help="ONNX model")
-        parser.add_argument("-o", "--output", required=True, help=".ort file to write")
         parser.add_argument(
             "--optimization", choices=["disable", "basic", "extended", "all"], default="basic"
         )
@@ -47,11 +54,9 @@ class ExportOrt(Command):
 class ExportTrt(Command):
     name = "trt"
     help = "build a TensorRT engine (needs a GPU)"
-    groups = (SHAPES,)
+    groups = (ModelArgs("ONNX model"), OutputArgs("engine file to write"), SHAPES)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("model", help="ONNX model")
-        parser.add_argument("-o", "--output", required=True, help="engine file to write")
         parser.add_argument("--fp16", action="store_true", help="allow half-precision kernels")
 
     def run(self, args: argparse.Namespace) -> int:
@@ -66,13 +71,14 @@ class ExportBuckets(Command):
     name = "buckets"
     help = "rank buckets for progressive decoding: one analysis, weights stored once"
     calibration = CalibrationArgs(synthetic=False)
-    groups = (calibration, TargetArgs())
+    groups = (
+        ModelArgs("a KV-cache language model (.onnx, e.g. from flarc export-hf)"),
+        OutputArgs("the bucket folder to write"),
+        calibration,
+        TargetArgs(),
+    )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "model", help="a KV-cache language model (.onnx, e.g. from flarc export-hf)"
-        )
-        parser.add_argument("-o", "--output", required=True, help="the bucket folder to write")
         parser.add_argument("--budgets", default="1.0,0.8,0.6,0.4", help=BUDGETS_HELP)
         parser.add_argument(
             "--align", type=positive_int, default=8, help="ranks are multiples of this (8)"

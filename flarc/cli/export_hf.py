@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from flarc.cli.args import ModelArgs, OutputArgs
 from flarc.cli.command import Command
 from flarc.cli.display import console
 
@@ -12,10 +13,12 @@ from flarc.cli.display import console
 class ExportHf(Command):
     name = "export-hf"
     help = "export a local Hugging Face causal LM to ONNX with a KV cache (optimum layout)"
+    groups = (
+        ModelArgs("a local Hugging Face model folder (no hub access)", name="model_dir"),
+        OutputArgs("the ONNX model to write"),
+    )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("model_dir", help="a local Hugging Face model folder (no hub access)")
-        parser.add_argument("-o", "--output", required=True, help="the ONNX model to write")
         parser.add_argument(
             "--external-data",
             action="store_true",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from flarc.cli.args import ModelArgs
 from flarc.cli.command import Command
 from flarc.core.errors import DataError, FlarcError
 
@@ -38,11 +39,9 @@ def load_tokenizer(path: str | None):
 class Generate(Command):
     name = "generate"
     help = "generate text over rank buckets with a shared KV cache"
+    groups = (ModelArgs("a bucket folder (flarc export buckets) or a plain KV-cache .onnx"),)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "model", help="a bucket folder (flarc export buckets) or a plain KV-cache .onnx"
-        )
         src = parser.add_mutually_exclusive_group(required=True)
         src.add_argument("--prompt", help="prompt text (needs --tokenizer)")
         src.add_argument("--prompt-ids", metavar="IDS", help="prompt as comma-separated token ids")

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from flarc.cli.args import TargetArgs
+from flarc.cli.args import ModelArgs, TargetArgs
 from flarc.cli.command import Command
 from flarc.cli.display import console
 
@@ -14,10 +14,9 @@ from flarc.cli.display import console
 class Inspect(Command):
     name = "inspect"
     help = "list the targets of a model and why others are skipped"
-    groups = (TargetArgs(),)
+    groups = (ModelArgs(), TargetArgs())
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("model", help="the ONNX model")
         parser.add_argument("--json", action="store_true", help="machine-readable output")
 
     def run(self, args: argparse.Namespace) -> int:

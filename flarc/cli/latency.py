@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from flarc.cli.args import ShapeArgs, TargetArgs, positive_int
+from flarc.cli.args import ModelArgs, OutputArgs, ShapeArgs, TargetArgs, positive_int
 from flarc.cli.command import Command, CommandGroup
 from flarc.cli.display import CliProgress, console
 from flarc.latency.backend import BACKENDS, DTYPES
@@ -19,10 +19,9 @@ SHAPES = ShapeArgs(
 class Profile(Command):
     name = "profile"
     help = "time every target's dense node and factor pairs"
-    groups = (SHAPES, TargetArgs())
+    groups = (ModelArgs("ONNX model"), OutputArgs("latency.json to write"), SHAPES, TargetArgs())
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("model", help="ONNX model")
         parser.add_argument("--backend", choices=list(BACKENDS), default="ort-cpu")
         parser.add_argument(
             "--threads", type=positive_int, default=None, help="intra-op threads (ort-cpu)"
@@ -44,7 +43,6 @@ class Profile(Command):
             help="default $FLARC_CACHE_DIR/latency or ~/.cache/flarc/latency",
         )
         parser.add_argument("--no-cache", action="store_true", help="measure everything again")
-        parser.add_argument("-o", "--output", required=True, help="latency.json to write")
 
     def run(self, args: argparse.Namespace) -> int:
         from flarc.core.files import check_output_path
@@ -77,10 +75,10 @@ class Profile(Command):
 class Show(Command):
     name = "show"
     help = "print a latency.json as a table, optionally plot it"
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("latency", help="latency.json from 'flarc latency profile'")
-        parser.add_argument("-o", "--output", default=None, help="PNG plot to write")
+    groups = (
+        ModelArgs("latency.json from 'flarc latency profile'", name="latency"),
+        OutputArgs("PNG plot to write", required=False),
+    )
 
     def run(self, args: argparse.Namespace) -> int:
         from flarc.core.files import check_output_path
