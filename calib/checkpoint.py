@@ -31,15 +31,21 @@ log = logging.getLogger(__name__)
 FORMAT = "flarc-statistics/1"
 
 
+def _update(h, label: str, value) -> None:
+    """Hash one array: its label, dtype and shape, then its bytes (none for an empty array)."""
+    arr = np.ascontiguousarray(value)
+    h.update(f"{label}|{arr.dtype.str}|{arr.shape}\n".encode())
+    if arr.size:
+        h.update(memoryview(arr).cast("B"))
+
+
 def feeds_digest(feeds: Iterable[dict[str, np.ndarray]]) -> str:
     """SHA-256 over every feed in order: names, dtypes, shapes and bytes."""
     h = hashlib.sha256()
     for i, feed in enumerate(feeds):
         h.update(f"batch {i}\n".encode())
         for name in sorted(feed):
-            arr = np.ascontiguousarray(feed[name])
-            h.update(f"{name}|{arr.dtype.str}|{arr.shape}\n".encode())
-            h.update(memoryview(arr).cast("B"))
+            _update(h, name, feed[name])
     return h.hexdigest()
 
 
@@ -47,9 +53,7 @@ def arrays_digest(arrays: dict) -> str:
     """SHA-256 of a save's arrays (names in order, dtype, shape, bytes)."""
     h = hashlib.sha256()
     for key in sorted(arrays):
-        arr = np.ascontiguousarray(as_array(arrays[key]))
-        h.update(f"{key}|{arr.dtype.str}|{arr.shape}\n".encode())
-        h.update(memoryview(arr).cast("B"))
+        _update(h, key, as_array(arrays[key]))
     return h.hexdigest()
 
 
@@ -82,6 +86,11 @@ class Checkpoint:
             self.resume,
             self.checksum,
         )
+
+    @property
+    def resumable(self) -> bool:
+        """Whether a later run may resume from these saves (a folder the user named)."""
+        return bool(self.identity) and self.store.on_disk
 
     @property
     def where(self) -> str:
@@ -149,7 +158,7 @@ class Checkpoint:
             "keys": list(sums),
             "fingerprint": self.fingerprint,
             "identity": self.identity,
-            "checksum": arrays_digest(arrays) if self.store.on_disk and self.checksum else None,
+            "checksum": arrays_digest(arrays) if self.resumable and self.checksum else None,
         }
         self.store.commit(self.group, arrays, meta)
         log.debug("%s: %d of %d batches", self.where, done, total)

@@ -41,6 +41,9 @@ def _batches_from_arrays(arrays: dict[str, np.ndarray], batch_size: int, where: 
 
 
 def load_npz(path: Path, batch_size: int) -> list[Feed]:
+    """Feeds of ``batch_size`` samples from an ``.npz`` (arrays keyed by input name, first axis =
+    samples); DataError for a file that is unreadable or needs pickle, holds no arrays or no
+    samples, or whose arrays disagree on the sample count."""
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}

@@ -98,6 +98,9 @@ class LossPlan:
 
 @dataclass
 class BatchGradients:
+    """One calibration batch's loss and ``dL/dW`` of each named weight, with the weights themselves,
+    in the compute dtype."""
+
     index: int
     plan: LossPlan
     loss: float
@@ -107,6 +110,9 @@ class BatchGradients:
 
 @dataclass
 class FisherResult:
+    """The Fisher importance of each target (``alpha``: target name -> ``sum_b sum (G_b * W)^2``),
+    and the loss and batches it came from."""
+
     alpha: dict[str, float]  # target name -> sum_b sum (G_b * W)^2
     loss: str  # the loss actually used (never "auto")
     description: str  # one line

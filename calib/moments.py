@@ -22,6 +22,9 @@ from flarc.core.store import StoredArray, Value, as_array
 
 @dataclass
 class Moments:
+    """The streamed sums of one statistic's input rows (module docstring), which add up over
+    batches."""
+
     gram: np.ndarray  # [n, n] float64
     count: int
     sum4: float
@@ -31,6 +34,7 @@ class Moments:
 
     @classmethod
     def zeros(cls, n: int) -> Moments:
+        """Empty sums for rows of width ``n``."""
         return cls(np.zeros((n, n)), 0, 0.0, np.zeros(n), np.zeros(n))
 
     @classmethod
@@ -45,6 +49,7 @@ class Moments:
         return self.gram.shape[0]
 
     def add(self, other: Moments) -> None:
+        """Add ``other``'s sums to these, in place (``cross`` too, when ``other`` has one)."""
         self.gram += other.gram
         self.count += other.count
         self.sum4 += other.sum4

@@ -61,9 +61,12 @@ class Context:
     n_outputs: int = 1
 
     def fail(self, why: str) -> ModelError:
+        """A ModelError naming the node and its op, for the caller to raise."""
         return ModelError(f"node '{self.node}' (op {self.op_type}): {why}")
 
     def torch_dtype(self, onnx_type: int) -> torch.dtype:
+        """The torch dtype of an ONNX element type: the compute dtype for any floating-point type;
+        ModelError for a type the executor does not support."""
         if onnx_type in _FLOAT_TYPES:
             return self.dtype
         if onnx_type not in _TORCH_DTYPES:

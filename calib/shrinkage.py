@@ -1,4 +1,4 @@
-"""Shrinkage of the empirical second moment toward a scaled identity (DESIGN.md section 4).
+"""Shrinkage of the empirical second moment toward a scaled identity (docs/design.md section 4).
 
 Every estimator returns ``H* = (1 - lam) S + lam mu I`` with ``mu = tr(S) / n`` and states
 how it picks ``lam``; all of them work from :class:`Moments`, never from the rows.
@@ -27,12 +27,17 @@ METHODS = ("ledoit-wolf", "oas", "none")
 
 @dataclass(frozen=True)
 class Shrunk:
+    """A shrunk second moment ``H* = (1 - lam) S + lam mu I`` ``[n, n]``, with its intensity ``lam``
+    and ``mu = tr(S) / n``."""
+
     covariance: np.ndarray  # [n, n] float64
     lam: float
     mu: float
 
 
 def ledoit_wolf_lambda(moments: Moments, centered: bool = False) -> float:
+    """The Ledoit-Wolf intensity (module docstring), in [0, 1]; 0 when ``S`` is already a scaled
+    identity."""
     s = moments.covariance(centered)
     n = s.shape[0]
     n_rows = moments.count
@@ -46,6 +51,7 @@ def ledoit_wolf_lambda(moments: Moments, centered: bool = False) -> float:
 
 
 def oas_lambda(moments: Moments, centered: bool = False) -> float:
+    """The OAS intensity (module docstring), in [0, 1]; 1 when its denominator is zero."""
     s = moments.covariance(centered)
     n = s.shape[0]
     alpha = float(np.mean(s * s))

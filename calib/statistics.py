@@ -303,6 +303,7 @@ class StatisticsSession:
         return (*FIELDS, "cross") if plan.partner is not None else FIELDS
 
     def run(self, feed: Feed) -> dict[str, Moments]:
+        """One feed's :class:`Moments` (float64) per statistic key."""
         values = dict(
             zip(self.output_names, self.session.run(self.output_names, feed), strict=True)
         )
@@ -337,7 +338,7 @@ class StatisticsSession:
         totals = {p.key: Moments.zeros(p.n) for p in self.plans}
         start = 0
         if checkpoint is not None:
-            if checkpoint.store.on_disk:  # what a save must match to be resumed
+            if checkpoint.resumable:  # what a save must match to be resumed
                 checkpoint.identity = {
                     **checkpoint.identity,
                     "plans": [[p.key, p.input, p.n, p.masked, p.partner] for p in self.plans],

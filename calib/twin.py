@@ -29,6 +29,7 @@ def twin_name(model: onnx.ModelProto, tensor: str) -> str:
 
 
 def weight_input(weight: str) -> str:
+    """The name of the graph input that feeds the twin's copy of weight ``weight``."""
     return f"{PREFIX}weight/{weight}"
 
 

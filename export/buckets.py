@@ -1,4 +1,4 @@
-"""Rank buckets for progressive low-rank decoding (DESIGN.md section 6): one analysis, ranks per
+"""Rank buckets for progressive low-rank decoding (docs/design.md section 9): one analysis, ranks per
 budget from the one allocator, and a folder in which every bucket is a standalone ONNX model while
 all weights are stored once.
 

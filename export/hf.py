@@ -41,9 +41,11 @@ class CacheLayout:
     head_dim: int
 
     def past_names(self) -> list[str]:
+        """The cache inputs ``past_key_values.{i}.key|value``, layer by layer."""
         return [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in KV]
 
     def present_names(self) -> list[str]:
+        """The cache outputs ``present.{i}.key|value``, in the order of :meth:`past_names`."""
         return [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in KV]
 
 

@@ -45,6 +45,8 @@ def _canonical(data: dict) -> bytes:
 
 
 def self_hash(data: dict) -> str:
+    """sha256 (hex) of ``data`` without its ``manifest_sha256`` key, as compact JSON with sorted
+    keys."""
     return hashlib.sha256(_canonical(data)).hexdigest()
 
 
@@ -67,6 +69,8 @@ def write_manifest(folder: Path, data: dict) -> Path:
 
 @dataclass(frozen=True)
 class Manifest:
+    """A bucket folder and its manifest's JSON, as :func:`load_manifest` checked them."""
+
     folder: Path
     data: dict
 
@@ -75,12 +79,14 @@ class Manifest:
         return [float(b["budget"]) for b in self.data["buckets"]]
 
     def bucket(self, budget: float) -> dict:
+        """The entry of the bucket with budget ``budget``; KeyError when there is none."""
         for b in self.data["buckets"]:
             if abs(float(b["budget"]) - budget) < 1e-9:
                 return b
         raise KeyError(budget)
 
     def path(self, name: str) -> Path:
+        """The path of file ``name`` in the bucket folder (not checked)."""
         return self.folder / name
 
 

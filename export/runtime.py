@@ -39,6 +39,8 @@ BACKENDS = ("ort-cpu", "tensorrt")
 
 
 class Runner(Protocol):
+    """One bucket's forward pass: :class:`OrtRunner` or :class:`TensorRTRunner`."""
+
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name: ``logits`` and ``present.*``."""
         ...
@@ -59,6 +61,9 @@ class SharedWeights:
         self._values: list = []  # OrtValues must outlive the sessions that use them
 
     def view(self, tensor: onnx.TensorProto) -> np.ndarray:
+        """``tensor``'s data as a view into its file's buffer (no copy), typed and shaped as the
+        tensor; ModelError when its file is not one of the manifest's weight files or its byte
+        range does not fit."""
         info = {e.key: e.value for e in tensor.external_data}
         buf = self.buffers.get(info.get("location", ""))
         if buf is None:
@@ -74,6 +79,7 @@ class SharedWeights:
         return buf[offset : offset + length].view(dtype).reshape(tuple(tensor.dims))
 
     def ort_value(self, tensor: onnx.TensorProto):
+        """An OrtValue over :meth:`view` (no copy), kept alive as long as these weights."""
         import onnxruntime as ort
 
         value = ort.OrtValue.ortvalue_from_numpy(self.view(tensor))
@@ -109,6 +115,7 @@ class OrtRunner:
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One forward pass: every output by name."""
         return dict(zip(self.outputs, self.session.run(self.outputs, feed), strict=True))
 
 
@@ -144,11 +151,15 @@ class TensorRTRunner:
         self.runner.activate()
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One forward pass: every output by name."""
         return {k: np.asarray(v) for k, v in self.runner.infer(feed).items()}
 
 
 @dataclass
 class GenerationResult:
+    """One generation: the prompt and generated ids, each step's bucket and entropy, prefill and
+    decode seconds, and each step's logits when kept."""
+
     prompt: list[int]
     tokens: list[int]  # generated ids
     budgets: list[float]  # bucket of each step (step t produced tokens[t])
@@ -180,12 +191,14 @@ class KVCache:
         return next(iter(self.past.values())).shape[2]
 
     def update(self, outputs: dict[str, np.ndarray]) -> None:
+        """Take a step's ``present.*`` outputs as the past of the next step."""
         for past, present in zip(
             self.layout.past_names(), self.layout.present_names(), strict=True
         ):
             self.past[past] = outputs[present]
 
     def copy(self) -> KVCache:
+        """A cache holding the same arrays (safe: they are replaced, never written in place)."""
         out = KVCache(self.layout)
         out.past = dict(self.past)  # arrays are replaced, never written in place
         return out

@@ -5,7 +5,7 @@ the prompt, which produces the first new token). Spellings:
 
 - ``static:B``: bucket B for every step.
 - ``steps:B0@0,B1@T1,B2@T2,...``: bucket Bi from step Ti on. The first entry starts at 0, the
-  starts increase, and the budgets never increase (DESIGN.md section 6: R(t) is
+  starts increase, and the budgets never increase (docs/design.md section 9: R(t) is
   non-increasing); anything else is refused with a one-line error.
 - ``entropy:LOW:HIGH``: step 0 uses the largest bucket; step t+1 follows the entropy H (nats)
   of the full next-token distribution at step t (softmax of the logits at temperature 1):
@@ -53,6 +53,7 @@ class Schedule:
     high: float = 0.0
 
     def first(self) -> float:
+        """The budget of step 0 (the prefill)."""
         return self.budget(0, None)
 
     def budget(self, step: int, previous_entropy: float | None) -> float:

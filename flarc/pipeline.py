@@ -1,4 +1,4 @@
-"""The stages in order (DESIGN.md section 1): targets -> statistics -> whitened spectra (the
+"""The stages in order (docs/design.md section 1): targets -> statistics -> whitened spectra (the
 analysis, kept in the store) -> ranks -> factor pairs in the graph -> a checked, guarded and
 compared model (:func:`compress`), or rank buckets for progressive decoding
 (:func:`build_buckets`). The CLI is a thin layer over these functions."""
@@ -85,13 +85,15 @@ def analyze(
                 f"tensor '{t.weight}' (weight of node '{t.name}') has {bad} NaN or Inf values"
             )
     store = Store.for_model(is_large(model), checkpoint)
-    identity = {
-        "model": model_sha256 or hashlib.sha256(model.SerializeToString()).hexdigest(),
-        "precision": options.precision,
-        "mask_input": options.mask_input,
-    }
+    identity = {}  # what a saved run must match to be resumed (only a folder the user named)
+    if checkpoint is not None:
+        identity = {
+            "model": model_sha256 or hashlib.sha256(model.SerializeToString()).hexdigest(),
+            "precision": options.precision,
+            "mask_input": options.mask_input,
+        }
     every = checkpoint_every if checkpoint is not None else None
-    sums = Checkpoint(store, "statistics", identity if store.on_disk else {}, every, resume)
+    sums = Checkpoint(store, "statistics", identity, every, resume)
     stats, heldout, mask = collect_moments(
         model, targets.targets, data, sums, options.precision, options.mask_input, progress
     )

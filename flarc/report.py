@@ -19,6 +19,8 @@ def _fmt(x: float | None, spec: str = ".2e") -> str:
 
 
 def targets_table(targets: list[Target], skipped: list[Skipped], title: str = "targets"):
+    """Two rich tables: the targets (``n x m``, parameters, ``k_equiv``, weight tensor) and the
+    skipped nodes with their reasons."""
     from rich.table import Table
 
     table = Table(title=title)
@@ -47,6 +49,9 @@ def short_names(names: list[str]) -> list[str]:
 
 
 def rows_table(rows: list[TargetRow]):
+    """The factorization table, one line per target: rank (or dense), ``k_equiv``, fraction of its
+    parameters kept, predicted and held-out error, shrinkage, calibration rows, and Fisher alpha
+    when any row has one."""
     from rich.table import Table
 
     table = Table(title="factorization")
@@ -84,6 +89,8 @@ def rows_table(rows: list[TargetRow]):
 
 
 def comparison_table(result: CompressResult, label: str = "held-out"):
+    """Original vs compressed model per output (cosine, max and mean absolute and relative error);
+    ``label`` names the inputs they ran on."""
     from rich.table import Table
 
     table = Table(title=f"original vs compressed ({label} inputs, polygraphy comparator)")
@@ -102,6 +109,7 @@ def comparison_table(result: CompressResult, label: str = "held-out"):
 
 
 def summary_lines(result: CompressResult) -> list[str]:
+    """Console lines: targets factorized, and target and whole-model parameters before -> after."""
     factorized = sum(1 for r in result.rows if r.rank is not None)
     return [
         f"targets factorized: {factorized} of {len(result.rows)}",
@@ -113,6 +121,9 @@ def summary_lines(result: CompressResult) -> list[str]:
 
 
 def latency_lines(timing: dict) -> list[str]:
+    """Console lines of an end-to-end timing (as :func:`flarc.latency.end_to_end.measure_end_to_end`
+    returns it, plus ``predicted_speedup``): median ms and spread of each model, measured and
+    predicted speedup."""
     o, c = timing["original"], timing["compressed"]
     return [
         f"{timing['backend']} latency on {timing['feeds']}: original {o['median'] * 1e3:.2f} ms "
@@ -122,6 +133,8 @@ def latency_lines(timing: dict) -> list[str]:
 
 
 def report_dict(result: CompressResult, meta: dict[str, Any]) -> dict[str, Any]:
+    """The JSON report (``flarc_report`` 1): ``meta``, a parameter summary, the output guard, and
+    one entry per target row and per compared output."""
     return {
         "flarc_report": 1,
         **meta,
@@ -140,6 +153,8 @@ def report_dict(result: CompressResult, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented JSON, atomically; values JSON cannot encode (numpy scalars) are
+    written as floats."""
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=float) + "\n")
 
 

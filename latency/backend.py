@@ -98,6 +98,8 @@ class Backend(ABC):
 
 
 def backend_class(name: str) -> type[Backend]:
+    """The backend class registered as ``name`` in :data:`BACKENDS` (its module imported now);
+    BackendError for an unknown name."""
     if name not in BACKENDS:
         raise BackendError(f"unknown latency backend '{name}' (choose from {', '.join(BACKENDS)})")
     module_name, cls_name = BACKENDS[name].split(":")

@@ -23,6 +23,7 @@ SCHEMA = 1
 
 
 def default_cache_dir() -> Path:
+    """``latency`` in flarc's cache folder (``$FLARC_CACHE_DIR`` or ``~/.cache/flarc``)."""
     return cache_root() / "latency"
 
 
@@ -40,10 +41,14 @@ class LatencyCache:
         self.misses = 0
 
     def path_for(self, key: dict) -> Path:
+        """The entry file of ``key``: ``<root>/<backend>/<sha256 of the canonical key, 40 hex
+        digits>.json``."""
         digest = hashlib.sha256(_canonical(key).encode()).hexdigest()[:40]
         return self.root / str(key.get("backend", "unknown")) / f"{digest}.json"
 
     def get(self, key: dict) -> Stats | None:
+        """The cached timing of ``key``; None when the cache is off, the entry is missing, or it is
+        rejected (with a warning). Counts hits and misses."""
         if not self.enabled:
             return None
         path = self.path_for(key)
@@ -72,6 +77,8 @@ class LatencyCache:
         return None
 
     def put(self, key: dict, stats: Stats) -> None:
+        """Store ``stats`` under ``key``, atomically; a failed write is logged, not raised. Nothing
+        when the cache is off."""
         if not self.enabled:
             return
         path = self.path_for(key)

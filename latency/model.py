@@ -45,6 +45,8 @@ class LatencyModel:
         self.regressor = LatencyRegressor(profile.dtype).fit(samples) if samples else None
 
     def spec(self, target: Target | LayerSpec) -> LayerSpec:
+        """The layer spec of ``target`` (a spec is returned as is); ModelError when the target's
+        input shape is unknown."""
         if isinstance(target, LayerSpec):
             return target
         try:
@@ -76,6 +78,8 @@ class LatencyModel:
         return self.t_pair(target, k) / self.t_dense(target)
 
     def is_measured(self, target: Target | LayerSpec) -> bool:
+        """Whether the target's shape has measured pair timings (else its times come from the
+        regressor)."""
         return self.spec(target).key in self.curves
 
     def break_even(self, target: Target | LayerSpec, align: int = 8) -> int | None:

@@ -24,6 +24,9 @@ from flarc.latency.timing import Stats, measure
 
 
 class OrtCpuBackend(Backend):
+    """onnxruntime on the CPU: each layer a tiny ONNX model in its own session, inputs and outputs
+    bound once."""
+
     name = "ort-cpu"
 
     def version(self) -> str:

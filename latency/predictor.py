@@ -85,6 +85,8 @@ class LatencyRegressor:
         self.coef: np.ndarray | None = None
 
     def fit(self, samples: list[tuple[LayerSpec, int | None, float]]) -> LatencyRegressor:
+        """Fit on ``(spec, rank or None for dense, seconds per call)`` samples; returns itself.
+        ValueError when there are none."""
         if not samples:
             raise ValueError("no timings to fit")
         X = np.stack([features(s, k, self.dtype) for s, k, _ in samples])
@@ -96,6 +98,8 @@ class LatencyRegressor:
         return self
 
     def predict(self, spec: LayerSpec, k: int | None) -> float:
+        """Predicted seconds per call of the dense layer (``k`` None) or the rank-``k`` pair;
+        RuntimeError before :meth:`fit`."""
         if self.coef is None:
             raise RuntimeError("regressor is not fitted")
         return float(math.exp(features(spec, k, self.dtype) @ self.coef))

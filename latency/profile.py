@@ -28,15 +28,20 @@ VERSION = 1
 
 @dataclass
 class ShapeProfile:
+    """The timings of one layer shape: dense, and the pair at each measured rank; ``targets`` are
+    the targets of that shape."""
+
     spec: LayerSpec
     dense: Stats
     pair: dict[int, Stats]  # rank -> timing, ascending
     targets: list[str] = field(default_factory=list)
 
     def lat_recov(self) -> dict[int, float]:
+        """``t_pair(k) / t_dense`` (medians) at each measured rank."""
         return {k: s.median / self.dense.median for k, s in self.pair.items()}
 
     def to_dict(self) -> dict:
+        """The shape's entry of latency.json (with ``k_equiv``, for readers)."""
         return {
             "spec": self.spec.to_dict(),
             "k_equiv": self.spec.k_equiv,
@@ -47,6 +52,7 @@ class ShapeProfile:
 
     @classmethod
     def from_dict(cls, d: dict) -> ShapeProfile:
+        """Inverse of :meth:`to_dict` (``k_equiv`` is not read)."""
         return cls(
             spec=LayerSpec.from_dict(d["spec"]),
             dense=Stats.from_dict(d["dense"]),
@@ -60,6 +66,9 @@ class ShapeProfile:
 
 @dataclass
 class LatencyProfile:
+    """The content of a latency.json: how it was measured (backend, device, threads, dtype, rank
+    step, input shapes), the timings of each shape, and each target's shape."""
+
     backend: str
     backend_version: str
     device: str
@@ -71,6 +80,7 @@ class LatencyProfile:
     targets: dict[str, str]  # target name -> spec key
 
     def to_dict(self) -> dict:
+        """The latency.json document (``format``, ``version`` and every field)."""
         return {
             "format": FORMAT,
             "version": VERSION,
@@ -86,10 +96,13 @@ class LatencyProfile:
         }
 
     def save(self, path: str | os.PathLike) -> None:
+        """Write the profile to ``path`` as latency.json, atomically."""
         write_text_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LatencyProfile:
+        """Read a latency.json; DataError for a missing or unreadable file, another format or
+        version, or malformed or inconsistent content."""
         path = Path(path)
         d = read_versioned_json(path, "latency JSON file", FORMAT, VERSION, error=DataError)
         try:

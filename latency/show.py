@@ -13,6 +13,8 @@ from flarc.latency.profile import LatencyProfile
 
 
 def summary_rows(profile: LatencyProfile) -> list[dict]:
+    """One dict per measured shape: target count, dense ms and spread, ``k_equiv``, break-even rank
+    (None: no pair is faster or none was timed), lowest ``lat_recov``, ranks timed."""
     lm = LatencyModel(profile)
     rows = []
     for key, sp in profile.shapes.items():
@@ -33,6 +35,8 @@ def summary_rows(profile: LatencyProfile) -> list[dict]:
 
 
 def summary_table(profile: LatencyProfile, title: str | None = None) -> Table:
+    """The profile as a rich table (:func:`summary_rows`), titled with backend, dtype and threads
+    unless ``title`` is given."""
     threads = profile.threads if profile.threads is not None else "default"
     table = Table(
         title=title

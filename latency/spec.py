@@ -19,6 +19,9 @@ KINDS = ("linear", "conv")
 
 @dataclass(frozen=True)
 class LayerSpec:
+    """One layer shape to time: ``linear`` (``X [tokens, n] @ B [n, m]``) or ``conv`` (the real
+    input ``[N, C, *spatial]`` and the node's geometry)."""
+
     kind: str  # linear | conv
     n: int
     m: int
@@ -78,6 +81,7 @@ class LayerSpec:
         return 2.0 * self.tokens * k * (self.n + self.m)
 
     def to_dict(self) -> dict:
+        """The spec as plain JSON values (``tokens`` included, for readers)."""
         d: dict = {
             "kind": self.kind,
             "n": self.n,
@@ -97,6 +101,8 @@ class LayerSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> LayerSpec:
+        """Inverse of :meth:`to_dict`; ValueError for an unknown kind, KeyError for a missing
+        field."""
         conv = None
         if d.get("conv") is not None:
             c = d["conv"]
@@ -114,6 +120,8 @@ class LayerSpec:
 
 
 def explicit_pads(geo: ConvGeometry, spatial: tuple[int, ...]) -> tuple[int, ...]:
+    """A Conv's pads as ``[begin..., end...]`` over input spatial dims ``spatial``, with
+    ``auto_pad`` (VALID, SAME_UPPER, SAME_LOWER) resolved as the ONNX spec defines it."""
     nd = len(spatial)
     if geo.auto_pad in ("NOTSET", ""):
         return tuple(geo.pads) if geo.pads else (0,) * (2 * nd)

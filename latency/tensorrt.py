@@ -81,6 +81,9 @@ class _Cudart:
 
 
 class TensorRTBackend(Backend):
+    """TensorRT on an NVIDIA GPU (module docstring): layers and whole models built into engines
+    through polygraphy and timed with CUDA events."""
+
     name = "tensorrt"
 
     def setup(self) -> None:
@@ -112,6 +115,9 @@ class TensorRTBackend(Backend):
     def build_engine(
         self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None
     ):
+        """A TensorRT engine for ``model`` (fp16 kernels allowed when the backend's dtype is fp16);
+        ``shapes`` fixes named inputs' shapes in one optimization profile. BackendError when the
+        build fails."""
         from polygraphy.backend.trt import (
             CreateConfig,
             EngineFromNetwork,
@@ -136,6 +142,8 @@ class TensorRTBackend(Backend):
             ) from None
 
     def time_engine(self, engine, feeds: dict[str, np.ndarray]) -> Stats:
+        """Per-call seconds of ``engine`` on ``feeds`` (copied to the device once), between CUDA
+        events around replays of a captured CUDA graph, or plain enqueues when capture fails."""
         from polygraphy import cuda
 
         trt = self.trt
@@ -213,11 +221,7 @@ class TensorRTBackend(Backend):
         ):
             lib.cudaGetLastError()
             return None
-
-        def launch() -> None:
-            lib.cudaGraphLaunch(exec_graph, sptr)
-
-        return launch
+        return graph, exec_graph
 
     def _time_layer(self, spec: LayerSpec, k: int | None) -> Stats:
         engine = self.build_engine(layer_model(spec, k, "fp32", prefix_rows=self.prefix_rows))

@@ -17,6 +17,9 @@ import numpy as np
 
 @dataclass(frozen=True)
 class TimingConfig:
+    """When a measurement stops: warm-up calls, bounds on the sample count, the precision wanted of
+    the median, the shortest sample and a time cap."""
+
     warmup: int = 5
     min_repeats: int = 15
     max_repeats: int = 200
@@ -55,6 +58,8 @@ class Stats:
 
     @classmethod
     def from_samples(cls, samples: list[float] | np.ndarray, number: int = 1) -> Stats:
+        """The summary of per-call seconds ``samples``, each the mean of ``number`` calls;
+        ValueError when there are none."""
         x = np.asarray(samples, dtype=np.float64)
         if x.size == 0:
             raise ValueError("no timing samples")
@@ -72,6 +77,7 @@ class Stats:
         )
 
     def to_dict(self) -> dict:
+        """The statistics as plain JSON values."""
         return asdict(self)
 
     @classmethod

@@ -34,6 +34,9 @@ def _require_cuda_torch():
 
 
 class TorchCudaBackend(Backend):
+    """torch on an NVIDIA GPU (module docstring): each layer as torch ops on preallocated tensors,
+    replayed from a CUDA graph and timed with CUDA events."""
+
     name = "torch-cuda"
     onnx_pairs = False
 

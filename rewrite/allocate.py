@@ -31,6 +31,8 @@ Cost = Callable[[Target, int | None], float]  # rank None = dense
 
 
 def parameter_cost(target: Target, k: int | None) -> float:
+    """The default :data:`Cost`: parameters of ``target`` at rank ``k`` (``k (n + m)``), or dense
+    (``n m``) for None."""
     return float(target.params if k is None else target.rank_params(k))
 
 

@@ -1,6 +1,6 @@
 """The analysis: everything expensive (statistics, whitened spectra, importances), computed once
 so that ranks can be chosen again without redoing it; and the one per-target step that turns a
-target's statistic into its whitened spectrum (DESIGN.md sections 3-4).
+target's statistic into its whitened spectrum (docs/design.md sections 3-4).
 
 Statistics live in the store (:mod:`flarc.calib.checkpoint`); spectra are derived from them per
 set of whitening options (:meth:`AnalysisOptions.spectra_key`) and, in a store on disk, kept

@@ -1,4 +1,4 @@
-"""The one factor-pair writer: each chosen target becomes a factor pair (DESIGN.md section 2),
+"""The one factor-pair writer: each chosen target becomes a factor pair (docs/design.md section 2),
 for ``flarc compress``, the rank buckets and the latency profiles alike.
 
     MatMul(X, B)          ->  MatMul(MatMul(X, A), C)

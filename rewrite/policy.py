@@ -1,9 +1,11 @@
 """From rank options to a rank per target: one function that knows every rule.
 
 Rules: ``ratio`` / ``energy`` (each target alone), ``bisect`` with a criterion (FLAR-SVD),
-``fisher`` and ``global`` allocation under a budget (FLRC, flarc). A latency model, when
-given, removes every rank whose predicted ``lat_recov`` exceeds ``max_lat_recov`` before any
-rule looks at it, so a target that cannot be both accurate and faster stays dense.
+``fisher`` and ``global`` allocation under a budget (FLRC, flarc). With a latency model, a rank
+whose predicted ``lat_recov`` exceeds ``max_lat_recov`` is never kept: the search only looks at
+ranks that pass, and a rank another rule chose that does not pass leaves its target dense, so a
+target that cannot be both accurate and faster stays dense. Under ``latency_budget`` the cost
+the global allocation spends is the predicted time itself.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RankOptions:
+    """How ranks are chosen: one rule and its settings, applied by :func:`choose_ranks`
+    (``allocate``, else ``search``, else ``energy``, else ``ratio``, 0.8 when unset), plus an
+    optional latency model (``latency``) with its per-pair limit ``max_lat_recov``
+    (``lat_recov``) and its time budget ``latency_budget``."""
+
     ratio: float | None = None
     energy: float | None = None
     align: int = 8
@@ -240,6 +247,14 @@ def bisect_all(
     feeds: list[Feed] | None,
     progress: Progress | None = None,
 ) -> dict[str, RankChoice]:
+    """FLAR-SVD: for each target, the smallest allowed rank whose criterion meets the threshold
+    (default 0.05 whitened, 0.95 cosine, 1e-3 output), or dense.
+
+    With ``threshold`` "auto" (output criterion only) the threshold is the output error of the
+    uniform compression at the budget (``budget``, else ``ratio``) per target, and the ranks
+    found are rescaled to land on that budget. Raises OptionError when the output criterion or
+    "auto" has no model or batches, or "auto" lacks the output criterion or a budget.
+    """
     targets = analysis.targets
     probe = None
     if opts.criterion == "output" or opts.threshold == "auto":

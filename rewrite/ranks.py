@@ -14,12 +14,15 @@ from flarc.rewrite.spectrum import Spectrum
 
 @dataclass(frozen=True)
 class RankChoice:
+    """A target's rank (None: it stays dense), how it was chosen, and the criterion's value."""
+
     rank: int | None  # None: the target stays dense
     reason: str  # how the rank was chosen, or why the target stays dense
     criterion: float | None = None  # the value of the rule's criterion at this rank, if any
 
 
 def align_up(k: float, align: int) -> int:
+    """``k`` rounded up to a multiple of ``align``, and at least ``align``."""
     return max(align, math.ceil(k / align - 1e-9) * align)
 
 

@@ -42,6 +42,8 @@ def whitened_criterion(spectrum: Spectrum, threshold: float) -> Criterion:
 
 
 def weight_cosine(b: np.ndarray, spectrum: Spectrum, k: int) -> float:
+    """Cosine similarity of the weight ``b`` ``[n, m]`` and the rank-``k`` product ``A C`` of
+    ``spectrum``; 0.0 when either is zero."""
     a, c = spectrum.factors(k)
     bk = a @ c
     denom = np.linalg.norm(b) * np.linalg.norm(bk)
@@ -89,6 +91,8 @@ def scan_rank(grid: list[int], criterion: Criterion) -> tuple[int | None, float 
 def searched_choice(
     target: Target, grid: list[int], criterion: Criterion, threshold: float
 ) -> RankChoice:
+    """The bisected rank of ``target`` on ``grid`` (:func:`bisect_rank`), or dense when no rank of
+    it meets ``criterion``."""
     k, value, evals = bisect_rank(grid, criterion)
     if k is None:
         return RankChoice(

@@ -1,6 +1,6 @@
 """The whitened SVD of one weight, kept so that any rank can be cut from it without a new SVD.
 
-With ``H = L L^T`` and ``M = L^T B = U diag(s) V^T`` (DESIGN.md section 3):
+With ``H = L L^T`` and ``M = L^T B = U diag(s) V^T`` (docs/design.md section 3):
 
     A_k = L^{-T} U_k diag(s_k)^{1/2},   C_k = diag(s_k)^{1/2} V_k^T
     relative output error at rank k = sum_{i>k} s_i^2 / sum_i s_i^2   (an identity on the data of H)
@@ -23,6 +23,9 @@ from flarc.rewrite.whiten import Whitener
 
 @dataclass
 class Spectrum:
+    """One target's whitened SVD: every singular value, and ``basis`` and ``vt`` up to ``max_rank``
+    (module docstring), from which the factors of any rank are cut."""
+
     sigma: np.ndarray  # all whitened singular values, descending
     basis: np.ndarray | StoredArray  # [n, r] = L^{-T} U[:, :r]
     vt: np.ndarray | StoredArray  # [r, m] = V^T[:r]

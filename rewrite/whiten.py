@@ -1,4 +1,4 @@
-"""Whitening factors ``H = L L^T`` and their transposed solves (DESIGN.md section 3).
+"""Whitening factors ``H = L L^T`` and their transposed solves (docs/design.md section 3).
 
 Cholesky is the default: ``L`` lower triangular, ``L^{-T} Y`` by a triangular solve and never
 an explicit inverse. When Cholesky fails (a numerically indefinite ``H``), the eigen variant
@@ -60,6 +60,8 @@ class Whitener:
 
 
 def cholesky_whitener(h: np.ndarray) -> Whitener | None:
+    """The Cholesky whitener of ``h`` (``L`` lower triangular, ``L L^T = h``); None when ``h`` is
+    not numerically positive definite."""
     try:
         return Whitener("cholesky", np.linalg.cholesky(h))
     except np.linalg.LinAlgError:
@@ -67,6 +69,8 @@ def cholesky_whitener(h: np.ndarray) -> Whitener | None:
 
 
 def eig_whitener(h: np.ndarray) -> Whitener:
+    """The eigen whitener of ``h`` (symmetrised): ``L = Q diag(sqrt(e))`` with eigenvalues clamped
+    to at least ``EIG_FLOOR`` times the largest; the identity when no eigenvalue is positive."""
     e, q = np.linalg.eigh((h + h.T) / 2)
     if not float(e.max()) > 0:
         # No energy at all (an input that is zero on every calibration row): any L would be

@@ -52,6 +52,9 @@ def analysis_for(args: argparse.Namespace, model, sha: str, progress):
 
 
 class Analyze(Command):
+    """``flarc analyze``: calibrate once and save the analysis (statistics, whitened spectra and,
+    with ``--fisher``, Fisher importances) for ``flarc compress --analysis``."""
+
     name = "analyze"
     help = "compute statistics, spectra (and Fisher importances) once"
     groups = (ModelArgs(), OutputArgs(OUTPUT_HELP), *ANALYSIS_GROUPS)

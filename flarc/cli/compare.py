@@ -18,6 +18,9 @@ SHAPES = ShapeArgs(
 
 
 class Compare(Command):
+    """``flarc compare``: a reference ONNX model against a TensorRT engine, ``.ort`` or ``.onnx``
+    model on the same inputs; exit code 1 when an output is outside ``--atol``/``--rtol``."""
+
     name = "compare"
     help = "compare a model with its engine or another model"
     groups = (ModelArgs("reference ONNX model (run in onnxruntime)"), SHAPES)

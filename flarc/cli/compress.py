@@ -20,6 +20,9 @@ OUTPUT_HELP = "the compressed model (.onnx)"
 
 
 class Compress(Command):
+    """``flarc compress``: choose ranks, factorize the targets and write the model, with the report
+    tables (and optionally a JSON report, a rank plot and an end-to-end latency check)."""
+
     name = "compress"
     help = "factorize a model's MatMul/Gemm/Conv weights"
     groups = (ModelArgs(), OutputArgs(OUTPUT_HELP), *ANALYSIS_GROUPS, RANKS, LATENCY, CLOSED_LOOP)

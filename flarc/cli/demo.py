@@ -10,6 +10,9 @@ from flarc.cli.display import CliProgress, console
 
 
 class Demo(Command):
+    """``flarc demo``: compress all-MiniLM-L6-v2 on English text and show parameters, output errors,
+    sentence-embedding cosines and CPU latency before and after."""
+
     name = "demo"
     help = "compress all-MiniLM-L6-v2 (the built-in default model) and show what changed"
 

@@ -34,6 +34,8 @@ SHAPES = ShapeArgs(
 
 
 class ExportOrt(Command):
+    """``flarc export ort``: an ONNX model in onnxruntime's ``.ort`` format."""
+
     name = "ort"
     help = "write an onnxruntime .ort model"
     groups = (ModelArgs("ONNX model"), OutputArgs(".ort file to write"))
@@ -52,6 +54,8 @@ class ExportOrt(Command):
 
 
 class ExportTrt(Command):
+    """``flarc export trt``: build and save a TensorRT engine (needs a GPU)."""
+
     name = "trt"
     help = "build a TensorRT engine (needs a GPU)"
     groups = (ModelArgs("ONNX model"), OutputArgs("engine file to write"), SHAPES)
@@ -68,6 +72,9 @@ class ExportTrt(Command):
 
 
 class ExportBuckets(Command):
+    """``flarc export buckets``: one analysis of a KV-cache language model, then a folder of rank
+    buckets sharing one copy of the weights, sealed by its manifest."""
+
     name = "buckets"
     help = "rank buckets for progressive decoding: one analysis, weights stored once"
     calibration = CalibrationArgs(synthetic=False)

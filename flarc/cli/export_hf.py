@@ -11,6 +11,9 @@ from flarc.cli.display import console
 
 
 class ExportHf(Command):
+    """``flarc export-hf``: a local Hugging Face causal LM to ONNX with a KV cache, its logits
+    checked against torch unless ``--no-check``."""
+
     name = "export-hf"
     help = "export a local Hugging Face causal LM to ONNX with a KV cache (optimum layout)"
     groups = (

@@ -37,6 +37,9 @@ def load_tokenizer(path: str | None):
 
 
 class Generate(Command):
+    """``flarc generate``: decode a prompt over a bucket folder (``--schedule`` picks each step's
+    bucket) or a plain KV-cache model, streaming the text or printing JSON."""
+
     name = "generate"
     help = "generate text over rank buckets with a shared KV cache"
     groups = (ModelArgs("a bucket folder (flarc export buckets) or a plain KV-cache .onnx"),)

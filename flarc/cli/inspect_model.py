@@ -12,6 +12,9 @@ from flarc.cli.display import console
 
 
 class Inspect(Command):
+    """``flarc inspect``: a model's targets, and the skipped nodes with their reasons (tables or
+    JSON)."""
+
     name = "inspect"
     help = "list the targets of a model and why others are skipped"
     groups = (ModelArgs(), TargetArgs())

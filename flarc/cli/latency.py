@@ -17,6 +17,9 @@ SHAPES = ShapeArgs(
 
 
 class Profile(Command):
+    """``flarc latency profile``: time every target shape's dense layer and factor pairs on a
+    backend, through the cache, and write latency.json."""
+
     name = "profile"
     help = "time every target's dense node and factor pairs"
     groups = (ModelArgs("ONNX model"), OutputArgs("latency.json to write"), SHAPES, TargetArgs())
@@ -73,6 +76,8 @@ class Profile(Command):
 
 
 class Show(Command):
+    """``flarc latency show``: a latency.json as a table, and as a plot when an output is given."""
+
     name = "show"
     help = "print a latency.json as a table, optionally plot it"
     groups = (

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class OutputComparison:
+    """One output of a candidate model against the reference: cosine, max and mean absolute error,
+    max and mean relative error (relative to the reference's largest magnitude), and polygraphy's
+    verdict."""
+
     name: str
     cosine: float
     max_abs: float
@@ -33,6 +37,7 @@ class OutputComparison:
     passed: bool  # polygraphy's verdict at the given tolerances
 
     def to_dict(self) -> dict:
+        """The comparison as plain JSON values."""
         return asdict(self)
 
 

@@ -56,17 +56,21 @@ def external_dir(model: onnx.ModelProto) -> Path | None:
 
 
 def mark_external_dir(model: onnx.ModelProto, folder: Path) -> None:
+    """Mark ``model`` as lazily loaded with its external data in ``folder`` (replacing any earlier
+    mark)."""
     unmark(model)
     model.metadata_props.add(key=EXTERNAL_DIR_KEY, value=str(folder.resolve()))
 
 
 def unmark(model: onnx.ModelProto) -> None:
+    """Remove the lazy-loading mark (:data:`EXTERNAL_DIR_KEY`) from ``model``'s metadata, if any."""
     keep = [p for p in model.metadata_props if p.key != EXTERNAL_DIR_KEY]
     del model.metadata_props[:]
     model.metadata_props.extend(keep)
 
 
 def is_external(tensor: onnx.TensorProto) -> bool:
+    """Whether ``tensor``'s data lives in an external file."""
     return tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
@@ -228,6 +232,8 @@ class FactorFile:
         self._fh = open(self.path, "wb")
 
     def put(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        """Append ``array`` (little-endian, at an offset aligned to :data:`ALIGNMENT`) and return an
+        external tensor named ``name`` that refers to it."""
         array = np.ascontiguousarray(array)
         self._fh.write(b"\0" * (-self._fh.tell() % ALIGNMENT))
         offset = self._fh.tell()
@@ -250,6 +256,7 @@ class FactorFile:
         return tensor
 
     def close(self) -> None:
+        """Close the data file; the tensors written stay in it."""
         self._fh.close()
 
 

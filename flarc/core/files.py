@@ -48,6 +48,8 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 
 def write_bytes_atomic(final: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``final`` atomically (:func:`atomic_path`), synced to disk before the
+    rename."""
     with atomic_path(final) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(data)
@@ -56,6 +58,7 @@ def write_bytes_atomic(final: str | os.PathLike, data: bytes) -> None:
 
 
 def write_text_atomic(final: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``final`` as UTF-8, atomically."""
     write_bytes_atomic(final, text.encode("utf-8"))
 
 

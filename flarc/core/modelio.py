@@ -172,10 +172,12 @@ def load_model(
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:
+    """Whether any tensor of ``model`` (:func:`all_tensors`) keeps its data in an external file."""
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(model))
 
 
 def model_opset(model: onnx.ModelProto) -> int:
+    """The model's opset version for the default (``ai.onnx``) domain; 0 when it imports none."""
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
             return int(imp.version)

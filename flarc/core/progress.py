@@ -10,6 +10,9 @@ T = TypeVar("T")
 
 
 class Progress(Protocol):
+    """What library code reports progress through: :class:`NoProgress`, or the CLI's bars and log
+    lines."""
+
     def track(
         self, items: Iterable[T], total: int | None = None, description: str = ""
     ) -> Iterable[T]:
@@ -23,4 +26,5 @@ class NoProgress:
     def track(
         self, items: Iterable[T], total: int | None = None, description: str = ""
     ) -> Iterator[T]:
+        """``items`` unchanged."""
         yield from items

@@ -120,6 +120,7 @@ class FedSession:
         self.fed = fed
 
     def run(self, output_names, feed: dict, *args, **kwargs):
+        """``InferenceSession.run`` with the fed weights added to ``feed``."""
         return self.session.run(output_names, {**feed, **self.fed}, *args, **kwargs)
 
 

@@ -31,6 +31,8 @@ class PairSums:
         self.count = 0
 
     def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Add one pair to the sums: ``a`` the reference, ``b`` the candidate, of the same size
+        (ValueError otherwise)."""
         for x, y in blocks(a, b):
             d = x - y
             self.aa += float(x @ x)
@@ -45,6 +47,8 @@ class PairSums:
             self.count += x.size
 
     def cosine(self) -> float:
+        """Cosine similarity of everything added; when a side is all zeros, 1.0 if the two are equal
+        and 0.0 if not."""
         denom = np.sqrt(self.aa) * np.sqrt(self.bb)
         return float(self.ab / denom) if denom > 0 else float(self.dd == 0.0)
 

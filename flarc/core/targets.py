@@ -1,5 +1,5 @@
 """Which nodes of a model can be factorized, their weights in the ``B: [n, m]`` orientation of
-DESIGN.md section 2, and why every other weight-bearing node was left alone."""
+docs/design.md section 2, and why every other weight-bearing node was left alone."""
 
 from __future__ import annotations
 
@@ -77,9 +77,11 @@ class Target:
         return self.input if self.conv is None else f"{self.input}|{self.conv.key}"
 
     def rank_params(self, k: int) -> int:
+        """Parameters of the rank-``k`` factor pair: ``k (n + m)``."""
         return k * (self.n + self.m)
 
     def to_dict(self) -> dict:
+        """The target's fields as a dict (``asdict``), with ``k_equiv`` added."""
         d = asdict(self)
         d["k_equiv"] = self.k_equiv
         return d
@@ -87,6 +89,8 @@ class Target:
 
 @dataclass(frozen=True)
 class Skipped:
+    """A weight-bearing node that is not a target, and why."""
+
     node: str
     op_type: str
     reason: str
@@ -94,10 +98,13 @@ class Skipped:
 
 @dataclass
 class TargetSet:
+    """A model's targets and the nodes skipped."""
+
     targets: list[Target] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
 
     def by_name(self) -> dict[str, Target]:
+        """The targets by node name."""
         return {t.name: t for t in self.targets}
 
 
@@ -270,6 +277,8 @@ def find_targets(
 
 
 def require_targets(targets: TargetSet, path: str) -> None:
+    """Raise ModelError (naming ``path`` and up to three skip reasons) when ``targets`` holds no
+    target."""
     if not targets.targets:
         reasons = "; ".join(f"{s.node}: {s.reason}" for s in targets.skipped[:3])
         more = f" (skipped: {reasons})" if reasons else ""
