@@ -13,76 +13,28 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from flarc.calib.data import CalibrationSet
 from flarc.cli import build_parser
 from flarc.core.errors import FlarcError, ModelError
-from flarc.core.modelio import load_model
-from flarc.core.targets import Target, constant_tensors, find_targets, weight_matrix
+from flarc.core.targets import Target, constant_tensors, weight_matrix
 from flarc.export.buckets import parse_budgets, plan_buckets, read_factor_rows
-from flarc.export.hf import example_inputs, export_hf, layout_from_onnx
+from flarc.export.hf import example_inputs, layout_from_onnx
 from flarc.export.manifest import load_manifest
 from flarc.export.runtime import Generator
-from flarc.pipeline import build_buckets
 from flarc.rewrite.allocate import fisher_ranks
 
+from _models import lm_token_batches
+
 transformers = pytest.importorskip("transformers")
-VOCAB = 256
-BUDGETS = [1.0, 0.8, 0.6, 0.4]
+VOCAB = 256  # save_tiny_qwen2's
 
 
-def token_batches(count: int, batch: int = 4, seq: int = 24, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    return [
-        {
-            "input_ids": rng.integers(0, VOCAB, (batch, seq)).astype(np.int64),
-            "attention_mask": np.ones((batch, seq), np.int64),
-            "position_ids": np.tile(np.arange(seq, dtype=np.int64), (batch, 1)),
-        }
-        for _ in range(count)
-    ]
-
-
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    """A tiny random Qwen2, exported, and its bucket folder (Fisher-allocated)."""
-    import torch
-
-    root = tmp_path_factory.mktemp("lm")
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=256,
-    )
-    transformers.Qwen2ForCausalLM(config).save_pretrained(root / "hf")
-    summary = export_hf(root / "hf", root / "lm.onnx")
-    model = load_model(root / "lm.onnx")
-    targets = find_targets(model)
-    result = build_buckets(
-        model, targets, CalibrationSet(token_batches(2), [], "test"), BUDGETS, root / "lm.buckets"
-    )
-    return {
-        "root": root,
-        "onnx": root / "lm.onnx",
-        "model": model,
-        "targets": targets,
-        "folder": root / "lm.buckets",
-        "result": result,
-        "summary": summary,
-    }
-
-
-def test_export_hf_layout_and_logits(lm):
-    model = lm["model"]
+def test_export_hf_layout_and_logits(tiny_lm):
+    model = tiny_lm["model"]
     names = [i.name for i in model.graph.input]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
     assert "past_key_values.1.value" in names
     assert [o.name for o in model.graph.output][:2] == ["logits", "present.0.key"]
-    assert lm["summary"]["max_abs_logits_error"] < 1e-4
+    assert tiny_lm["summary"]["max_abs_logits_error"] < 1e-4
     layout = layout_from_onnx(model)
     assert (layout.num_layers, layout.kv_heads, layout.head_dim) == (2, 2, 16)
 
@@ -119,12 +71,12 @@ def test_bucket_plans_follow_the_one_allocator():
     assert parse_budgets("0.4,1,0.8") == [1.0, 0.8, 0.4]
 
 
-def test_every_bucket_is_a_valid_standalone_model(lm):
+def test_every_bucket_is_a_valid_standalone_model(tiny_lm):
     from polygraphy.backend.onnx import OnnxFromPath
     from polygraphy.backend.onnxrt import SessionFromOnnx
 
-    manifest = lm["result"].manifest
-    feed = example_inputs(layout_from_onnx(lm["model"]), 1, 4, 3, VOCAB)
+    manifest = tiny_lm["result"].manifest
+    feed = example_inputs(layout_from_onnx(tiny_lm["model"]), 1, 4, 3, VOCAB)
     for row in manifest.data["buckets"]:
         path = manifest.path(row["file"])
         onnx.checker.check_model(str(path))
@@ -137,13 +89,13 @@ def test_every_bucket_is_a_valid_standalone_model(lm):
         assert OnnxFromPath(str(path))().graph.node
         assert SessionFromOnnx(str(path))().get_inputs()[0].name == "input_ids"
     # The budget-1.0 bucket is the dense model up to float rounding.
-    want = ort.InferenceSession(str(lm["onnx"])).run(["logits"], feed)[0]
+    want = ort.InferenceSession(str(tiny_lm["onnx"])).run(["logits"], feed)[0]
     got = ort.InferenceSession(str(manifest.path("bucket_1.onnx"))).run(["logits"], feed)[0]
     np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max())
 
 
-def test_weights_stored_once(lm):
-    manifest = lm["result"].manifest
+def test_weights_stored_once(tiny_lm):
+    manifest = tiny_lm["result"].manifest
     data = manifest.data
     buckets = data["buckets"]
     for t in data["targets"]:  # the largest factors of a target, stored once
@@ -166,10 +118,10 @@ def test_weights_stored_once(lm):
     assert set(data["files"]) == {"factors.bin", "dense.bin", *(r["file"] for r in buckets)}
 
 
-def test_bucket_factors_are_row_prefixes_of_the_stored_factors(lm):
-    manifest = lm["result"].manifest
-    consts = constant_tensors(lm["model"])
-    by_name = lm["targets"].by_name()
+def test_bucket_factors_are_row_prefixes_of_the_stored_factors(tiny_lm):
+    manifest = tiny_lm["result"].manifest
+    consts = constant_tensors(tiny_lm["model"])
+    by_name = tiny_lm["targets"].by_name()
     for row in manifest.data["buckets"]:
         graph = onnx.load(str(manifest.path(row["file"])))  # reads the external byte ranges
         inits = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
@@ -200,8 +152,8 @@ def _copy(src, dst):
     return dst
 
 
-def test_tampered_or_missing_files_are_refused(lm, tmp_path):
-    folder = _copy(lm["folder"], tmp_path / "a")
+def test_tampered_or_missing_files_are_refused(tiny_lm, tmp_path):
+    folder = _copy(tiny_lm["folder"], tmp_path / "a")
     load_manifest(folder)  # intact
     with open(folder / "factors.bin", "r+b") as fh:
         fh.seek(100)
@@ -211,7 +163,7 @@ def test_tampered_or_missing_files_are_refused(lm, tmp_path):
     with pytest.raises(ModelError, match=r"factors\.bin.*sha256"):
         Generator.from_buckets(folder)
 
-    folder = _copy(lm["folder"], tmp_path / "b")
+    folder = _copy(tiny_lm["folder"], tmp_path / "b")
     data = json.loads((folder / "manifest.json").read_text())
     first = data["targets"][0]["name"]
     data["buckets"][1]["ranks"][first] += 8
@@ -219,18 +171,18 @@ def test_tampered_or_missing_files_are_refused(lm, tmp_path):
     with pytest.raises(ModelError, match="manifest was modified"):
         load_manifest(folder)
 
-    folder = _copy(lm["folder"], tmp_path / "c")
+    folder = _copy(tiny_lm["folder"], tmp_path / "c")
     (folder / "manifest.json").unlink()
     with pytest.raises(ModelError, match="missing"):
         load_manifest(folder)
 
-    folder = _copy(lm["folder"], tmp_path / "d")
+    folder = _copy(tiny_lm["folder"], tmp_path / "d")
     with open(folder / "dense.bin", "ab") as fh:
         fh.write(b"\0")
     with pytest.raises(ModelError, match=r"dense\.bin.*bytes"):
         load_manifest(folder, verify=False)
 
-    folder = _copy(lm["folder"], tmp_path / "e")
+    folder = _copy(tiny_lm["folder"], tmp_path / "e")
     (folder / "bucket_0.6.onnx").unlink()
     with pytest.raises(ModelError, match=r"bucket_0\.6\.onnx.*missing"):
         load_manifest(folder)
@@ -240,13 +192,13 @@ def _parser() -> argparse.ArgumentParser:
     return build_parser()
 
 
-def test_cli_export_buckets(lm, tmp_path):
-    batches = token_batches(1, batch=6, seq=16, seed=3)[0]
+def test_cli_export_buckets(tiny_lm, tmp_path):
+    batches = lm_token_batches(1, VOCAB, batch=6, seq=16, seed=3)[0]
     np.savez(tmp_path / "calib.npz", **batches)
     out = tmp_path / "cli.buckets"
     args = _parser().parse_args(
         [
-            "export", "buckets", str(lm["onnx"]), "--calib", str(tmp_path / "calib.npz"),
+            "export", "buckets", str(tiny_lm["onnx"]), "--calib", str(tmp_path / "calib.npz"),
             "--budgets", "1.0,0.5", "--align", "16", "-o", str(out),
         ]
     )  # fmt: skip
@@ -261,7 +213,7 @@ def test_cli_export_buckets(lm, tmp_path):
         for r in [manifest.data["buckets"][1]["ranks"][t["name"]]]
     )
     bad = _parser().parse_args(
-        ["export", "buckets", str(lm["onnx"]), "--calib", str(tmp_path / "calib.npz"),
+        ["export", "buckets", str(tiny_lm["onnx"]), "--calib", str(tmp_path / "calib.npz"),
          "--budgets", "1.0,0", "-o", str(tmp_path / "x")]
     )  # fmt: skip
     with pytest.raises(FlarcError, match="outside"):

@@ -79,7 +79,7 @@ def test_compress_end_to_end(tmp_path, mlp, capsys):
     for row in report["targets"]:
         assert row["rank"] % 4 == 0 and row["rank"] < row["k_equiv"]
         assert 0 <= row["predicted_error"] < 1
-    # An independent float64 reference (scikit-learn's Ledoit-Wolf, Cholesky, SVD; DESIGN.md
+    # An independent float64 reference (scikit-learn's Ledoit-Wolf, Cholesky, SVD; docs/design.md
     # sections 3-4) at the reported ranks: same intensities, predicted errors and held-out cosine.
     ranks = [row["rank"] for row in report["targets"]]
     reference = whitened_reference(mlp, np.load(tmp_path / "calib.npz")["x"], ranks)

@@ -7,7 +7,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 
 from flarc.calib.data import CalibrationSet
 from flarc.calib.moments import Moments
@@ -19,25 +18,13 @@ from flarc.rewrite.ranks import RankChoice
 from flarc.rewrite.spectrum import compensated_svd, whitened_svd
 from flarc.rewrite.whiten import whitener
 
-from _models import TinyEncoder, export, token_batch
-
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cl")
-    torch.manual_seed(1)
-    rng = np.random.default_rng(1)
-    feed = token_batch(rng, 2, 12)
-    args = tuple(torch.from_numpy(feed[k]) for k in ("input_ids", "attention_mask"))
-    dyn = {"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}}
-    path = export(
-        TinyEncoder(d=32, layers=2), args, tmp / "e.onnx", ["input_ids", "attention_mask"], dyn
-    )
-    model = onnx.load(str(path))
-    feeds = [token_batch(rng, 8, 16, pad_from=11) for _ in range(4)]
+def setup(tiny_encoder):
+    case = tiny_encoder(seed=1, batches=4, batch=8, pad_from=11)
     options = AnalysisOptions(shrinkage="none", full_rank=True)
-    analysis = analyze(model, find_targets(model), CalibrationSet(feeds, [], "t"), options)
-    return model, feeds, analysis
+    data = CalibrationSet(case.feeds, [], "t")
+    return case.model, case.feeds, analyze(case.model, find_targets(case.model), data, options)
 
 
 def test_levels_follow_the_blocks(setup):

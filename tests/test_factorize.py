@@ -15,6 +15,8 @@ from flarc.rewrite.pairs import chosen_factors, factorize
 from flarc.rewrite.ranks import RankChoice
 
 from _models import (
+    TOKEN_AXES,
+    TOKEN_INPUTS,
     Mlp2d,
     Mlp3d,
     SmallCnn,
@@ -159,16 +161,9 @@ def test_full_rank_of_transformers_both_exporters(tmp_path):
     for dynamo in (False, True):
         for cls in (TinyEncoder, TinyDecoder):
             feed = token_batch(rng, 2, 10, pad_from=6)
-            args = tuple(torch.from_numpy(feed[k]) for k in ("input_ids", "attention_mask"))
-            dyn = {"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}}
-            path = export(
-                cls(),
-                args,
-                tmp_path / f"{cls.__name__}{dynamo}.onnx",
-                ["input_ids", "attention_mask"],
-                dyn,
-                dynamo,
-            )
+            args = tuple(torch.from_numpy(feed[k]) for k in TOKEN_INPUTS)
+            path = tmp_path / f"{cls.__name__}{dynamo}.onnx"
+            export(cls(), args, path, TOKEN_INPUTS, TOKEN_AXES, dynamo)
             model = onnx.load(str(path))
             targets = find_targets(model)
             # q, k, v, o, up, down per block; a tied head is skipped unless the exporter

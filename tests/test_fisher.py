@@ -21,7 +21,7 @@ from flarc.cli import build_parser
 from flarc.core.errors import DataError, ModelError
 from flarc.core.targets import find_targets
 
-import _fisher_models as fm
+from _models import KIND_OUTPUTS, example_batch, match_initializers, torch_inputs
 
 EXPORTERS = ["legacy", "dynamo"]
 
@@ -29,9 +29,9 @@ EXPORTERS = ["legacy", "dynamo"]
 def _batches(kind: str) -> list[dict]:
     """Three batches of different shapes, padded where the model takes a mask."""
     return [
-        fm.example_batch(kind, seed=10, batch=2, seq=6),
-        fm.example_batch(kind, seed=11, batch=3, seq=5),
-        fm.example_batch(kind, seed=12, batch=2, seq=7),
+        example_batch(kind, seed=10, batch=2, seq=6),
+        example_batch(kind, seed=11, batch=3, seq=5),
+        example_batch(kind, seed=12, batch=2, seq=7),
     ]
 
 
@@ -74,15 +74,15 @@ def _reference_alpha(module, model, kind, targets, batches, loss, seed=0):
     """alpha_t = sum_b sum (dL_b/dW * W)^2 on the double torch module; targets whose weight is a
     folded copy of a parameter stored more than once (a tied lm head) are left out."""
     ref = copy.deepcopy(module).double()
-    matches = fm.match_initializers(model, ref)
+    matches = match_initializers(model, ref)
     owner = {i: p for p, found in matches.items() for i, _ in found if len(found) == 1}
     params = dict(ref.named_parameters())
     alpha = {t.name: 0.0 for t in targets if t.weight in owner}
     for b, batch in enumerate(batches):
         ref.zero_grad()
-        outs = ref(*fm.torch_inputs(kind, batch))
+        outs = ref(*torch_inputs(kind, batch))
         outs = outs if isinstance(outs, tuple) else (outs,)
-        named = dict(zip(fm.OUTPUT_NAMES[kind], outs, strict=True))
+        named = dict(zip(KIND_OUTPUTS[kind], outs, strict=True))
         _ref_loss(loss, named, batch, seed, b).backward()
         for t in targets:
             if t.weight in owner:
@@ -117,14 +117,14 @@ def test_tied_weight_gradients_per_batch(exported):
     """The dynamo export keeps embedding and lm head as one initializer: its per-batch gradient is
     torch's gradient of the tied parameter (the sum over both uses)."""
     module, model = exported("gpt", "dynamo")
-    (tied,) = [i for i, _ in fm.match_initializers(model, module)["wte.weight"]]
+    (tied,) = [i for i, _ in match_initializers(model, module)["wte.weight"]]
     batches = _batches("gpt")
     grads = weight_gradients(model, [tied], batches, loss="lm")
     assert len(grads[tied]) == len(batches)
     ref = copy.deepcopy(module).double()
     for b, batch in enumerate(batches):
         ref.zero_grad()
-        logits = ref(*fm.torch_inputs("gpt", batch))
+        logits = ref(*torch_inputs("gpt", batch))
         _ref_loss("lm", {"logits": logits}, batch, 0, b).backward()
         expected = ref.wte.weight.grad.numpy()
         np.testing.assert_allclose(grads[tied][b], expected, rtol=1e-5, atol=1e-9)
@@ -202,7 +202,7 @@ def test_masks_fully_padded_batch_and_explicit_mask_input(exported):
     _, model = exported("gpt", "legacy")
     targets = find_targets(model).targets
     batches = _batches("gpt")
-    padded = fm.example_batch("gpt", seed=13)
+    padded = example_batch("gpt", seed=13)
     padded["attention_mask"][:] = 0
     base = fisher_importance(model, targets, batches)
     with_padding = fisher_importance(model, targets, [*batches[:1], padded, *batches[1:]])

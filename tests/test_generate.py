@@ -20,64 +20,30 @@ from flarc.export.runtime import Generator, KVCache
 from flarc.export.schedule import entropy, entropy_budget, parse_schedule
 from flarc.pipeline import build_buckets
 
+from _models import lm_token_batches, save_tiny_qwen2
+
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 PROMPT = [5, 17, 42, 99, 3, 64, 7]
 
 
-def _qwen(path, hidden, inter, vocab, seed=0):
-    torch.manual_seed(seed)
-    config = transformers.Qwen2Config(
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        max_position_embeddings=256,
-    )
-    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
-
-
-def _tokens(vocab, count=2, batch=4, seq=24):
-    rng = np.random.default_rng(1)
-    return [
-        {
-            "input_ids": rng.integers(0, vocab, (batch, seq)).astype(np.int64),
-            "attention_mask": np.ones((batch, seq), np.int64),
-            "position_ids": np.tile(np.arange(seq, dtype=np.int64), (batch, 1)),
-        }
-        for _ in range(count)
-    ]
-
-
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gen")
-    _qwen(root / "hf", 64, 128, 256)
-    export_hf(root / "hf", root / "lm.onnx", check=False)
-    model = load_model(root / "lm.onnx")
-    build_buckets(
-        model,
-        find_targets(model),
-        CalibrationSet(_tokens(256), [], "test"),
-        [1.0, 0.8, 0.6, 0.4],
-        root / "lm.buckets",
-    )
-    return {"root": root, "gen": Generator.from_buckets(root / "lm.buckets")}
+def gen(tiny_lm):
+    """A generator over the tiny Qwen2's buckets (budgets 1.0, 0.8, 0.6, 0.4)."""
+    return Generator.from_buckets(tiny_lm["folder"])
 
 
-def test_full_rank_bucket_generates_exactly_what_the_original_does(lm):
-    original = Generator.from_onnx(lm["root"] / "lm.onnx").generate(PROMPT, 24)
-    full = lm["gen"].generate(PROMPT, 24, "static:1.0")
+def test_full_rank_bucket_generates_exactly_what_the_original_does(tiny_lm, gen):
+    original = Generator.from_onnx(tiny_lm["onnx"]).generate(PROMPT, 24)
+    full = gen.generate(PROMPT, 24, "static:1.0")
     assert full.tokens == original.tokens
-    hf = transformers.Qwen2ForCausalLM.from_pretrained(str(lm["root"] / "hf")).eval()
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(str(tiny_lm["root"] / "hf")).eval()
     with torch.no_grad():
         out = hf.generate(
             torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False, pad_token_id=0
         )
     assert out[0, len(PROMPT) :].tolist() == original.tokens
-    smaller = lm["gen"].generate(PROMPT, 24, "static:0.4")
+    smaller = gen.generate(PROMPT, 24, "static:0.4")
     assert smaller.tokens != original.tokens  # the small bucket really is a different model
 
 
@@ -87,18 +53,17 @@ def _prefill(gen, budget, ids):
     return gen.step(budget, np.asarray(ids), cache)[-1], cache
 
 
-def test_incremental_decoding_equals_a_prefill_from_scratch(lm):
-    gen = lm["gen"]
+def test_incremental_decoding_equals_a_prefill_from_scratch(gen):
     run = gen.generate(PROMPT, 10, "static:0.6", keep_logits=True)
     for t in (0, 4, 9):
         want, _ = _prefill(gen, 0.6, PROMPT + run.tokens[:t])
         np.testing.assert_allclose(run.logits[t], want, atol=1e-4)
 
 
-def test_switching_buckets_carries_the_cache(lm):
+def test_switching_buckets_carries_the_cache(gen):
     """After a switch at step S, bucket 0.6 continues from the cache bucket 1.0 built: the logits
     equal bucket 1.0 run from scratch over the prefix, then bucket 0.6 over the new tokens."""
-    gen, switch = lm["gen"], 5
+    switch = 5
     run = gen.generate(PROMPT, 12, f"steps:1.0@0,0.6@{switch}", keep_logits=True)
     assert run.budgets == [1.0] * switch + [0.6] * (12 - switch)
     _, cache = _prefill(gen, 1.0, PROMPT + run.tokens[: switch - 1])
@@ -142,8 +107,7 @@ def test_schedule_parsing_and_rules():
     assert entropy(z) == pytest.approx(-(p * np.log(p)).sum())
 
 
-def test_entropy_schedule_follows_the_rule(lm):
-    gen = lm["gen"]
+def test_entropy_schedule_follows_the_rule(gen):
     probe = gen.generate(PROMPT, 12, "static:1.0", keep_logits=True)
     low, high = float(np.min(probe.entropies)), float(np.max(probe.entropies))
     run = gen.generate(PROMPT, 12, f"entropy:{low}:{high}", keep_logits=True)
@@ -153,8 +117,7 @@ def test_entropy_schedule_follows_the_rule(lm):
     assert len(set(run.budgets)) > 1
 
 
-def test_sampling_is_seeded_and_top_p_narrows(lm):
-    gen = lm["gen"]
+def test_sampling_is_seeded_and_top_p_narrows(gen):
     a = gen.generate(PROMPT, 8, "static:0.8", sample=True, temperature=0.9, top_p=0.95, seed=3)
     b = gen.generate(PROMPT, 8, "static:0.8", sample=True, temperature=0.9, top_p=0.95, seed=3)
     assert a.tokens == b.tokens
@@ -167,8 +130,8 @@ def _parser():
     return build_parser()
 
 
-def test_cli_generate(lm, capsys):
-    folder = str(lm["root"] / "lm.buckets")
+def test_cli_generate(tiny_lm, capsys):
+    folder = str(tiny_lm["folder"])
     args = _parser().parse_args(
         ["generate", folder, "--prompt-ids", "5,17,42", "--max-new-tokens", "6", "--json",
          "--schedule", "steps:1.0@0,0.4@3"]
@@ -197,14 +160,14 @@ print(json.dumps(weight_memory_report(sys.argv[1], share_weights=sys.argv[2] == 
 def test_bucket_sessions_share_weight_memory(tmp_path):
     """RSS growth of four bucket sessions (each run once) vs the largest bucket's weights; a
     model big enough (about 130 MB of weights) that per-session overhead (about 2 MB) is small."""
-    _qwen(tmp_path / "hf", 512, 1024, 24576)
+    save_tiny_qwen2(tmp_path / "hf", 512, 1024, 24576)
     export_hf(tmp_path / "hf", tmp_path / "m.onnx", check=False)
     model = load_model(tmp_path / "m.onnx")
     targets = find_targets(model)
     build_buckets(
         model,
         targets,
-        CalibrationSet(_tokens(24576, count=1, batch=2, seq=16), [], "test"),
+        CalibrationSet(lm_token_batches(1, 24576, batch=2, seq=16, seed=1), [], "test"),
         [0.8, 0.6, 0.4, 0.2],  # a dense 1.0 bucket would hold the dense weights beside the factors
         tmp_path / "m.buckets",
         alpha={t.name: 1.0 for t in targets.targets},  # allocation is not what is measured here

@@ -14,7 +14,14 @@ from onnx import TensorProto, helper, numpy_helper
 from flarc.calib.onnx_torch import TorchGraph
 from flarc.core.errors import DataError, ModelError
 
-import _fisher_models as fm
+from _models import (
+    KIND_OUTPUTS,
+    KIND_VOCAB,
+    example_batch,
+    match_initializers,
+    run_ort,
+    torch_inputs,
+)
 
 KINDS = ["gpt", "bert", "cnn"]
 EXPORTERS = ["legacy", "dynamo"]
@@ -34,8 +41,8 @@ def _close(actual: np.ndarray, expected: np.ndarray, rtol: float) -> None:
 def test_forward_matches_onnxruntime(exported, kind, exporter):
     _, model = exported(kind, exporter)
     # Other batch and sequence sizes than at export: the shape subgraphs must follow.
-    feeds = fm.example_batch(kind, seed=5, batch=3, seq=5)
-    expected = fm.run_ort(model, feeds)
+    feeds = example_batch(kind, seed=5, batch=3, seq=5)
+    expected = run_ort(model, feeds)
     graph = TorchGraph(model, dtype=torch.float64)
     with torch.no_grad():
         got = graph.run(feeds)
@@ -56,14 +63,14 @@ def test_forward_matches_onnxruntime(exported, kind, exporter):
 def test_gradients_match_torch_autograd(exported, kind, exporter):
     module, model = exported(kind, exporter)
     reference = copy.deepcopy(module).double()
-    matches = fm.match_initializers(model, reference)
+    matches = match_initializers(model, reference)
     # Every matrix/kernel of the module must be found in the graph, or the test would be empty.
     for pname, p in reference.named_parameters():
         if p.dim() >= 2:
             assert pname in matches, f"{pname} not found among the ONNX initializers"
     weights = sorted({iname for found in matches.values() for iname, _ in found})
     graph = TorchGraph(model, params=weights, dtype=torch.float64)
-    feeds = fm.example_batch(kind, seed=7, batch=3, seq=5)
+    feeds = example_batch(kind, seed=7, batch=3, seq=5)
     rng = np.random.default_rng(0)
     outs = graph.run(feeds)
     coefs = {n: torch.from_numpy(rng.standard_normal(tuple(y.shape))) for n, y in outs.items()}
@@ -72,11 +79,9 @@ def test_gradients_match_torch_autograd(exported, kind, exporter):
         zip(weights, torch.autograd.grad(loss, [graph.params[w] for w in weights]), strict=True)
     )
 
-    ref_out = reference(*fm.torch_inputs(kind, feeds))
+    ref_out = reference(*torch_inputs(kind, feeds))
     ref_out = ref_out if isinstance(ref_out, tuple) else (ref_out,)
-    ref_loss = sum(
-        (y * coefs[n]).sum() for n, y in zip(fm.OUTPUT_NAMES[kind], ref_out, strict=True)
-    )
+    ref_loss = sum((y * coefs[n]).sum() for n, y in zip(KIND_OUTPUTS[kind], ref_out, strict=True))
     ref_loss.backward()
     _close(loss.item(), ref_loss.item(), rtol=1e-6)
     for pname, p in reference.named_parameters():
@@ -95,18 +100,18 @@ def test_gradients_match_torch_autograd(exported, kind, exporter):
 def test_tied_weight_in_graph_gets_summed_gradient(exported):
     """The dynamo export keeps the GPT embedding and its lm head as one initializer, two uses."""
     module, model = exported("gpt", "dynamo")
-    tied = [name for name, _ in fm.match_initializers(model, module)["wte.weight"]]
+    tied = [name for name, _ in match_initializers(model, module)["wte.weight"]]
     assert len(tied) == 1
     uses = [n.op_type for n in model.graph.node if tied[0] in n.input]
     assert sorted(uses) == ["Gather", "Gemm"]
     reference = copy.deepcopy(module).double()
-    feeds = fm.example_batch("gpt", seed=2)
+    feeds = example_batch("gpt", seed=2)
     graph = TorchGraph(model, params=tied)
     (grad,) = torch.autograd.grad(graph.run(feeds)["logits"].pow(2).sum(), [graph.params[tied[0]]])
-    reference(*fm.torch_inputs("gpt", feeds)).pow(2).sum().backward()
+    reference(*torch_inputs("gpt", feeds)).pow(2).sum().backward()
     _close(grad.numpy(), reference.wte.weight.grad.numpy(), rtol=1e-5)
     # Both uses contribute: the embedding rows of unused tokens still get the head's gradient.
-    unused = sorted(set(range(fm.VOCAB)) - set(feeds["input_ids"].ravel().tolist()))
+    unused = sorted(set(range(KIND_VOCAB)) - set(feeds["input_ids"].ravel().tolist()))
     assert unused and np.abs(grad.numpy()[unused]).max() > 0
 
 
@@ -524,7 +529,7 @@ def test_unsupported_extra_output_and_unknown_output():
 def test_requested_outputs_only_run_what_they_need(exported):
     _, model = exported("bert", "legacy")
     graph = TorchGraph(model)
-    feeds = fm.example_batch("bert")
+    feeds = example_batch("bert")
     both = graph.run(feeds)
     # input_ids alone suffices for the embeddings: the mask branch is never evaluated.
     emb = next(n.output[0] for n in model.graph.node if n.op_type == "LayerNormalization")

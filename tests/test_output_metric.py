@@ -17,8 +17,7 @@ from flarc.pipeline import AnalysisOptions, analyze
 from flarc.rewrite.output_error import KL_ROWS, OutputErrorProbe, kl_rows
 from flarc.rewrite.policy import RankOptions, choose_ranks, output_sensitivity
 
-import _fisher_models as fm
-from _models import kept_params
+from _models import example_batch, kept_params, run_ort
 
 
 def _torch_kl(y_ref: np.ndarray, y: np.ndarray) -> float:
@@ -44,10 +43,9 @@ def test_kl_rows_matches_torch_and_ignores_row_shifts():
 
 
 @pytest.fixture(scope="module")
-def gpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("kl") / "gpt.onnx"
-    model = fm.export(fm.build("gpt"), "gpt", "legacy", path)
-    feeds = [fm.example_batch("gpt", seed=s, batch=3, seq=6) for s in range(4)]
+def gpt(exported):
+    _, model = exported("gpt", "legacy")
+    feeds = [example_batch("gpt", seed=s, batch=3, seq=6) for s in range(4)]
     analysis = analyze(
         model, find_targets(model), CalibrationSet(feeds[:3], feeds[3:], "t"), AnalysisOptions()
     )
@@ -61,7 +59,7 @@ def _replaced_outputs(model: onnx.ModelProto, target, b: np.ndarray, feed: dict)
     for init in out.graph.initializer:
         if init.name == target.weight:
             init.CopyFrom(onnx.numpy_helper.from_array(stored_weight(target, b), init.name))
-    return fm.run_ort(out, feed)["logits"]
+    return run_ort(out, feed)["logits"]
 
 
 def test_kl_probe_equals_onnxruntime_on_the_replaced_model(gpt):
@@ -78,7 +76,7 @@ def test_kl_probe_equals_onnxruntime_on_the_replaced_model(gpt):
     b = original + 0.3 * rng.standard_normal(original.shape) * np.abs(original).mean()
     total, rows = 0.0, 0
     for feed, (probed,) in zip(feeds, probe.reference, strict=True):
-        ref = fm.run_ort(model, feed)["logits"]
+        ref = run_ort(model, feed)["logits"]
         # The probe's graph (target weights turned into inputs) computes the original model.
         np.testing.assert_allclose(probed, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
         new = _replaced_outputs(model, t, b, feed)

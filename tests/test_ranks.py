@@ -7,9 +7,7 @@ import dataclasses
 import hashlib
 
 import numpy as np
-import onnx
 import pytest
-import torch
 
 from flarc.calib.data import CalibrationSet
 from flarc.cli import main
@@ -29,30 +27,17 @@ from flarc.rewrite.policy import (
 from flarc.rewrite.ranks import ratio_rank
 from flarc.rewrite.search import Criterion, bisect_rank, scan_rank
 
-from _models import TinyEncoder, export, kept_params, token_batch
+from _models import kept_params
 
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("enc")
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    feed = token_batch(rng, 2, 12)
-    args = tuple(torch.from_numpy(feed[k]) for k in ("input_ids", "attention_mask"))
-    dyn = {"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}}
-    path = export(
-        TinyEncoder(d=48, layers=2), args, tmp / "enc.onnx", ["input_ids", "attention_mask"], dyn
+def encoder(tiny_encoder):
+    case = tiny_encoder(d=48, batches=6)
+    data = CalibrationSet(case.feeds[:4], case.feeds[4:], "t")
+    analysis = analyze(
+        case.model, find_targets(case.model), data, AnalysisOptions(fisher="projection")
     )
-    feeds = [token_batch(rng, 4, 16, pad_from=10) for _ in range(6)]
-    np.savez(
-        tmp / "calib.npz",
-        input_ids=np.concatenate([f["input_ids"] for f in feeds]),
-        attention_mask=np.concatenate([f["attention_mask"] for f in feeds]),
-    )
-    model = onnx.load(str(path))
-    data = CalibrationSet(feeds[:4], feeds[4:], "t")
-    analysis = analyze(model, find_targets(model), data, AnalysisOptions(fisher="projection"))
-    return path, model, analysis
+    return case.path, case.model, analysis
 
 
 @pytest.mark.parametrize("criterion", ["whitened", "cosine", "output"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-import torch
 
 import flarc.calib.statistics
 import flarc.core.modelio
@@ -18,8 +17,6 @@ from flarc.core.targets import find_targets
 from flarc.pipeline import AnalysisOptions, analyze, compress
 from flarc.rewrite.analysis_file import load_analysis, save_analysis
 from flarc.rewrite.policy import RankOptions
-
-from _models import TinyEncoder, export, token_batch
 
 
 @pytest.fixture
@@ -80,17 +77,9 @@ def test_truncated_stored_array_is_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def small_lm(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("spill")
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    feed = token_batch(rng, 2, 12)
-    args = tuple(torch.from_numpy(feed[k]) for k in ("input_ids", "attention_mask"))
-    dyn = {"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}}
-    names = ["input_ids", "attention_mask"]
-    path = export(TinyEncoder(d=32, layers=2), args, tmp / "enc.onnx", names, dyn)
-    feeds = [token_batch(rng, 4, 16, pad_from=10) for _ in range(5)]
-    return onnx.load(str(path)), CalibrationSet(feeds[:3], feeds[3:], "t")
+def small_lm(tiny_encoder):
+    case = tiny_encoder()
+    return case.model, CalibrationSet(case.feeds[:3], case.feeds[3:], "t")
 
 
 def test_spilled_grouped_analysis_equals_in_memory(

@@ -13,7 +13,7 @@ from flarc.calib.shrinkage import ledoit_wolf_lambda, shrink
 from flarc.calib.statistics import collect_statistics
 from flarc.core.targets import find_targets
 
-from _models import SmallCnn, TinyEncoder, export, im2col_rows, token_batch
+from _models import SmallCnn, export, im2col_rows, token_batch
 from test_factorize import run, with_outputs
 
 
@@ -45,17 +45,11 @@ def test_conv_statistics_are_im2col_moments(tmp_path, precision):
         )
 
 
-def test_masked_rows_never_count(tmp_path):
+def test_masked_rows_never_count(tiny_encoder):
     """Padding under a zero mask, filled with garbage tokens, leaves every statistic unchanged."""
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    feed = token_batch(rng, 3, 8)
-    args = tuple(torch.from_numpy(feed[k]) for k in ("input_ids", "attention_mask"))
-    dyn = {"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}}
-    model = onnx.load(
-        str(export(TinyEncoder(), args, tmp_path / "e.onnx", ["input_ids", "attention_mask"], dyn))
-    )
+    model = tiny_encoder().model
     targets = find_targets(model).targets
+    rng = np.random.default_rng(0)
     short = token_batch(rng, 3, 8)
     padded = {k: np.concatenate([v, np.zeros((3, 5), np.int64)], axis=1) for k, v in short.items()}
     padded["input_ids"][:, 8:] = rng.integers(1, 64, size=(3, 5))
@@ -113,7 +107,7 @@ def _streamed(x: np.ndarray, sizes: list[int]) -> Moments:
 def test_streamed_ledoit_wolf_intensity_matches_scikit_learn(centered, data):
     """The intensity from batch-streamed sums (Gram, count, sum ||x||^4 and, centred, sum x and
     sum ||x||^2 x) equals scikit-learn's on the concatenated rows: strictly inside (0, 1) for
-    correlated and for few rows (DESIGN.md's 8 x 20 case, where the often-quoted formula gives 0),
+    correlated and for few rows (8 rows of 20 features, where the often-quoted formula gives 0),
     and clipped to exactly 1 for isotropic rows (b2 > d2)."""
     rng = np.random.default_rng(2)
     if data == "correlated":

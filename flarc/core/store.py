@@ -264,15 +264,18 @@ class Store:
         if self.root is None:
             return self._groups.get(group)
         folder = self.path(group)
-        version = self._version(folder)
-        if version is None or not (folder / version / META).is_file():
-            return None
-        meta = json.loads((folder / version / META).read_text())
-        arrays = {
-            p.name[: -len(".npy")]: StoredArray.open(p)
-            for p in sorted((folder / version).glob("*.npy"))
-        }
-        return arrays, meta
+        for _ in range(3):  # a writer may publish a newer version (and drop this one) meanwhile
+            version = self._version(folder)
+            if version is None:
+                return None
+            try:
+                meta = json.loads((folder / version / META).read_text())
+                files = sorted((folder / version).glob("*.npy"))
+                arrays = {p.name[: -len(".npy")]: StoredArray.open(p) for p in files}
+            except FileNotFoundError:
+                continue
+            return arrays, meta
+        return None
 
     def clean(self, group: str) -> None:
         """Remove what killed writers left in ``group``: unpublished versions, temporary files."""
