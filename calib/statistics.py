@@ -4,7 +4,9 @@ For every distinct target input (q, k and v share one) the model is extended wit
 reduce the input rows ``X: [tokens, n]`` to the sums of :class:`Moments`; onnxruntime returns
 only those, and batches are added in float64. Conv inputs pass through a patch extractor, a
 Conv with a one-hot kernel of the target's geometry, so rows are im2col patches in the weight's
-(c, kh, kw) order. Rows at masked (padding) positions are dropped with ``Compress`` first.
+(c, kh, kw) order. Rows at masked (padding) positions are dropped with ``Compress`` first
+(before opset 9, which has no Compress, they are zeroed: a zero row adds nothing to any sum).
+The graph is built in the model's own opset, from 7 up.
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ class _Builder:
         self, op: str, x: str, axes: list[int] | None, keepdims: int, output: str | None = None
     ) -> str:
         # ReduceSum takes axes as an input from opset 13, the other reductions from opset 18.
-        axes_as_input = op == "ReduceSum" or self.opset >= 18
+        axes_as_input = (op == "ReduceSum" and self.opset >= 13) or self.opset >= 18
         if axes is None:
             return self.node(op, [x], op, output, keepdims=keepdims)
         if axes_as_input:
@@ -186,9 +188,15 @@ def prune_to_outputs(graph: onnx.GraphProto) -> None:
     keep.reverse()
     del graph.node[:]
     graph.node.extend(keep)
+    dropped = {t.name for t in graph.initializer if t.name not in needed}
     inits = [t for t in graph.initializer if t.name in needed]
     del graph.initializer[:]
     graph.initializer.extend(inits)
+    # Before IR 4 initializers are listed as inputs too: a dropped one must not be asked for.
+    inputs = [i for i in graph.input if i.name not in dropped]
+    if len(inputs) != len(graph.input):
+        del graph.input[:]
+        graph.input.extend(inputs)
 
 
 def build_statistics_model(
@@ -204,12 +212,16 @@ def build_statistics_model(
     del graph.output[:]
     b = _Builder(graph, model_opset(model))
     acc_type = TensorProto.DOUBLE if precision == "float64" else TensorProto.FLOAT
-    mask_bool = None
+    mask_bool = mask_rows = None
     if mask_input and any(p.masked for p in plans):
         flat = b.node(
             "Reshape", [mask_input, b.const(np.array([-1], np.int64), "shape")], "mask_flat"
         )
         mask_bool = b.node("Cast", [flat], "mask_bool", to=TensorProto.BOOL)
+        if b.opset < 9:  # no Compress yet: padded rows become zero rows, which add nothing
+            column = b.const(np.array([-1, 1], np.int64), "column")
+            as_acc = b.node("Cast", [mask_bool], "mask_acc", to=acc_type)
+            mask_rows = b.node("Reshape", [as_acc, column], "mask_rows")
     rows_shape: dict[int, str] = {}
 
     def rows_of(plan: StatPlan, x: str) -> str:
@@ -224,23 +236,25 @@ def build_statistics_model(
             nd = len(g.kernel_shape)
             x = b.node("Transpose", [patches], "patches_last", perm=[0, *range(2, nd + 2), 1])
         rows = b.node("Reshape", [x, rows_shape[plan.n]], "rows")
-        if plan.masked:
+        if plan.masked and mask_rows is None:
             rows = b.node("Compress", [rows, mask_bool], "rows_kept", axis=0)
-        return b.node("Cast", [rows], "rows_acc", to=acc_type)
+        rows = b.node("Cast", [rows], "rows_acc", to=acc_type)
+        if plan.masked and mask_rows is not None:
+            rows = b.node("Mul", [rows, mask_rows], "rows_kept")
+        return rows
 
     for plan in plans:
         xd = rows_of(plan, plan.input)
         out = plan.outputs
         xt = b.node("Transpose", [xd], "rows_t", perm=[1, 0])
         b.node("MatMul", [xt, xd], "gram", output=out["gram"])
-        shape = b.node("Shape", [xd], "shape")
-        b.node(
-            "Gather",
-            [shape, b.const(np.array(0, np.int64), "zero")],
-            "count",
-            output=out["count"],
-            axis=0,
-        )
+        if plan.masked and mask_rows is not None:  # the rows that count are the mask's ones
+            kept = b.reduce("ReduceSum", mask_rows, None, keepdims=0)
+            b.node("Cast", [kept], "count", output=out["count"], to=TensorProto.INT64)
+        else:
+            shape = b.node("Shape", [xd], "shape")
+            zero = b.const(np.array(0, np.int64), "zero")
+            b.node("Gather", [shape, zero], "count", output=out["count"], axis=0)
         r2 = b.reduce("ReduceSumSquare", xd, [1], keepdims=1)
         b.reduce("ReduceSumSquare", r2, None, keepdims=0, output=out["sum4"])
         b.reduce("ReduceSum", xd, [0], keepdims=0, output=out["sum1"])

@@ -42,7 +42,8 @@ def weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProt
     nodes = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in names)]
     del graph.node[:]
     graph.node.extend(nodes)
-    for name in sorted(names):
+    declared = {i.name for i in graph.input}  # before IR 4, initializers are inputs already
+    for name in sorted(names - declared):
         t = consts[name]
         graph.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
     return out

@@ -156,6 +156,11 @@ def factorize(
     named, originals = split_large_initializers(model)
     for node, name in zip(named.graph.node, node_names(named), strict=True):
         node.name = name
+    if model.ir_version < 4:  # inputs that only list initializers (IR 3) are put back below
+        inits = {t.name for t in named.graph.initializer}
+        keep = [i for i in named.graph.input if i.name not in inits]
+        del named.graph.input[:]
+        named.graph.input.extend(keep)
     graph = gs.import_onnx(named)
     writer = _Writer(graph, store, prefix_rows)
     by_name = {node.name: node for node in graph.nodes}
@@ -176,6 +181,11 @@ def factorize(
             if tensor.name in originals and not tensor.HasField("raw_data"):
                 tensor.CopyFrom(originals[tensor.name])
     out.ir_version = model.ir_version
+    if model.ir_version < 4:  # IR 3 wants every initializer listed as a graph input
+        out.graph.input.extend(
+            onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+            for t in out.graph.initializer
+        )
     out.producer_name = model.producer_name
     out.producer_version = model.producer_version
     out.domain = model.domain

@@ -448,8 +448,10 @@ def export(
     dynamo: bool = False,
     output_names: list[str] | None = None,
     dims: tuple | dict | None = None,
+    opset: int = 17,
 ) -> Path:
-    """Export with the legacy (opset 17) or dynamo (opset 18) exporter; IR 10 for onnxruntime.
+    """Export with the legacy (``opset``, 17 by default) or dynamo (opset 18) exporter; IR 10 at
+    most for onnxruntime (old opsets keep the exporter's older IR).
 
     The legacy exporter names the outputs ``output_names`` (default ["out"]) and makes the axes
     of ``dynamic`` dynamic; the dynamo exporter takes ``dims`` as its dynamic shapes, by default
@@ -484,7 +486,7 @@ def export(
                 input_names=input_names,
                 output_names=output_names or ["out"],
                 dynamic_axes=dynamic,
-                opset_version=17,
+                opset_version=opset,
                 dynamo=False,
             )
             model = onnx.load_from_string(buf.getvalue())

@@ -24,7 +24,7 @@ from flarc.core.files import write_bytes_atomic
 
 # onnxruntime 1.2x rejects the IR version that onnx 1.23 writes by default.
 MAX_IR_VERSION = 10
-MIN_OPSET = 13
+MIN_OPSET = 7
 # Protobuf cannot serialise a single message over 2 GiB; stay well under it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # A declared input/output/intermediate shape with more elements than this (8 GiB of float32 for

@@ -122,9 +122,10 @@ def node_names(model: onnx.ModelProto) -> list[str]:
 def constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     """Constant tensors by name: initializers and the outputs of Constant nodes with a tensor value."""
     consts = {t.name: t for t in model.graph.initializer}
-    graph_inputs = {i.name for i in model.graph.input}
+    # From IR 4 an initializer that is also a graph input can be overridden at run time: not
+    # constant. Before IR 4 every initializer had to be listed as an input (old exporters).
+    graph_inputs = {i.name for i in model.graph.input} if model.ir_version >= 4 else set()
     for name in list(consts):
-        # An initializer that is also a graph input can be overridden at run time: not constant.
         if name in graph_inputs:
             del consts[name]
     for node in model.graph.node:
