@@ -30,7 +30,7 @@ from flarc.core.memory import release_free_memory
 from flarc.core.modelio import is_large, model_opset, tensor_nbytes
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.sessions import fed_session, session_options
-from flarc.core.targets import ConvGeometry, Target
+from flarc.core.targets import ConvGeometry, Target, subgraph_reads
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,22 @@ class StatPlan:
     masked: bool = False
     outputs: dict[str, str] = field(default_factory=dict)
     partner: str | None = None  # a second tensor: adds the cross-statistic ``X^T P``
+    # A weight read by several nodes: their other inputs (rows of all of them are summed),
+    # whether each is masked, and their partners.
+    extra: tuple[str, ...] = ()
+    extra_masked: tuple[bool, ...] = ()
+    extra_partners: tuple[str, ...] = ()
+    transposed: bool = False  # the input is [n, tokens] (Gemm transA=1)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Every tensor the rows come from, in use order."""
+        return (self.input, *self.extra)
+
+    @property
+    def masks(self) -> tuple[bool, ...]:
+        """Whether each input's rows are masked (padding left out)."""
+        return (self.masked, *(self.extra_masked or (False,) * len(self.extra)))
 
 
 def plan_statistics(
@@ -61,12 +77,21 @@ def plan_statistics(
     target order. ``input_of`` renames the tensor the rows come from (the closed loop's twin);
     ``partner`` adds the cross-statistic with each target's own input."""
     plans: dict[str, StatPlan] = {}
+    rename = input_of or (lambda name: name)
     for t in targets:
         if t.stat_key not in plans:
             channels = t.weight_shape[1] if t.conv is not None else 0
-            source = input_of(t.input) if input_of is not None else t.input
+            first, *rest = [u.input for u in t.all_uses]
             plans[t.stat_key] = StatPlan(
-                t.stat_key, source, t.n, t.conv, channels, partner=t.input if partner else None
+                t.stat_key,
+                rename(first),
+                t.n,
+                t.conv,
+                channels,
+                partner=first if partner else None,
+                extra=tuple(rename(x) for x in rest),
+                extra_partners=tuple(rest) if partner else (),
+                transposed=t.transposed_input,
             )
     for i, plan in enumerate(plans.values()):
         plan.outputs = {f: f"flarc_stats/{prefix}{i}/{f}" for f in (*FIELDS, "cross")}
@@ -160,18 +185,6 @@ def one_hot_kernel(channels: int, kernel: tuple[int, ...]) -> np.ndarray:
     return np.eye(n, dtype=np.float32).reshape(n, channels, *kernel)
 
 
-def _subgraph_names(node: onnx.NodeProto) -> set[str]:
-    """Every name the subgraphs of ``node`` read (outer-scope values included)."""
-    names: set[str] = set()
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for g in graphs:
-            for inner in g.node:
-                names.update(inner.input)
-                names |= _subgraph_names(inner)
-    return names
-
-
 def prune_to_outputs(graph: onnx.GraphProto) -> None:
     """Drop the nodes and initializers no graph output depends on: onnxruntime runs every node,
     so an early group's statistics pass would otherwise run (and read the weights of) the
@@ -182,7 +195,7 @@ def prune_to_outputs(graph: onnx.GraphProto) -> None:
         if any(o in needed for o in node.output if o):
             keep.append(node)
             needed.update(i for i in node.input if i)
-            needed |= _subgraph_names(node)
+            needed |= subgraph_reads(node)
     if len(keep) == len(graph.node):
         return
     keep.reverse()
@@ -213,7 +226,7 @@ def build_statistics_model(
     b = _Builder(graph, model_opset(model))
     acc_type = TensorProto.DOUBLE if precision == "float64" else TensorProto.FLOAT
     mask_bool = mask_rows = None
-    if mask_input and any(p.masked for p in plans):
+    if mask_input and any(any(p.masks) for p in plans):
         flat = b.node(
             "Reshape", [mask_input, b.const(np.array([-1], np.int64), "shape")], "mask_flat"
         )
@@ -224,10 +237,12 @@ def build_statistics_model(
             mask_rows = b.node("Reshape", [as_acc, column], "mask_rows")
     rows_shape: dict[int, str] = {}
 
-    def rows_of(plan: StatPlan, x: str) -> str:
+    def rows_of(plan: StatPlan, x: str, masked: bool) -> str:
         """The rows ``[tokens, n]`` of tensor ``x`` as the plan forms them, in accumulation type."""
         if plan.n not in rows_shape:
             rows_shape[plan.n] = b.const(np.array([-1, plan.n], np.int64), f"rows{plan.n}")
+        if plan.transposed:  # Gemm transA=1 reads its activation as [n, tokens]
+            x = b.node("Transpose", [x], "rows_first", perm=[1, 0])
         if plan.conv is not None:
             g = plan.conv
             xf = b.node("Cast", [x], "as_float", to=TensorProto.FLOAT)
@@ -236,25 +251,49 @@ def build_statistics_model(
             nd = len(g.kernel_shape)
             x = b.node("Transpose", [patches], "patches_last", perm=[0, *range(2, nd + 2), 1])
         rows = b.node("Reshape", [x, rows_shape[plan.n]], "rows")
-        if plan.masked and mask_rows is None:
+        if masked and mask_rows is None:
             rows = b.node("Compress", [rows, mask_bool], "rows_kept", axis=0)
         rows = b.node("Cast", [rows], "rows_acc", to=acc_type)
-        if plan.masked and mask_rows is not None:
+        if masked and mask_rows is not None:
             rows = b.node("Mul", [rows, mask_rows], "rows_kept")
         return rows
 
+    def all_rows(plan: StatPlan, tensors: tuple[str, ...]) -> str:
+        """The rows of every use of the plan's weight, one after the other."""
+        masks = plan.masks
+        parts = [rows_of(plan, x, m) for x, m in zip(tensors, masks, strict=True)]
+        return parts[0] if len(parts) == 1 else b.node("Concat", parts, "rows_all", axis=0)
+
+    def count_of(plan: StatPlan, xd: str, out: str) -> None:
+        """The number of rows that count: the rows' count, or (before opset 9) the mask's
+        ones for masked inputs plus the rows of unmasked ones."""
+        masks = plan.masks
+        zero = b.const(np.array(0, np.int64), "zero")
+        if mask_rows is None or not any(masks):
+            shape = b.node("Shape", [xd], "shape")
+            b.node("Gather", [shape, zero], "count", output=out, axis=0)
+            return
+        total = None
+        for x, masked in zip(plan.inputs, masks, strict=True):
+            if masked:
+                kept = b.reduce("ReduceSum", mask_rows, None, keepdims=0)
+                part = b.node("Cast", [kept], "count_part", to=TensorProto.INT64)
+            else:
+                part = b.node(
+                    "Gather",
+                    [b.node("Shape", [rows_of(plan, x, False)], "shape"), zero],
+                    "count_part",
+                    axis=0,
+                )
+            total = part if total is None else b.node("Add", [total, part], "count_sum")
+        b.node("Identity", [total], "count", output=out)
+
     for plan in plans:
-        xd = rows_of(plan, plan.input)
+        xd = all_rows(plan, plan.inputs)
         out = plan.outputs
         xt = b.node("Transpose", [xd], "rows_t", perm=[1, 0])
         b.node("MatMul", [xt, xd], "gram", output=out["gram"])
-        if plan.masked and mask_rows is not None:  # the rows that count are the mask's ones
-            kept = b.reduce("ReduceSum", mask_rows, None, keepdims=0)
-            b.node("Cast", [kept], "count", output=out["count"], to=TensorProto.INT64)
-        else:
-            shape = b.node("Shape", [xd], "shape")
-            zero = b.const(np.array(0, np.int64), "zero")
-            b.node("Gather", [shape, zero], "count", output=out["count"], axis=0)
+        count_of(plan, xd, out["count"])
         r2 = b.reduce("ReduceSumSquare", xd, [1], keepdims=1)
         b.reduce("ReduceSumSquare", r2, None, keepdims=0, output=out["sum4"])
         b.reduce("ReduceSum", xd, [0], keepdims=0, output=out["sum1"])
@@ -263,7 +302,8 @@ def build_statistics_model(
         fields = list(FIELDS)
         if plan.partner is not None:
             # Cross-statistic X^T P of the plan's rows with the partner's rows at the same positions.
-            b.node("MatMul", [xt, rows_of(plan, plan.partner)], "cross", output=out["cross"])
+            partners = (plan.partner, *plan.extra_partners)
+            b.node("MatMul", [xt, all_rows(plan, partners)], "cross", output=out["cross"])
             fields.append("cross")
         for f in fields:
             elem = TensorProto.INT64 if f == "count" else acc_type
@@ -294,16 +334,22 @@ class StatisticsSession:
         originals = {**more, **(originals or {})}
         if self.mask_input is not None and self.mask_input in sample_feed:
             mask_shape = tuple(sample_feed[self.mask_input].shape)
-            candidates = [p.input for p in self.plans if p.conv is None]
+            candidates = [x for p in self.plans if p.conv is None for x in p.inputs]
             shapes = intermediate_shapes(model, candidates, sample_feed, originals=originals)
-            for p in self.plans:
-                shape = shapes.get(p.input)
-                p.masked = (
+
+            def spans_mask(p: StatPlan, x: str) -> bool:
+                shape = shapes.get(x)
+                return (
                     p.conv is None
+                    and not p.transposed
                     and shape is not None
                     and len(shape) == len(mask_shape) + 1
                     and shape[:-1] == mask_shape
                 )
+
+            for p in self.plans:
+                p.masked = spans_mask(p, p.input)
+                p.extra_masked = tuple(spans_mask(p, x) for x in p.extra)
         stats_model = build_statistics_model(model, self.plans, self.mask_input, precision)
         # Without the arena, the large per-batch Gram outputs go back to the system when freed;
         # pre-packed weight copies would put a large model's weights in memory a second time.
@@ -355,7 +401,10 @@ class StatisticsSession:
             if checkpoint.resumable:  # what a save must match to be resumed
                 checkpoint.identity = {
                     **checkpoint.identity,
-                    "plans": [[p.key, p.input, p.n, p.masked, p.partner] for p in self.plans],
+                    "plans": [
+                        [p.key, p.input, p.n, p.masked, p.partner, *p.extra, *p.extra_masked]
+                        for p in self.plans
+                    ],
                     "feeds": feeds_digest(feeds),
                     "batches": len(feeds),
                 }
@@ -435,7 +484,7 @@ def collect_moments(
             held.save(len(data.heldout), len(data.heldout), sums)
             heldout.update(held.saved() if store.on_disk else sums)
             del sums
-        if any(p.masked for p in session.plans):
+        if any(any(p.masks) for p in session.plans):
             mask = session.mask_input
         del session
         stats.update(group)

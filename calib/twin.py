@@ -34,11 +34,13 @@ def weight_input(weight: str) -> str:
 
 
 def twin_model(model: onnx.ModelProto, targets: list[Target]) -> onnx.ModelProto:
-    """``model`` plus a twin whose target weights are the graph inputs ``weight_input(w)``."""
+    """``model`` plus a twin whose targets read their weights (the tensors their nodes read)
+    from the graph inputs ``weight_input(w)``."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    weights = {t.weight for t in targets}
+    reads = {u.consumed: t for t in targets for u in t.all_uses}
+    weights = set(reads)
     consts = constant_tensors(model)
     keep = {i.name for i in model.graph.input} | (set(consts) - weights)
 
@@ -51,6 +53,8 @@ def twin_model(model: onnx.ModelProto, targets: list[Target]) -> onnx.ModelProto
     for node, name in zip(model.graph.node, node_names(model), strict=True):
         if node.op_type == "Constant" and node.output[0] in consts:
             continue  # shared with the original; a target weight comes from the graph input
+        if any(o in weights for o in node.output):
+            continue  # the end of a weight path: the twin's targets read the graph input
         twin = onnx.NodeProto()
         twin.CopyFrom(node)
         twin.name = PREFIX + name
@@ -59,9 +63,9 @@ def twin_model(model: onnx.ModelProto, targets: list[Target]) -> onnx.ModelProto
         twins.append(twin)
     graph.node.extend(twins)
     for w in sorted(weights):
-        t = consts[w]
+        t = reads[w]
         graph.input.append(
-            helper.make_tensor_value_info(weight_input(w), t.data_type, list(t.dims))
+            helper.make_tensor_value_info(weight_input(w), t.elem_type, list(t.weight_shape))
         )
     return out
 

@@ -79,7 +79,7 @@ def analyze(
     weights = Weights(model)
     for t in targets.targets:
         # NaN/Inf in a weight would surface much later as "SVD did not converge"; name it now.
-        bad = int((~np.isfinite(weights.array(t.weight))).sum())
+        bad = int((~np.isfinite(weights.consumed(t))).sum())
         if bad:
             raise ModelError(
                 f"tensor '{t.weight}' (weight of node '{t.name}') has {bad} NaN or Inf values"

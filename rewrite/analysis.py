@@ -112,7 +112,7 @@ def derive_spectra(
     progress = progress or NoProgress()
     entries = {}
     for i, t in enumerate(progress.track(targets, total=len(targets), description="whitened SVD")):
-        entry = analyze_target(t, weights.array(t.weight), stats[t.stat_key], options)
+        entry = analyze_target(t, weights.consumed(t), stats[t.stat_key], options)
         if store.writable:
             entry.spectrum = entry.spectrum.stored(store, f"{key}/t{i}")
         entries[t.name] = entry

@@ -51,7 +51,7 @@ def closed_loop_entries(
     light, originals = split_large_initializers(model)
     twin = twin_model(light, chosen)
     del light
-    weights = {weight_input(t.weight): stored.array(t.weight) for t in chosen}
+    weights = {weight_input(u.consumed): stored.consumed(t) for t in chosen for u in t.all_uses}
     options = analysis.options
     levels = target_levels(model, chosen)
     underdetermined: list[TargetAnalysis] = []
@@ -71,14 +71,13 @@ def closed_loop_entries(
         stats = session.collect(({**f, **weights} for f in feeds), description=f"level {i}")
         del session
         for t in level:
-            entry = analyze_target(
-                t, stored.array(t.weight), stats[t.stat_key], options, compensate
-            )
+            entry = analyze_target(t, stored.consumed(t), stats[t.stat_key], options, compensate)
             entries[t.name] = entry
             if compensate and entry.rows < t.n and entry.lam < WEAK_SHRINKAGE:
                 underdetermined.append(entry)
             a, c = entry.spectrum.factors(ranks[t.name].rank)
-            weights[weight_input(t.weight)] = stored_weight(t, a @ c)
+            for u in t.all_uses:
+                weights[weight_input(u.consumed)] = stored_weight(t, a @ c)
     if underdetermined:
         worst = min(underdetermined, key=lambda e: e.lam)
         log.warning(

@@ -71,7 +71,7 @@ def target_rows(
         measured = None
         if k is not None:
             a, c = e.spectrum.factors(k)
-            measured = heldout_error(analysis, t, a, c, weights.array(t.weight))
+            measured = heldout_error(analysis, t, a, c, weights.consumed(t))
         rows.append(
             TargetRow(
                 name=t.name,

@@ -4,15 +4,25 @@ docs/design.md section 2, and why every other weight-bearing node was left alone
 from __future__ import annotations
 
 import re
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from flarc.core.errors import ModelError
 from flarc.core.external import external_dir, tensor_array
+from flarc.core.weightpath import (
+    PathError,
+    PathTracer,
+    Storage,
+    WeightPath,
+    consumed_shape,
+    evaluate,
+    path_model,
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,19 @@ class ConvGeometry:
 
 
 @dataclass(frozen=True)
+class Use:
+    """One node that reads a target's weight."""
+
+    node: str
+    op_type: str  # MatMul | Gemm | Conv
+    input: str  # the activation
+    output: str
+    consumed: str  # the weight tensor it reads
+    transposed: bool  # reads the weight as [m, n] (Gemm transB=1)
+    transposed_input: bool = False  # reads the activation as [n, tokens] (Gemm transA=1)
+
+
+@dataclass(frozen=True)
 class Target:
     """One factorizable node: ``Y = X B`` with ``B: [n, m]`` (Conv: over im2col patches)."""
 
@@ -58,9 +81,28 @@ class Target:
     weight_shape: tuple[int, ...]  # as stored
     n: int
     m: int
-    transposed: bool  # stored as [m, n] (Gemm transB=1 or a Transpose in front of MatMul)
-    dtype: str  # numpy dtype name of the stored weight
+    transposed: bool  # read as [m, n] (Gemm transB=1)
+    dtype: str  # numpy dtype name of the weight the node reads (its float type)
     conv: ConvGeometry | None = None
+    consumed: str = ""  # the tensor the node reads (the weight itself when "")
+    anchor: str = ""  # the effective float weight (docs/design.md section 2; weight when "")
+    path: tuple[str, ...] = ()  # outputs of the constant-only nodes from weight to consumed
+    storage: Storage = field(default_factory=Storage)
+    uses: tuple[Use, ...] = ()  # every node that reads the weight (when more than this one)
+    transposed_input: bool = False  # Gemm transA=1: the activation is read as [n, tokens]
+
+    @property
+    def all_uses(self) -> tuple[Use, ...]:
+        """Every node that reads the weight, this target's node first."""
+        if self.uses:
+            return self.uses
+        return (Use(self.name, self.op_type, self.input, self.output, self.consumed or self.weight,
+                    self.transposed, self.transposed_input),)  # fmt: skip
+
+    @property
+    def elem_type(self) -> int:
+        """The ONNX element type of the weight the node reads."""
+        return helper.np_dtype_to_tensor_dtype(np.dtype(self.dtype))
 
     @property
     def params(self) -> int:
@@ -73,8 +115,10 @@ class Target:
 
     @property
     def stat_key(self) -> str:
-        """Targets with the same key share one input statistic (q, k and v share their input)."""
-        return self.input if self.conv is None else f"{self.input}|{self.conv.key}"
+        """Targets with the same key share one input statistic (q, k and v share their input;
+        a weight read by several nodes sums the rows of all of them)."""
+        inputs = "+".join(("T:" if u.transposed_input else "") + u.input for u in self.all_uses)
+        return inputs if self.conv is None else f"{inputs}|{self.conv.key}"
 
     def rank_params(self, k: int) -> int:
         """Parameters of the rank-``k`` factor pair: ``k (n + m)``."""
@@ -150,130 +194,228 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-FLOAT_WEIGHTS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+# Ops that carry weights flarc cannot factorize, and what to do instead (listed as skipped).
+_DYNAMIC = (
+    "dynamically quantized (integer weights and activations); compress the float model, then "
+    "quantize it again (onnxruntime.quantization.quantize_dynamic)"
+)
+_QOPERATOR = (
+    "a statically quantized operator (QOperator format); quantize to the QDQ format instead "
+    "(quantize_static with quant_format=QuantFormat.QDQ), which flarc compresses, or compress "
+    "the float model first"
+)
+UNSUPPORTED = {
+    "MatMulInteger": _DYNAMIC,
+    "ConvInteger": _DYNAMIC,
+    "DynamicQuantizeMatMul": _DYNAMIC,
+    "QLinearMatMul": _QOPERATOR,
+    "QLinearConv": _QOPERATOR,
+    "QGemm": _QOPERATOR,
+    "MatMulNBits": (
+        "4-bit block-quantized weights (onnxruntime-genai); compress the float model, then "
+        "quantize it"
+    ),
+    "ConvTranspose": "a transposed convolution; not factorized",
+}
+TARGET_OPS = ("MatMul", "Gemm", "Conv")
+
+
+@dataclass
+class _Candidate:
+    """One node that could be a target, before nodes reading the same weight are grouped."""
+
+    use: Use
+    path: WeightPath
+    dims: tuple[int, ...]
+    n: int
+    m: int
+    conv: ConvGeometry | None
+
+
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Every name the subgraphs of ``node`` read (outer-scope values included)."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            for inner in g.node:
+                names.update(i for i in inner.input if i)
+                names |= subgraph_reads(inner)
+    return names
+
+
+def _layout_signature(model: onnx.ModelProto, path: WeightPath) -> tuple:
+    """What the layout nodes of a path do, Identity left out: equal signatures read the anchor
+    in the same layout."""
+    wanted = set(path.layout_nodes)
+    sig = []
+    for node in model.graph.node:
+        if any(o in wanted for o in node.output) and node.op_type != "Identity":
+            attrs = tuple(
+                sorted((a.name, str(helper.get_attribute_value(a))) for a in node.attribute)
+            )
+            sig.append((node.op_type, attrs, tuple(node.input[1:])))
+    return tuple(sig)
+
+
+def _geometry(node: onnx.NodeProto, dims: tuple[int, ...]) -> ConvGeometry:
+    spatial = dims[2:]
+    nd = len(spatial)
+    return ConvGeometry(
+        kernel_shape=tuple(int(v) for v in _attr(node, "kernel_shape", spatial)),
+        strides=tuple(int(v) for v in _attr(node, "strides", [1] * nd)),
+        pads=tuple(int(v) for v in _attr(node, "pads", [0] * (2 * nd))),
+        dilations=tuple(int(v) for v in _attr(node, "dilations", [1] * nd)),
+        auto_pad=_text(_attr(node, "auto_pad", "NOTSET")),
+    )
 
 
 def find_targets(
     model: onnx.ModelProto, include: str | None = None, exclude: str | None = None
 ) -> TargetSet:
-    """Find MatMul/Gemm/Conv nodes with constant weights; explain every node that is skipped."""
+    """Find MatMul/Gemm/Conv nodes whose weight comes from stored constants through a weight
+    path; nodes that read the same weight are one target; explain every node that is skipped."""
     graph = model.graph
     names = node_names(model)
     consts = constant_tensors(model)
-    producers = {out: (i, node) for i, node in enumerate(graph.node) for out in node.output}
-    uses: Counter[str] = Counter(inp for node in graph.node for inp in node.input if inp)
+    tracer = PathTracer(graph, consts, names)
+    readers: dict[str, list[str]] = defaultdict(list)
+    for node, name in zip(graph.node, names, strict=True):
+        for i in dict.fromkeys([*(i for i in node.input if i), *subgraph_reads(node)]):
+            readers[i].append(name)
     graph_outputs = {o.name for o in graph.output}
+    by_node = dict(zip(names, graph.node, strict=True))
     result = TargetSet()
     inc = re.compile(include) if include else None
     exc = re.compile(exclude) if exclude else None
+    groups: dict[str, list[_Candidate]] = {}
 
-    def weight_source(tensor_name: str) -> tuple[str | None, bool]:
-        """The constant behind a weight input, and whether a Transpose sits in between."""
-        if tensor_name in consts:
-            return tensor_name, False
-        prod = producers.get(tensor_name)
-        if prod and prod[1].op_type == "Transpose" and prod[1].input[0] in consts:
-            perm = list(_attr(prod[1], "perm", []))
-            if perm in ([1, 0], []) and len(consts[prod[1].input[0]].dims) == 2:
-                return prod[1].input[0], True
-        return None, False
-
-    for i, node in enumerate(graph.node):
-        name = names[i]
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv"):
-            continue
+    for name, node in by_node.items():
+        op = node.op_type
 
         def skip(reason: str, node=node, name=name) -> None:
             result.skipped.append(Skipped(name, node.op_type, reason))
 
+        if op in UNSUPPORTED and node.domain in ("", "ai.onnx", "com.microsoft"):
+            skip(UNSUPPORTED[op])
+            continue
+        if node.domain not in ("", "ai.onnx") or op not in TARGET_OPS:
+            continue
         if len(node.input) < 2:
             skip("fewer than two inputs")
             continue
-        weight_name, via_transpose = weight_source(node.input[1])
-        if weight_name is None:
+        try:
+            path = tracer.trace(node.input[1])
+        except PathError as why:
             if node.input[0] in consts:
                 skip("weight is the first input (Y = W X); not supported")
             else:
-                skip("second input is not a constant (activation x activation)")
+                skip(str(why))
             continue
-        tensor = consts[weight_name]
-        dims = tuple(int(d) for d in tensor.dims)
-        if tensor.data_type not in FLOAT_WEIGHTS:
-            skip(
-                f"weight '{weight_name}' has type {onnx.TensorProto.DataType.Name(tensor.data_type)}"
-            )
+        dims = consumed_shape(model, path, consts)
+        if dims is None:
+            skip(f"the shape of weight '{path.source}' after its path is unknown")
             continue
-        dtype = str(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
-        n_uses = uses[weight_name]
-        if via_transpose:
-            n_uses += uses[node.input[1]] - 1
-        if n_uses > 1 or weight_name in graph_outputs:
-            skip(
-                f"weight '{weight_name}' is shared by {n_uses} nodes (tied); left dense, not duplicated"
-            )
-            continue
-        conv = None
-        if node.op_type == "MatMul":
+        conv, transposed, transposed_input = None, False, False
+        if op == "MatMul":
             if len(dims) != 2:
-                skip(f"weight '{weight_name}' is {len(dims)}-D, not 2-D")
+                skip(f"weight '{path.source}' is {len(dims)}-D (a batched MatMul); not factorized")
                 continue
-            n, m = (dims[1], dims[0]) if via_transpose else dims
-            transposed = via_transpose
-        elif node.op_type == "Gemm":
-            if _attr(node, "transA", 0):
-                skip("Gemm with transA=1 is not supported")
-                continue
-            if via_transpose or len(dims) != 2:
-                skip("Gemm weight is not a plain 2-D constant")
+            n, m = dims
+        elif op == "Gemm":
+            if len(dims) != 2:
+                skip("Gemm weight is not 2-D")
                 continue
             transposed = bool(_attr(node, "transB", 0))
+            transposed_input = bool(_attr(node, "transA", 0))
             n, m = (dims[1], dims[0]) if transposed else dims
         else:  # Conv
             group = int(_attr(node, "group", 1))
-            if via_transpose or len(dims) < 3:
-                skip("Conv weight is not a plain constant")
+            if len(dims) < 3:
+                skip("Conv weight is not a kernel (fewer than 3 axes)")
                 continue
             if group != 1:
                 kind = "depthwise" if group == dims[0] and dims[1] == 1 else "grouped"
                 skip(f"{kind} convolution (group={group})")
                 continue
-            spatial = dims[2:]
-            nd = len(spatial)
-            kernel = tuple(int(v) for v in _attr(node, "kernel_shape", spatial))
-            conv = ConvGeometry(
-                kernel_shape=kernel,
-                strides=tuple(int(v) for v in _attr(node, "strides", [1] * nd)),
-                pads=tuple(int(v) for v in _attr(node, "pads", [0] * (2 * nd))),
-                dilations=tuple(int(v) for v in _attr(node, "dilations", [1] * nd)),
-                auto_pad=_text(_attr(node, "auto_pad", "NOTSET")),
-            )
-            m = dims[0]
-            n = int(np.prod(dims[1:]))
-            transposed = False
+            conv = _geometry(node, dims)
+            m, n = dims[0], int(np.prod(dims[1:]))
         if min(n, m) < 2:
-            skip(f"weight '{weight_name}' has a dimension below 2 ({n}x{m})")
+            skip(f"weight '{path.source}' has a dimension below 2 ({n}x{m})")
             continue
-        if inc and not inc.search(name):
-            skip(f"not matched by --include '{include}'")
-            continue
-        if exc and exc.search(name):
-            skip(f"matched by --exclude '{exclude}'")
-            continue
-        result.targets.append(
-            Target(
-                name=name,
-                op_type=node.op_type,
-                input=node.input[0],
-                output=node.output[0],
-                weight=weight_name,
-                weight_shape=dims,
-                n=n,
-                m=m,
-                transposed=transposed,
-                dtype=dtype,
-                conv=conv,
-            )
+        use = Use(
+            name, op, node.input[0], node.output[0], node.input[1], transposed, transposed_input
         )
+        groups.setdefault(path.anchor, []).append(_Candidate(use, path, dims, n, m, conv))
+
+    for anchor, group in groups.items():
+        first = group[0]
+        uses = [c.use for c in group]
+        node_names_ = {u.node for u in uses}
+
+        def skip_all(reason: str, uses=uses) -> None:
+            result.skipped.extend(Skipped(u.node, u.op_type, reason) for u in uses)
+
+        # Every tensor from the anchor to a node may only be read by the path and that node.
+        allowed = node_names_ | {tracer.producer[o][1] for c in group for o in c.path.layout_nodes}
+        tensors = {anchor} | {o for c in group for o in (*c.path.layout_nodes, c.use.consumed)}
+        other = sorted({r for x in tensors for r in readers[x] if r not in allowed})
+        if other:
+            reader = by_node[other[0]]
+            skip_all(
+                f"weight '{first.path.source}' is also read by {reader.op_type} node '{other[0]}'; "
+                "left dense, not duplicated"
+            )
+            continue
+        if tensors & graph_outputs:
+            skip_all(f"weight '{first.path.source}' is a graph output; left dense")
+            continue
+        key = (first.n, first.m, first.conv, first.use.op_type == "Conv", first.dims)
+        layout = _layout_signature(model, first.path)
+        for c in group[1:]:
+            same = (c.n, c.m, c.conv, c.use.op_type == "Conv", c.dims) == key
+            if (
+                not same
+                or c.use.transposed != first.use.transposed
+                or _layout_signature(model, c.path) != layout
+            ):
+                skip_all(
+                    f"nodes '{first.use.node}' and '{c.use.node}' read weight "
+                    f"'{first.path.source}' in different layouts; left dense"
+                )
+                break
+        else:
+            if inc and not any(inc.search(u.node) for u in uses):
+                skip_all(f"not matched by --include '{include}'")
+                continue
+            if exc and any(exc.search(u.node) for u in uses):
+                skip_all(f"matched by --exclude '{exclude}'")
+                continue
+            path = first.path
+            result.targets.append(
+                Target(
+                    name=first.use.node,
+                    op_type=first.use.op_type,
+                    input=first.use.input,
+                    output=first.use.output,
+                    weight=path.source,
+                    weight_shape=first.dims,
+                    n=first.n,
+                    m=first.m,
+                    transposed=first.use.transposed,
+                    dtype=path.dtype,
+                    conv=first.conv,
+                    consumed=first.use.consumed if first.use.consumed != path.source else "",
+                    anchor=path.anchor if path.anchor != path.source else "",
+                    path=path.nodes,
+                    storage=path.storage,
+                    uses=tuple(uses) if len(uses) > 1 else (),
+                    transposed_input=first.use.transposed_input,
+                )
+            )
+    order = {name: i for i, name in enumerate(names)}
+    result.targets.sort(key=lambda t: order[t.name])
+    result.skipped.sort(key=lambda s: order.get(s.node, len(order)))
     return result
 
 
@@ -290,9 +432,11 @@ def require_targets(targets: TargetSet, path: str) -> None:
 
 class Weights:
     """A model's constant tensors as arrays: read from the proto, or for a lazily loaded model
-    mapped read-only from its data files. The one place that asks where a weight's bytes are."""
+    mapped read-only from its data files; and each target's weight as its node reads it (its
+    weight path evaluated). The one place that asks where a weight's bytes are."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
         self.tensors = constant_tensors(model)
         self.folder = external_dir(model)
 
@@ -305,13 +449,61 @@ class Weights:
         """The constant ``name`` as stored (a read-only map for a lazy model)."""
         return tensor_array(self.tensors[name], self.folder)
 
+    def _evaluated(self, target: Target, output: str) -> np.ndarray:
+        path = WeightPath(
+            target.weight,
+            target.anchor or target.weight,
+            target.consumed or target.weight,
+            tuple(o for o in target.path if o not in self.layout(target)),
+            self.layout(target),
+            target.storage,
+            target.dtype,
+        )
+        reads = LazyArrays(self)
+        return evaluate(path_model(self.model, path, self.tensors, reads, output), output)
+
+    def layout(self, target: Target) -> tuple[str, ...]:
+        """The layout part of the target's path (after its anchor)."""
+        anchor = target.anchor or target.weight
+        return (
+            target.path[target.path.index(anchor) + 1 :] if anchor in target.path else target.path
+        )
+
+    def consumed(self, target: Target) -> np.ndarray:
+        """The weight as the target's node reads it, in the node's float type."""
+        if not target.path:
+            return self.array(target.weight)
+        return self._evaluated(target, target.consumed or target.weight)
+
+    def anchor(self, target: Target) -> np.ndarray:
+        """The effective float weight (before any layout node)."""
+        if not target.anchor:
+            return self.array(target.weight)
+        return self._evaluated(target, target.anchor)
+
     def view(self, target: Target) -> np.ndarray:
-        """``B: [n, m]`` of ``target`` in its stored dtype (a view where possible)."""
-        return weight_view(target, self.array(target.weight))
+        """``B: [n, m]`` of ``target`` in its float type (a view where possible)."""
+        return weight_view(target, self.consumed(target))
 
     def matrix(self, target: Target) -> np.ndarray:
         """``B: [n, m]`` of ``target`` in float64."""
-        return weight_matrix(target, self.array(target.weight))
+        return weight_matrix(target, self.consumed(target))
+
+
+class LazyArrays(Mapping):
+    """Constant arrays by name, each read when looked up (what a weight path reads)."""
+
+    def __init__(self, weights: Weights) -> None:
+        self.weights = weights
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.weights.array(name)
+
+    def __iter__(self):
+        return iter(self.weights.tensors)
+
+    def __len__(self) -> int:
+        return len(self.weights.tensors)
 
 
 def weight_view(target: Target, tensor: onnx.TensorProto | np.ndarray) -> np.ndarray:
