@@ -9,6 +9,7 @@ random inputs from the declared shapes when asked for explicitly. ``np.load`` ne
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 import re
 from collections.abc import Iterable, Iterator
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from flarc.core.errors import DataError
-from flarc.core.inputs import Feed, InputSpec, is_past
+from flarc.core.inputs import Feed, InputSpec, fixed_batch, is_past
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,23 @@ def load_text_lines(path: Path) -> list[str]:
     return [p for p in parts if len(p.split()) >= 4]
 
 
+# Token inputs whose axis 1 is the sequence, in the order their declared length is looked up.
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def fixed_seq_len(specs: list[InputSpec]) -> int | None:
+    """The sequence length a language model was exported with (axis 1 of its token inputs fixed,
+    e.g. ``input_ids [1, 128]``), else None."""
+    by_name = {s.name: s for s in specs}
+    for name in TOKEN_INPUTS:
+        spec = by_name.get(name)
+        if spec is not None and len(spec.shape) == 2:
+            length = spec.shape[1]
+            if isinstance(length, int) and length > 0:
+                return length
+    return None
+
+
 def tokenize(
     texts: list[str],
     tokenizer_dir: str | Path,
@@ -97,7 +115,11 @@ def tokenize(
     seq_len: int,
     batch_size: int,
 ) -> list[Feed]:
-    """Token batches for a language model: ``input_ids``, ``attention_mask`` (+ type/position ids)."""
+    """Token batches for a language model: ``input_ids``, ``attention_mask`` (+ type/position ids).
+
+    A model exported with a fixed batch gets batches of exactly that many texts, and one with
+    a fixed sequence length gets every text padded or truncated to it (``seq_len`` is then
+    ignored)."""
     try:
         from transformers import AutoTokenizer
     except ImportError:
@@ -106,13 +128,22 @@ def tokenize(
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     wanted = {s.name for s in specs}
+    declared = fixed_seq_len(specs)
+    if declared is not None and declared != seq_len:
+        log.warning(
+            "the model's token inputs have a fixed length of %d: texts are padded or truncated "
+            "to it (sequence length %d ignored)",
+            declared,
+            seq_len,
+        )
+    step = fixed_batch(specs) or batch_size
     feeds = []
-    for i in range(0, len(texts), batch_size):
+    for i in range(0, len(texts), step):
         enc = tok(
-            texts[i : i + batch_size],
-            padding="longest",
+            texts[i : i + step],
+            padding="max_length" if declared else "longest",
             truncation=True,
-            max_length=seq_len,
+            max_length=declared or seq_len,
             return_tensors="np",
         )
         feed = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in wanted}
@@ -120,7 +151,7 @@ def tokenize(
             mask = np.asarray(enc["attention_mask"], dtype=np.int64)
             feed["position_ids"] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         feeds.append({**feed, **empty_past(specs, feed["input_ids"].shape[0])})
-    return feeds
+    return rebatch(feeds, specs, "text")
 
 
 def empty_past(specs: list[InputSpec], batch: int) -> Feed:
@@ -137,8 +168,22 @@ def empty_past(specs: list[InputSpec], batch: int) -> Feed:
 def synthetic_feeds(
     specs: list[InputSpec], count: int, shapes: dict[str, tuple[int, ...]], seed: int = 0
 ) -> list[Feed]:
-    """Random inputs from declared shapes (only when the user asks for ``--synthetic``)."""
+    """Random inputs from declared shapes (only when the user asks for ``--synthetic``); a model
+    exported with a fixed batch gets that batch whatever axis 0 of a given shape says."""
     rng = np.random.default_rng(seed)
+    batch = fixed_batch(specs)
+    shapes = dict(shapes)
+    for s in specs:
+        given = shapes.get(s.name)
+        if batch and given and s.shape and s.shape[0] == batch and given[0] != batch:
+            log.warning(
+                "input '%s': the model takes a fixed batch of %d; synthetic batches use it "
+                "instead of %d",
+                s.name,
+                batch,
+                given[0],
+            )
+            shapes[s.name] = (batch, *given[1:])
     feeds = []
     for _ in range(count):
         feed = {}
@@ -158,8 +203,109 @@ def synthetic_feeds(
     return feeds
 
 
+def rebatch(
+    feeds: Iterable[Feed], specs: list[InputSpec], where: str = "calibration data"
+) -> list[Feed]:
+    """``feeds`` re-split into batches of exactly the model's fixed batch (:func:`fixed_batch`;
+    unchanged for a dynamic batch), rows in order. See :func:`iter_rebatch`."""
+    return [feed for _, feed in iter_rebatch(feeds, specs, where)]
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def iter_rebatch(
+    feeds: Iterable[Feed], specs: list[InputSpec], where: str = "calibration data"
+) -> Iterator[tuple[int, Feed]]:
+    """``(index of the source batch of its first row, feed)`` for ``feeds`` re-split into batches
+    of exactly ``b`` rows when the model was exported with a fixed batch ``b``.
+
+    A feed's batch is the largest axis 0 among its inputs declared with axis 0 = ``b``; only
+    those inputs with that many rows are split, the others (scalars, a fixed table) go to every
+    part unchanged. Rows short of ``b`` are carried into the next feed when it has the same
+    inputs and row shapes, else dropped with one warning at the end; fewer than ``b`` rows in
+    all is a DataError naming the input. Anything else that does not fit (a non-dict, ragged
+    rows) is passed on for :func:`check_feed` to name."""
+    b = fixed_batch(specs)
+    if b is None:
+        yield from enumerate(feeds)
+        return
+    batch_like = {s.name for s in specs if s.shape and s.shape[0] == b}
+    # Rows short of b: (source index, split arrays, the other arrays).
+    pending: tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
+    yielded = dropped = seen = 0
+    first_input = ""
+    for i, feed in enumerate(feeds):
+        if not isinstance(feed, dict):
+            yield i, feed
+            continue
+        arrays = {k: np.asarray(v) for k, v in feed.items()}
+        rows = {k: a.shape[0] for k, a in arrays.items() if k in batch_like and a.ndim}
+        if not rows:
+            yield i, feed
+            yielded += 1
+            continue
+        n = max(rows.values())
+        if n == b and pending is None:  # already what the model takes: the common case
+            yield i, feed
+            yielded += 1
+            seen += n
+            continue
+        split = {k: a for k, a in arrays.items() if rows.get(k) == n}
+        rest = {k: a for k, a in arrays.items() if k not in split}
+        first_input = first_input or next(iter(split))
+        seen += n
+        start, origin = 0, i
+        if pending is not None:
+            p_index, p_split, p_rest = pending
+            p_rows = next(iter(p_split.values())).shape[0]
+            fits = (
+                p_split.keys() == split.keys()
+                and all(p_split[k].shape[1:] == a.shape[1:] for k, a in split.items())
+                and all(p_split[k].dtype == a.dtype for k, a in split.items())
+                and p_rest.keys() == rest.keys()
+                and all(_same(p_rest[k], a) for k, a in rest.items())
+            )
+            if fits:
+                split = {k: np.concatenate([p_split[k], a]) for k, a in split.items()}
+                start, origin = -p_rows, p_index
+                n += p_rows
+            else:
+                dropped += p_rows
+            pending = None
+        for j in range(0, n - n % b, b):
+            part = {k: split[k][j : j + b] if k in split else a for k, a in arrays.items()}
+            yield (origin if j + start < 0 else i), part
+            yielded += 1
+        if n % b:
+            tail = n - n % b
+            index = origin if tail + start < 0 else i
+            pending = (index, {k: a[tail:] for k, a in split.items()}, rest)
+    if pending is not None:
+        dropped += next(iter(pending[1].values())).shape[0]
+    if dropped and not yielded:
+        why = (
+            f"has {seen} rows in all, fewer than"
+            if seen < b
+            else "changes row shape before filling"
+        )
+        raise DataError(f"{where}: input '{first_input}' {why} the model's fixed batch of {b}")
+    if dropped:
+        log.warning(
+            "%s: %d of %d rows dropped: the model takes batches of exactly %d (input '%s')",
+            where,
+            dropped,
+            seen,
+            b,
+            first_input,
+        )
+
+
 def check_feed(feed: Feed, specs: list[InputSpec], where: str) -> Feed:
-    """Names, ranks, fixed dims, dtypes and finiteness of one feed; safe casts applied."""
+    """Names, ranks, fixed dims, dtypes and finiteness of one feed; safe casts applied (within
+    float or within integer types, integers only when every value fits), data of the model's
+    own dtype (uint8 images, int64 ids) passed through unchanged."""
     if not isinstance(feed, dict):
         raise DataError(
             f"{where}: expected a dict of input name -> array, got {type(feed).__name__}"
@@ -187,7 +333,8 @@ def check_feed(feed: Feed, specs: list[InputSpec], where: str) -> Feed:
         for axis, (got, want) in enumerate(zip(arr.shape, spec.shape, strict=True)):
             if isinstance(want, int) and want > 0 and got != want:
                 raise DataError(
-                    f"{where}: tensor '{name}' has shape {list(arr.shape)}; axis {axis} must be {want}"
+                    f"{where}: tensor '{name}' has shape {list(arr.shape)}, the model declares "
+                    f"{list(spec.shape)} (axis {axis} must be {want})"
                 )
         if arr.size == 0 and not is_past(spec):
             raise DataError(f"{where}: tensor '{name}' is empty (shape {list(arr.shape)})")
@@ -198,9 +345,18 @@ def check_feed(feed: Feed, specs: list[InputSpec], where: str) -> Feed:
             if not same_kind and not (
                 spec.dtype == np.bool_ and np.issubdtype(arr.dtype, np.integer)
             ):
+                # Never converted across kinds (uint8 pixels to float): the scaling is the user's.
                 raise DataError(
                     f"{where}: tensor '{name}' is {arr.dtype}, the model expects {spec.dtype}"
                 )
+            if np.issubdtype(spec.dtype, np.integer) and arr.size:
+                info = np.iinfo(spec.dtype)
+                low, high = int(arr.min()), int(arr.max())
+                if low < info.min or high > info.max:
+                    raise DataError(
+                        f"{where}: tensor '{name}' has values in [{low}, {high}], outside the "
+                        f"range of {spec.dtype} the model expects"
+                    )
             arr = arr.astype(spec.dtype)
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             bad = int((~np.isfinite(arr)).sum())
@@ -237,7 +393,10 @@ def load_calibration(
     holdout: float = 0.25,
     max_batches: int | None = None,
 ) -> CalibrationSet:
-    """Feeds from any supported source, checked against ``specs`` and split for held-out checks."""
+    """Feeds from any supported source, checked against ``specs`` and split for held-out checks.
+
+    ``max_batches`` counts the source's batches; a model exported with a fixed batch gets them
+    re-split to that batch (:func:`iter_rebatch`), so the number of feeds may differ."""
     name = source if isinstance(source, str | Path) else type(source).__name__
     if isinstance(source, str | Path):
         path = Path(source)
@@ -260,11 +419,13 @@ def load_calibration(
         raw = from_data_reader(source)
     else:
         raw = source
-    feeds = []
-    for i, feed in enumerate(raw):
-        if max_batches is not None and i >= max_batches:
-            break
-        feeds.append(check_feed(feed, specs, f"{name} batch {i}"))
+    if max_batches is not None:
+        raw = itertools.islice(raw, max_batches)
+    # A model exported with a fixed batch gets exactly that batch, whatever the data's batching.
+    feeds = [
+        check_feed(feed, specs, f"{name} batch {i}")
+        for i, feed in iter_rebatch(raw, specs, str(name))
+    ]
     if not feeds:
         raise DataError(f"{name}: no calibration batches")
     calib, held = split_holdout(feeds, holdout)

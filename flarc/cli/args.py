@@ -192,6 +192,7 @@ class CalibrationArgs(ArgGroup):
         """The checked calibration set; ``tokens_only`` leaves KV-cache inputs to the caller."""
         from flarc.calib.data import (
             CalibrationSet,
+            check_feed,
             load_calibration,
             load_text_lines,
             split_holdout,
@@ -213,13 +214,17 @@ class CalibrationArgs(ArgGroup):
             if not args.tokenizer:
                 raise DataError("--text needs --tokenizer DIR")
             texts = load_text_lines(Path(args.text))
-            feeds = tokenize(texts, args.tokenizer, specs, args.seq_len, args.batch_size)
             if args.max_batches:
-                feeds = feeds[: args.max_batches]
+                # Counted in --batch-size batches, as for --calib, whatever batch the model takes.
+                texts = texts[: args.max_batches * args.batch_size]
+            feeds = tokenize(texts, args.tokenizer, specs, args.seq_len, args.batch_size)
             return load_calibration(feeds, specs, holdout=args.holdout)
         if synthetic:
             shapes = {k: tuple(v) for k, v in self.shapes.parse(args).items()}
-            feeds = synthetic_feeds(specs, synthetic, shapes)
+            feeds = [
+                check_feed(feed, specs, f"--synthetic batch {i}")
+                for i, feed in enumerate(synthetic_feeds(specs, synthetic, shapes))
+            ]
             calib, held = split_holdout(feeds, args.holdout)
             return CalibrationSet(calib, held, "synthetic")
         return load_calibration(args.calib, specs, args.batch_size, args.holdout, args.max_batches)

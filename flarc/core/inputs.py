@@ -4,6 +4,7 @@ mask, the KV-cache inputs of a decoder, and the outputs that hold logits."""
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,15 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         )
         specs.append(InputSpec(vi.name, dtype, dims))
     return specs
+
+
+def fixed_batch(specs: list[InputSpec]) -> int | None:
+    """The batch a model was exported with: axis 0 is a fixed positive int on every input of
+    rank >= 1 (the value most of them share when they differ), else None (a dynamic batch)."""
+    firsts = [s.shape[0] for s in specs if s.shape]
+    if not firsts or not all(isinstance(d, int) and d > 0 for d in firsts):
+        return None
+    return Counter(firsts).most_common(1)[0][0]
 
 
 def is_logits_name(name: str) -> bool:
