@@ -1,8 +1,9 @@
 """Fisher importance of each target weight (FLRC), from gradients computed on the ONNX graph.
 
 Definition. For each calibration batch ``b`` let ``L_b`` be the loss below and
-``G_b = dL_b / dW`` its gradient w.r.t. a weight ``W`` as stored in the model (same shape;
-a weight used by several nodes gets the sum over its uses). The importance of a target is
+``G_b = dL_b / dW`` its gradient w.r.t. the effective float weight ``W`` (the anchor: after any
+Cast or DequantizeLinear, before layout nodes; a weight used by several nodes gets the sum over
+its uses). The importance of a target is
 the empirical Fisher, accumulated per batch::
 
     alpha_t = sum_b sum_ij (G_b * W)_ij ** 2
@@ -53,7 +54,7 @@ from flarc.core.errors import DataError, ModelError, OptionError
 from flarc.core.inputs import batch_mask, find_mask_input, is_logits_name
 from flarc.core.modelio import is_large
 from flarc.core.progress import NoProgress, Progress
-from flarc.core.targets import Target
+from flarc.core.targets import Target, Weights
 
 log = logging.getLogger(__name__)
 
@@ -293,15 +294,17 @@ def iter_weight_gradients(
     seed: int = 0,
     progress: Progress | None = None,
     dtype: str = "float64",
+    values: Mapping[str, np.ndarray] | None = None,
 ) -> Iterator[BatchGradients]:
     """Per batch, ``dL_b/dW`` for each named weight (streamed: nothing is kept between batches).
+    A weight may be a node output (an anchor) whose value ``values`` gives (see TorchGraph).
 
     A batch without any position that counts (fully masked) yields nothing and is logged.
     """
     if loss not in LOSSES:
         raise OptionError(f"unknown Fisher loss '{loss}'; choose from {', '.join(LOSSES)}")
     mask_input = mask_input or find_mask_input(model)  # a named mask may be any batch entry
-    graph = TorchGraph(model, params=list(weights), dtype=dtype)
+    graph = TorchGraph(model, params=list(weights), dtype=dtype, values=values)
     params = [graph.params[w] for w in dict.fromkeys(weights)]
     names = list(graph.params)
     plan: LossPlan | None = None
@@ -353,6 +356,29 @@ def resolve_dtype(dtype: str, model: onnx.ModelProto) -> str:
     return "float32" if is_large(model) else "float64"
 
 
+class _AnchorValues(Mapping):
+    """The targets' anchors that are node outputs, each evaluated through its weight path when
+    looked up (TorchGraph reads each once, so no array outlives its Parameter)."""
+
+    def __init__(self, model: onnx.ModelProto, targets: Sequence[Target]) -> None:
+        self.weights = Weights(model)
+        self.targets = {
+            t.anchor: t for t in targets if t.anchor and t.anchor not in self.weights.tensors
+        }
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.weights.anchor(self.targets[name])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.targets  # Mapping's default would evaluate the anchor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.targets)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
 def fisher_importance(
     model: onnx.ModelProto,
     targets: list[Target],
@@ -364,22 +390,23 @@ def fisher_importance(
     ``options`` (loss, mask_input, seed, progress) are those of :func:`iter_weight_gradients`."""
     if not targets:
         raise ModelError("Fisher importance: no targets to score")
-    weights = list(dict.fromkeys(t.weight for t in targets))
+    weights = list(dict.fromkeys(t.anchor or t.weight for t in targets))
     per_weight = dict.fromkeys(weights, 0.0)
     plan: LossPlan | None = None
     count = 0
+    values = _AnchorValues(model, targets)
     for item in iter_weight_gradients(
-        model, weights, batches, dtype=resolve_dtype(dtype, model), **options
+        model, weights, batches, dtype=resolve_dtype(dtype, model), values=values, **options
     ):
         plan, count = item.plan, count + 1
         for name, g in item.gradients.items():
-            # W as stored (the compute dtype holds float32/16 weights exactly), one at a time.
+            # W the anchor (the compute dtype holds float32/16 weights exactly), one at a time.
             w = item.weights[name].to(torch.float64)
             per_weight[name] += float(((g.to(torch.float64) * w) ** 2).sum())
             del w
     if plan is None:
         raise DataError("Fisher importance: no calibration batch with an unmasked position")
-    alpha = {t.name: per_weight[t.weight] for t in targets}
+    alpha = {t.name: per_weight[t.anchor or t.weight] for t in targets}
     if not any(alpha.values()):
         log.warning(
             "every Fisher importance is zero: the %s loss does not reach the targets", plan.kind

@@ -3,8 +3,9 @@
 A deliberately small interpreter: nodes run one by one in topological order, each through an
 entry of :data:`OPS` (``op_type -> fn(inputs, attrs, ctx) -> outputs``). Shape subgraphs run on
 int64 tensors as they come, so dynamic batch and sequence axes need nothing special. Chosen
-constant tensors (initializers or ``Constant`` outputs) become ``torch.nn.Parameter``s; a weight
-used by several nodes is one Parameter, so its gradient is the sum over its uses.
+constant tensors (initializers or ``Constant`` outputs), or node outputs given a value (a weight
+path's anchor), become ``torch.nn.Parameter``s; a weight used by several nodes is one Parameter,
+so its gradient is the sum over its uses. Only the nodes the graph outputs need are run.
 
 Every floating-point tensor (inputs, initializers, casts, constants) is computed in one dtype,
 float64 by default, so that gradients can be compared with a double-precision reference.
@@ -949,12 +950,15 @@ def _attributes(node: onnx.NodeProto) -> dict:
     return attrs
 
 
-def _topological(nodes: Sequence[onnx.NodeProto], available: set[str]) -> list[int]:
-    """Node indices in an order where every input is produced first (stable for sorted graphs)."""
+def _topological(
+    nodes: Sequence[onnx.NodeProto], available: set[str], roots: Sequence[int] | None = None
+) -> list[int]:
+    """Indices of ``roots`` (default: every node) and the nodes they depend on, in an order where
+    every input not in ``available`` is produced first (stable for sorted graphs)."""
     produced_by = {out: i for i, n in enumerate(nodes) for out in n.output if out}
     order: list[int] = []
     state = [0] * len(nodes)  # 0 new, 1 on the stack, 2 done
-    for root in range(len(nodes)):
+    for root in range(len(nodes)) if roots is None else roots:
         if state[root]:
             continue
         stack = [(root, False)]
@@ -978,10 +982,12 @@ def _topological(nodes: Sequence[onnx.NodeProto], available: set[str]) -> list[i
 
 
 class TorchGraph:
-    """An ONNX model as a torch computation whose chosen constants are Parameters.
+    """An ONNX model as a torch computation whose chosen weights are Parameters.
 
-    ``params`` names initializers (or ``Constant`` outputs) that become ``torch.nn.Parameter``s
-    in ``dtype``; :meth:`run` evaluates the graph on numpy or torch feeds.
+    ``params`` names initializers or ``Constant`` outputs, or node outputs whose values ``values``
+    gives (a weight path's anchor); each becomes a ``torch.nn.Parameter`` in ``dtype``. Nodes
+    whose outputs are all params are not run; only the nodes the graph outputs need, with params
+    as sources, must be supported ops. :meth:`run` evaluates the graph on numpy or torch feeds.
     """
 
     def __init__(
@@ -989,6 +995,7 @@ class TorchGraph:
         model: onnx.ModelProto,
         params: Sequence[str] = (),
         dtype: torch.dtype | str = torch.float64,
+        values: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         if isinstance(dtype, str):
             dtype = {"float64": torch.float64, "float32": torch.float32}.get(dtype)
@@ -1006,40 +1013,42 @@ class TorchGraph:
         self.optional_inputs = {i.name for i in graph.input if i.name in inits}
         self.outputs = [o.name for o in graph.output]
         self.names = node_names(model)
+        self.nodes = list(graph.node)
         consts = constant_tensors(model)
         folder = external_dir(model)
-        missing = [p for p in params if p not in consts]
+        values = values or {}
+        produced = {out: i for i, n in enumerate(self.nodes) for out in n.output if out}
+        params = list(dict.fromkeys(params))
+        missing = [p for p in params if p not in consts and not (p in values and p in produced)]
         if missing:
             raise ModelError(
                 f"weight '{missing[0]}' is not a constant tensor of the model "
-                "(initializer or Constant output)"
+                "(initializer or Constant output) nor a node output given a value"
             )
+        available = set(self.inputs) | inits | set(params)
+        self.order = self._reachable(self.outputs, produced, available)
+        # Only initializers that a node to run (or the caller) reads are converted.
+        read = {n for i in self.order for n in self.nodes[i].input if n}
+        read |= set(self.outputs) | self.optional_inputs | set(params)
         with torch.no_grad():
             self.constants: dict[str, Tensor] = {
-                t.name: tensor_from_proto(t, dtype, folder) for t in graph.initializer
+                t.name: tensor_from_proto(t, dtype, folder)
+                for t in graph.initializer
+                if t.name in read
             }
         self.params: dict[str, torch.nn.Parameter] = {}
-        for name in dict.fromkeys(params):
-            value = (
-                self.constants[name]
-                if name in self.constants
-                else tensor_from_proto(consts[name], dtype, folder)
-            )
+        for name in params:
+            if name in self.constants:
+                value = self.constants[name]
+            elif name in consts:
+                value = tensor_from_proto(consts[name], dtype, folder)
+            else:
+                value = _to_torch(values[name], dtype)
             if not value.is_floating_point():
                 raise ModelError(f"weight '{name}' is not floating point; no gradient")
             # Shares the constant's storage: nothing updates it in place, and no copy is made.
             self.params[name] = torch.nn.Parameter(value)
-        self.nodes = list(graph.node)
-        available = set(self.inputs) | set(self.constants)
-        self._producer = {out: i for i, n in enumerate(self.nodes) for out in n.output if out}
-        for i, node in enumerate(self.nodes):
-            for name in node.input:
-                if name and name not in available and name not in self._producer:
-                    raise ModelError(
-                        f"node '{self.names[i]}' (op {node.op_type}): input '{name}' is neither a "
-                        "graph input, an initializer nor a node output"
-                    )
-        self.order = _topological(self.nodes, available)
+        self._producer = {out: i for i in self.order for out in self.nodes[i].output if out}
         for i in self.order:
             node = self.nodes[i]
             if node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
@@ -1056,21 +1065,44 @@ class TorchGraph:
                 raise ModelError(
                     f"node '{self.names[i]}' (op {node.op_type}): subgraphs not supported for gradients"
                 )
-        self._attrs = [_attributes(n) for n in self.nodes]
+        self._attrs = {i: _attributes(self.nodes[i]) for i in self.order}
         # The last node that reads each tensor, so intermediates can be dropped early.
         self._last_use: dict[str, int] = {}
         for pos, i in enumerate(self.order):
             for name in self.nodes[i].input:
                 self._last_use[name] = pos
 
+    def _reachable(
+        self, wanted: Sequence[str], produced: Mapping[str, int], available: set[str]
+    ) -> list[int]:
+        """The nodes ``wanted`` depend on (none past a name in ``available``), in a topological
+        order; ModelError for an input that nothing provides."""
+        needed: set[int] = set()
+        stack = [produced[w] for w in wanted if w not in available and w in produced]
+        while stack:
+            i = stack.pop()
+            if i in needed:
+                continue
+            needed.add(i)
+            for name in self.nodes[i].input:
+                if not name or name in available:
+                    continue
+                if name not in produced:
+                    raise ModelError(
+                        f"node '{self.names[i]}' (op {self.nodes[i].op_type}): input '{name}' is "
+                        "neither a graph input, an initializer nor a node output"
+                    )
+                stack.append(produced[name])
+        return _topological(self.nodes, available, sorted(needed))
+
     def _needed(self, wanted: Sequence[str]) -> list[int]:
         """Positions in ``self.order`` of the nodes that the wanted tensors depend on."""
-        needed, stack = set(), list(wanted)
+        needed, stack = set(), [w for w in wanted if w not in self.params]
         while stack:
             i = self._producer.get(stack.pop())
             if i is not None and i not in needed:
                 needed.add(i)
-                stack.extend(n for n in self.nodes[i].input if n)
+                stack.extend(n for n in self.nodes[i].input if n and n not in self.params)
         return [pos for pos, i in enumerate(self.order) if i in needed]
 
     def _feed(self, value: np.ndarray | Tensor) -> Tensor:
@@ -1083,7 +1115,8 @@ class TorchGraph:
     ) -> dict[str, Tensor]:
         """Evaluate the nodes the requested outputs need (default: all the graph's outputs)."""
         wanted = list(outputs) if outputs is not None else self.outputs
-        known = self._producer.keys() | self.constants.keys() | set(self.inputs)
+        known = self._producer.keys() | self.constants.keys() | self.params.keys()
+        known |= set(self.inputs)
         unknown = [n for n in wanted if n not in known]
         if unknown:
             raise ModelError(f"output '{unknown[0]}' is not computed by the graph")
@@ -1103,8 +1136,6 @@ class TorchGraph:
         for pos in positions:
             i = self.order[pos]
             node = self.nodes[i]
-            if node.op_type == "Constant" and node.output[0] in self.params:
-                continue
             args = [env[name] if name else None for name in node.input]
             ctx = Context(self.opset, self.dtype, self.names[i], node.op_type, len(node.output))
             try:
@@ -1118,8 +1149,8 @@ class TorchGraph:
                     f"{exc}"
                 ) from exc
             for k, name in enumerate(node.output):
-                if not name:
-                    continue
+                if not name or name in self.params:
+                    continue  # a param keeps its own value (the node has other outputs)
                 if k >= len(results):
                     raise ctx.fail(f"output {k} ('{name}') not supported for gradients")
                 env[name] = results[k]

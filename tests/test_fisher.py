@@ -7,8 +7,10 @@ import copy
 import math
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from torch.nn import functional as F
 
 from flarc.calib.fisher import (
@@ -17,9 +19,10 @@ from flarc.calib.fisher import (
     resolve_loss,
     weight_gradients,
 )
+from flarc.calib.onnx_torch import TorchGraph
 from flarc.cli import build_parser
 from flarc.core.errors import DataError, ModelError
-from flarc.core.targets import find_targets
+from flarc.core.targets import Weights, find_targets
 
 from _models import KIND_OUTPUTS, example_batch, match_initializers, torch_inputs
 
@@ -275,3 +278,149 @@ def test_errors(exported):
         fisher_importance(model, targets, _batches("cnn"), loss="lm")
     with pytest.raises(DataError, match="model input 'pixel_values' is missing"):
         fisher_importance(model, targets, [{"x": np.zeros(3, np.float32)}])
+
+
+# ---------------------------------------------------------------------------------------------
+# weights stored as fp16 behind a Cast, or int8 behind DequantizeLinear (design.md section 2)
+
+
+def _mlp(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """``y = tanh(x w1 + b1) w2t^T``: w2t is read through a Transpose (a layout node)."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
+        helper.make_node("Add", ["h1", "b1"], ["h2"]),
+        helper.make_node("Tanh", ["h2"], ["h3"]),
+        helper.make_node("Transpose", ["w2t"], ["w2"], perm=[1, 0]),
+        helper.make_node("MatMul", ["h3", "w2"], ["y"], name="fc2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 6])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _mlp_weights() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(4)
+    return {
+        "w1": rng.standard_normal((8, 12)).astype(np.float32),
+        "b1": rng.standard_normal(12).astype(np.float32),
+        "w2t": rng.standard_normal((6, 12)).astype(np.float32),
+    }
+
+
+# The quantization axis of each weight: its output channels.
+_AXES = {"w1": 1, "w2t": 0}
+
+
+def _stored(form: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The MLP with w1 and w2t stored as ``form`` (fp16 | qdq) behind storage nodes that output
+    the old names, and the effective float weights (what those nodes compute)."""
+    weights = _mlp_weights()
+    model = _mlp(weights)
+    effective = dict(weights)
+    inits, nodes = [numpy_helper.from_array(weights["b1"], "b1")], []
+    for name, axis in _AXES.items():
+        w = weights[name]
+        if form == "fp16":
+            inits.append(numpy_helper.from_array(w.astype(np.float16), f"{name}_fp16"))
+            nodes.append(helper.make_node("Cast", [f"{name}_fp16"], [name], to=TensorProto.FLOAT))
+            effective[name] = w.astype(np.float16).astype(np.float32)
+            continue
+        other = tuple(i for i in range(w.ndim) if i != axis)
+        scale = (np.abs(w).max(axis=other) / 100).astype(np.float32)
+        shape = [-1 if i == axis else 1 for i in range(w.ndim)]
+        # w2t gets a zero point too.
+        zp = np.arange(scale.size, dtype=np.int8) - 2 if name == "w2t" else np.zeros(0, np.int8)
+        zp_b = zp.reshape(shape).astype(np.float32) if zp.size else np.float32(0)
+        q = np.clip(np.round(w / scale.reshape(shape)) + zp_b, -128, 127).astype(np.int8)
+        inits += [
+            numpy_helper.from_array(q, f"{name}_q"),
+            numpy_helper.from_array(scale, f"{name}_scale"),
+        ]
+        inputs = [f"{name}_q", f"{name}_scale"]
+        if zp.size:
+            inits.append(numpy_helper.from_array(zp, f"{name}_zp"))
+            inputs.append(f"{name}_zp")
+        nodes.append(helper.make_node("DequantizeLinear", inputs, [name], axis=axis))
+        effective[name] = ((q.astype(np.float32) - zp_b) * scale.reshape(shape)).astype(np.float32)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+    old = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend([*nodes, *old])
+    onnx.checker.check_model(model)
+    return model, effective
+
+
+def _mlp_batches() -> list[dict]:
+    rng = np.random.default_rng(9)
+    return [{"x": rng.standard_normal((b, 8)).astype(np.float32)} for b in (3, 5, 2)]
+
+
+def _torch_mlp(effective: dict[str, np.ndarray], batches: list[dict], seed: int):
+    """Per batch, torch autograd's gradients of the projection loss w.r.t. w1 and w2t (float64),
+    and alpha per weight."""
+    w = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in effective.items()}
+    grads, alpha = [], {"w1": 0.0, "w2t": 0.0}
+    for b, batch in enumerate(batches):
+        x = torch.from_numpy(batch["x"]).double()
+        y = torch.tanh(x @ w["w1"] + w["b1"]) @ w["w2t"].T
+        loss = _ref_loss("projection", {"y": y}, batch, seed, b)
+        g1, g2 = torch.autograd.grad(loss, [w["w1"], w["w2t"]])
+        grads.append({"w1": g1.numpy(), "w2t": g2.numpy()})
+        alpha["w1"] += float(((g1 * w["w1"].detach()) ** 2).sum())
+        alpha["w2t"] += float(((g2 * w["w2t"].detach()) ** 2).sum())
+    return grads, alpha
+
+
+@pytest.mark.parametrize("form", ["fp16", "qdq"])
+def test_fisher_on_stored_weights_reads_the_anchor(form):
+    """Fisher of a model whose weights sit behind Cast or DequantizeLinear equals that of the float
+    model holding the effective weights, and torch autograd on the effective weights."""
+    model, effective = _stored(form)
+    targets = find_targets(model).targets
+    assert [(t.name, t.anchor) for t in targets] == [("fc1", "w1"), ("fc2", "w2t")]
+    assert {t.storage.kind for t in targets} == {"cast" if form == "fp16" else "qdq"}
+    store = Weights(model)
+    for t in targets:
+        np.testing.assert_array_equal(store.anchor(t), effective[t.anchor])
+    batches = _mlp_batches()
+    result = fisher_importance(model, targets, batches, seed=2)
+    dense = _mlp(effective)
+    expected = fisher_importance(dense, find_targets(dense).targets, batches, seed=2)
+    assert result.loss == expected.loss == "projection"
+    assert set(result.alpha) == {"fc1", "fc2"}
+    ref_grads, ref_alpha = _torch_mlp(effective, batches, seed=2)
+    for t in targets:
+        assert result.alpha[t.name] > 0
+        assert result.alpha[t.name] == pytest.approx(expected.alpha[t.name], rel=1e-9)
+        assert result.alpha[t.name] == pytest.approx(ref_alpha[t.anchor], rel=1e-9)
+    values = {t.anchor: store.anchor(t) for t in targets}
+    grads = weight_gradients(model, list(values), batches, seed=2, values=values)
+    for b, ref in enumerate(ref_grads):
+        for name, g in ref.items():
+            np.testing.assert_allclose(grads[name][b], g, rtol=1e-9, atol=1e-12)
+
+
+def test_anchor_param_needs_a_value():
+    """A param that is a node output is a Parameter only with a value; the storage nodes
+    upstream of it (DequantizeLinear, not a supported op) are then never run."""
+    model, effective = _stored("qdq")
+    with pytest.raises(ModelError, match=r"^weight 'w1' is not a constant tensor") as info:
+        TorchGraph(model, params=["w1"])
+    assert "\n" not in str(info.value)
+    with pytest.raises(ModelError, match="weight 'nope' is not a constant tensor"):
+        TorchGraph(model, params=["nope"], values={"w1": effective["w1"]})
+    with pytest.raises(ModelError, match=r"\(op DequantizeLinear\): not supported"):
+        TorchGraph(model)
+    with pytest.raises(ModelError, match="weight 'w2t'"):
+        weight_gradients(model, ["w1", "w2t"], _mlp_batches(), values={"w1": effective["w1"]})
+    graph = TorchGraph(model, params=["w1", "w2t"], values=effective)
+    assert torch.equal(graph.params["w1"], torch.from_numpy(effective["w1"]).double())
+    assert "w1_q" not in graph.constants  # read only by the storage nodes, never converted
