@@ -25,12 +25,13 @@ from flarc.calib.data import CalibrationSet
 from flarc.calib.moments import LazyMoments, Moments
 from flarc.core.errors import DataError
 from flarc.core.external import external_dir, split_large_initializers
+from flarc.core.graphs import prune_to_outputs
 from flarc.core.inputs import Feed, find_mask_input
 from flarc.core.memory import release_free_memory
 from flarc.core.modelio import is_large, model_opset, tensor_nbytes
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.sessions import fed_session, session_options
-from flarc.core.targets import ConvGeometry, Target, subgraph_reads
+from flarc.core.targets import ConvGeometry, Target
 
 log = logging.getLogger(__name__)
 
@@ -183,33 +184,6 @@ def one_hot_kernel(channels: int, kernel: tuple[int, ...]) -> np.ndarray:
     """Conv weight ``E[(c, i, j), c, i, j] = 1``: a Conv with it emits im2col patches."""
     n = channels * int(np.prod(kernel))
     return np.eye(n, dtype=np.float32).reshape(n, channels, *kernel)
-
-
-def prune_to_outputs(graph: onnx.GraphProto) -> None:
-    """Drop the nodes and initializers no graph output depends on: onnxruntime runs every node,
-    so an early group's statistics pass would otherwise run (and read the weights of) the
-    whole model."""
-    needed = {o.name for o in graph.output}
-    keep = []
-    for node in reversed(graph.node):  # ONNX graphs are topologically sorted
-        if any(o in needed for o in node.output if o):
-            keep.append(node)
-            needed.update(i for i in node.input if i)
-            needed |= subgraph_reads(node)
-    if len(keep) == len(graph.node):
-        return
-    keep.reverse()
-    del graph.node[:]
-    graph.node.extend(keep)
-    dropped = {t.name for t in graph.initializer if t.name not in needed}
-    inits = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    # Before IR 4 initializers are listed as inputs too: a dropped one must not be asked for.
-    inputs = [i for i in graph.input if i.name not in dropped]
-    if len(inputs) != len(graph.input):
-        del graph.input[:]
-        graph.input.extend(inputs)
 
 
 def build_statistics_model(

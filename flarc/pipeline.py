@@ -24,15 +24,15 @@ from flarc.core.errors import ModelError
 from flarc.core.external import FactorFile
 from flarc.core.inputs import Feed, find_mask_input
 from flarc.core.memory import release_free_memory
-from flarc.core.modelio import check_model_any_size, is_large
+from flarc.core.modelio import check_model_any_size, is_large, tensor_nbytes
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.store import Store
-from flarc.core.targets import Skipped, Target, TargetSet, Weights
+from flarc.core.targets import Skipped, Target, TargetSet, Weights, stored_bytes
 from flarc.export.buckets import BuildResult, calibration_for_lm, write_buckets
 from flarc.export.hf import layout_from_onnx
 from flarc.rewrite.analysis import Analysis, AnalysisOptions, derive_spectra
 from flarc.rewrite.guard import guard_tolerance, output_guard
-from flarc.rewrite.pairs import factorize, lazy_factors
+from flarc.rewrite.pairs import factor_nbytes, factorize, lazy_factors
 from flarc.rewrite.policy import RankOptions, choose_ranks
 from flarc.rewrite.ranks import RankChoice
 from flarc.rewrite.rows import TargetRow, target_rows
@@ -166,6 +166,10 @@ class CompressResult:
     params_after: int
     model_params_before: int
     model_params_after: int
+    bytes_before: int = 0  # stored bytes of the target weights (fp16 / int8 forms as stored)
+    bytes_after: int = 0
+    model_bytes_before: int = 0  # stored bytes of every initializer
+    model_bytes_after: int = 0
     guard: float = 0.0  # relative difference to the dense equivalent (rounding)
     # A large model's factor data, which ``model`` refers to: save the model while this lives.
     spill: Store | None = None
@@ -245,7 +249,14 @@ def compress(
         comparison = compare_streamed(model, new_model, analysis.heldout_feeds)
     else:
         comparison = compare_models(model, new_model, analysis.heldout_feeds)
-    rows = target_rows(analysis, ranks, weights)
+    before = stored_bytes(model, analysis.targets)
+    after = factor_nbytes(new_model, [name for name, c in ranks.items() if c.rank is not None])
+    rows = [
+        dataclasses.replace(
+            r, stored_bytes=before[r.name], kept_bytes=after.get(r.name, before[r.name])
+        )
+        for r in target_rows(analysis, ranks, weights)
+    ]
     return CompressResult(
         model=new_model,
         targets=analysis.targets,
@@ -256,6 +267,10 @@ def compress(
         params_after=sum(r.kept_params for r in rows),
         model_params_before=count_params(model),
         model_params_after=count_params(new_model),
+        bytes_before=sum(r.stored_bytes for r in rows),
+        bytes_after=sum(r.kept_bytes for r in rows),
+        model_bytes_before=tensor_nbytes(model),
+        model_bytes_after=tensor_nbytes(new_model),
         guard=guard,
         spill=spill,
     )

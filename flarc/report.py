@@ -19,16 +19,23 @@ def _fmt(x: float | None, spec: str = ".2e") -> str:
 
 
 def targets_table(targets: list[Target], skipped: list[Skipped], title: str = "targets"):
-    """Two rich tables: the targets (``n x m``, parameters, ``k_equiv``, weight tensor) and the
-    skipped nodes with their reasons."""
+    """Two rich tables: the targets (``n x m``, parameters, ``k_equiv``, weight path, storage form,
+    nodes reading the weight) and the skipped nodes with their reasons."""
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("node", "op", "n x m", "params", "k_equiv", "weight"):
-        table.add_column(col, justify="right" if col in ("params", "k_equiv") else "left")
+    for col in ("node", "op", "n x m", "params", "k_equiv", "weight", "stored as", "uses"):
+        table.add_column(col, justify="right" if col in ("params", "k_equiv", "uses") else "left")
     for t in targets:
         table.add_row(
-            t.name, t.op_type, f"{t.n} x {t.m}", f"{t.params:,}", f"{t.k_equiv:.1f}", t.weight
+            t.name,
+            t.op_type,
+            f"{t.n} x {t.m}",
+            f"{t.params:,}",
+            f"{t.k_equiv:.1f}",
+            weight_path_label(t),
+            t.storage.label if t.storage.kind != "float" else t.dtype,
+            str(len(t.all_uses)),
         )
     skipped_table = Table(title="skipped")
     skipped_table.add_column("node")
@@ -37,6 +44,13 @@ def targets_table(targets: list[Target], skipped: list[Skipped], title: str = "t
     for s in skipped:
         skipped_table.add_row(s.node, s.op_type, s.reason)
     return table, skipped_table
+
+
+def weight_path_label(t: Target) -> str:
+    """The stored tensor, then the ops on its path: ``w_q -> DequantizeLinear -> Transpose``."""
+    if not t.path:
+        return t.weight
+    return " -> ".join([t.weight, *t.path_ops]) if t.path_ops else t.weight
 
 
 def short_names(names: list[str]) -> list[str]:
@@ -61,6 +75,7 @@ def rows_table(rows: list[TargetRow]):
         "rank",
         "k_equiv",
         "kept params",
+        "kept bytes",
         "pred. err",
         "held-out err",
         "lambda",
@@ -77,6 +92,7 @@ def rows_table(rows: list[TargetRow]):
             "dense" if r.rank is None else str(r.rank),
             f"{r.k_equiv:.0f}",
             f"{r.kept_params / r.params:.0%}",
+            f"{r.kept_bytes / r.stored_bytes:.0%}" if r.stored_bytes else "-",
             _fmt(r.predicted_error),
             _fmt(r.heldout_error),
             f"{r.shrinkage:.3f}",
@@ -109,7 +125,8 @@ def comparison_table(result: CompressResult, label: str = "held-out"):
 
 
 def summary_lines(result: CompressResult) -> list[str]:
-    """Console lines: targets factorized, and target and whole-model parameters before -> after."""
+    """Console lines: targets factorized, target and whole-model parameters before -> after, and
+    the bytes the file stores (what falls for fp16 or int8 weights, whose factors keep their form)."""
     factorized = sum(1 for r in result.rows if r.rank is not None)
     return [
         f"targets factorized: {factorized} of {len(result.rows)}",
@@ -117,7 +134,18 @@ def summary_lines(result: CompressResult) -> list[str]:
         f"({1 - result.params_after / max(result.params_before, 1):.1%} fewer)",
         f"model parameters:  {result.model_params_before:,} -> {result.model_params_after:,} "
         f"({1 - result.model_params_after / max(result.model_params_before, 1):.1%} fewer)",
+        f"stored bytes:      {_size(result.model_bytes_before)} -> {_size(result.model_bytes_after)} "
+        f"({1 - result.model_bytes_after / max(result.model_bytes_before, 1):.1%} fewer; targets "
+        f"{_size(result.bytes_before)} -> {_size(result.bytes_after)})",
     ]
+
+
+def _size(n: int) -> str:
+    """Bytes for people: ``812 B``, ``3.4 KB``, ``2.24 GB``."""
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
 
 
 def latency_lines(timing: dict) -> list[str]:
@@ -145,6 +173,10 @@ def report_dict(result: CompressResult, meta: dict[str, Any]) -> dict[str, Any]:
             "target_params_after": result.params_after,
             "model_params_before": result.model_params_before,
             "model_params_after": result.model_params_after,
+            "target_bytes_before": result.bytes_before,
+            "target_bytes_after": result.bytes_after,
+            "model_bytes_before": result.model_bytes_before,
+            "model_bytes_after": result.model_bytes_after,
         },
         "output_guard": result.guard,
         "targets": [r.to_dict() for r in result.rows],

@@ -21,23 +21,12 @@ from flarc.calib.moments import LazyMoments, Moments
 from flarc.core.errors import FlarcError
 from flarc.core.files import atomic_folder
 from flarc.core.store import Store, as_array
-from flarc.core.targets import ConvGeometry, Skipped, Target
+from flarc.core.targets import Skipped, Target
 from flarc.core.version import __version__
 from flarc.rewrite.analysis import Analysis, AnalysisOptions, read_spectra, spectra_meta
 
 FORMAT = "flarc-analysis/2"
 MANIFEST = "manifest.json"
-
-
-def target_from_dict(d: dict) -> Target:
-    """Inverse of :meth:`Target.to_dict`."""
-    fields = {k: v for k, v in d.items() if k != "k_equiv"}
-    fields["weight_shape"] = tuple(fields["weight_shape"])
-    if fields.get("conv"):
-        fields["conv"] = ConvGeometry(
-            **{k: (tuple(v) if isinstance(v, list) else v) for k, v in fields["conv"].items()}
-        )
-    return Target(**fields)
 
 
 def _save_moments(store: Store, group: str, stats) -> None:
@@ -110,7 +99,7 @@ def load_analysis(path: str | os.PathLike, model_sha256: str | None = None) -> A
             f"{path}: analysis was made for another model (sha256 {manifest['model_sha256'][:12]}...)"
         )
     try:
-        targets = [target_from_dict(d) for d in manifest["targets"]]
+        targets = [Target.from_dict(d) for d in manifest["targets"]]
         entries = read_spectra(store, manifest["spectra"], targets)
         if entries is None:
             raise KeyError(f"spectra {manifest['spectra']}")

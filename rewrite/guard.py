@@ -1,5 +1,6 @@
 """The output guard: the rewritten model against the original with each chosen weight replaced by
-its dense product ``A C``. They compute the same function, so their difference is rounding;
+its dense product ``A C`` (the factors as stored: fp16 or int8 grids included). They compute the
+same function, so their difference is rounding;
 anything larger is a rewrite bug, not compression, and the model is not written."""
 
 from __future__ import annotations
@@ -12,20 +13,26 @@ import onnx
 from flarc.core.inputs import Feed
 from flarc.core.lazy import LazyMapping
 from flarc.core.memory import release_free_memory
+from flarc.core.modelio import model_opset
 from flarc.core.sessions import fed_session
 from flarc.core.sums import PairSums
 from flarc.core.targets import Target
 from flarc.rewrite.output_error import OutputErrorProbe
+from flarc.rewrite.storage import effective_pair
 
 # Largest relative difference between the factor pairs and their dense product that is rounding.
 TOLERANCE = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 5e-2}
 
 
-def dense_products(factors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> LazyMapping:
-    """``name -> A C`` for factor pairs, each made when looked up."""
+def dense_products(
+    targets: list[Target], factors: Mapping[str, tuple[np.ndarray, np.ndarray]], opset: int
+) -> LazyMapping:
+    """``name -> A C`` for factor pairs, each made when looked up, with ``A`` and ``C`` as the
+    rewritten graph computes them from their stored form (an int8 factor's grid included)."""
+    by_name = {t.name: t for t in targets}
 
     def product(name: str) -> np.ndarray:
-        a, c = factors[name]
+        a, c = effective_pair(by_name[name], *factors[name], opset)
         return a @ c
 
     return LazyMapping(factors, product)
@@ -46,7 +53,7 @@ def output_guard(
     feeds = feeds[: 1 if large else 2]
     probe = OutputErrorProbe(model, targets, feeds)
     try:
-        expected = probe.outputs(dense_products(factors))
+        expected = probe.outputs(dense_products(targets, factors, model_opset(model)))
     finally:
         probe.close()
     if large:

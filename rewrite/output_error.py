@@ -19,33 +19,42 @@ class by its reference probability, which is what perplexity and accuracy see.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
 from onnx import helper
 
 from flarc.core.errors import OptionError
-from flarc.core.external import as_array, external_dir, split_large_initializers
+from flarc.core.external import split_large_initializers
+from flarc.core.graphs import prune_to_outputs
 from flarc.core.inputs import Feed, batch_mask, is_logits_name
 from flarc.core.sessions import fed_session, lean_session_options
-from flarc.core.targets import Target, constant_tensors, stored_weight
+from flarc.core.targets import Target, Weights, stored_weight
 
 
-def weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    """A copy of ``model`` in which the constants ``names`` are graph inputs."""
+def weights_as_inputs(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` in which the tensors ``values`` names are graph inputs (typed like
+    their arrays): constants, or outputs of weight-path nodes, whose now unused paths go."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    consts = constant_tensors(model)
+    names = set(values)
     keep = [t for t in graph.initializer if t.name not in names]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    nodes = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in names)]
+    nodes = [n for n in graph.node if not (n.output and all(o in names for o in n.output if o))]
     del graph.node[:]
     graph.node.extend(nodes)
     declared = {i.name for i in graph.input}  # before IR 4, initializers are inputs already
     for name in sorted(names - declared):
-        t = consts[name]
-        graph.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+        v = values[name]
+        graph.input.append(
+            helper.make_tensor_value_info(
+                name, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape)
+            )
+        )
+    prune_to_outputs(graph)
     return out
 
 
@@ -91,12 +100,15 @@ class OutputErrorProbe:
         if metric not in METRICS:
             raise OptionError(f"unknown output metric '{metric}' ({', '.join(METRICS)})")
         self.targets = {t.name: t for t in targets}
-        consts = constant_tensors(model)
-        folder = external_dir(model)
-        self.weights = {t.weight: as_array(consts[t.weight], folder) for t in targets}
+        reader = Weights(model)
+        # Every use's weight input is fed: the consumed tensor, after its path (if any).
+        self.weights: dict[str, np.ndarray] = {}
+        for t in targets:
+            value = reader.consumed(t)
+            self.weights.update((u.consumed, value) for u in t.all_uses)
         # Built on a copy whose large weights are stubs: the model's tensors are never copied.
         light, originals = split_large_initializers(model)
-        probe = weights_as_inputs(light, set(self.weights))
+        probe = weights_as_inputs(light, self.weights)
         del light
         self.session = fed_session(probe, lean_session_options(), originals)
         del probe
@@ -144,7 +156,8 @@ class OutputErrorProbe:
         weights = dict(self.weights)
         for name in replaced:
             t = self.targets[name]
-            weights[t.weight] = stored_weight(t, replaced[name])
+            value = stored_weight(t, replaced[name])
+            weights.update((u.consumed, value) for u in t.all_uses)
         return [self.session.run(self.outputs_names, {**feed, **weights}) for feed in self.feeds]
 
     def error(self, replaced: dict[str, np.ndarray]) -> float:

@@ -2,7 +2,8 @@
 for ``flarc compress``, the rank buckets and the latency profiles alike.
 
     MatMul(X, B)          ->  MatMul(MatMul(X, A), C)
-    Gemm(X, B, bias)      ->  Gemm(MatMul(X, A), alpha * C, bias)       (transB normalised away)
+    Gemm(X, B, bias)      ->  Gemm(MatMul(X, A), C, bias, alpha, beta)  (transB normalised away;
+                                                      transA=1: Gemm(X, A, transA=1) first)
     Conv(X, W, bias)      ->  Conv1x1(Conv_k(X, A as [k, c, kh, kw]), C as [m, k, 1, 1], bias)
 
 With ``prefix_rows`` (rank buckets) the first factor is stored as ``A^T [k, n]``, so that a
@@ -14,8 +15,11 @@ smaller rank is a row prefix of both factors, and applied by a Gemm with ``trans
 
 The first node is named ``<node>/lowrank_A``, the second keeps the original's output as
 ``<node>/lowrank_C``; their weights are ``<node>/lowrank_A`` (``lowrank_At`` with prefix rows)
-and ``<node>/lowrank_C``. Inputs, outputs, opset and metadata of the model are kept; unused
-originals are removed.
+and ``<node>/lowrank_C``. A weight read by several nodes is one target: its two factors are
+written once and every use reads them. Factors are stored in the form of the weight they replace
+(:mod:`flarc.rewrite.storage`: fp16 behind a Cast, int8 behind DequantizeLinear, ...); the
+row-prefix form stores floats (buckets share them across ranks). Inputs, outputs, opset, IR
+version and metadata of the model are kept; unused originals (and their weight paths) are removed.
 """
 
 from __future__ import annotations
@@ -25,14 +29,17 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from flarc.core.errors import ModelError
-from flarc.core.external import split_large_initializers
+from flarc.core.external import declared_nbytes, split_large_initializers
 from flarc.core.lazy import LazyMapping
-from flarc.core.targets import Target, node_names
+from flarc.core.modelio import model_opset
+from flarc.core.targets import Target, Use, node_names
 from flarc.rewrite.analysis import Analysis
 from flarc.rewrite.ranks import RankChoice
+from flarc.rewrite.storage import Encoded, encode_pair
 
 # Where a factor's values go: None keeps them in the graph; else a function that stores them and
 # returns the tensor the graph refers to (a large model's spill file, a bucket's shared file).
@@ -42,10 +49,11 @@ Store = Callable[[str, np.ndarray], onnx.TensorProto] | None
 class _Writer:
     """Rewrites targets of one imported graph (shared shape nodes are made once)."""
 
-    def __init__(self, graph: gs.Graph, store: Store, prefix_rows: bool) -> None:
+    def __init__(self, graph: gs.Graph, store: Store, prefix_rows: bool, opset: int) -> None:
         self.graph = graph
         self.store = store
         self.prefix_rows = prefix_rows
+        self.opset = opset
         self.lead: dict[str, gs.Variable] = {}  # activation -> its leading dims
 
     def constant(self, name: str, value: np.ndarray, dtype: str) -> gs.Constant:
@@ -54,51 +62,95 @@ class _Writer:
             return gs.Constant(name, value)
         return gs.Constant(name, LazyValues(self.store(name, value)))  # the stored reference
 
+    def tensor(self, name: str, value: np.ndarray) -> gs.Constant:
+        """A stored-form array as a constant (int4 and bf16 go through onnx's own packing)."""
+        if self.store is not None and value.dtype.itemsize >= 1 and value.dtype.kind in "fiu":
+            return gs.Constant(name, LazyValues(self.store(name, value)))
+        return gs.Constant(name, LazyValues(numpy_helper.from_array(value, name)))
+
     def node(self, op: str, name: str, inputs: list, dtype=None, **attrs) -> gs.Variable:
         out = gs.Variable(f"{name}_out", dtype=dtype)
         self.graph.nodes.append(gs.Node(op, name=name, attrs=attrs, inputs=inputs, outputs=[out]))
         return out
 
-    def linear(self, node: gs.Node, t: Target, a: np.ndarray, c: np.ndarray) -> None:
-        x = node.inputs[0]
+    def stored(self, name: str, enc: Encoded, t: Target) -> gs.Tensor:
+        """The factor's stored tensors and the nodes that turn them into the node's floats."""
+        if enc.form.kind == "float":
+            return self.constant(name, enc.data, t.dtype)
+        data = self.tensor(name, enc.data)
+        dtype = np.dtype(t.dtype)
+        if enc.form.kind == "cast":
+            return self.node("Cast", f"{name}/Cast", [data], dtype, to=t.elem_type)
+        scale = self.tensor(f"{name}/scale", enc.scale)
+        zero = enc.zero_point is not None and enc.form.zero_point
+        if enc.form.kind == "qdq":
+            inputs = [data, scale]
+            if zero:
+                inputs.append(self.tensor(f"{name}/zero_point", enc.zero_point))
+            return self.node(
+                "DequantizeLinear", f"{name}/DequantizeLinear", inputs, dtype, **enc.attrs
+            )
+        x = self.node("Cast", f"{name}/Cast", [data], dtype, to=t.elem_type)
+        if zero:
+            x = self.node(
+                "Sub", f"{name}/Sub", [x, self.tensor(f"{name}/zero_point", enc.zero_point)], dtype
+            )
+        return self.node("Mul", f"{name}/Mul", [x, scale], dtype)
+
+    def target(self, t: Target, a: np.ndarray, c: np.ndarray, nodes: Mapping[str, gs.Node]) -> None:
+        """Both factors once, then every node that read the weight reads them instead."""
         if self.prefix_rows:
-            self._linear_prefix_rows(node, t, a, c)
+            at = self.constant(f"{t.name}/lowrank_At", a.T, t.dtype)
+            cc = self.constant(f"{t.name}/lowrank_C", c, t.dtype)
+            for u in t.all_uses:
+                self._prefix_rows(nodes[u.node], t, u, at, cc)
             return
-        mid = gs.Variable(f"{t.name}/lowrank_mid", dtype=x.dtype)
+        ea, ec = encode_pair(t, a, c, self.opset)
+        fa = self.stored(f"{t.name}/lowrank_A", ea, t)
+        fc = self.stored(f"{t.name}/lowrank_C", ec, t)
+        for u in t.all_uses:
+            node = nodes[u.node]
+            if t.op_type == "Conv":
+                self.conv(node, t, u, fa, fc)
+            else:
+                self.linear(node, u, fa, fc)
+
+    def linear(self, node: gs.Node, u: Use, fa: gs.Tensor, fc: gs.Tensor) -> None:
+        x = node.inputs[0]
+        mid = gs.Variable(f"{u.node}/lowrank_mid", dtype=x.dtype)
         first = gs.Node(
-            "MatMul",
-            name=f"{t.name}/lowrank_A",
-            inputs=[x, self.constant(f"{t.name}/lowrank_A", a, t.dtype)],
+            "Gemm" if u.transposed_input else "MatMul",
+            name=f"{u.node}/lowrank_A",
+            attrs={"transA": 1} if u.transposed_input else {},
+            inputs=[x, fa],
             outputs=[mid],
         )
-        if t.op_type == "Gemm":
-            alpha = float(node.attrs.get("alpha", 1.0))
-            c = c * alpha
-            node.attrs["alpha"] = 1.0
+        if u.op_type == "Gemm":  # alpha and beta stay: a shared C serves every use's alpha
+            node.attrs["transA"] = 0
             node.attrs["transB"] = 0
         node.inputs[0] = mid
-        node.inputs[1] = self.constant(f"{t.name}/lowrank_C", c, t.dtype)
-        node.name = f"{t.name}/lowrank_C"
+        node.inputs[1] = fc
+        node.name = f"{u.node}/lowrank_C"
         self.graph.nodes.append(first)
 
-    def _linear_prefix_rows(self, node: gs.Node, t: Target, a: np.ndarray, c: np.ndarray) -> None:
+    def _prefix_rows(self, node: gs.Node, t: Target, u: Use, at: gs.Tensor, cc: gs.Tensor) -> None:
         x = node.inputs[0]
-        at = self.constant(f"{t.name}/lowrank_At", a.T, t.dtype)
-        cc = self.constant(f"{t.name}/lowrank_C", c, t.dtype)
-        if t.op_type == "Gemm":  # 2-D already; alpha and beta stay on the second Gemm
-            mid = self.node("Gemm", f"{t.name}/lowrank_A", [x, at], x.dtype, transB=1)
+        if u.op_type == "Gemm":  # 2-D already; alpha and beta stay on the second Gemm
+            attrs = {"transA": 1, "transB": 1} if u.transposed_input else {"transB": 1}
+            mid = self.node("Gemm", f"{u.node}/lowrank_A", [x, at], x.dtype, **attrs)
+            node.attrs["transA"] = 0
             node.attrs["transB"] = 0
             node.inputs[0], node.inputs[1] = mid, cc
-            node.name = f"{t.name}/lowrank_C"
+            node.name = f"{u.node}/lowrank_C"
             return
-        flat = gs.Constant(f"{t.name}/lowrank_flat_shape", np.array([-1, t.n], np.int64))
-        x2 = self.node("Reshape", f"{t.name}/lowrank_flat", [x, flat], x.dtype)
-        mid = self.node("Gemm", f"{t.name}/lowrank_A", [x2, at], x.dtype, transB=1)
-        y2 = self.node("MatMul", f"{t.name}/lowrank_C", [mid, cc], x.dtype)
-        m = gs.Constant(f"{t.name}/lowrank_m", np.array([t.m], np.int64))
-        shape = self.node("Concat", f"{t.name}/lowrank_yshape", [self.leading(x), m], axis=0)
+        flat = gs.Constant(f"{u.node}/lowrank_flat_shape", np.array([-1, t.n], np.int64))
+        x2 = self.node("Reshape", f"{u.node}/lowrank_flat", [x, flat], x.dtype)
+        mid = self.node("Gemm", f"{u.node}/lowrank_A", [x2, at], x.dtype, transB=1)
+        y2 = self.node("MatMul", f"{u.node}/lowrank_C", [mid, cc], x.dtype)
+        m = gs.Constant(f"{u.node}/lowrank_m", np.array([t.m], np.int64))
+        shape = self.node("Concat", f"{u.node}/lowrank_yshape", [self.leading(x), m], axis=0)
         node.op = "Reshape"
-        node.name = f"{t.name}/lowrank_unflat"
+        node.name = f"{u.node}/lowrank_unflat"
         node.attrs = {}
         node.inputs[0], node.inputs[1] = y2, shape
 
@@ -113,25 +165,21 @@ class _Writer:
             )
         return self.lead[x.name]
 
-    def conv(self, node: gs.Node, t: Target, a: np.ndarray, c: np.ndarray) -> None:
-        g = t.conv
-        k = a.shape[1]
+    def conv(self, node: gs.Node, t: Target, u: Use, fa: gs.Tensor, fc: gs.Tensor) -> None:
         x = node.inputs[0]
-        mid = gs.Variable(f"{t.name}/lowrank_mid", dtype=x.dtype)
-        a_kernel = a.T.reshape(k, *t.weight_shape[1:])
+        mid = gs.Variable(f"{u.node}/lowrank_mid", dtype=x.dtype)
         first = gs.Node(
             "Conv",
-            name=f"{t.name}/lowrank_A",
-            attrs=g.onnx_attrs(),
-            inputs=[x, self.constant(f"{t.name}/lowrank_A", a_kernel, t.dtype)],
+            name=f"{u.node}/lowrank_A",
+            attrs=t.conv.onnx_attrs(),
+            inputs=[x, fa],
             outputs=[mid],
         )
-        nd = len(g.kernel_shape)
-        c_kernel = c.T.reshape(t.m, k, *([1] * nd))
+        nd = len(t.conv.kernel_shape)
         node.attrs = {"kernel_shape": [1] * nd, "group": 1}
         node.inputs[0] = mid
-        node.inputs[1] = self.constant(f"{t.name}/lowrank_C", c_kernel, t.dtype)
-        node.name = f"{t.name}/lowrank_C"
+        node.inputs[1] = fc
+        node.name = f"{u.node}/lowrank_C"
         self.graph.nodes.append(first)
 
 
@@ -162,17 +210,13 @@ def factorize(
         del named.graph.input[:]
         named.graph.input.extend(keep)
     graph = gs.import_onnx(named)
-    writer = _Writer(graph, store, prefix_rows)
+    writer = _Writer(graph, store, prefix_rows, model_opset(model))
     by_name = {node.name: node for node in graph.nodes}
     for t in targets:
         if t.name not in factors:
             continue
         a, c = factors[t.name]
-        node = by_name[t.name]
-        if t.op_type == "Conv":
-            writer.conv(node, t, a, c)
-        else:
-            writer.linear(node, t, a, c)
+        writer.target(t, a, c, by_name)
         del a, c
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = gs.export_onnx(graph, do_type_check=False)
@@ -197,6 +241,18 @@ def factorize(
     out.metadata_props.extend(model.metadata_props)
     if not out.functions and model.functions:
         out.functions.extend(model.functions)
+    return out
+
+
+def factor_nbytes(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:
+    """Bytes of the stored tensors the writer made for each target name (its factors with their
+    scales and zero points), for targets that were factorized."""
+    out: dict[str, int] = {}
+    wanted = set(names)
+    for t in model.graph.initializer:
+        owner, sep, _ = t.name.rpartition("/lowrank_")
+        if sep and owner in wanted:
+            out[owner] = out.get(owner, 0) + (declared_nbytes(t, t.name) or 0)
     return out
 
 

@@ -35,6 +35,8 @@ class TargetRow:
     reason: str
     criterion: float | None = None
     alpha: float | None = None
+    stored_bytes: int = 0  # the weight as the file stores it (with its scales, zero points)
+    kept_bytes: int = 0  # the factors as written (the weight's when dense)
 
     def to_dict(self) -> dict:
         """The row as plain JSON values."""

@@ -13,7 +13,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from flarc.core.errors import ModelError
-from flarc.core.external import external_dir, tensor_array
+from flarc.core.external import declared_nbytes, external_dir, tensor_array
+from flarc.core.graphs import subgraph_reads
 from flarc.core.weightpath import (
     PathError,
     PathTracer,
@@ -87,6 +88,7 @@ class Target:
     consumed: str = ""  # the tensor the node reads (the weight itself when "")
     anchor: str = ""  # the effective float weight (docs/design.md section 2; weight when "")
     path: tuple[str, ...] = ()  # outputs of the constant-only nodes from weight to consumed
+    path_ops: tuple[str, ...] = ()  # their op types (what inspect shows)
     storage: Storage = field(default_factory=Storage)
     uses: tuple[Use, ...] = ()  # every node that reads the weight (when more than this one)
     transposed_input: bool = False  # Gemm transA=1: the activation is read as [n, tokens]
@@ -129,6 +131,22 @@ class Target:
         d = asdict(self)
         d["k_equiv"] = self.k_equiv
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Target:
+        """Inverse of :meth:`to_dict` (lists from JSON become tuples again)."""
+        fields = {k: v for k, v in d.items() if k != "k_equiv"}
+        fields["weight_shape"] = tuple(fields["weight_shape"])
+        fields["path"] = tuple(fields.get("path", ()))
+        fields["path_ops"] = tuple(fields.get("path_ops", ()))
+        if fields.get("conv"):
+            fields["conv"] = ConvGeometry(
+                **{k: (tuple(v) if isinstance(v, list) else v) for k, v in fields["conv"].items()}
+            )
+        if isinstance(fields.get("storage"), dict):
+            fields["storage"] = Storage(**fields["storage"])
+        fields["uses"] = tuple(Use(**u) for u in fields.get("uses", ()))
+        return cls(**fields)
 
 
 @dataclass(frozen=True)
@@ -230,18 +248,6 @@ class _Candidate:
     n: int
     m: int
     conv: ConvGeometry | None
-
-
-def subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    """Every name the subgraphs of ``node`` read (outer-scope values included)."""
-    names: set[str] = set()
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for g in graphs:
-            for inner in g.node:
-                names.update(i for i in inner.input if i)
-                names |= subgraph_reads(inner)
-    return names
 
 
 def _layout_signature(model: onnx.ModelProto, path: WeightPath) -> tuple:
@@ -408,6 +414,7 @@ def find_targets(
                     consumed=first.use.consumed if first.use.consumed != path.source else "",
                     anchor=path.anchor if path.anchor != path.source else "",
                     path=path.nodes,
+                    path_ops=tuple(by_node[tracer.producer[o][1]].op_type for o in path.nodes),
                     storage=path.storage,
                     uses=tuple(uses) if len(uses) > 1 else (),
                     transposed_input=first.use.transposed_input,
@@ -417,6 +424,21 @@ def find_targets(
     result.targets.sort(key=lambda t: order[t.name])
     result.skipped.sort(key=lambda s: order.get(s.node, len(order)))
     return result
+
+
+def stored_bytes(model: onnx.ModelProto, targets: list[Target]) -> dict[str, int]:
+    """Bytes each target's weight takes in the file: its stored tensor and the constants its
+    path reads (scales, zero points), by target name."""
+    consts = constant_tensors(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    out = {}
+    for t in targets:
+        names = {t.weight}
+        for o in t.path:
+            node = producers.get(o)
+            names.update(i for i in (node.input if node is not None else ()) if i in consts)
+        out[t.name] = sum(declared_nbytes(consts[n], n) or 0 for n in names)
+    return out
 
 
 def require_targets(targets: TargetSet, path: str) -> None:
@@ -459,8 +481,7 @@ class Weights:
             target.storage,
             target.dtype,
         )
-        reads = LazyArrays(self)
-        return evaluate(path_model(self.model, path, self.tensors, reads, output), output)
+        return evaluate(path_model(self.model, path, self.tensors, output), LazyArrays(self))
 
     def layout(self, target: Target) -> tuple[str, ...]:
         """The layout part of the target's path (after its anchor)."""

@@ -13,8 +13,8 @@ Gemm or Conv reads. Read from the node backwards it has two parts:
   Cast -> [Sub(zero point)] -> Mul(scale) pattern).
 
 The anchor is the effective float weight. Several nodes that read the same anchor share one
-weight; flarc factorizes it once. Paths are evaluated with onnx's reference implementation,
-so every form means exactly what the ONNX specification says.
+weight; flarc factorizes it once. Paths are evaluated by onnxruntime, so every form means
+exactly what the deployed model computes.
 """
 
 from __future__ import annotations
@@ -251,32 +251,53 @@ def path_model(
     model: onnx.ModelProto,
     path: WeightPath,
     consts: Mapping[str, onnx.TensorProto],
-    arrays: Mapping[str, np.ndarray],
     output: str | None = None,
 ) -> onnx.ModelProto:
-    """The path as a model of its own: its nodes, the constants they read (values from
-    ``arrays`` by name), and ``output`` (the consumed tensor by default) as the only output."""
+    """The path as a model of its own: its nodes, the constants they read as typed graph inputs
+    (fed by :func:`evaluate`, never copied into the proto), and ``output`` (the consumed tensor
+    by default) as the only output."""
     wanted = set(path.nodes)
     nodes = [n for n in model.graph.node if any(o in wanted for o in n.output)]
-    reads = {i for n in nodes for i in n.input if i} | {path.source}
-    inits = [
-        numpy_helper.from_array(np.asarray(arrays[name]), name)
-        for name in sorted(reads)
-        if name in consts
+    reads = sorted({i for n in nodes for i in n.input if i} | {path.source})
+    inputs = [
+        helper.make_tensor_value_info(r, consts[r].data_type, list(consts[r].dims))
+        for r in reads
+        if r in consts
     ]
     out = output or path.consumed
     graph = helper.make_graph(
-        nodes, "weight_path", [], [helper.make_empty_tensor_value_info(out)], inits
+        nodes, "weight_path", inputs, [helper.make_empty_tensor_value_info(out)]
     )
     opsets = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
-    return helper.make_model(graph, opset_imports=opsets, ir_version=10)
+    return helper.make_model(graph, opset_imports=opsets, ir_version=max(model.ir_version, 7))
 
 
-def evaluate(model: onnx.ModelProto, output: str) -> np.ndarray:
-    """The only output of a path model, computed by onnx's reference implementation."""
-    from onnx.reference import ReferenceEvaluator
+def evaluate(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The only output of a path model, computed by onnxruntime (every opset from 7; onnx's
+    reference evaluator lacks DequantizeLinear before 19) with its inputs fed from ``arrays``."""
+    import onnxruntime as ort
 
-    (value,) = ReferenceEvaluator(model).run([output], {})
+    values = {i.name: np.asarray(arrays[i.name]) for i in model.graph.input}
+    # onnxruntime cannot be fed ml_dtypes arrays (bfloat16, int4): those travel as initializers.
+    packed = {name for name, v in values.items() if v.dtype.kind == "V"}
+    if packed:
+        inline = onnx.ModelProto()
+        inline.CopyFrom(model)
+        kept = [i for i in inline.graph.input if i.name not in packed]
+        del inline.graph.input[:]
+        inline.graph.input.extend(kept)
+        inline.graph.initializer.extend(
+            numpy_helper.from_array(values[name], name) for name in sorted(packed)
+        )
+        model = inline
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    feeds = {name: v for name, v in values.items() if name not in packed}
+    (value,) = session.run([model.graph.output[0].name], feeds)
     return np.asarray(value)
 
 
