@@ -149,59 +149,20 @@ class _Reader:
         return next(self.it, None)
 
 
-def _weights_behind_cast(model: onnx.ModelProto, dtype: int) -> onnx.ModelProto:
-    """Every MatMul/Gemm/Conv weight stored as fp16/bf16 and read through ``Cast(to=FLOAT)``,
-    as mixed-precision exporters write it."""
+def _restore(model: onnx.ModelProto, ops: tuple[str, ...], store) -> onnx.ModelProto:
+    """A copy of ``model`` in which each weight ``w`` of an ``ops`` node is replaced by what
+    ``store(name, w)`` returns: the stored initializers and the nodes that rebuild ``name``."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    weights = {n.input[1] for n in out.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")}
-    inits = []
-    casts = []
-    for t in out.graph.initializer:
-        if t.name in weights:
-            value = numpy_helper.to_array(t)
-            stored = value.astype(
-                np.float16 if dtype == TensorProto.FLOAT16 else ml_dtypes.bfloat16
-            )
-            inits.append(numpy_helper.from_array(stored, t.name + "_stored"))
-            casts.append(
-                helper.make_node("Cast", [t.name + "_stored"], [t.name], to=TensorProto.FLOAT)
-            )
-        else:
-            inits.append(t)
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(inits)
-    nodes = list(out.graph.node)
-    del out.graph.node[:]
-    out.graph.node.extend(casts + nodes)
-    return out
-
-
-def _scaled_int8(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The older pattern: uint8 weight -> Cast -> Sub(zero point) -> Mul(per-channel scale)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    weights = {n.input[1] for n in out.graph.node if n.op_type == "MatMul"}
+    weights = {n.input[1] for n in out.graph.node if n.op_type in ops}
     inits, nodes = [], []
     for t in out.graph.initializer:
         if t.name not in weights:
             inits.append(t)
             continue
-        w = numpy_helper.to_array(t).astype(np.float64)
-        lo, hi = np.minimum(w.min(0), 0), np.maximum(w.max(0), 0)
-        scale = (hi - lo) / 255
-        zero = np.round(-lo / scale)
-        q = np.clip(np.round(w / scale) + zero, 0, 255).astype(np.uint8)
-        inits += [
-            numpy_helper.from_array(q, t.name + "_q"),
-            numpy_helper.from_array(zero.astype(np.float32), t.name + "_zp"),
-            numpy_helper.from_array(scale.astype(np.float32), t.name + "_scale"),
-        ]
-        nodes += [
-            helper.make_node("Cast", [t.name + "_q"], [t.name + "_f"], to=TensorProto.FLOAT),
-            helper.make_node("Sub", [t.name + "_f", t.name + "_zp"], [t.name + "_c"]),
-            helper.make_node("Mul", [t.name + "_c", t.name + "_scale"], [t.name]),
-        ]
+        more_inits, more_nodes = store(t.name, numpy_helper.to_array(t).astype(np.float64))
+        inits += more_inits
+        nodes += more_nodes
     del out.graph.initializer[:]
     out.graph.initializer.extend(inits)
     rest = list(out.graph.node)
@@ -210,37 +171,61 @@ def _scaled_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def _weights_behind_cast(model: onnx.ModelProto, dtype: int) -> onnx.ModelProto:
+    """Every MatMul/Gemm/Conv weight stored as fp16/bf16 and read through ``Cast(to=FLOAT)``,
+    as mixed-precision exporters write it."""
+    np_type = np.float16 if dtype == TensorProto.FLOAT16 else ml_dtypes.bfloat16
+
+    def store(name, w):
+        stored = numpy_helper.from_array(w.astype(np_type), name + "_stored")
+        return [stored], [helper.make_node("Cast", [stored.name], [name], to=TensorProto.FLOAT)]
+
+    return _restore(model, ("MatMul", "Gemm", "Conv"), store)
+
+
+def _scaled_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The older pattern: uint8 weight -> Cast -> Sub(zero point) -> Mul(per-channel scale)."""
+
+    def store(name, w):
+        lo, hi = np.minimum(w.min(0), 0), np.maximum(w.max(0), 0)
+        scale = (hi - lo) / 255
+        zero = np.round(-lo / scale)
+        q = np.clip(np.round(w / scale) + zero, 0, 255).astype(np.uint8)
+        inits = [
+            numpy_helper.from_array(q, name + "_q"),
+            numpy_helper.from_array(zero.astype(np.float32), name + "_zp"),
+            numpy_helper.from_array(scale.astype(np.float32), name + "_scale"),
+        ]
+        nodes = [
+            helper.make_node("Cast", [name + "_q"], [name + "_f"], to=TensorProto.FLOAT),
+            helper.make_node("Sub", [name + "_f", name + "_zp"], [name + "_c"]),
+            helper.make_node("Mul", [name + "_c", name + "_scale"], [name]),
+        ]
+        return inits, nodes
+
+    return _restore(model, ("MatMul",), store)
+
+
 def _int4_blocked(model: onnx.ModelProto, block: int = 8) -> onnx.ModelProto:
     """MatMul weights as int4 with blocked scales along the input axis (opset 21)."""
-    out = onnx.version_converter.convert_version(model, 21)
-    weights = {n.input[1] for n in out.graph.node if n.op_type == "MatMul"}
-    inits, nodes = [], []
-    for t in out.graph.initializer:
-        if t.name not in weights:
-            inits.append(t)
-            continue
-        w = numpy_helper.to_array(t).astype(np.float64)
+
+    def store(name, w):
         n = w.shape[0]
         blocks = -(-n // block)
         padded = np.pad(np.abs(w), ((0, blocks * block - n), (0, 0)))
         scale = padded.reshape(blocks, block, -1).max(1) / 7
         full = np.repeat(scale, block, axis=0)[:n]
         q = np.clip(np.round(w / full), -8, 7).astype(ml_dtypes.int4)
-        inits += [
-            numpy_helper.from_array(q, t.name + "_q"),
-            numpy_helper.from_array(scale.astype(np.float32), t.name + "_scale"),
+        inits = [
+            numpy_helper.from_array(q, name + "_q"),
+            numpy_helper.from_array(scale.astype(np.float32), name + "_scale"),
         ]
-        nodes.append(
-            helper.make_node(
-                "DequantizeLinear", [t.name + "_q", t.name + "_scale"], [t.name],
-                axis=0, block_size=block,
-            )
-        )  # fmt: skip
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(inits)
-    rest = list(out.graph.node)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes + rest)
+        node = helper.make_node(
+            "DequantizeLinear", [name + "_q", name + "_scale"], [name], axis=0, block_size=block
+        )
+        return inits, [node]
+
+    out = _restore(onnx.version_converter.convert_version(model, 21), ("MatMul",), store)
     out.ir_version = 10
     return out
 
