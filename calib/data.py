@@ -26,10 +26,10 @@ log = logging.getLogger(__name__)
 
 
 def _batches_from_arrays(arrays: dict[str, np.ndarray], batch_size: int, where: str) -> list[Feed]:
-    lengths = {k: (v.shape[0] if v.ndim else None) for k, v in arrays.items()}
-    if any(n is None for n in lengths.values()):
-        bad = next(k for k, n in lengths.items() if n is None)
-        raise DataError(f"{where}: array '{bad}' is a scalar; the first axis must be samples")
+    # A scalar (a sample rate, an If condition) is the same in every batch.
+    lengths = {k: v.shape[0] for k, v in arrays.items() if v.ndim}
+    if not lengths:
+        raise DataError(f"{where}: every array is a scalar; the first axis must be samples")
     counts = set(lengths.values())
     if len(counts) != 1:
         raise DataError(f"{where}: arrays have different sample counts {lengths}")
@@ -37,13 +37,14 @@ def _batches_from_arrays(arrays: dict[str, np.ndarray], batch_size: int, where: 
     if total == 0:
         raise DataError(f"{where}: zero samples")
     return [
-        {k: v[i : i + batch_size] for k, v in arrays.items()} for i in range(0, total, batch_size)
+        {k: v[i : i + batch_size] if v.ndim else v for k, v in arrays.items()}
+        for i in range(0, total, batch_size)
     ]
 
 
 def load_npz(path: Path, batch_size: int) -> list[Feed]:
     """Feeds of ``batch_size`` samples from an ``.npz`` (arrays keyed by input name, first axis =
-    samples); DataError for a file that is unreadable or needs pickle, holds no arrays or no
+    samples; a scalar goes to every batch); DataError for a file that is unreadable or needs pickle, holds no arrays or no
     samples, or whose arrays disagree on the sample count."""
     try:
         with np.load(path, allow_pickle=False) as data:

@@ -390,6 +390,12 @@ def fisher_importance(
     ``options`` (loss, mask_input, seed, progress) are those of :func:`iter_weight_gradients`."""
     if not targets:
         raise ModelError("Fisher importance: no targets to score")
+    inside = next((t for t in targets if any(u.graph for u in t.all_uses)), None)
+    if inside is not None:
+        raise ModelError(
+            f"Fisher importance: target '{inside.name}' is inside an If branch; gradients "
+            "through subgraphs are not supported (use --allocate global)"
+        )
     weights = list(dict.fromkeys(t.anchor or t.weight for t in targets))
     per_weight = dict.fromkeys(weights, 0.0)
     plan: LossPlan | None = None

@@ -12,7 +12,7 @@ The graph is built in the model's own opset, from 7 up.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +23,8 @@ from onnx import TensorProto, helper, numpy_helper
 from flarc.calib.checkpoint import Checkpoint, feeds_digest
 from flarc.calib.data import CalibrationSet
 from flarc.calib.moments import LazyMoments, Moments
-from flarc.core.errors import DataError
 from flarc.core.external import external_dir, split_large_initializers
-from flarc.core.graphs import prune_to_outputs
+from flarc.core.graphs import lift, prune_to_outputs, scope_of
 from flarc.core.inputs import Feed, find_mask_input
 from flarc.core.memory import release_free_memory
 from flarc.core.modelio import is_large, model_opset, tensor_nbytes
@@ -56,6 +55,12 @@ class StatPlan:
     extra_masked: tuple[bool, ...] = ()
     extra_partners: tuple[str, ...] = ()
     transposed: bool = False  # the input is [n, tokens] (Gemm transA=1)
+    graphs: tuple[tuple[str, ...], ...] = ()  # the If branch of each input (() is the main graph)
+
+    @property
+    def scopes(self) -> tuple[tuple[str, ...], ...]:
+        """The graph of each input, in use order."""
+        return self.graphs or ((),) * len(self.inputs)
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -93,6 +98,9 @@ def plan_statistics(
                 extra=tuple(rename(x) for x in rest),
                 extra_partners=tuple(rest) if partner else (),
                 transposed=t.transposed_input,
+                graphs=tuple(u.graph for u in t.all_uses)
+                if any(u.graph for u in t.all_uses)
+                else (),
             )
     for i, plan in enumerate(plans.values()):
         plan.outputs = {f: f"flarc_stats/{prefix}{i}/{f}" for f in (*FIELDS, "cross")}
@@ -122,12 +130,15 @@ def intermediate_shapes(
     feed: Feed,
     workdir: Path | None = None,
     originals: dict[str, onnx.TensorProto] | None = None,
+    graphs: Mapping[str, tuple[str, ...]] | None = None,
 ) -> dict[str, tuple[int, ...]]:
     """Shapes of intermediate tensors on one feed (one extra forward pass, for the mask decision).
 
     ``model`` may hold stubs of large initializers (:func:`split_large_initializers`), their
-    tensors in ``originals``; ``workdir`` is no longer needed.
+    tensors in ``originals``; ``workdir`` is no longer needed. A tensor inside an If branch
+    (``graphs`` names its branch) has its shape lifted out: ``()`` when the branch did not run.
     """
+    graphs = graphs or {}
     graph_inputs = {i.name for i in model.graph.input}
     shapes = {n: tuple(feed[n].shape) for n in names if n in graph_inputs and n in feed}
     wanted = [n for n in names if n not in shapes]
@@ -135,25 +146,44 @@ def intermediate_shapes(
         return shapes
     probe, more = split_large_initializers(model)
     del probe.graph.output[:]
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in wanted)
+    outputs = {}
+    counter = [0]
+    for n in wanted:
+        if graphs.get(n):
+            inner = _Builder(scope_of(probe, graphs[n]).graph, model_opset(probe), counter)
+            shape = inner.node("Shape", [n], "shape_of")
+            empty = np.zeros(0, np.int64)
+            (outputs[n],) = lift(probe, graphs[n], [(shape, TensorProto.INT64, None, empty)])
+        else:
+            outputs[n] = n
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(o) for o in outputs.values())
     prune_to_outputs(probe.graph)
     sess = fed_session(probe, originals={**more, **(originals or {})})
-    for name, value in zip(wanted, sess.run(wanted, feed), strict=True):
-        shapes[name] = tuple(value.shape)
+    values = sess.run(list(outputs.values()), feed)
+    for name, value in zip(outputs, values, strict=True):
+        shapes[name] = tuple(int(d) for d in value) if graphs.get(name) else tuple(value.shape)
     return shapes
 
 
 class _Builder:
-    """Appends nodes to a graph, in the forms the model's opset accepts."""
+    """Appends nodes to a graph, in the forms the model's opset accepts; builders made with
+    :meth:`inside` for subgraphs share one name counter."""
 
-    def __init__(self, graph: onnx.GraphProto, opset: int) -> None:
+    def __init__(
+        self, graph: onnx.GraphProto, opset: int, counter: list[int] | None = None
+    ) -> None:
         self.graph = graph
         self.opset = opset
-        self.count = 0
+        self.counter = counter if counter is not None else [0]
+        self.rows_shape: dict[int, str] = {}
+
+    def inside(self, graph: onnx.GraphProto) -> _Builder:
+        """A builder for a subgraph (its constants become the subgraph's initializers)."""
+        return _Builder(graph, self.opset, self.counter)
 
     def name(self, hint: str) -> str:
-        self.count += 1
-        return f"flarc_stats/{hint}_{self.count}"
+        self.counter[0] += 1
+        return f"flarc_stats/{hint}_{self.counter[0]}"
 
     def const(self, value: np.ndarray, hint: str) -> str:
         name = self.name(hint)
@@ -192,15 +222,21 @@ def build_statistics_model(
     mask_input: str | None,
     precision: str = "float64",
 ) -> onnx.ModelProto:
-    """A copy of ``model`` whose only outputs are the statistics of ``plans``."""
+    """A copy of ``model`` whose only outputs are the statistics of ``plans``.
+
+    Rows of a use inside an If branch are reduced inside that branch; the sums are lifted out
+    (the other branch gives zero sums) and added to the other uses' in the main graph.
+    """
     stats = onnx.ModelProto()
     stats.CopyFrom(model)
     graph = stats.graph
     del graph.output[:]
-    b = _Builder(graph, model_opset(model))
+    main = _Builder(graph, model_opset(model))
     acc_type = TensorProto.DOUBLE if precision == "float64" else TensorProto.FLOAT
+    acc_np = np.float64 if precision == "float64" else np.float32
     mask_bool = mask_rows = None
     if mask_input and any(any(p.masks) for p in plans):
+        b = main
         flat = b.node(
             "Reshape", [mask_input, b.const(np.array([-1], np.int64), "shape")], "mask_flat"
         )
@@ -209,12 +245,11 @@ def build_statistics_model(
             column = b.const(np.array([-1, 1], np.int64), "column")
             as_acc = b.node("Cast", [mask_bool], "mask_acc", to=acc_type)
             mask_rows = b.node("Reshape", [as_acc, column], "mask_rows")
-    rows_shape: dict[int, str] = {}
 
-    def rows_of(plan: StatPlan, x: str, masked: bool) -> str:
+    def rows_of(b: _Builder, plan: StatPlan, x: str, masked: bool) -> str:
         """The rows ``[tokens, n]`` of tensor ``x`` as the plan forms them, in accumulation type."""
-        if plan.n not in rows_shape:
-            rows_shape[plan.n] = b.const(np.array([-1, plan.n], np.int64), f"rows{plan.n}")
+        if plan.n not in b.rows_shape:
+            b.rows_shape[plan.n] = b.const(np.array([-1, plan.n], np.int64), f"rows{plan.n}")
         if plan.transposed:  # Gemm transA=1 reads its activation as [n, tokens]
             x = b.node("Transpose", [x], "rows_first", perm=[1, 0])
         if plan.conv is not None:
@@ -224,7 +259,7 @@ def build_statistics_model(
             patches = b.node("Conv", [xf, kernel], "patches", **g.onnx_attrs())
             nd = len(g.kernel_shape)
             x = b.node("Transpose", [patches], "patches_last", perm=[0, *range(2, nd + 2), 1])
-        rows = b.node("Reshape", [x, rows_shape[plan.n]], "rows")
+        rows = b.node("Reshape", [x, b.rows_shape[plan.n]], "rows")
         if masked and mask_rows is None:
             rows = b.node("Compress", [rows, mask_bool], "rows_kept", axis=0)
         rows = b.node("Cast", [rows], "rows_acc", to=acc_type)
@@ -232,53 +267,89 @@ def build_statistics_model(
             rows = b.node("Mul", [rows, mask_rows], "rows_kept")
         return rows
 
-    def all_rows(plan: StatPlan, tensors: tuple[str, ...]) -> str:
-        """The rows of every use of the plan's weight, one after the other."""
-        masks = plan.masks
-        parts = [rows_of(plan, x, m) for x, m in zip(tensors, masks, strict=True)]
+    def all_rows(b: _Builder, plan: StatPlan, tensors: list[str], masks: list[bool]) -> str:
+        """The rows of the given uses of the plan's weight, one after the other."""
+        parts = [rows_of(b, plan, x, m) for x, m in zip(tensors, masks, strict=True)]
         return parts[0] if len(parts) == 1 else b.node("Concat", parts, "rows_all", axis=0)
 
-    def count_of(plan: StatPlan, xd: str, out: str) -> None:
+    def count_of(
+        b: _Builder, plan: StatPlan, xd: str, tensors: list[str], masks: list[bool], out: str | None
+    ) -> str:
         """The number of rows that count: the rows' count, or (before opset 9) the mask's
         ones for masked inputs plus the rows of unmasked ones."""
-        masks = plan.masks
         zero = b.const(np.array(0, np.int64), "zero")
         if mask_rows is None or not any(masks):
             shape = b.node("Shape", [xd], "shape")
-            b.node("Gather", [shape, zero], "count", output=out, axis=0)
-            return
+            return b.node("Gather", [shape, zero], "count", output=out, axis=0)
         total = None
-        for x, masked in zip(plan.inputs, masks, strict=True):
+        for x, masked in zip(tensors, masks, strict=True):
             if masked:
                 kept = b.reduce("ReduceSum", mask_rows, None, keepdims=0)
                 part = b.node("Cast", [kept], "count_part", to=TensorProto.INT64)
             else:
                 part = b.node(
                     "Gather",
-                    [b.node("Shape", [rows_of(plan, x, False)], "shape"), zero],
+                    [b.node("Shape", [rows_of(b, plan, x, False)], "shape"), zero],
                     "count_part",
                     axis=0,
                 )
             total = part if total is None else b.node("Add", [total, part], "count_sum")
-        b.node("Identity", [total], "count", output=out)
+        return b.node("Identity", [total], "count", output=out)
 
-    for plan in plans:
-        xd = all_rows(plan, plan.inputs)
-        out = plan.outputs
+    def sums(b: _Builder, plan: StatPlan, uses: list[int], out: dict[str, str] | None) -> dict:
+        """The fields of the plan over the rows of ``uses`` (indices into its inputs), into the
+        names ``out`` (fresh names when None)."""
+        name = (lambda f: out[f]) if out is not None else (lambda f: None)
+        tensors = [plan.inputs[i] for i in uses]
+        masks = [plan.masks[i] for i in uses]
+        xd = all_rows(b, plan, tensors, masks)
         xt = b.node("Transpose", [xd], "rows_t", perm=[1, 0])
-        b.node("MatMul", [xt, xd], "gram", output=out["gram"])
-        count_of(plan, xd, out["count"])
+        got = {"gram": b.node("MatMul", [xt, xd], "gram", output=name("gram"))}
+        got["count"] = count_of(b, plan, xd, tensors, masks, name("count"))
         r2 = b.reduce("ReduceSumSquare", xd, [1], keepdims=1)
-        b.reduce("ReduceSumSquare", r2, None, keepdims=0, output=out["sum4"])
-        b.reduce("ReduceSum", xd, [0], keepdims=0, output=out["sum1"])
+        got["sum4"] = b.reduce("ReduceSumSquare", r2, None, keepdims=0, output=name("sum4"))
+        got["sum1"] = b.reduce("ReduceSum", xd, [0], keepdims=0, output=name("sum1"))
         weighted = b.node("Mul", [xd, r2], "r2x")
-        b.reduce("ReduceSum", weighted, [0], keepdims=0, output=out["sum2x"])
-        fields = list(FIELDS)
+        got["sum2x"] = b.reduce("ReduceSum", weighted, [0], keepdims=0, output=name("sum2x"))
         if plan.partner is not None:
             # Cross-statistic X^T P of the plan's rows with the partner's rows at the same positions.
-            partners = (plan.partner, *plan.extra_partners)
-            b.node("MatMul", [xt, all_rows(plan, partners)], "cross", output=out["cross"])
-            fields.append("cross")
+            partners = [(plan.partner, *plan.extra_partners)[i] for i in uses]
+            rows = all_rows(b, plan, partners, masks)
+            got["cross"] = b.node("MatMul", [xt, rows], "cross", output=name("cross"))
+        return got
+
+    def absent(plan: StatPlan, f: str) -> tuple[int, list[int], np.ndarray]:
+        """Type, shape and zero value of one field (what a branch that did not run adds)."""
+        if f == "count":
+            return TensorProto.INT64, [], np.zeros((), np.int64)
+        shape = {"gram": [plan.n, plan.n], "cross": [plan.n, plan.n], "sum1": [plan.n],
+                 "sum2x": [plan.n]}.get(f, [])  # fmt: skip
+        return acc_type, shape, np.zeros(shape, acc_np)
+
+    for plan in plans:
+        out = plan.outputs
+        fields = [*FIELDS, *(["cross"] if plan.partner is not None else [])]
+        by_graph: dict[tuple[str, ...], list[int]] = {}
+        for i, path in enumerate(plan.scopes):
+            by_graph.setdefault(path, []).append(i)
+        if list(by_graph) == [()]:
+            sums(main, plan, by_graph[()], out)  # every use in the main graph: as always
+        else:
+            parts: dict[str, list[str]] = {f: [] for f in fields}
+            for path, uses in by_graph.items():
+                scope = scope_of(stats, path)
+                got = sums(main.inside(scope.graph) if path else main, plan, uses, None)
+                lifted = lift(stats, path, [(got[f], *absent(plan, f)) for f in fields])
+                for f, name in zip(fields, lifted, strict=True):
+                    parts[f].append(name)
+            for f in fields:
+                total = parts[f][0]
+                for more in parts[f][1:-1]:
+                    total = main.node("Add", [total, more], f"{f}_sum")
+                if len(parts[f]) > 1:
+                    main.node("Add", [total, parts[f][-1]], f"{f}_sum", output=out[f])
+                else:
+                    main.node("Identity", [total], f, output=out[f])
         for f in fields:
             elem = TensorProto.INT64 if f == "count" else acc_type
             graph.output.append(helper.make_tensor_value_info(out[f], elem, None))
@@ -309,7 +380,10 @@ class StatisticsSession:
         if self.mask_input is not None and self.mask_input in sample_feed:
             mask_shape = tuple(sample_feed[self.mask_input].shape)
             candidates = [x for p in self.plans if p.conv is None for x in p.inputs]
-            shapes = intermediate_shapes(model, candidates, sample_feed, originals=originals)
+            graphs = {x: g for p in self.plans for x, g in zip(p.inputs, p.scopes, strict=True)}
+            shapes = intermediate_shapes(
+                model, candidates, sample_feed, originals=originals, graphs=graphs
+            )
 
             def spans_mask(p: StatPlan, x: str) -> bool:
                 shape = shapes.get(x)
@@ -361,7 +435,8 @@ class StatisticsSession:
         description: str = "calibrating",
         checkpoint: Checkpoint | None = None,
     ) -> dict[str, Moments]:
-        """Sum the moments of ``feeds`` in batch order.
+        """Sum the moments of ``feeds`` in batch order (a statistic no row reached, one in an
+        If branch that never ran, has count 0: the caller decides).
 
         With ``checkpoint``, the running sums are saved as it says (and always after the last
         batch) and, when resuming, the saved sums are the starting point and the loop continues
@@ -393,9 +468,6 @@ class StatisticsSession:
                 totals[key].add(moments)
             if checkpoint is not None and checkpoint.due(i, len(feeds)):
                 checkpoint.save(i, len(feeds), totals)
-        for p in self.plans:
-            if totals[p.key].count == 0:
-                raise DataError(f"tensor '{p.input}': no unmasked rows in the calibration data")
         return totals
 
 

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,13 +19,14 @@ import onnx
 
 from flarc.calib.checkpoint import Checkpoint, statistics_source
 from flarc.calib.data import CalibrationSet
+from flarc.calib.moments import Moments
 from flarc.calib.statistics import collect_moments
 from flarc.core.compare import OutputComparison, compare_models, compare_streamed
-from flarc.core.errors import ModelError
+from flarc.core.errors import DataError, ModelError
 from flarc.core.external import FactorFile
 from flarc.core.inputs import Feed, find_mask_input
 from flarc.core.memory import release_free_memory
-from flarc.core.modelio import check_model_any_size, is_large, tensor_nbytes
+from flarc.core.modelio import check_model_any_size, is_large, stored_tensors, tensor_nbytes
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.store import Store
 from flarc.core.targets import Skipped, Target, TargetSet, Weights, stored_bytes
@@ -97,6 +99,7 @@ def analyze(
     stats, heldout, mask = collect_moments(
         model, targets.targets, data, sums, options.precision, options.mask_input, progress
     )
+    targets = without_rows(targets, stats.raw())
     fisher = None
     if options.fisher:
         from flarc.calib.fisher import fisher_importance
@@ -130,6 +133,29 @@ def analyze(
         heldout_is_calibration=not data.heldout,
         store=store,
     )
+
+
+def without_rows(targets: TargetSet, stats: Mapping[str, Moments]) -> TargetSet:
+    """``targets`` less those no calibration row reached (an If branch that never ran, or
+    every row masked), which are listed as skipped; DataError when none is left."""
+    empty = [t for t in targets.targets if stats[t.stat_key].count == 0]
+    if not empty:
+        return targets
+    if len(empty) == len(targets.targets):
+        raise DataError(f"tensor '{empty[0].input}': no unmasked rows in the calibration data")
+    skipped = [
+        Skipped(
+            t.name,
+            t.op_type,
+            "no calibration row reached it (the If branch it is in never ran on the calibration "
+            "data); left dense"
+            if any(u.graph for u in t.all_uses)
+            else "every calibration row of its input is masked; left dense",
+        )
+        for t in empty
+    ]
+    kept = [t for t in targets.targets if t not in empty]
+    return TargetSet(kept, [*targets.skipped, *skipped])
 
 
 def rewhiten(
@@ -190,8 +216,8 @@ class CompressResult:
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Elements of the model's initializers."""
-    return int(sum(math.prod(t.dims) for t in model.graph.initializer))
+    """Elements of the model's initializers (subgraphs' included)."""
+    return int(sum(math.prod(t.dims) for t in stored_tensors(model)))
 
 
 def compress(

@@ -17,7 +17,9 @@ import onnx
 
 from flarc.calib.statistics import StatisticsSession, plan_statistics
 from flarc.calib.twin import target_levels, twin_model, twin_name, weight_input
+from flarc.core.errors import OptionError
 from flarc.core.external import split_large_initializers
+from flarc.core.graphs import scopes
 from flarc.core.inputs import Feed
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.targets import Weights, stored_weight
@@ -42,6 +44,13 @@ def closed_loop_entries(
 ) -> dict[str, TargetAnalysis]:
     """Closed-loop spectra of every factorized target (others keep their open-loop entry)."""
     progress = progress or NoProgress()
+    owner = next((s for s in scopes(model)[1:]), None)
+    if owner is not None:
+        # The twin copies main-graph nodes only: a branch would read the original's tensors.
+        raise OptionError(
+            f"--closed-loop does not support models with If/Loop/Scan subgraphs yet (subgraph "
+            f"'{'/'.join(owner.path)}'); compress without it"
+        )
     chosen = [t for t in analysis.targets if ranks[t.name].rank is not None]
     entries = dict(analysis.entries)
     if not chosen:

@@ -27,7 +27,7 @@ from onnx import helper
 
 from flarc.core.errors import OptionError
 from flarc.core.external import split_large_initializers
-from flarc.core.graphs import prune_to_outputs
+from flarc.core.graphs import prune_to_outputs, scopes
 from flarc.core.inputs import Feed, batch_mask, is_logits_name
 from flarc.core.sessions import fed_session, lean_session_options
 from flarc.core.targets import Target, Weights, stored_weight
@@ -40,12 +40,16 @@ def weights_as_inputs(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) 
     out.CopyFrom(model)
     graph = out.graph
     names = set(values)
-    keep = [t for t in graph.initializer if t.name not in names]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    nodes = [n for n in graph.node if not (n.output and all(o in names for o in n.output if o))]
-    del graph.node[:]
-    graph.node.extend(nodes)
+    # A subgraph's own weight is fed from the main graph too; inner graphs first, as rebuilding
+    # a graph's node list copies the subgraphs in it.
+    for scope in reversed(scopes(out)):
+        g = scope.graph
+        keep = [t for t in g.initializer if t.name not in names]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+        nodes = [n for n in g.node if not (n.output and all(o in names for o in n.output if o))]
+        del g.node[:]
+        g.node.extend(nodes)
     declared = {i.name for i in graph.input}  # before IR 4, initializers are inputs already
     for name in sorted(names - declared):
         v = values[name]

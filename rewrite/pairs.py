@@ -34,8 +34,9 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from flarc.core.errors import ModelError
 from flarc.core.external import declared_nbytes, split_large_initializers
+from flarc.core.graphs import scopes
 from flarc.core.lazy import LazyMapping
-from flarc.core.modelio import model_opset
+from flarc.core.modelio import model_opset, stored_tensors
 from flarc.core.targets import Target, Use, node_names
 from flarc.rewrite.analysis import Analysis
 from flarc.rewrite.ranks import RankChoice
@@ -97,23 +98,30 @@ class _Writer:
             )
         return self.node("Mul", f"{name}/Mul", [x, scale], dtype)
 
-    def target(self, t: Target, a: np.ndarray, c: np.ndarray, nodes: Mapping[str, gs.Node]) -> None:
-        """Both factors once, then every node that read the weight reads them instead."""
+    def target(
+        self, t: Target, a: np.ndarray, c: np.ndarray, nodes: Mapping[str, tuple[gs.Node, gs.Graph]]
+    ) -> None:
+        """Both factors once, then every node that read the weight reads them instead (new
+        nodes go in the graph of the node they serve; shared ones where every use sees them)."""
+        main = self.graph
+        graphs = {id(nodes[u.node][1]): nodes[u.node][1] for u in t.all_uses}
+        self.graph = next(iter(graphs.values())) if len(graphs) == 1 else main
         if self.prefix_rows:
-            at = self.constant(f"{t.name}/lowrank_At", a.T, t.dtype)
-            cc = self.constant(f"{t.name}/lowrank_C", c, t.dtype)
-            for u in t.all_uses:
-                self._prefix_rows(nodes[u.node], t, u, at, cc)
-            return
-        ea, ec = encode_pair(t, a, c, self.opset)
-        fa = self.stored(f"{t.name}/lowrank_A", ea, t)
-        fc = self.stored(f"{t.name}/lowrank_C", ec, t)
+            fa = self.constant(f"{t.name}/lowrank_At", a.T, t.dtype)
+            fc = self.constant(f"{t.name}/lowrank_C", c, t.dtype)
+        else:
+            ea, ec = encode_pair(t, a, c, self.opset)
+            fa = self.stored(f"{t.name}/lowrank_A", ea, t)
+            fc = self.stored(f"{t.name}/lowrank_C", ec, t)
         for u in t.all_uses:
-            node = nodes[u.node]
-            if t.op_type == "Conv":
+            node, self.graph = nodes[u.node]
+            if self.prefix_rows:
+                self._prefix_rows(node, t, u, fa, fc)
+            elif t.op_type == "Conv":
                 self.conv(node, t, u, fa, fc)
             else:
                 self.linear(node, u, fa, fc)
+        self.graph = main
 
     def linear(self, node: gs.Node, u: Use, fa: gs.Tensor, fc: gs.Tensor) -> None:
         x = node.inputs[0]
@@ -204,6 +212,12 @@ def factorize(
     named, originals = split_large_initializers(model)
     for node, name in zip(named.graph.node, node_names(named), strict=True):
         node.name = name
+    # Subgraph nodes carry flarc's scoped names while rewriting; their own come back after.
+    own_names = {}
+    for scope in scopes(named)[1:]:
+        for node, name in zip(scope.graph.node, scope.names, strict=True):
+            own_names[name] = node.name
+            node.name = name
     if model.ir_version < 4:  # inputs that only list initializers (IR 3) are put back below
         inits = {t.name for t in named.graph.initializer}
         keep = [i for i in named.graph.input if i.name not in inits]
@@ -211,7 +225,7 @@ def factorize(
         named.graph.input.extend(keep)
     graph = gs.import_onnx(named)
     writer = _Writer(graph, store, prefix_rows, model_opset(model))
-    by_name = {node.name: node for node in graph.nodes}
+    by_name = _nodes_by_name(graph)
     for t in targets:
         if t.name not in factors:
             continue
@@ -220,6 +234,7 @@ def factorize(
         del a, c
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = gs.export_onnx(graph, do_type_check=False)
+    _restore_subgraphs(out.graph, own_names, {t.name for t in model.graph.initializer})
     if restore:
         for tensor in out.graph.initializer:
             if tensor.name in originals and not tensor.HasField("raw_data"):
@@ -244,12 +259,58 @@ def factorize(
     return out
 
 
+def _nodes_by_name(graph: gs.Graph) -> dict[str, tuple[gs.Node, gs.Graph]]:
+    """Every node of ``graph`` and its subgraphs by name, with the graph it is in."""
+    found = {}
+    for node in graph.nodes:
+        found[node.name] = (node, graph)
+        for value in node.attrs.values():
+            for sub in value if isinstance(value, list) else [value]:
+                if isinstance(sub, gs.Graph):
+                    found.update(_nodes_by_name(sub))
+    return found
+
+
+def _subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """Every subgraph nested in ``graph``'s nodes."""
+    found = []
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                found += [sub, *_subgraphs(sub)]
+    return found
+
+
+def _restore_subgraphs(graph: onnx.GraphProto, own_names: dict[str, str], outer: set[str]) -> None:
+    """Undo what the round trip through graphsurgeon does to subgraphs: their nodes get their
+    own names back, and a constant from an enclosing graph (an original weight, or a factor
+    that nodes of several branches read) is stored once in the main graph instead of once per
+    subgraph that reads it."""
+    copies: dict[str, list[tuple[onnx.GraphProto, onnx.TensorProto]]] = {}
+    for sub in _subgraphs(graph):
+        for node in sub.node:
+            node.name = own_names.get(node.name, node.name)
+        for t in sub.initializer:
+            copies.setdefault(t.name, []).append((sub, t))
+    main = {t.name for t in graph.initializer}
+    for name, found in copies.items():
+        same = all(t.SerializeToString() == found[0][1].SerializeToString() for _, t in found)
+        if not same or (name not in outer and name not in main and len(found) == 1):
+            continue  # a subgraph's own constant stays where it is
+        if name not in main:
+            graph.initializer.append(found[0][1])
+        for sub, _ in found:
+            kept = [t for t in sub.initializer if t.name != name]
+            del sub.initializer[:]
+            sub.initializer.extend(kept)
+
+
 def factor_nbytes(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:
     """Bytes of the stored tensors the writer made for each target name (its factors with their
     scales and zero points), for targets that were factorized."""
     out: dict[str, int] = {}
     wanted = set(names)
-    for t in model.graph.initializer:
+    for t in stored_tensors(model):
         owner, sep, _ = t.name.rpartition("/lowrank_")
         if sep and owner in wanted:
             out[owner] = out.get(owner, 0) + (declared_nbytes(t, t.name) or 0)

@@ -21,6 +21,7 @@ from flarc.core.external import (
     write_streamed,
 )
 from flarc.core.files import write_bytes_atomic
+from flarc.core.graphs import scopes
 
 # onnxruntime 1.2x rejects the IR version that onnx 1.23 writes by default.
 MAX_IR_VERSION = 10
@@ -190,8 +191,24 @@ def is_large(model: onnx.ModelProto) -> bool:
 
 
 def tensor_nbytes(model: onnx.ModelProto) -> int:
-    """Bytes of the model's initializers, in memory or in external data files."""
-    return sum(declared_nbytes(t, t.name) or 0 for t in model.graph.initializer)
+    """Bytes of the model's stored tensors (:func:`stored_tensors`), in memory or in data files."""
+    return sum(declared_nbytes(t, t.name) or 0 for t in stored_tensors(model))
+
+
+def stored_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """The tensors a model stores: the initializers of every graph, and the values of its
+    Constant nodes (some exporters keep every weight in one)."""
+    out = []
+    for scope in scopes(model):
+        out += scope.graph.initializer
+        out += [
+            a.t
+            for n in scope.graph.node
+            if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
+            for a in n.attribute
+            if a.name == "value" and a.type == onnx.AttributeProto.TENSOR
+        ]
+    return out
 
 
 def inline_nbytes(model: onnx.ModelProto) -> int:

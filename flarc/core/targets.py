@@ -4,7 +4,7 @@ docs/design.md section 2, and why every other weight-bearing node was left alone
 from __future__ import annotations
 
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -14,7 +14,7 @@ from onnx import helper, numpy_helper
 
 from flarc.core.errors import ModelError
 from flarc.core.external import declared_nbytes, external_dir, tensor_array
-from flarc.core.graphs import subgraph_reads
+from flarc.core.graphs import Scope, all_nodes, graph_node_names, scopes
 from flarc.core.weightpath import (
     PathError,
     PathTracer,
@@ -68,6 +68,7 @@ class Use:
     consumed: str  # the weight tensor it reads
     transposed: bool  # reads the weight as [m, n] (Gemm transB=1)
     transposed_input: bool = False  # reads the activation as [n, tokens] (Gemm transA=1)
+    graph: tuple[str, ...] = ()  # the If branch it is in (:class:`flarc.core.graphs.Scope`)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class Target:
     storage: Storage = field(default_factory=Storage)
     uses: tuple[Use, ...] = ()  # every node that reads the weight (when more than this one)
     transposed_input: bool = False  # Gemm transA=1: the activation is read as [n, tokens]
+    graph: tuple[str, ...] = ()  # the If branch the node is in (() is the main graph)
 
     @property
     def all_uses(self) -> tuple[Use, ...]:
@@ -99,7 +101,7 @@ class Target:
         if self.uses:
             return self.uses
         return (Use(self.name, self.op_type, self.input, self.output, self.consumed or self.weight,
-                    self.transposed, self.transposed_input),)  # fmt: skip
+                    self.transposed, self.transposed_input, self.graph),)  # fmt: skip
 
     @property
     def elem_type(self) -> int:
@@ -139,13 +141,16 @@ class Target:
         fields["weight_shape"] = tuple(fields["weight_shape"])
         fields["path"] = tuple(fields.get("path", ()))
         fields["path_ops"] = tuple(fields.get("path_ops", ()))
+        fields["graph"] = tuple(fields.get("graph", ()))
         if fields.get("conv"):
             fields["conv"] = ConvGeometry(
                 **{k: (tuple(v) if isinstance(v, list) else v) for k, v in fields["conv"].items()}
             )
         if isinstance(fields.get("storage"), dict):
             fields["storage"] = Storage(**fields["storage"])
-        fields["uses"] = tuple(Use(**u) for u in fields.get("uses", ()))
+        fields["uses"] = tuple(
+            Use(**{**u, "graph": tuple(u.get("graph", ()))}) for u in fields.get("uses", ())
+        )
         return cls(**fields)
 
 
@@ -171,14 +176,9 @@ class TargetSet:
 
 
 def node_names(model: onnx.ModelProto) -> list[str]:
-    """Node names as flarc refers to them: the model's own, or ``<op>_<index>`` when empty."""
-    seen: Counter[str] = Counter()
-    names = []
-    for i, node in enumerate(model.graph.node):
-        name = node.name or f"{node.op_type}_{i}"
-        seen[name] += 1
-        names.append(name if seen[name] == 1 else f"{name}_{seen[name] - 1}")
-    return names
+    """Names of the main graph's nodes as flarc refers to them: the model's own, or
+    ``<op>_<index>`` when empty (made unique)."""
+    return graph_node_names(model.graph)
 
 
 def constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -198,6 +198,32 @@ def constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
                     tensor.CopyFrom(attr.t)
                     tensor.name = node.output[0]
                     consts[node.output[0]] = tensor
+    return consts
+
+
+def graph_constants(
+    graph: onnx.GraphProto, outer: Mapping[str, onnx.TensorProto] | None = None
+) -> dict[str, onnx.TensorProto]:
+    """Constants a subgraph sees: those of its enclosing graphs, its own initializers and the
+    outputs of its Constant nodes."""
+    consts = dict(outer or {})
+    consts.update((t.name, t) for t in graph.initializer)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    tensor = onnx.TensorProto()
+                    tensor.CopyFrom(attr.t)
+                    tensor.name = node.output[0]
+                    consts[node.output[0]] = tensor
+    return consts
+
+
+def all_constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Constants of every graph of the model (subgraphs' own included), by name."""
+    consts = constant_tensors(model)
+    for scope in scopes(model)[1:]:
+        consts.update(graph_constants(scope.graph))
     return consts
 
 
@@ -248,6 +274,7 @@ class _Candidate:
     n: int
     m: int
     conv: ConvGeometry | None
+    producers: tuple[str, ...]  # flarc names of the path's nodes
 
 
 def _layout_signature(model: onnx.ModelProto, path: WeightPath) -> tuple:
@@ -255,7 +282,7 @@ def _layout_signature(model: onnx.ModelProto, path: WeightPath) -> tuple:
     in the same layout."""
     wanted = set(path.layout_nodes)
     sig = []
-    for node in model.graph.node:
+    for node in all_nodes(model):
         if any(o in wanted for o in node.output) and node.op_type != "Identity":
             attrs = tuple(
                 sorted((a.name, str(helper.get_attribute_value(a))) for a in node.attribute)
@@ -281,23 +308,50 @@ def find_targets(
 ) -> TargetSet:
     """Find MatMul/Gemm/Conv nodes whose weight comes from stored constants through a weight
     path; nodes that read the same weight are one target; explain every node that is skipped."""
-    graph = model.graph
-    names = node_names(model)
-    consts = constant_tensors(model)
-    tracer = PathTracer(graph, consts, names)
+    consts_of: dict[tuple[str, ...], dict[str, onnx.TensorProto]] = {}
+    nodes_of: dict[tuple[str, ...], list[tuple[onnx.NodeProto, str]]] = {}
+    local_of: dict[tuple[str, ...], set[str]] = {}
+    loop_of: dict[tuple[str, ...], str] = {}  # the Loop/Scan a graph is inside ("" if none)
+    scope_of_node: dict[str, Scope] = {}
     readers: dict[str, list[str]] = defaultdict(list)
-    for node, name in zip(graph.node, names, strict=True):
-        for i in dict.fromkeys([*(i for i in node.input if i), *subgraph_reads(node)]):
-            readers[i].append(name)
-    graph_outputs = {o.name for o in graph.output}
-    by_node = dict(zip(names, graph.node, strict=True))
+    graph_outputs: set[str] = set()
+    by_node: dict[str, onnx.NodeProto] = {}
+    for sc in scopes(model):
+        parent = sc.path[:-2]
+        if not sc.path:
+            consts_of[()] = constant_tensors(model)
+            nodes_of[()] = []
+            loop_of[()] = ""
+        else:
+            consts_of[sc.path] = graph_constants(sc.graph, consts_of[parent])
+            nodes_of[sc.path] = list(nodes_of[parent])
+            loop_of[sc.path] = loop_of[parent] or (sc.kind if sc.kind in ("Loop", "Scan") else "")
+        nodes_of[sc.path] += list(zip(sc.graph.node, sc.names, strict=True))
+        local_of[sc.path] = {t.name for t in sc.graph.initializer} | {
+            o for n in sc.graph.node for o in n.output
+        }
+        graph_outputs |= {o.name for o in sc.graph.output}
+        for node, name in zip(sc.graph.node, sc.names, strict=True):
+            by_node[name] = node
+            scope_of_node[name] = sc
+            for i in dict.fromkeys(i for i in node.input if i):
+                readers[i].append(name)
+    names = list(by_node)
+    tracers: dict[tuple[str, ...], PathTracer] = {}
     result = TargetSet()
     inc = re.compile(include) if include else None
     exc = re.compile(exclude) if exclude else None
-    groups: dict[str, list[_Candidate]] = {}
+    groups: dict[tuple[str, tuple[str, ...]], list[_Candidate]] = {}
+
+    def defined_in(anchor: str, path: tuple[str, ...]) -> tuple[str, ...]:
+        """The innermost graph enclosing ``path`` that defines ``anchor``."""
+        while path and anchor not in local_of[path]:
+            path = path[:-2]
+        return path
 
     for name, node in by_node.items():
         op = node.op_type
+        scope = scope_of_node[name]
 
         def skip(reason: str, node=node, name=name) -> None:
             result.skipped.append(Skipped(name, node.op_type, reason))
@@ -307,9 +361,19 @@ def find_targets(
             continue
         if node.domain not in ("", "ai.onnx") or op not in TARGET_OPS:
             continue
+        if loop_of[scope.path]:
+            skip(
+                f"inside a {loop_of[scope.path]} body (statistics over its iterations are not "
+                "gathered); left dense"
+            )
+            continue
         if len(node.input) < 2:
             skip("fewer than two inputs")
             continue
+        consts = consts_of[scope.path]
+        if scope.path not in tracers:
+            tracers[scope.path] = PathTracer(nodes_of[scope.path], consts)
+        tracer = tracers[scope.path]
         try:
             path = tracer.trace(node.input[1])
         except PathError as why:
@@ -350,11 +414,14 @@ def find_targets(
             skip(f"weight '{path.source}' has a dimension below 2 ({n}x{m})")
             continue
         use = Use(
-            name, op, node.input[0], node.output[0], node.input[1], transposed, transposed_input
-        )
-        groups.setdefault(path.anchor, []).append(_Candidate(use, path, dims, n, m, conv))
+            name, op, node.input[0], node.output[0], node.input[1], transposed, transposed_input,
+            scope.path,
+        )  # fmt: skip
+        producers = tuple(tracer.producer[o][1] for o in path.nodes)
+        key = (path.anchor, defined_in(path.anchor, scope.path))
+        groups.setdefault(key, []).append(_Candidate(use, path, dims, n, m, conv, producers))
 
-    for anchor, group in groups.items():
+    for (anchor, _), group in groups.items():
         first = group[0]
         uses = [c.use for c in group]
         node_names_ = {u.node for u in uses}
@@ -363,7 +430,9 @@ def find_targets(
             result.skipped.extend(Skipped(u.node, u.op_type, reason) for u in uses)
 
         # Every tensor from the anchor to a node may only be read by the path and that node.
-        allowed = node_names_ | {tracer.producer[o][1] for c in group for o in c.path.layout_nodes}
+        allowed = node_names_ | {
+            c.producers[c.path.nodes.index(o)] for c in group for o in c.path.layout_nodes
+        }
         tensors = {anchor} | {o for c in group for o in (*c.path.layout_nodes, c.use.consumed)}
         other = sorted({r for x in tensors for r in readers[x] if r not in allowed})
         if other:
@@ -414,10 +483,11 @@ def find_targets(
                     consumed=first.use.consumed if first.use.consumed != path.source else "",
                     anchor=path.anchor if path.anchor != path.source else "",
                     path=path.nodes,
-                    path_ops=tuple(by_node[tracer.producer[o][1]].op_type for o in path.nodes),
+                    path_ops=tuple(by_node[p].op_type for p in first.producers),
                     storage=path.storage,
                     uses=tuple(uses) if len(uses) > 1 else (),
                     transposed_input=first.use.transposed_input,
+                    graph=first.use.graph,
                 )
             )
     order = {name: i for i, name in enumerate(names)}
@@ -429,8 +499,8 @@ def find_targets(
 def stored_bytes(model: onnx.ModelProto, targets: list[Target]) -> dict[str, int]:
     """Bytes each target's weight takes in the file: its stored tensor and the constants its
     path reads (scales, zero points), by target name."""
-    consts = constant_tensors(model)
-    producers = {o: n for n in model.graph.node for o in n.output}
+    consts = all_constant_tensors(model)
+    producers = {o: n for n in all_nodes(model) for o in n.output}
     out = {}
     for t in targets:
         names = {t.weight}
@@ -459,7 +529,7 @@ class Weights:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
-        self.tensors = constant_tensors(model)
+        self.tensors = all_constant_tensors(model)
         self.folder = external_dir(model)
 
     @property

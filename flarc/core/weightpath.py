@@ -19,12 +19,14 @@ exactly what the deployed model computes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from flarc.core.graphs import all_nodes
 
 LAYOUT_OPS = ("Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
 FLOAT_TYPES = (
@@ -110,16 +112,12 @@ class PathTracer:
 
     def __init__(
         self,
-        graph: onnx.GraphProto,
+        nodes: Iterable[tuple[onnx.NodeProto, str]],
         consts: Mapping[str, onnx.TensorProto],
-        names: list[str],
     ) -> None:
+        """``nodes``: (node, flarc name) of the graph and of every graph enclosing it."""
         self.consts = consts
-        self.producer = {
-            o: (node, name)
-            for node, name in zip(graph.node, names, strict=True)
-            for o in node.output
-        }
+        self.producer = {o: (node, name) for node, name in nodes for o in node.output}
 
     def _node(self, tensor: str) -> onnx.NodeProto | None:
         found = self.producer.get(tensor)
@@ -257,7 +255,7 @@ def path_model(
     (fed by :func:`evaluate`, never copied into the proto), and ``output`` (the consumed tensor
     by default) as the only output."""
     wanted = set(path.nodes)
-    nodes = [n for n in model.graph.node if any(o in wanted for o in n.output)]
+    nodes = [n for n in all_nodes(model) if any(o in wanted for o in n.output)]
     reads = sorted({i for n in nodes for i in n.input if i} | {path.source})
     inputs = [
         helper.make_tensor_value_info(r, consts[r].data_type, list(consts[r].dims))
@@ -308,7 +306,7 @@ def consumed_shape(
     path, else onnx shape inference over the path (no weight data read)."""
     source = consts[path.source]
     wanted = set(path.nodes)
-    nodes = [n for n in model.graph.node if any(o in wanted for o in n.output)]
+    nodes = [n for n in all_nodes(model) if any(o in wanted for o in n.output)]
     if not any(n.op_type in LAYOUT_OPS for n in nodes):
         return tuple(int(d) for d in source.dims)
     reads = sorted({i for n in nodes for i in n.input if i and i in consts})
