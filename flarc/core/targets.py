@@ -183,21 +183,14 @@ def node_names(model: onnx.ModelProto) -> list[str]:
 
 def constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     """Constant tensors by name: initializers and the outputs of Constant nodes with a tensor value."""
-    consts = {t.name: t for t in model.graph.initializer}
+    consts = graph_constants(model.graph)
     # From IR 4 an initializer that is also a graph input can be overridden at run time: not
     # constant. Before IR 4 every initializer had to be listed as an input (old exporters).
-    graph_inputs = {i.name for i in model.graph.input} if model.ir_version >= 4 else set()
-    for name in list(consts):
-        if name in graph_inputs:
-            del consts[name]
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            for attr in node.attribute:
-                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                    tensor = onnx.TensorProto()
-                    tensor.CopyFrom(attr.t)
-                    tensor.name = node.output[0]
-                    consts[node.output[0]] = tensor
+    if model.ir_version >= 4:
+        inits = {t.name for t in model.graph.initializer}
+        for i in model.graph.input:
+            if i.name in inits:
+                del consts[i.name]
     return consts
 
 
