@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from flarc.core.errors import DataError
-from flarc.core.inputs import Feed, InputSpec, fixed_batch, is_past
+from flarc.core.inputs import Feed, InputSpec, fixed_batch, is_cache_switch, is_past
 
 log = logging.getLogger(__name__)
 
@@ -151,19 +151,35 @@ def tokenize(
         if "position_ids" in wanted and "attention_mask" in enc:
             mask = np.asarray(enc["attention_mask"], dtype=np.int64)
             feed["position_ids"] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        feeds.append({**feed, **empty_past(specs, feed["input_ids"].shape[0])})
+        feeds.append({**feed, **prefill_inputs(specs, feed["input_ids"].shape[0])})
     return rebatch(feeds, specs, "text")
 
 
-def empty_past(specs: list[InputSpec], batch: int) -> Feed:
-    """Empty KV caches (past length 0): calibration then sees a plain prefill."""
+def prefill_inputs(specs: list[InputSpec], batch: int) -> Feed:
+    """What a plain prefill feeds besides its tokens: empty KV caches (past length 0) and a
+    merged decoder's cache switch off (its prompt branch)."""
     out = {}
     for s in specs:
         if is_past(s):
             dims = [batch, *(d if isinstance(d, int) and d > 0 else 0 for d in s.shape[1:])]
             dims[2] = 0
             out[s.name] = np.zeros(dims, dtype=s.dtype)
+        elif is_cache_switch(s):
+            dims = [d if isinstance(d, int) and d > 0 else 1 for d in s.shape]
+            out[s.name] = np.zeros(dims, dtype=np.bool_)
     return out
+
+
+def with_prefill_inputs(feed: Feed, specs: list[InputSpec]) -> Feed:
+    """``feed`` with the :func:`prefill_inputs` it leaves out added (batch from its first
+    batched array); anything else is returned unchanged for :func:`check_feed` to judge."""
+    if not isinstance(feed, dict):
+        return feed
+    missing = [s for s in specs if s.name not in feed and (is_past(s) or is_cache_switch(s))]
+    batched = [np.shape(v) for v in feed.values() if np.ndim(v)]
+    if not missing or not batched:
+        return feed
+    return {**feed, **prefill_inputs(missing, batched[0][0])}
 
 
 def synthetic_feeds(
@@ -194,6 +210,8 @@ def synthetic_feeds(
             )
             if np.issubdtype(s.dtype, np.floating):
                 feed[s.name] = rng.standard_normal(shape).astype(s.dtype)
+            elif is_cache_switch(s):
+                feed[s.name] = np.zeros(shape, dtype=bool)
             elif s.dtype == np.bool_:
                 feed[s.name] = np.ones(shape, dtype=bool)
             elif "mask" in s.name:
@@ -424,7 +442,7 @@ def load_calibration(
         raw = itertools.islice(raw, max_batches)
     # A model exported with a fixed batch gets exactly that batch, whatever the data's batching.
     feeds = [
-        check_feed(feed, specs, f"{name} batch {i}")
+        check_feed(with_prefill_inputs(feed, specs), specs, f"{name} batch {i}")
         for i, feed in iter_rebatch(raw, specs, str(name))
     ]
     if not feeds:

@@ -203,13 +203,8 @@ def test_inspect_merged_finds_each_weight_once_with_both_branches(lm, capsys):
         assert sorted(u["graph"][-1] for u in t["uses"]) == ["else_branch", "then_branch"]
 
 
-# Since the If work (8eabb7a) the targets are found, but no calibration source feeds the
-# condition use_cache_branch (bool [1], no batch axis): --text leaves it out ("input
-# 'use_cache_branch' is missing"); an .npz of shape [] is refused against rank 1, one of shape
-# [1] counts as 1 sample, one of [N, 1] is batched to [4, 1]. All exit 2.
-@pytest.mark.xfail(
-    reason="If subgraph targets (in progress): no calibration feeds use_cache_branch", strict=False
-)
+# --text feeds the merged decoder its prompt branch (use_cache_branch False, empty past);
+# both branches read the same factors afterwards.
 def test_compress_merged(lm, tmp_path):
     out = tmp_path / "m.onnx"
     assert _compress(lm, lm["merged"], out) == 0

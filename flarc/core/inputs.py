@@ -59,6 +59,13 @@ def is_past(spec: InputSpec) -> bool:
     return past_layer(spec.name) is not None and len(spec.shape) == 4
 
 
+def is_cache_switch(spec: InputSpec) -> bool:
+    """The merged decoder's branch switch (optimum's ``use_cache_branch``, bool)."""
+    return spec.name == CACHE_SWITCH and spec.dtype == np.bool_
+
+
+# optimum's merged decoder: False runs the prompt branch (no cache read), True the decode step.
+CACHE_SWITCH = "use_cache_branch"
 # Inputs found as the attention mask when the user names none.
 MASK_NAMES = ("attention_mask",)
 # A KV-cache input in the optimum / onnxruntime-genai layout.
