@@ -148,6 +148,11 @@ def load_model(
     check_external_data(model, path.parent, path)
     check_declared_shapes(model, path)
     opset = model_opset(model)
+    if opset == 0:
+        raise ModelError(
+            f"{path}: imports no ai.onnx opset (its standard operators have no version); "
+            f"need opset {MIN_OPSET}+"
+        )
     if opset < MIN_OPSET:
         raise ModelError(
             f"{path}: opset {opset} is not supported (need {MIN_OPSET}+); "
