@@ -193,8 +193,8 @@ def run_demo(budget: float = 0.8, out_dir: Path | None = None, progress=None) ->
 
 
 def demo_options(budget: float):
-    """The rank options the demo uses: our best open-loop method on MiniLM (bench/quality.py),
-    global allocation weighted by measured end-output sensitivity."""
+    """The rank options the demo uses: the default rule (global allocation weighted by K-FAC
+    loss sensitivities) at ``budget``."""
     from flarc.rewrite.policy import RankOptions
 
-    return RankOptions(allocate="global", budget=budget, output_weighted=True)
+    return RankOptions(budget=budget)

@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -48,6 +49,9 @@ __all__ = [
     "compress",
     "rewhiten",
 ]
+
+if TYPE_CHECKING:
+    from flarc.calib.sensitivity import OutputGradients
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +117,7 @@ def analyze(
             seed=options.seed,
             progress=progress,
         )
+    g2 = output_sensitivities(model, targets.targets, data, options, progress)
     if store.on_disk:
         release_free_memory()
     source = statistics_source(store)
@@ -127,12 +132,42 @@ def analyze(
         entries,
         fisher=fisher.alpha if fisher else None,
         fisher_loss=fisher.description if fisher else None,
+        output_g2=g2.g2 if g2 else None,
+        sensitivity_loss=g2.loss if g2 else None,
         mask_input=mask,
         heldout_feeds=(data.heldout or data.calibration)[:MAX_KEPT_FEEDS],
         probe_feeds=data.calibration[:MAX_KEPT_FEEDS],
         heldout_is_calibration=not data.heldout,
         store=store,
     )
+
+
+def output_sensitivities(
+    model: onnx.ModelProto,
+    targets: list[Target],
+    data: CalibrationSet,
+    options: AnalysisOptions,
+    progress: Progress | None = None,
+) -> OutputGradients | None:
+    """K-FAC output gradients on the first ``sensitivity_batches`` calibration batches, or None
+    (with a warning) when they are off or the graph cannot be differentiated: the global
+    allocation then weighs every target's relative error alike."""
+    if not options.sensitivity or options.sensitivity_batches < 1:
+        return None
+    from flarc.calib.sensitivity import output_gradients  # torch: imported only when used
+
+    try:
+        return output_gradients(
+            model,
+            targets,
+            data.calibration[: options.sensitivity_batches],
+            find_mask_input(model, options.mask_input),
+            options.seed,
+            progress=progress,
+        )
+    except ModelError as exc:
+        log.warning("no output sensitivities (%s): targets are weighted alike", exc)
+        return None
 
 
 def without_rows(targets: TargetSet, stats: Mapping[str, Moments]) -> TargetSet:

@@ -43,6 +43,9 @@ class AnalysisOptions:
     full_rank: bool = False  # keep every singular direction, not only those below k_equiv
     fisher: str | None = None  # compute Fisher importances with this loss (auto|lm|...)
     seed: int = 0
+    # K-FAC output sensitivities (calib/sensitivity.py): one backward pass over this many batches
+    sensitivity: bool = True
+    sensitivity_batches: int = 4
 
     def spectra_key(self) -> str:
         """A short name for the spectra these options give from the same statistics."""
@@ -166,12 +169,26 @@ class Analysis:
     entries: dict[str, TargetAnalysis]
     fisher: dict[str, float] | None = None
     fisher_loss: str | None = None
+    output_g2: dict[str, float] | None = None  # K-FAC: mean squared loss gradient per output
+    sensitivity_loss: str | None = None
     mask_input: str | None = None
     heldout_feeds: list[Feed] = field(default_factory=list)  # for the comparison and output guard
     probe_feeds: list[Feed] = field(default_factory=list)  # calibration batches for output criteria
     heldout_is_calibration: bool = False  # no batch could be held out
     extra: dict = field(default_factory=dict)
     store: Store | None = field(default=None, repr=False)  # where the large arrays live
+
+    def sensitivities(self) -> dict[str, float] | None:
+        """Loss per unit of each target's relative whitened error, ``g2 * rows * sum s^2``
+        (:mod:`flarc.calib.sensitivity`), or None when the analysis has no ``output_g2``."""
+        if self.output_g2 is None:
+            return None
+        return {
+            t.name: self.output_g2[t.name]
+            * self.entries[t.name].rows
+            * float(np.square(self.entries[t.name].spectrum.sigma).sum())
+            for t in self.targets
+        }
 
     @property
     def heldout_label(self) -> str:

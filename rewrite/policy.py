@@ -10,6 +10,7 @@ the global allocation spends is the predicted time itself.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -37,7 +38,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class RankOptions:
     """How ranks are chosen: one rule and its settings, applied by :func:`choose_ranks`
-    (``allocate``, else ``search``, else ``energy``, else ``ratio``, 0.8 when unset), plus an
+    (``allocate``, else ``search``, else ``energy``, else ``ratio``; with none of them, the
+    default: ``global`` allocation under ``budget`` (0.8 when unset) weighted by the analysis's
+    K-FAC sensitivities), plus an
     optional latency model (``latency``) with its per-pair limit ``max_lat_recov``
     (``lat_recov``) and its time budget ``latency_budget``."""
 
@@ -53,6 +56,9 @@ class RankOptions:
     output_weighted: bool = (
         False  # global: weight each target's error by its measured output sensitivity
     )
+    # global: weight each target's error by its K-FAC loss sensitivity (when the analysis has them
+    # and no other weighting is asked for)
+    kfac_weighted: bool = True
     latency: Any = None  # a flarc.latency.model.LatencyModel
     max_lat_recov: float = 1.0
     latency_budget: float | None = None  # global: fraction of the targets' dense time
@@ -196,6 +202,8 @@ def choose_ranks(
 ) -> dict[str, RankChoice]:
     """The rank (or dense) of every target under ``opts``."""
     targets = analysis.targets
+    if opts.allocate is None and not (opts.search or opts.energy is not None or opts.ratio is not None):
+        opts = dataclasses.replace(opts, allocate="global")  # the default rule
     if opts.allocate == "fisher":
         if not analysis.fisher:
             raise OptionError("--allocate fisher needs Fisher importances (run with gradients)")
@@ -215,6 +223,10 @@ def choose_ranks(
             budget = opts.budget if opts.budget is not None else (opts.ratio or 0.8)
             sensitivity = output_sensitivity(analysis, model, feeds, budget, opts, progress)
             weights = {k: sensitivity[k] * (weights or {}).get(k, 1.0) for k in sensitivity}
+        elif weights is None and opts.kfac_weighted:
+            weights = analysis.sensitivities()
+            if weights is None:
+                log.info("global allocation without sensitivities: targets weighted alike")
         spectra = {t.name: analysis.entries[t.name].spectrum for t in targets}
         if opts.latency_budget is not None:
             lat = opts.latency

@@ -321,6 +321,14 @@ class WhiteningArgs(ArgGroup):
             default="float64",
             help="accumulation type of the in-graph statistics (float64)",
         )
+        g.add_argument(
+            "--sensitivity-batches",
+            type=int,
+            default=4,
+            metavar="N",
+            help="calibration batches of the one backward pass that gives the K-FAC loss "
+            "sensitivities the default rule weighs targets by (4; 0 = none)",
+        )
 
     def parse(self, args: argparse.Namespace, fisher: str | None = None):
         """:class:`AnalysisOptions` (``fisher``: the loss to take importances on, if any)."""
@@ -334,6 +342,8 @@ class WhiteningArgs(ArgGroup):
             precision=args.stats_precision,
             mask_input=getattr(args, "mask_input", None),
             fisher=fisher,
+            sensitivity=RankArgs.needs_sensitivity(args),
+            sensitivity_batches=args.sensitivity_batches,
         )
 
 
@@ -347,6 +357,7 @@ RANK_FLAGS = (
     "budget",
     "fisher_weighted",
     "output_weighted",
+    "kfac_weighted",
     "output_batches",
     "output_metric",
 )
@@ -416,7 +427,15 @@ class RankArgs(ArgGroup):
             "--budget",
             type=float,
             metavar="P",
-            help="fraction of the targets' parameters kept (0.8 = 20%% fewer)",
+            help="fraction of the targets' parameters kept (0.8 = 20%% fewer); without --ratio, "
+            "--energy, --search or --allocate this is the default rule: the global allocation "
+            "weighted by each target's K-FAC loss sensitivity (one backward pass), 0.8 when unset",
+        )
+        g.add_argument(
+            "--unweighted",
+            dest="kfac_weighted",
+            action="store_false",
+            help="global: weigh every target's relative whitened error alike (no sensitivities)",
         )
         g.add_argument(
             "--fisher-weighted",
@@ -431,6 +450,20 @@ class RankArgs(ArgGroup):
             "rank; one onnxruntime session, one evaluation per target)",
         )
         FisherLossArgs().add_to(g)
+
+    @staticmethod
+    def needs_sensitivity(args: argparse.Namespace) -> bool:
+        """Whether the rank rule may weigh by K-FAC sensitivities (the default rule and plain
+        ``--allocate global``; ``flarc analyze``, which has no rule yet)."""
+        explicit = (
+            getattr(args, "ratio", None) is not None
+            or getattr(args, "energy", None) is not None
+            or getattr(args, "search", None)
+            or getattr(args, "allocate", None) == "fisher"
+            or getattr(args, "fisher_weighted", False)
+            or getattr(args, "output_weighted", False)
+        )
+        return getattr(args, "kfac_weighted", True) and not explicit
 
     @staticmethod
     def fisher_loss(args: argparse.Namespace) -> str | None:

@@ -1,0 +1,176 @@
+"""How much loss one unit of a target's whitened error costs, from one backward pass (K-FAC).
+
+For ``Y = X W`` a truncation ``dW`` changes the model's loss by about (docs/design.md section 5)::
+
+    dL ~ 1/2 tr(dW^T A dW G),   A = sum_r x_r x_r^T,   G = E[g g^T],   g = dL/dy_r
+
+with the labels of ``L`` drawn from the model's own output distribution, so that ``G`` is the
+Fisher of the outputs (Gauss-Newton) rather than the gradient of a loss at its minimum. With the
+isotropic approximation ``G ~ g2 I`` (``g2`` the mean squared gradient per output element)::
+
+    dL ~ 1/2 g2 ||X dW||^2 = 1/2 g2 rows sum_i s_i^2 * err(k)
+
+where ``s`` are the target's whitened singular values (mean Gram), ``rows`` the rows of its Gram
+and ``err(k)`` the relative whitened error (:meth:`Spectrum.error`). The *sensitivity*
+``g2 * rows * sum s^2`` therefore turns every target's relative error into one unit, the loss,
+and weights the global allocation in place of one model evaluation per target.
+
+Losses (sampled, seeded per batch; rows whose mask is zero do not count):
+
+- ``sampled``: cross-entropy of an output named like ``*logits*`` ``[B, C]`` / ``[B, S, C]``
+  against labels drawn from its own softmax (language models: every position);
+- ``gaussian`` (any other model): ``sum_y sum_r e_r . y_r / sqrt(E_y)`` over float outputs,
+  rows = all axes but the last, ``e ~ N(0, I)`` from ``numpy.random.default_rng([seed, 2,
+  batch, output index])`` and ``E_y`` the output's mean square over unmasked rows. Its gradient
+  at ``y`` is ``e / sqrt(E_y)``: the Fisher of a Gaussian likelihood whose noise matches each
+  output's own energy, so no output drowns another (an embedding next to a logit, boxes next
+  to scores).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+
+from flarc.calib.fisher import (
+    _AnchorValues,
+    _class_candidates,
+    _prefer_logits,
+    _row_mask,
+    _sampled_loss,
+    resolve_dtype,
+)
+from flarc.calib.onnx_torch import TorchGraph
+from flarc.core.errors import DataError, ModelError
+from flarc.core.inputs import batch_mask, find_mask_input, is_logits_name
+from flarc.core.progress import NoProgress, Progress
+from flarc.core.targets import Target
+
+log = logging.getLogger(__name__)
+
+# Separates the Gaussian loss's random stream from sample_labels'.
+_GAUSSIAN_STREAM = 2
+
+
+@dataclass
+class OutputGradients:
+    """Per target: ``g2``, the mean over its output elements of the squared loss gradient
+    (summed over the node's uses), and the loss and batches it came from."""
+
+    g2: dict[str, float]  # target name -> mean (dL/dy)^2 per output element
+    loss: str  # "sampled on 'logits'" | "gaussian on 'a', 'b'"
+    batches: int
+
+
+def resolve_outputs(outputs: Mapping[str, torch.Tensor]) -> tuple[str, tuple[str, ...]]:
+    """``("sampled", (logits,))`` when an output named like logits has 2 or 3 axes, else
+    ``("gaussian", every float output)``; ModelError when there is no float output."""
+    named = [n for n in _class_candidates(outputs) if is_logits_name(n)]
+    if named:
+        return "sampled", (_prefer_logits(named),)
+    floats = tuple(n for n, y in outputs.items() if y.is_floating_point())
+    if not floats:
+        raise ModelError("output sensitivities need a floating-point output; the model has none")
+    return "gaussian", floats
+
+
+def _gaussian_loss(
+    outputs: Sequence[tuple[int, torch.Tensor]], mask: np.ndarray | None, seed: int, batch: int
+) -> torch.Tensor | None:
+    total: torch.Tensor | None = None
+    for index, y in outputs:
+        rows = y.reshape(-1, y.shape[-1] if y.dim() else 1)
+        rng = np.random.default_rng([seed, _GAUSSIAN_STREAM, batch, index])
+        noise = torch.from_numpy(rng.standard_normal(tuple(rows.shape))).to(y.dtype)
+        weights = _row_mask(y, mask)
+        squares = rows.detach().pow(2)
+        if weights is None:
+            energy = float(squares.mean())
+        else:
+            if float(weights.sum()) == 0:
+                continue
+            noise = noise * weights[:, None]
+            energy = float((squares * weights[:, None]).sum()) / (
+                float(weights.sum()) * rows.shape[1]
+            )
+        term = (noise * rows).sum() / max(energy, 1e-30) ** 0.5
+        total = term if total is None else total + term
+    return total
+
+
+def output_gradients(
+    model: onnx.ModelProto,
+    targets: Sequence[Target],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    mask_input: str | None = None,
+    seed: int = 0,
+    dtype: str = "auto",
+    progress: Progress | None = None,
+) -> OutputGradients:
+    """``g2`` of every target (module doc) from one forward and backward pass per batch of the
+    graph itself (:class:`TorchGraph`; no model code). ModelError for targets inside If
+    branches (gradients do not run through subgraphs) or ops the graph runner lacks."""
+    if not targets:
+        raise ModelError("output sensitivities: no targets")
+    inside = next((t for t in targets if any(u.graph for u in t.all_uses)), None)
+    if inside is not None:
+        raise ModelError(
+            f"output sensitivities: target '{inside.name}' is inside an If branch; gradients "
+            "through subgraphs are not supported"
+        )
+    mask_input = find_mask_input(model, mask_input)
+    # Anchors are Parameters only so the targets' outputs join the autograd graph; their own
+    # gradients are never asked for, so autograd does not compute them.
+    anchors = list(dict.fromkeys(t.anchor or t.weight for t in targets))
+    graph = TorchGraph(
+        model,
+        params=anchors,
+        dtype=resolve_dtype(dtype, model),
+        values=_AnchorValues(model, targets),
+    )
+    taps = list(dict.fromkeys(u.output for t in targets for u in t.all_uses))
+    sums = dict.fromkeys(taps, 0.0)
+    sizes = dict.fromkeys(taps, 0)
+    kind: str | None = None
+    outs: tuple[str, ...] = ()
+    count = 0
+    batches = list(batches)
+    for index, batch in enumerate(
+        (progress or NoProgress()).track(batches, len(batches), "output sensitivities")
+    ):
+        mask = batch_mask(batch, mask_input)
+        with torch.enable_grad():
+            values = graph.run(batch, None if kind is None else [*outs, *taps])
+            if kind is None:
+                kind, outs = resolve_outputs({n: values[n] for n in graph.outputs})
+                values = graph.run(batch, [*outs, *taps])
+            tapped = [values[n] for n in taps]
+            if kind == "sampled":
+                loss = _sampled_loss(values[outs[0]], mask, seed, index)
+            else:
+                indexed = [(graph.outputs.index(n), values[n]) for n in outs]
+                loss = _gaussian_loss(indexed, mask, seed, index)
+            if loss is None:
+                log.warning("calibration batch %d has no unmasked position; skipped", index)
+                continue
+            if not torch.isfinite(loss):
+                raise DataError(f"sensitivity loss is {float(loss)} on calibration batch {index}")
+            grads = torch.autograd.grad(loss, tapped, allow_unused=True)
+        count += 1
+        for name, y, g in zip(taps, tapped, grads, strict=True):
+            if g is not None:
+                sums[name] += float(g.detach().to(torch.float64).pow(2).sum())
+            sizes[name] += y.numel()
+    if kind is None or not count:
+        raise DataError("output sensitivities: no calibration batch with an unmasked position")
+    g2 = {}
+    for t in targets:
+        outputs = [u.output for u in t.all_uses]
+        g2[t.name] = sum(sums[o] for o in outputs) / max(1, sum(sizes[o] for o in outputs))
+    loss = f"{kind} on " + ", ".join(f"'{o}'" for o in outs)
+    return OutputGradients(g2, loss, count)

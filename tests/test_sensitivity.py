@@ -1,0 +1,192 @@
+"""K-FAC output sensitivities (flarc.calib.sensitivity) against torch autograd on the original
+modules, the loss-unit identity on a linear layer, and the default rank rule that uses them."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from scipy.stats import spearmanr
+from torch import nn
+from torch.nn import functional as F
+
+from flarc.calib.data import CalibrationSet
+from flarc.calib.sensitivity import output_gradients
+from flarc.cli import main
+from flarc.core.targets import find_targets
+from flarc.pipeline import AnalysisOptions, analyze, compress
+from flarc.rewrite.policy import RankOptions, choose_ranks, output_sensitivity
+
+from _models import example_batch, match_initializers, torch_inputs
+
+
+def _batches(kind: str) -> list[dict]:
+    return [example_batch(kind, seed=20 + i, batch=2 + i % 2, seq=6 - i % 2) for i in range(3)]
+
+
+def _ref_g2(module: nn.Module, kind: str, batches: list[dict], seed: int = 0) -> dict[str, float]:
+    """Mean squared loss gradient per output element of every Linear/Conv2d, by torch autograd
+    on the original module, from the definitions in flarc.calib.sensitivity's docstring."""
+    ref = copy.deepcopy(module).double()
+    layers = {n: m for n, m in ref.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)}
+    sums, sizes = dict.fromkeys(layers, 0.0), dict.fromkeys(layers, 0)
+    for b, batch in enumerate(batches):
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [
+            m.register_forward_hook(lambda _m, _i, out, n=n, seen=seen: seen.__setitem__(n, out))
+            for n, m in layers.items()
+        ]
+        outs = ref(*torch_inputs(kind, batch))
+        for h in hooks:
+            h.remove()
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        mask = batch.get("attention_mask")
+        if kind in ("gpt", "cnn"):  # logits: labels from the model's own softmax
+            logits = outs[0]
+            flat = logits.reshape(-1, logits.shape[-1])
+            probs = torch.softmax(flat.detach(), -1).numpy()
+            u = np.random.default_rng([seed, b]).random(probs.shape[0])
+            labels = [
+                np.searchsorted(np.cumsum(p), x * p.sum()) for p, x in zip(probs, u, strict=True)
+            ]
+            per_row = F.cross_entropy(flat, torch.tensor(labels), reduction="none")
+            if mask is None:
+                loss = per_row.mean()
+            else:
+                w = torch.from_numpy(mask.reshape(-1)).double()
+                loss = (per_row * w).sum() / w.sum()
+        else:  # gaussian on every output, each over its own energy
+            loss = 0.0
+            for index, y in enumerate(outs):
+                rows = y.reshape(-1, y.shape[-1])
+                noise = np.random.default_rng([seed, 2, b, index]).standard_normal(rows.shape)
+                noise = torch.from_numpy(noise)
+                energy = rows.detach().pow(2).mean()
+                if y.dim() == 3:
+                    w = torch.from_numpy(mask.reshape(-1)).double()[:, None]
+                    noise = noise * w
+                    energy = (rows.detach().pow(2) * w).sum() / (w.sum() * rows.shape[1])
+                loss = loss + (noise * rows).sum() / energy.sqrt()
+        grads = torch.autograd.grad(loss, list(seen.values()), allow_unused=True)
+        for (n, y), g in zip(seen.items(), grads, strict=True):
+            sums[n] += 0.0 if g is None else float(g.pow(2).sum())
+            sizes[n] += y.numel()
+    return {n: sums[n] / sizes[n] for n in layers}
+
+
+@pytest.mark.parametrize("kind", ["gpt", "bert", "cnn"])
+def test_g2_equals_torch_autograd(kind, exported):
+    module, model = exported(kind, "legacy")
+    targets = find_targets(model).targets
+    batches = _batches(kind)
+    got = output_gradients(model, targets, batches, dtype="float64")
+    assert got.loss.startswith("sampled" if kind != "bert" else "gaussian")
+    ref = _ref_g2(module, kind, batches)
+    owner = {i: p for p, found in match_initializers(model, module).items() for i, _ in found}
+    checked = 0
+    for t in targets:
+        param = owner.get(t.weight, "")
+        layer = param.rsplit(".", 1)[0]
+        if layer in ref and len(t.all_uses) == 1:
+            np.testing.assert_allclose(got.g2[t.name], ref[layer], rtol=1e-6)
+            checked += 1
+    assert checked >= 3
+
+
+def _linear(n: int = 12, m: int = 10, seed: int = 0) -> onnx.ModelProto:
+    w = np.random.default_rng(seed).standard_normal((n, m)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", m])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_sensitivity_times_relative_error_is_the_output_error_over_its_energy():
+    """One layer whose output is the model's: g = e / sqrt(E_y) exactly, so sensitivity x
+    err(k) = mean(e^2) ||X dW||^2 / E_y (no shrinkage: the whitened identity is exact)."""
+    model = _linear()
+    rng = np.random.default_rng(1)
+    mix = rng.standard_normal((12, 12))
+    feeds = [{"x": (rng.standard_normal((64, 12)) @ mix).astype(np.float32)} for _ in range(4)]
+    analysis = analyze(
+        model,
+        find_targets(model),
+        CalibrationSet(feeds, [], "t"),
+        AnalysisOptions(shrinkage="none", sensitivity_batches=4),
+    )
+    (target,) = analysis.targets
+    x = np.concatenate([f["x"] for f in feeds]).astype(np.float64)
+    w = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
+    noise = [np.random.default_rng([0, 2, b, 0]).standard_normal((64, 10)) for b in range(4)]
+    e2 = np.mean(
+        [np.mean(e**2 / np.mean((f["x"] @ w) ** 2)) for e, f in zip(noise, feeds, strict=True)]
+    )
+    sensitivity = analysis.sensitivities()[target.name]
+    for k in (1, 3, 5):
+        a, c = analysis.entries[target.name].spectrum.factors(k)
+        out_err = np.sum((x @ (w - a @ c)) ** 2)
+        np.testing.assert_allclose(
+            sensitivity * analysis.entries[target.name].spectrum.error(k), e2 * out_err, rtol=1e-6
+        )
+
+
+def test_sensitivities_rank_like_measured_output_errors(tiny_encoder):
+    """The one-pass estimate orders targets like one model evaluation per target does."""
+    case = tiny_encoder()
+    model = onnx.load(str(case.path))
+    data = CalibrationSet(case.feeds, [], "t")
+    analysis = analyze(model, find_targets(model), data, AnalysisOptions())
+    estimate = analysis.sensitivities()
+    measured = output_sensitivity(
+        analysis, model, data.calibration, 0.8, RankOptions(output_batches=4)
+    )
+    names = [t.name for t in analysis.targets]
+    rho = spearmanr([estimate[n] for n in names], [measured[n] for n in names]).statistic
+    assert rho > 0.6, rho
+
+
+def test_default_rule_is_the_weighted_global_allocation(tiny_encoder):
+    case = tiny_encoder()
+    model = onnx.load(str(case.path))
+    analysis = analyze(
+        model, find_targets(model), CalibrationSet(case.feeds, [], "t"), AnalysisOptions()
+    )
+    default = choose_ranks(analysis, RankOptions(budget=0.7))
+    weighted = choose_ranks(analysis, RankOptions(allocate="global", budget=0.7))
+    unweighted = choose_ranks(
+        analysis, RankOptions(allocate="global", budget=0.7, kfac_weighted=False)
+    )
+    assert {k: c.rank for k, c in default.items()} == {k: c.rank for k, c in weighted.items()}
+    assert {k: c.rank for k, c in default.items()} != {k: c.rank for k, c in unweighted.items()}
+    result = compress(model, analysis, RankOptions())  # no rule at all: budget 0.8
+    assert result.params_after <= 0.8 * result.params_before + 1
+
+
+def test_cli_compress_without_rule_flags_keeps_80_percent(tiny_encoder, tmp_path, capsys):
+    case = tiny_encoder()
+    out = tmp_path / "c.onnx"
+    assert (
+        main(
+            [
+                "compress",
+                str(case.path),
+                "-o",
+                str(out),
+                "--calib",
+                str(case.path.parent / "calib.npz"),
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert out.is_file()
+    fewer = float(text.split("target parameters:")[1].split("(")[1].split("%")[0])
+    assert 20.0 <= fewer <= 25.0  # the budget is met from below
