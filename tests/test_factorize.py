@@ -194,3 +194,22 @@ def test_baseline_whitenings_are_their_definitions():
     for s in (plain, diag):
         a, c = s.factors(6)
         np.testing.assert_allclose(a @ c, b, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40), (30, 30)])
+@pytest.mark.parametrize("deficient", [False, True])
+def test_leading_svd_matches_lapack(shape, deficient):
+    """The Gram route (and its fallback for rank-deficient matrices) against numpy's SVD:
+    singular values, and the rank-r truncation it reconstructs."""
+    from flarc.rewrite.spectrum import leading_svd
+
+    rng = np.random.default_rng(sum(shape) + deficient)
+    a = rng.standard_normal(shape) * np.logspace(0, -3, shape[1])
+    if deficient:
+        a = a[:, :4] @ rng.standard_normal((4, shape[1]))  # rank 4: later s are ~0
+    r = 8
+    u, s, vt = leading_svd(a.copy(), r)
+    u0, s0, vt0 = np.linalg.svd(a, full_matrices=False)
+    np.testing.assert_allclose(s**2, s0**2, atol=1e-12 * s0[0] ** 2)
+    np.testing.assert_allclose((u * s[:r]) @ vt, (u0[:, :r] * s0[:r]) @ vt0[:r], atol=1e-9 * s0[0])
+    np.testing.assert_allclose(u.T @ u, np.eye(r), atol=1e-9)
