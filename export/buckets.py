@@ -3,8 +3,11 @@ budget from the one allocator, and a folder in which every bucket is a standalon
 all weights are stored once.
 
 Budget. A bucket's budget is the fraction of the targets' dense parameters it keeps, the unit of
-every budget in flarc (``--budget``). Below 1, ranks come from FLRC's Fisher allocation
-(:func:`flarc.rewrite.allocate.fisher_ranks`): each target's rank is a multiple of ``align``
+every budget in flarc (``--budget``). Below 1, ranks come from the default rule of compress, the
+global allocation weighted by K-FAC sensitivities (:func:`flarc.rewrite.allocate.global_ranks`),
+nested: each bucket's ranks are at most the next larger bucket's, so every bucket is a row prefix
+of the largest; or, with ``allocate="fisher"``, from FLRC's Fisher allocation
+(:func:`flarc.rewrite.allocate.fisher_ranks`). Either way each rank is a multiple of ``align``
 below ``k_equiv``, so every factorized target is smaller than its dense weight. A budget of 1.0
 keeps everything: the bucket is the dense model (its targets keep their original weights).
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,16 +44,18 @@ from flarc.core.targets import Target
 from flarc.core.version import __version__
 from flarc.export.hf import CacheLayout, empty_cache, layout_from_onnx
 from flarc.export.manifest import FORMAT, FORMAT_VERSION, Manifest, file_entries, write_manifest
-from flarc.rewrite.allocate import fisher_ranks
+from flarc.rewrite.allocate import fisher_ranks, global_ranks
 from flarc.rewrite.pairs import factorize
+from flarc.rewrite.search import rank_grid
 from flarc.rewrite.spectrum import Spectrum
 
 log = logging.getLogger(__name__)
 
 BUDGET_DEFINITION = (
-    "budget b: the fraction of the targets' dense parameters a bucket keeps; b < 1: FLRC ranks "
-    "r_t ~ alpha_t (Fisher importance) under that parameter budget, multiples of align below "
-    "k_equiv; b = 1.0: the dense targets (original weights)"
+    "budget b: the fraction of the targets' dense parameters a bucket keeps; b < 1: ranks of the "
+    "global allocation weighted by K-FAC sensitivities, each bucket's at most the next larger "
+    "one's (or FLRC's r_t ~ alpha_t with allocate fisher), multiples of align below k_equiv; "
+    "b = 1.0: the dense targets (original weights)"
 )
 ALIGN_BYTES = 64
 DENSE_MIN_BYTES = 1024
@@ -86,16 +92,32 @@ class BucketPlan:
 
 
 def plan_buckets(
-    targets: list[Target], alpha: dict[str, float], budgets: list[float], align: int = 8
+    targets: list[Target],
+    budgets: list[float],
+    align: int = 8,
+    spectra: Mapping[str, Spectrum] | None = None,
+    weights: Mapping[str, float] | None = None,
+    alpha: Mapping[str, float] | None = None,
 ) -> list[BucketPlan]:
-    """The ranks of every bucket (module doc), largest budget first."""
+    """The ranks of every bucket (module doc), largest budget first: FLRC's when ``alpha`` is
+    given, else the nested global allocation over ``spectra`` weighted by ``weights``."""
+    if alpha is None and spectra is None:
+        raise ValueError("plan_buckets needs spectra (global allocation) or alpha (FLRC)")
     plans = []
+    caps = None
     for b in sorted(budgets, reverse=True):
         if b >= 1.0:
             plans.append(BucketPlan(b, dict.fromkeys((t.name for t in targets), None)))
             continue
-        choices = fisher_ranks(targets, alpha, b, align)
-        plans.append(BucketPlan(b, {t.name: choices[t.name].rank for t in targets}))
+        if alpha is not None:
+            choices = fisher_ranks(targets, alpha, b, align)
+        else:
+            if caps is None:  # the largest bucket: any rank below k_equiv
+                caps = {t.name: max(rank_grid(t, align), default=align) for t in targets}
+            choices = global_ranks(targets, spectra, b, align, weights=weights, caps=caps)
+        ranks = {t.name: choices[t.name].rank for t in targets}
+        caps = {name: k for name, k in ranks.items() if k is not None}
+        plans.append(BucketPlan(b, ranks))
     return plans
 
 
@@ -257,21 +279,23 @@ class BuildResult:
 
     manifest: Manifest
     plans: list[BucketPlan]
-    alpha: dict[str, float]
+    importance: dict[str, float]  # FLRC alpha or K-FAC sensitivity per target
 
 
 def write_buckets(
     model: onnx.ModelProto,
     targets: list[Target],
     spectra: dict[str, Spectrum],
-    alpha: dict[str, float],
     budgets: list[float],
     output: str | os.PathLike,
     align: int = 8,
     provenance: dict | None = None,
     progress: Progress | None = None,
+    weights: Mapping[str, float] | None = None,
+    alpha: Mapping[str, float] | None = None,
 ) -> BuildResult:
-    """Write the bucket folder ``output`` (atomically: a temp folder, then one rename)."""
+    """Write the bucket folder ``output`` (atomically: a temp folder, then one rename); ranks
+    from :func:`plan_buckets` (``weights``: K-FAC sensitivities; ``alpha``: FLRC instead)."""
     progress = progress or NoProgress()
     out = Path(output)
     if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
@@ -286,7 +310,9 @@ def write_buckets(
     if not usable:
         raise ModelError("no MatMul/Gemm targets to put in buckets")
     budgets = sorted(budgets, reverse=True)
-    plans = plan_buckets(usable, alpha, budgets, align)
+    plans = plan_buckets(usable, budgets, align, spectra, weights, alpha)
+    # What ranked the targets: FLRC's alpha, or the K-FAC sensitivity (empty: weighted alike).
+    importance = dict(alpha if alpha is not None else weights or {})
     with atomic_folder(out) as tmp:
         stored = _write_factors(tmp / FACTORS_FILE, usable, spectra, plans, progress)
         factorized_everywhere = {
@@ -340,7 +366,7 @@ def write_buckets(
                     "m": st.target.m,
                     "dtype": st.target.dtype,
                     "stored_rank": st.stored_rank,
-                    "alpha": float(alpha.get(st.target.name, 0.0)),
+                    "importance": float(importance.get(st.target.name, 0.0)),
                     "at_offset": st.at_offset,
                     "c_offset": st.c_offset,
                 }
@@ -353,7 +379,7 @@ def write_buckets(
         write_manifest(tmp, data)
     from flarc.export.manifest import load_manifest
 
-    return BuildResult(load_manifest(out, verify=False), plans, alpha)
+    return BuildResult(load_manifest(out, verify=False), plans, importance)
 
 
 def _is_float(tensor: onnx.TensorProto) -> bool:

@@ -10,7 +10,7 @@ Format (``format_version`` 1)::
       "budget_definition": "<one sentence>",
       "cache": {"num_layers": L, "kv_heads": H, "head_dim": D, "past": [...], "present": [...]},
       "weights": {"factors": "factors.bin", "dense": "dense.bin", "dtype": "float32"},
-      "targets": [{"name", "op_type", "n", "m", "max_rank", "stored_rank", "alpha",
+      "targets": [{"name", "op_type", "n", "m", "max_rank", "stored_rank", "importance",
                    "at_offset", "c_offset"}],         # A^T rows at at_offset, C rows at c_offset
       "buckets": [{"budget", "file", "total_rank", "ranks": {target: rank},
                    "params", "weight_bytes"}],        # largest budget first

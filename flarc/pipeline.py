@@ -349,9 +349,14 @@ def build_buckets(
     fisher_loss: str = "lm",
     provenance: dict | None = None,
     progress: Progress | None = None,
+    allocate: str = "global",
 ) -> BuildResult:
-    """Analyse once (spectra and, unless ``alpha`` is given, Fisher importances), write the
-    buckets. ``data`` holds token batches; empty past tensors are added here."""
+    """Analyse once, write the buckets. Ranks (``allocate``): "global", the default rule of
+    compress (K-FAC sensitivities, nested buckets), or "fisher", FLRC on ``alpha`` (computed
+    with ``fisher_loss`` unless given). ``data`` holds token batches; empty past tensors are
+    added here."""
+    if allocate not in ("global", "fisher"):
+        raise ModelError(f"bucket allocation '{allocate}': expected global or fisher")
     progress = progress or NoProgress()
     layout = layout_from_onnx(model)
     data = calibration_for_lm(data, layout)
@@ -363,14 +368,21 @@ def build_buckets(
             *(Skipped(t.name, t.op_type, "Conv stays dense in buckets") for t in convs),
         ],
     )
+    fisher = allocate == "fisher"
     options = dataclasses.replace(
-        analysis_options or AnalysisOptions(), fisher=None if alpha is not None else fisher_loss
+        analysis_options or AnalysisOptions(),
+        fisher=fisher_loss if fisher and alpha is None else None,
+        sensitivity=not fisher,
     )
     analysis = analyze(model, usable, data, options, progress=progress)
     provenance = dict(provenance or {})
     opts = dict(provenance.get("options", {}))
     opts["analysis"] = asdict(options)
-    opts["fisher"] = analysis.fisher_loss or "alpha given by the caller"
+    opts["allocate"] = allocate
+    if fisher:
+        opts["fisher"] = analysis.fisher_loss or "alpha given by the caller"
+    else:
+        opts["sensitivity"] = analysis.sensitivity_loss or "none (targets weighted alike)"
     opts["calibration_batches"] = len(data.calibration)
     provenance["options"] = opts
     spectra = {name: e.spectrum for name, e in analysis.entries.items()}
@@ -378,10 +390,11 @@ def build_buckets(
         model,
         usable.targets,
         spectra,
-        alpha if alpha is not None else analysis.fisher,
         budgets,
         output,
         align,
         provenance,
         progress,
+        weights=None if fisher else analysis.sensitivities(),
+        alpha=(alpha if alpha is not None else analysis.fisher) if fisher else None,
     )

@@ -129,14 +129,22 @@ def global_ranks(
     cost: Cost = parameter_cost,
     weights: Mapping[str, float] | None = None,
     label: str = "params",
+    caps: Mapping[str, int] | None = None,
 ) -> dict[str, RankChoice]:
-    """Minimise the (weighted) total whitened error under ``budget`` x the dense cost."""
+    """Minimise the (weighted) total whitened error under ``budget`` x the dense cost.
+
+    With ``caps`` (nested rank buckets), target t takes only ranks up to ``caps[t]`` and never
+    "dense" (a target without a grid rank then keeps its smallest one)."""
     _check_budget(budget)
     options: dict[str, list[tuple[float, float, int | None]]] = {}
     for t in targets:
         w = 1.0 if weights is None else float(weights[t.name])
-        pts = [(cost(t, k), w * spectra[t.name].error(k), k) for k in rank_grid(t, align)]
-        pts.append((cost(t, None), 0.0, None))
+        grid = rank_grid(t, align)
+        if caps is not None:
+            grid = [k for k in grid if k <= caps[t.name]] or grid[:1]
+        pts = [(cost(t, k), w * spectra[t.name].error(k), k) for k in grid]
+        if caps is None or not pts:
+            pts.append((cost(t, None), 0.0, None))
         options[t.name] = pts
     limit = budget * sum(cost(t, None) for t in targets)
     current = {name: min(pts, key=lambda p: (p[0], p[1])) for name, pts in options.items()}

@@ -58,7 +58,8 @@ def tiny_encoder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory):
     """A random tiny Qwen2 exported with export_hf (checked against transformers), and its rank
-    buckets at budgets 1.0, 0.8, 0.6, 0.4 (Fisher-allocated on two batches of 4 x 24 tokens).
+    buckets at budgets 1.0, 0.8, 0.6, 0.4 (the default K-FAC-weighted nested allocation on two
+    batches of 4 x 24 tokens).
 
     A dict: root (hf/ holds the Hugging Face model), onnx, model, targets, folder (the buckets),
     result (build_buckets'), summary (export_hf's). Copy the folder before changing it."""

@@ -4,6 +4,7 @@ bucket factors as row prefixes, and refusal of tampered folders."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 
@@ -21,6 +22,7 @@ from flarc.export.hf import example_inputs, layout_from_onnx
 from flarc.export.manifest import load_manifest
 from flarc.export.runtime import Generator
 from flarc.rewrite.allocate import fisher_ranks
+from flarc.rewrite.spectrum import Spectrum
 
 from _models import lm_token_batches
 
@@ -43,32 +45,61 @@ def _target(name: str, n: int, m: int) -> Target:
     return Target(name, "MatMul", "x", "y", f"{name}.w", (n, m), n, m, False, "float32")
 
 
-def test_bucket_plans_follow_the_one_allocator():
-    targets = [
+def _plan_targets() -> list[Target]:
+    return [
         _target("a", 64, 64),
         _target("b", 64, 96),
         _target("c", 32, 128),
         _target("d", 128, 128),
     ]
-    alpha = {"a": 10.0, "b": 1.0, "c": 0.0, "d": 5.0}
+
+
+def _check_spent(targets: list[Target], plan) -> None:
     dense = sum(t.params for t in targets)
-    plans = plan_buckets(targets, alpha, [0.4, 1.0, 0.8, 0.6], align=8)
+    assert all(r % 8 == 0 and 8 <= r < t.k_equiv for t in targets for r in [plan.ranks[t.name]])
+    spent = sum(t.rank_params(plan.ranks[t.name]) for t in targets)
+    assert plan.budget * dense - 8 * sum(t.n + t.m for t in targets) <= spent <= plan.budget * dense
+
+
+def test_fisher_bucket_plans_follow_the_one_allocator():
+    targets = _plan_targets()
+    alpha = {"a": 10.0, "b": 1.0, "c": 0.0, "d": 5.0}
+    plans = plan_buckets(targets, [0.4, 1.0, 0.8, 0.6], align=8, alpha=alpha)
     assert [p.budget for p in plans] == [1.0, 0.8, 0.6, 0.4]
     assert all(r is None for r in plans[0].ranks.values())  # 1.0 keeps the dense targets
     for plan in plans[1:]:
         assert plan.ranks == {
             k: c.rank for k, c in fisher_ranks(targets, alpha, plan.budget, 8).items()
         }
-        assert all(r % 8 == 0 and 8 <= r < t.k_equiv for t in targets for r in [plan.ranks[t.name]])
-        spent = sum(t.rank_params(plan.ranks[t.name]) for t in targets)
-        assert (
-            plan.budget * dense - 8 * sum(t.n + t.m for t in targets)
-            <= spent
-            <= plan.budget * dense
-        )
+        _check_spent(targets, plan)
     with pytest.raises(FlarcError):
         parse_budgets("1.0,1.2")
     assert parse_budgets("0.4,1,0.8") == [1.0, 0.8, 0.4]
+
+
+def test_global_bucket_plans_are_nested_and_spend_their_budget():
+    """The default: the weighted global allocation per bucket, each bucket's ranks at most the
+    next larger bucket's (row prefixes), never dense below 1.0, the budget met from below."""
+    targets = _plan_targets()
+    rng = np.random.default_rng(0)
+    spectra = {
+        t.name: Spectrum(
+            np.sort(rng.random(min(t.n, t.m)) ** p)[::-1], np.zeros((t.n, 1)), np.zeros((1, t.m))
+        )
+        for t, p in zip(targets, (1, 3, 6, 2), strict=True)
+    }
+    weights = {"a": 1.0, "b": 5.0, "c": 0.2, "d": 2.0}
+    plans = plan_buckets(targets, [0.75, 0.6, 0.45, 0.3], 8, spectra, weights)
+    for big, small in itertools.pairwise(plans):
+        assert all(small.ranks[t.name] <= big.ranks[t.name] for t in targets)
+    for plan in plans:
+        _check_spent(targets, plan)
+    # a larger bucket never has a larger weighted error
+    errors = [
+        sum(weights[t.name] * spectra[t.name].error(p.ranks[t.name]) for t in targets)
+        for p in plans
+    ]
+    assert errors == sorted(errors)
 
 
 def test_every_bucket_is_a_valid_standalone_model(tiny_lm):

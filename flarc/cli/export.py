@@ -90,6 +90,14 @@ class ExportBuckets(Command):
         parser.add_argument(
             "--align", type=positive_int, default=8, help="ranks are multiples of this (8)"
         )
+        parser.add_argument(
+            "--allocate",
+            choices=("global", "fisher"),
+            default="global",
+            help="bucket ranks: global = compress's default rule (K-FAC-weighted global "
+            "allocation), nested so each bucket is a row prefix of the larger ones; fisher = "
+            "FLRC's Fisher allocation (gradients of --fisher-loss)",
+        )
         FisherLossArgs().add_to(parser)
         parser.set_defaults(fisher_loss="lm")
 
@@ -118,6 +126,7 @@ class ExportBuckets(Command):
                 "batch_size": args.batch_size,
                 "include": args.include,
                 "exclude": args.exclude,
+                "allocate": args.allocate,
                 "fisher_loss": args.fisher_loss,
                 "flarc_version": __version__,
             },
@@ -133,6 +142,7 @@ class ExportBuckets(Command):
             fisher_loss=args.fisher_loss,
             provenance=provenance,
             progress=CliProgress(),
+            allocate=args.allocate,
         )
         table = Table(title=f"rank buckets in {out}")
         for col in ("budget", "total rank", "params", "weights MB", "file"):
