@@ -202,7 +202,9 @@ def choose_ranks(
 ) -> dict[str, RankChoice]:
     """The rank (or dense) of every target under ``opts``."""
     targets = analysis.targets
-    if opts.allocate is None and not (opts.search or opts.energy is not None or opts.ratio is not None):
+    if opts.allocate is None and not (
+        opts.search or opts.energy is not None or opts.ratio is not None
+    ):
         opts = dataclasses.replace(opts, allocate="global")  # the default rule
     if opts.allocate == "fisher":
         if not analysis.fisher:
