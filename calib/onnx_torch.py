@@ -482,6 +482,45 @@ def _cast(x: list, a: dict, c: Context) -> list:
     return [x[0].to(c.torch_dtype(a["to"]))]
 
 
+# Integer grids of QuantizeLinear's output types (the zero point's type; uint8 without one).
+_QUANT_RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int16: (-32768, 32767)}
+
+
+def _channel(v: Tensor, axis: int, rank: int) -> Tensor:
+    """A per-axis scale or zero point shaped to broadcast along ``axis`` of a rank-``rank`` input."""
+    if v.dim() == 0 or v.numel() == 1:
+        return v.reshape(())
+    shape = [1] * rank
+    shape[_axis(axis, rank)] = -1
+    return v.reshape(shape)
+
+
+def _quantize(x: list, a: dict, c: Context) -> list:
+    # Fake quantization in the compute dtype: the grid's values, with the straight-through
+    # gradient (identity inside the range), so a QDQ graph can be differentiated.
+    t, scale = x[0], x[1]
+    zero = x[2] if len(x) > 2 and x[2] is not None else None
+    lo, hi = _QUANT_RANGES.get(zero.dtype if zero is not None else torch.uint8, (0, 255))
+    axis = a.get("axis", 1)
+    s = _channel(scale.to(t.dtype), axis, t.dim())
+    z = _channel(zero.to(t.dtype), axis, t.dim()) if zero is not None else 0.0
+    y = t / s + z
+    y = y + (torch.round(y) - y).detach()
+    return [torch.clamp(y, lo, hi)]
+
+
+def _dequantize(x: list, a: dict, c: Context) -> list:
+    if a.get("block_size"):
+        raise c.fail("blocked scales are not supported for gradients")
+    q, scale = x[0], x[1]
+    zero = x[2] if len(x) > 2 and x[2] is not None else None
+    dtype = scale.dtype if scale.is_floating_point() else c.dtype
+    q = q.to(dtype)
+    axis = a.get("axis", 1)
+    z = _channel(zero.to(dtype), axis, q.dim()) if zero is not None else 0.0
+    return [(q - z) * _channel(scale.to(dtype), axis, q.dim())]
+
+
 def _where(x: list, a: dict, c: Context) -> list:
     cond, p, q = x
     return [torch.where(cond.bool(), p, q)]
@@ -898,6 +937,8 @@ OPS: dict[str, Op] = {
     "ConstantOfShape": _constant_of_shape,
     "Constant": lambda x, a, c: [_constant_value(a, c)],
     "Cast": _cast,
+    "QuantizeLinear": _quantize,
+    "DequantizeLinear": _dequantize,
     "CastLike": lambda x, a, c: [x[0].to(x[1].dtype)],
     "Expand": _expand,
     "Range": _range,

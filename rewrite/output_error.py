@@ -114,7 +114,7 @@ class OutputErrorProbe:
         light, originals = split_large_initializers(model)
         probe = weights_as_inputs(light, self.weights)
         del light
-        self.session = fed_session(probe, lean_session_options(), originals)
+        self.session = fed_session(probe, lean_session_options(model), originals)
         del probe
         self.outputs_names = [
             o.name

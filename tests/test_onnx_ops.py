@@ -839,6 +839,40 @@ def _cast_cases() -> list[Case]:
     ]
 
 
+def _quantization_cases() -> list[Case]:
+    # QuantizeLinear gives its grid values in the compute dtype (fake quantization, so that a
+    # QDQ graph can be differentiated): compared by value, with no gradient check.
+    u8, i8 = np.uint8, np.int8
+    return [
+        case("QuantizeLinear", "tensor_u8", _f(2, 5), _scalar(0.05, np.float32), _scalar(128, u8)),
+        case("QuantizeLinear", "tensor_no_zero", _f(2, 5), _scalar(0.02, np.float32)),
+        case(
+            "QuantizeLinear",
+            "axis_i8",
+            _f(2, 3, 4),
+            np.array([0.01, 0.02, 0.05], np.float32),
+            np.zeros(3, i8),
+            axis=1,
+        ),
+        case(
+            "DequantizeLinear",
+            "tensor_u8",
+            _ints(2, 5, low=0, high=256, dtype=u8),
+            _scalar(0.05, np.float32),
+            _scalar(128, u8),
+        ),
+        case(
+            "DequantizeLinear",
+            "axis_i8",
+            _ints(4, 3, low=-128, high=128, dtype=i8),
+            np.array([0.01, 0.02, 0.05], np.float32),
+            np.array([1, -2, 0], i8),
+            axis=1,
+            wrt=(1,),
+        ),
+    ]
+
+
 def _misc_cases() -> list[Case]:
     return [
         case(
@@ -950,11 +984,14 @@ CASES: list[Case] = [
     *_pad_cases(),
     *_cast_cases(),
     *_misc_cases(),
+    *_quantization_cases(),
     *_logic_cases(),
 ]
 
 # Ops that need no gradient check, each for the reason in its comment.
+FAKE_QUANT = {"QuantizeLinear"}  # integer grid values in the compute dtype
 NON_DIFFERENTIABLE = {
+    "QuantizeLinear",  # straight-through gradient, not the piecewise-constant derivative
     # piecewise constant: zero derivative wherever it exists
     "Floor",
     "Ceil",
@@ -1051,7 +1088,9 @@ def test_forward_matches_onnxruntime(c: Case):
     for name, ref, value in zip(got, expected, got.values(), strict=True):
         value = value.numpy()
         assert value.shape == ref.shape, name
-        if ref.dtype.kind == "f":
+        if c.op in FAKE_QUANT:
+            np.testing.assert_array_equal(value, ref.astype(np.float64), err_msg=name)
+        elif ref.dtype.kind == "f":
             assert value.dtype == np.float64, name
             scale = max(1.0, float(np.nanmax(np.abs(ref), initial=0.0)))
             np.testing.assert_allclose(

@@ -23,6 +23,7 @@ from flarc.core.external import (
     split_large_initializers,
     tensor_array,
 )
+from flarc.core.graphs import all_nodes
 from flarc.core.modelio import EXTERNAL_DATA_THRESHOLD, inline_nbytes, prepare_for_save, save_model
 
 PROVIDERS = ["CPUExecutionProvider"]
@@ -60,9 +61,15 @@ def session_options(
     return options
 
 
-def lean_session_options() -> ort.SessionOptions:
-    """Options for sessions that check rather than serve: no arena, no pre-packed weights."""
-    return session_options(arena=False, prepacking=False)
+def lean_session_options(model: onnx.ModelProto | None = None) -> ort.SessionOptions:
+    """Options for sessions that check rather than serve: no arena, no pre-packed weights; for a
+    ``model`` with QuantizeLinear nodes, no graph optimizations either: the graph then computes
+    what its QDQ nodes say, where onnxruntime's fused u8s8 kernels may saturate differently in
+    two graphs that compute the same function (measured: 12% on a quantize_static MiniLM)."""
+    quantized = model is not None and any(n.op_type == "QuantizeLinear" for n in all_nodes(model))
+    return session_options(
+        arena=False, prepacking=False, optimization="disable" if quantized else None
+    )
 
 
 def session_source(
