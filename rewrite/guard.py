@@ -9,6 +9,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from flarc.core.inputs import Feed
 from flarc.core.lazy import LazyMapping
@@ -38,43 +39,66 @@ def dense_products(
     return LazyMapping(factors, product)
 
 
+# Integer range of a QuantizeLinear output by its zero point's element type (uint8 without one).
+_Q_RANGES = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127),
+             TensorProto.UINT16: (0, 65535), TensorProto.INT16: (-32768, 32767)}  # fmt: skip
+
+
 def without_activation_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` (itself when it has none) with every QuantizeLinear -> DequantizeLinear pair on
-    an activation removed, so the guard compares the rewrite in float: a QDQ graph's uint8
-    activations flip grid points on rounding-level differences, which compound over layers
-    (measured: 11% between a quantize_static MiniLM's factor pairs and their dense products,
-    every target alone within rounding). Weights' DequantizeLinear nodes stay."""
+    """``model`` (itself when it has none) with every per-tensor QuantizeLinear ->
+    DequantizeLinear pair on an activation replaced by a Clip to the grid's range, so the guard
+    compares the rewrite in float: a QDQ graph's uint8 activations flip grid points on
+    rounding-level differences, which compound over layers (measured: 11% between a
+    quantize_static MiniLM's factor pairs and their dense products, every target alone within
+    rounding). The clip keeps what the grid's range does (quantize_static folds a Relu into
+    it). Weights' DequantizeLinear nodes stay."""
     graph = model.graph
-    consts = {t.name for t in graph.initializer}
-    consts |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    quant = {
-        n.output[0]: n.input[0]
-        for n in graph.node
-        if n.op_type == "QuantizeLinear" and n.input[0] not in consts
-    }
-    bypass = {
+    consts = {t.name: t for t in graph.initializer}
+    quant = {}
+    for n in graph.node:
+        if n.op_type != "QuantizeLinear" or n.domain not in ("", "ai.onnx") or n.input[0] in consts:
+            continue
+        scale = consts.get(n.input[1])
+        zero = consts.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        if scale is None or (len(n.input) > 2 and n.input[2] and zero is None):
+            continue
+        s = numpy_helper.to_array(scale).astype(np.float64)
+        z = numpy_helper.to_array(zero).astype(np.float64) if zero is not None else np.zeros(())
+        lo, hi = _Q_RANGES.get(zero.data_type if zero is not None else TensorProto.UINT8, (0, 0))
+        if s.size != 1 or z.size != 1 or lo == hi:
+            continue  # per-axis or unknown grids stay as they are
+        quant[n.output[0]] = (n.input[0], (lo - z.item()) * s.item(), (hi - z.item()) * s.item())
+    pairs = {
         n.output[0]: quant[n.input[0]]
         for n in graph.node
         if n.op_type == "DequantizeLinear" and n.input[0] in quant
     }
-    if not bypass:
+    if not pairs:
         return model
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    kept = [n for n in g.node if not (n.output and n.output[0] in bypass)]
-    for n in kept:
-        for i, name in enumerate(n.input):
-            n.input[i] = bypass.get(name, name)
-    for o in g.output:
-        if o.name in bypass:
-            kept.append(onnx.helper.make_node("Identity", [bypass[o.name]], [o.name]))
+    opset = model_opset(model)
+    nodes = []
+    for n in g.node:
+        if not (n.output and n.output[0] in pairs):
+            nodes.append(n)
+            continue
+        source, low, high = pairs[n.output[0]]
+        name = n.output[0]
+        if opset >= 11:
+            bounds = [f"{name}/clip_min", f"{name}/clip_max"]
+            for b, v in zip(bounds, (low, high), strict=True):
+                g.initializer.append(numpy_helper.from_array(np.array(v, np.float32), b))
+            nodes.append(helper.make_node("Clip", [source, *bounds], [name], name=f"{name}/clip"))
+        else:
+            nodes.append(
+                helper.make_node("Clip", [source], [name], name=f"{name}/clip", min=low, max=high)
+            )
+    used = {i for n in nodes for i in n.input} | {o.name for o in g.output}
+    nodes = [n for n in nodes if not (n.op_type == "QuantizeLinear" and n.output[0] not in used)]
     del g.node[:]
-    g.node.extend(kept)
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    quantizers = [n for n in g.node if n.op_type == "QuantizeLinear" and n.output[0] not in used]
-    for n in quantizers:
-        g.node.remove(n)
+    g.node.extend(nodes)
     return out
 
 

@@ -451,3 +451,39 @@ def test_a_module_applied_twice_by_torch_is_one_target(tmp_path):
     found = find_targets(onnx.load(str(path)))
     shared = [t for t in found.targets if len(t.all_uses) == 2]
     assert len(shared) == 1 and not found.skipped
+
+
+def test_guard_bypasses_activation_qdq_only(tmp_path):
+    """The guard's float view of a quantize_static model: no activation QuantizeLinear is left,
+    every weight's DequantizeLinear is, and the graph computes the float model with the
+    dequantized weights (what the QDQ graph means without its activation grid)."""
+    from flarc.core.targets import Weights, find_targets
+    from flarc.rewrite.guard import without_activation_qdq
+
+    base, shape = _base("mlp", tmp_path)
+    feeds = _calib(shape)
+    qdq = _form("qdq per channel", base, feeds, tmp_path)
+    plain = without_activation_qdq(qdq)
+    assert not [n for n in plain.graph.node if n.op_type == "QuantizeLinear"]
+    weight_dq = [
+        n for n in qdq.graph.node if n.op_type == "DequantizeLinear" and "quantized" in n.input[0]
+    ]
+    kept = {n.name for n in plain.graph.node}
+    assert weight_dq and all(n.name in kept for n in weight_dq)
+    # the float model with the QDQ model's dequantized weights gives the same outputs
+    ref = onnx.ModelProto()
+    ref.CopyFrom(base)
+    reader = Weights(qdq)
+    by_base = {t.name: t for t in find_targets(base).targets}
+    for t in find_targets(qdq).targets:
+        init = next(i for i in ref.graph.initializer if i.name == by_base[t.name].weight)
+        init.CopyFrom(numpy_helper.from_array(reader.consumed(t).astype(np.float32), init.name))
+    x = feeds[0]["x"]
+    got = _session(plain).run(None, {"x": x})[0]
+    want = _session(ref).run(None, {"x": x})[0]
+    # (up to the QDQ form's own rounding of what is not a target: its int32 biases)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+    assert (
+        np.abs(got - want).max() < 0.2 * np.abs(_session(qdq).run(None, {"x": x})[0] - want).max()
+    )
+    assert without_activation_qdq(base) is base  # nothing to bypass: the model itself
