@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,10 +76,19 @@ class Context:
         return _TORCH_DTYPES[onnx_type]
 
 
+_SAME_FLOAT = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+
+
 def _to_torch(array: np.ndarray, dtype: torch.dtype) -> Tensor:
     """A numpy array as a torch tensor, floating point in the compute dtype."""
     array = np.asarray(array)
     if array.dtype.kind == "f":
+        if _SAME_FLOAT.get(array.dtype) == dtype and array.flags.c_contiguous:
+            # Already the compute dtype (a float32 model in float32): shared, not copied, so a
+            # lazily mapped weight stays in its file. Nothing writes to it in place.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                return torch.from_numpy(array)
         return torch.from_numpy(np.array(array, dtype=np.float64)).to(dtype)
     if array.dtype.kind in ("U", "S", "O"):
         raise DataError(f"string tensors are not supported (dtype {array.dtype})")
