@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -65,6 +65,8 @@ class OutputGradients:
     g2: dict[str, float]  # target name -> mean (dL/dy)^2 per output element
     loss: str  # "sampled on 'logits'" | "gaussian on 'a', 'b'"
     batches: int
+    # target name -> [m] mean over rows of (dL/dy_j)^2 per output channel (G's diagonal)
+    diag: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def resolve_outputs(outputs: Mapping[str, torch.Tensor]) -> tuple[str, tuple[str, ...]]:
@@ -136,6 +138,10 @@ def output_gradients(
     taps = list(dict.fromkeys(u.output for t in targets for u in t.all_uses))
     sums = dict.fromkeys(taps, 0.0)
     sizes = dict.fromkeys(taps, 0)
+    # Output channels: axis 1 of a Conv's output, the last axis of a MatMul's or Gemm's.
+    channel = {u.output: 1 if u.op_type == "Conv" else -1 for t in targets for u in t.all_uses}
+    channel_sums: dict[str, np.ndarray] = {}
+    channel_rows = dict.fromkeys(taps, 0)
     kind: str | None = None
     outs: tuple[str, ...] = ()
     count = 0
@@ -164,13 +170,20 @@ def output_gradients(
         count += 1
         for name, y, g in zip(taps, tapped, grads, strict=True):
             if g is not None:
-                sums[name] += float(g.detach().to(torch.float64).pow(2).sum())
+                sq = g.detach().to(torch.float64).pow(2)
+                sums[name] += float(sq.sum())
+                axis = channel[name] % sq.dim()
+                per = sq.sum(dim=[d for d in range(sq.dim()) if d != axis]).numpy()
+                channel_sums[name] = channel_sums.get(name, 0.0) + per
             sizes[name] += y.numel()
+            channel_rows[name] += y.numel() // y.shape[channel[name]]
     if kind is None or not count:
         raise DataError("output sensitivities: no calibration batch with an unmasked position")
-    g2 = {}
+    g2, diag = {}, {}
     for t in targets:
         outputs = [u.output for u in t.all_uses]
         g2[t.name] = sum(sums[o] for o in outputs) / max(1, sum(sizes[o] for o in outputs))
+        rows = max(1, sum(channel_rows[o] for o in outputs))
+        diag[t.name] = sum(channel_sums.get(o, np.zeros(t.m)) for o in outputs) / rows
     loss = f"{kind} on " + ", ".join(f"'{o}'" for o in outs)
-    return OutputGradients(g2, loss, count)
+    return OutputGradients(g2, loss, count, diag)

@@ -118,10 +118,15 @@ def analyze(
             progress=progress,
         )
     g2 = output_sensitivities(model, targets.targets, data, options, progress)
+    if g2 is None and options.two_sided:
+        options = dataclasses.replace(options, two_sided=False)  # nothing to weigh outputs by
     if store.on_disk:
         release_free_memory()
     source = statistics_source(store)
-    entries = derive_spectra(targets.targets, weights, stats, options, store, progress, source)
+    diag = g2.diag if g2 else None
+    entries = derive_spectra(
+        targets.targets, weights, stats, options, store, progress, source, diag
+    )
     return Analysis(
         model_sha256,
         options,
@@ -134,6 +139,7 @@ def analyze(
         fisher_loss=fisher.description if fisher else None,
         output_g2=g2.g2 if g2 else None,
         sensitivity_loss=g2.loss if g2 else None,
+        output_diag=diag,
         mask_input=mask,
         heldout_feeds=(data.heldout or data.calibration)[:MAX_KEPT_FEEDS],
         probe_feeds=data.calibration[:MAX_KEPT_FEEDS],
@@ -202,6 +208,8 @@ def rewhiten(
     """``analysis`` with spectra for other whitening options, from the same statistics (no
     calibration): read from its store when they are there, else derived and kept there when
     the store can be written (a large model's otherwise go to a temporary store)."""
+    if options.two_sided and analysis.output_diag is None:
+        options = dataclasses.replace(options, two_sided=False)
     if options.spectra_key() == analysis.options.spectra_key():
         return dataclasses.replace(analysis, options=options)
     store = analysis.store
@@ -209,7 +217,14 @@ def rewhiten(
         store = Store.for_model(is_large(model))
     source = statistics_source(analysis.store) if analysis.store is not None else None
     entries = derive_spectra(
-        analysis.targets, Weights(model), analysis.stats, options, store, progress, source
+        analysis.targets,
+        Weights(model),
+        analysis.stats,
+        options,
+        store,
+        progress,
+        source,
+        analysis.output_diag,
     )
     return dataclasses.replace(analysis, options=options, entries=entries, store=store)
 

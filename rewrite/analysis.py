@@ -27,7 +27,7 @@ from flarc.rewrite.spectrum import Spectrum, compensated_svd, whitened_svd
 from flarc.rewrite.whiten import whitener
 
 # The options a spectrum depends on (the statistics fix the rest).
-SPECTRUM_OPTIONS = ("shrinkage", "centered", "shrinkage_lambda", "whiten", "full_rank")
+SPECTRUM_OPTIONS = ("shrinkage", "centered", "shrinkage_lambda", "whiten", "full_rank", "two_sided")
 
 
 @dataclass
@@ -46,6 +46,9 @@ class AnalysisOptions:
     # K-FAC output sensitivities (calib/sensitivity.py): one backward pass over this many batches
     sensitivity: bool = True
     sensitivity_batches: int = 4
+    # Truncate A^{1/2} W D^{1/2} (D: the loss gradient's diagonal second moment per output
+    # channel, from the sensitivity pass) instead of A^{1/2} W; off without sensitivities.
+    two_sided: bool = True
 
     def spectra_key(self) -> str:
         """A short name for the spectra these options give from the same statistics."""
@@ -70,6 +73,7 @@ def analyze_target(
     moments: Moments,
     options: AnalysisOptions,
     compensate: bool = False,
+    output_diag: np.ndarray | None = None,
 ) -> TargetAnalysis:
     """Shrink the statistic, whiten, and take the SVD of one target's weight (as stored).
 
@@ -78,16 +82,27 @@ def analyze_target(
     intensity, same target ``mu I``), so identical activations give plain whitening exactly.
     """
     shrunk = shrink(moments, options.shrinkage, options.centered, options.shrinkage_lambda)
+    b = weight_matrix(target, weight)
+    root = None
+    if output_diag is not None:
+        # Two-sided: columns weighted by sqrt(D) before the SVD, V^T unweighted after it, so
+        # the truncation minimises tr(dW^T A dW D) and s^2 sums to loss (a dead output's D is
+        # floored so that its column is still represented).
+        d = np.asarray(output_diag, dtype=np.float64)
+        root = np.sqrt(np.maximum(d, max(float(d.mean()), 1e-300) * 1e-6))
+        b = b * root
     w, fell_back = whitener(shrunk.covariance, options.whiten, target.name)
     max_rank = None if options.full_rank else math.ceil(target.k_equiv)
     kind = "eig (fallback)" if fell_back else w.kind
     if compensate:
         cross = (1.0 - shrunk.lam) * moments.cross / moments.count
         cross[np.diag_indices_from(cross)] += shrunk.lam * shrunk.mu
-        spectrum = compensated_svd(weight_matrix(target, weight), w, cross, max_rank)
+        spectrum = compensated_svd(b, w, cross, max_rank)
     else:
-        # B is passed as a temporary so whitened_svd can free it before the SVD.
-        spectrum = whitened_svd(weight_matrix(target, weight), w, max_rank)
+        spectrum = whitened_svd(b, w, max_rank)
+    del b
+    if root is not None:
+        spectrum.vt = np.asarray(spectrum.vt) / root
     return TargetAnalysis(target, spectrum, shrunk.lam, kind, moments.count)
 
 
@@ -99,6 +114,7 @@ def derive_spectra(
     store: Store,
     progress: Progress | None = None,
     source: str | None = None,
+    output_diag: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, TargetAnalysis]:
     """The whitened spectrum of every target under ``options``.
 
@@ -115,7 +131,8 @@ def derive_spectra(
     progress = progress or NoProgress()
     entries = {}
     for i, t in enumerate(progress.track(targets, total=len(targets), description="whitened SVD")):
-        entry = analyze_target(t, weights.consumed(t), stats[t.stat_key], options)
+        diag = output_diag.get(t.name) if output_diag and options.two_sided else None
+        entry = analyze_target(t, weights.consumed(t), stats[t.stat_key], options, False, diag)
         if store.writable:
             entry.spectrum = entry.spectrum.stored(store, f"{key}/t{i}")
         entries[t.name] = entry
@@ -171,6 +188,7 @@ class Analysis:
     fisher_loss: str | None = None
     output_g2: dict[str, float] | None = None  # K-FAC: mean squared loss gradient per output
     sensitivity_loss: str | None = None
+    output_diag: dict[str, np.ndarray] | None = None  # K-FAC: per output channel (two-sided)
     mask_input: str | None = None
     heldout_feeds: list[Feed] = field(default_factory=list)  # for the comparison and output guard
     probe_feeds: list[Feed] = field(default_factory=list)  # calibration batches for output criteria
@@ -179,12 +197,14 @@ class Analysis:
     store: Store | None = field(default=None, repr=False)  # where the large arrays live
 
     def sensitivities(self) -> dict[str, float] | None:
-        """Loss per unit of each target's relative whitened error, ``g2 * rows * sum s^2``
-        (:mod:`flarc.calib.sensitivity`), or None when the analysis has no ``output_g2``."""
+        """Loss per unit of each target's relative whitened error (:mod:`flarc.calib.
+        sensitivity`): ``rows * sum s^2`` of two-sided spectra (already in loss units), else
+        ``g2 * rows * sum s^2``; None when the analysis has no ``output_g2``."""
         if self.output_g2 is None:
             return None
+        two_sided = self.options.two_sided and self.output_diag is not None
         return {
-            t.name: self.output_g2[t.name]
+            t.name: (1.0 if two_sided else self.output_g2[t.name])
             * self.entries[t.name].rows
             * float(np.square(self.entries[t.name].spectrum.sigma).sum())
             for t in self.targets

@@ -50,6 +50,9 @@ def save_analysis(analysis: Analysis, path: str | os.PathLike) -> None:
         for i, t in enumerate(analysis.targets):
             analysis.entries[t.name].spectrum.stored(store, f"{key}/t{i}")
         store.put_json(f"{key}/meta.json", spectra_meta(analysis.entries, analysis.options))
+        for i, t in enumerate(analysis.targets):
+            if analysis.output_diag is not None:
+                store.put(f"output_diag/t{i}", np.asarray(analysis.output_diag[t.name]))
         feeds = {"hf": analysis.heldout_feeds, "pf": analysis.probe_feeds}
         for kind, batch in feeds.items():
             for i, feed in enumerate(batch):
@@ -69,6 +72,7 @@ def save_analysis(analysis: Analysis, path: str | os.PathLike) -> None:
                 "fisher_loss": analysis.fisher_loss,
                 "output_g2": analysis.output_g2,
                 "sensitivity_loss": analysis.sensitivity_loss,
+                "output_diag": analysis.output_diag is not None,
                 "mask_input": analysis.mask_input,
                 "feeds": {kind: [list(f) for f in batch] for kind, batch in feeds.items()},
                 "heldout_is_calibration": analysis.heldout_is_calibration,
@@ -126,6 +130,11 @@ def load_analysis(path: str | os.PathLike, model_sha256: str | None = None) -> A
         fisher=manifest["fisher"],
         fisher_loss=manifest["fisher_loss"],
         output_g2=manifest.get("output_g2"),
+        output_diag={
+            t.name: np.asarray(store.get(f"output_diag/t{i}").load()) for i, t in enumerate(targets)
+        }
+        if manifest.get("output_diag")
+        else None,
         sensitivity_loss=manifest.get("sensitivity_loss"),
         mask_input=manifest["mask_input"],
         heldout_feeds=feeds["hf"],

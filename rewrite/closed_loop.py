@@ -80,7 +80,10 @@ def closed_loop_entries(
         stats = session.collect(({**f, **weights} for f in feeds), description=f"level {i}")
         del session
         for t in level:
-            entry = analyze_target(t, stored.consumed(t), stats[t.stat_key], options, compensate)
+            diag = (analysis.output_diag or {}).get(t.name) if options.two_sided else None
+            entry = analyze_target(
+                t, stored.consumed(t), stats[t.stat_key], options, compensate, diag
+            )
             entries[t.name] = entry
             if compensate and entry.rows < t.n and entry.lam < WEAK_SHRINKAGE:
                 underdetermined.append(entry)

@@ -44,10 +44,17 @@ class TargetRow:
 
 
 def heldout_error(
-    analysis: Analysis, target: Target, a: np.ndarray, c: np.ndarray, weight: np.ndarray
+    analysis: Analysis,
+    target: Target,
+    a: np.ndarray,
+    c: np.ndarray,
+    weight: np.ndarray,
+    calibration: bool = False,
 ) -> float | None:
-    """Measured ``||X (B - A C)||^2 / ||X B||^2`` on held-out rows, exact from their Gram."""
-    moments = analysis.heldout_stats.get(target.stat_key)
+    """Measured ``||X (B - A C)||^2 / ||X B||^2`` on held-out rows (or, with ``calibration``,
+    on the calibration rows), exact from their Gram."""
+    stats = analysis.stats if calibration else analysis.heldout_stats
+    moments = stats.get(target.stat_key)
     if moments is None:
         return None
     num = den = 0.0
@@ -66,14 +73,22 @@ def target_rows(
 ) -> list[TargetRow]:
     """A row per target, in graph order."""
     rows = []
+    # Two-sided spectra measure loss, not the output error: predict that from the Gram.
+    two_sided = analysis.options.two_sided and analysis.output_diag is not None
     for t in analysis.targets:
         e = analysis.entries[t.name]
         choice = ranks[t.name]
         k = choice.rank
         measured = None
+        predicted = 0.0
         if k is not None:
             a, c = e.spectrum.factors(k)
             measured = heldout_error(analysis, t, a, c, weights.consumed(t))
+            predicted = (
+                heldout_error(analysis, t, a, c, weights.consumed(t), calibration=True)
+                if two_sided
+                else e.spectrum.error(k)
+            )
         rows.append(
             TargetRow(
                 name=t.name,
@@ -84,7 +99,7 @@ def target_rows(
                 rank=k,
                 params=t.params,
                 kept_params=t.rank_params(k) if k is not None else t.params,
-                predicted_error=e.spectrum.error(k) if k is not None else 0.0,
+                predicted_error=predicted,
                 heldout_error=measured,
                 shrinkage=e.lam,
                 whitening=e.whitening,

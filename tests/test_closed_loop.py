@@ -22,7 +22,7 @@ from flarc.rewrite.whiten import whitener
 @pytest.fixture(scope="module")
 def setup(tiny_encoder):
     case = tiny_encoder(seed=1, batches=4, batch=8, pad_from=11)
-    options = AnalysisOptions(shrinkage="none", full_rank=True)
+    options = AnalysisOptions(shrinkage="none", full_rank=True, two_sided=False)
     data = CalibrationSet(case.feeds, [], "t")
     return case.model, case.feeds, analyze(case.model, find_targets(case.model), data, options)
 
@@ -136,7 +136,7 @@ def test_compensation_warns_when_rows_do_not_determine_the_fit(setup, caplog):
 def test_shrinkage_regularises_an_underdetermined_compensation(setup, caplog):
     """The same few rows with a real shrinkage intensity: the fit is regularised, no warning."""
     model, feeds, _ = setup
-    options = AnalysisOptions(shrinkage_lambda=0.05, full_rank=True)
+    options = AnalysisOptions(shrinkage_lambda=0.05, full_rank=True, two_sided=False)
     shrunk = analyze(model, find_targets(model), CalibrationSet(feeds, [], "t"), options)
     ranks = {t.name: RankChoice(8, "test") for t in shrunk.targets}
     few = [{k: v[:1] for k, v in feeds[0].items()}]

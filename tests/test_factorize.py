@@ -86,7 +86,9 @@ def gemm_model(trans_b: int) -> onnx.ModelProto:
 def full_rank_compare(model: onnx.ModelProto, feeds: list[dict]) -> float:
     targets = find_targets(model)
     data = CalibrationSet(feeds, [], "test")
-    analysis = analyze(model, targets, data, AnalysisOptions(shrinkage="none", full_rank=True))
+    analysis = analyze(
+        model, targets, data, AnalysisOptions(shrinkage="none", full_rank=True, two_sided=False)
+    )
     ranks = {t.name: RankChoice(min(t.n, t.m), "full") for t in targets.targets}
     new = factorize(model, targets.targets, chosen_factors(analysis, ranks))
     onnx.checker.check_model(new)
@@ -133,7 +135,7 @@ def test_whitened_error_identity_against_forward_pass(tmp_path, case):
         model,
         targets,
         CalibrationSet(feeds, [], "t"),
-        AnalysisOptions(shrinkage="none", full_rank=True),
+        AnalysisOptions(shrinkage="none", full_rank=True, two_sided=False),
     )
     consts = constant_tensors(model)
     # The activations each target sees, from a real forward pass of the original model.

@@ -60,7 +60,9 @@ def _full_rank(model: onnx.ModelProto, feeds: list[dict]):
     rank."""
     found = find_targets(model)
     data = CalibrationSet(feeds, [], "t")
-    analysis = analyze(model, found, data, AnalysisOptions(shrinkage="none", full_rank=True))
+    analysis = analyze(
+        model, found, data, AnalysisOptions(shrinkage="none", full_rank=True, two_sided=False)
+    )
     ranks = {t.name: RankChoice(min(t.n, t.m), "full") for t in found.targets}
     full = factorize(model, found.targets, chosen_factors(analysis, ranks))
     onnx.checker.check_model(full)

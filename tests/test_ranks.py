@@ -206,6 +206,9 @@ def test_analysis_file_reproduces_compress_bit_for_bit(encoder, tmp_path):
                 "--fisher",
                 "--fisher-loss",
                 "projection",
+                # one-sided spectra, as compress --allocate fisher makes them
+                "--sensitivity-batches",
+                "0",
                 "-o",
                 str(tmp_path / "m.analysis"),
             ]

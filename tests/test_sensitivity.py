@@ -109,9 +109,12 @@ def _linear(n: int = 12, m: int = 10, seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_sensitivity_times_relative_error_is_the_output_error_over_its_energy():
-    """One layer whose output is the model's: g = e / sqrt(E_y) exactly, so sensitivity x
-    err(k) = mean(e^2) ||X dW||^2 / E_y (no shrinkage: the whitened identity is exact)."""
+@pytest.mark.parametrize("two_sided", [False, True])
+def test_sensitivity_times_relative_error_is_the_loss_estimate(two_sided):
+    """One layer whose output is the model's: g = e / sqrt(E_y) exactly. One-sided, sensitivity
+    x err(k) = mean(e^2) ||X dW||^2 / E_y; two-sided (A^{1/2} W D^{1/2}), it is
+    sum_j d_j ||X dW_j||^2 with d_j the mean of g_j^2: K-FAC's estimate, exactly (no shrinkage:
+    the whitened identity is exact)."""
     model = _linear()
     rng = np.random.default_rng(1)
     mix = rng.standard_normal((12, 12))
@@ -120,22 +123,26 @@ def test_sensitivity_times_relative_error_is_the_output_error_over_its_energy():
         model,
         find_targets(model),
         CalibrationSet(feeds, [], "t"),
-        AnalysisOptions(shrinkage="none", sensitivity_batches=4),
+        AnalysisOptions(shrinkage="none", sensitivity_batches=4, two_sided=two_sided),
     )
     (target,) = analysis.targets
     x = np.concatenate([f["x"] for f in feeds]).astype(np.float64)
     w = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
-    noise = [np.random.default_rng([0, 2, b, 0]).standard_normal((64, 10)) for b in range(4)]
-    e2 = np.mean(
-        [np.mean(e**2 / np.mean((f["x"] @ w) ** 2)) for e, f in zip(noise, feeds, strict=True)]
+    g = np.concatenate(
+        [
+            np.random.default_rng([0, 2, b, 0]).standard_normal((64, 10))
+            / np.sqrt(np.mean((f["x"].astype(np.float64) @ w) ** 2))
+            for b, f in enumerate(feeds)
+        ]
     )
+    d = np.mean(g**2, axis=0)
     sensitivity = analysis.sensitivities()[target.name]
     for k in (1, 3, 5):
         a, c = analysis.entries[target.name].spectrum.factors(k)
-        out_err = np.sum((x @ (w - a @ c)) ** 2)
-        np.testing.assert_allclose(
-            sensitivity * analysis.entries[target.name].spectrum.error(k), e2 * out_err, rtol=1e-6
-        )
+        err = np.sum((x @ (w - a @ c)) ** 2, axis=0)  # per output channel
+        want = np.sum(d * err) if two_sided else np.mean(d) * np.sum(err)
+        got = sensitivity * analysis.entries[target.name].spectrum.error(k)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_sensitivities_rank_like_measured_output_errors(tiny_encoder):

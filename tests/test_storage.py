@@ -327,7 +327,9 @@ def test_forms_compress_keeping_their_storage(tmp_path, kind, form):
     # forms to float precision, the others within the order of the original's own rounding
     # (two rounded factors instead of one weight).
     data = CalibrationSet(feeds[:3], feeds[3:4], "t")
-    analysis = analyze(model, found, data, AnalysisOptions(shrinkage="none", full_rank=True))
+    analysis = analyze(
+        model, found, data, AnalysisOptions(shrinkage="none", full_rank=True, two_sided=False)
+    )
     ranks = {t.name: RankChoice(min(t.n, t.m), "full") for t in found.targets}
     full = factorize(model, found.targets, chosen_factors(analysis, ranks))
     onnx.checker.check_model(full)
@@ -416,7 +418,7 @@ def test_a_shared_weight_is_one_target_whose_factors_every_use_reads(tmp_path):
     np.testing.assert_allclose(stats.gram, x.T @ x, rtol=1e-10, atol=1e-9)
     # The whitened-error identity for the sum: predicted = measured over all uses' rows.
     analysis = analyze(model, found, CalibrationSet(feeds, [], "t"),
-                       AnalysisOptions(shrinkage="none", full_rank=True))  # fmt: skip
+                       AnalysisOptions(shrinkage="none", full_rank=True, two_sided=False))  # fmt: skip
     spectrum = analysis.entries[t.name].spectrum
     b = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
     for k in (2, 8, 15):
