@@ -101,6 +101,21 @@ EXTRA_METHODS = {
         True,
         True,
     ),
+    # The default rule with one-sided whitening (before two-sided became the default).
+    "flarc default, one-sided": (dict(two_sided=False), lambda b: _default(b), False, False),
+    "flarc default (ridge 1e-6), one-sided": (
+        dict(shrinkage_lambda=1e-6, two_sided=False),
+        lambda b: _default(b),
+        False,
+        False,
+    ),
+    # The default rule (K-FAC-weighted global allocation) on the ridge-stabilised spectra.
+    "flarc default (ridge 1e-6)": (
+        dict(shrinkage_lambda=1e-6),
+        lambda b: _default(b),
+        False,
+        False,
+    ),
     # FLRC's allocation on the same ridge-stabilised spectra (its rewrite is SVD-LLM's).
     "FLRC (fisher, ridge 1e-6)": (
         dict(shrinkage_lambda=1e-6, fisher="auto"),
@@ -143,6 +158,12 @@ def _global_ow(budget: float, metric: str = "mse"):
     from flarc.rewrite.policy import RankOptions
 
     return RankOptions(allocate="global", budget=budget, output_weighted=True, output_metric=metric)
+
+
+def _default(budget: float):
+    from flarc.rewrite.policy import RankOptions
+
+    return RankOptions(budget=budget)
 
 
 def _global_fisher(budget: float):
