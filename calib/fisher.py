@@ -210,10 +210,28 @@ def _lm_loss(logits: torch.Tensor, ids: np.ndarray, mask: np.ndarray | None) -> 
 def sample_labels(probs: np.ndarray, seed: int, batch_index: int) -> np.ndarray:
     """Labels for ``sampled``: per row, the first class whose cumulative probability reaches u."""
     rows = probs.reshape(-1, probs.shape[-1])
-    u = np.random.default_rng([seed, batch_index]).random(rows.shape[0])
+    return _labels(rows, np.random.default_rng([seed, batch_index]).random(rows.shape[0]))
+
+
+def _labels(rows: np.ndarray, u: np.ndarray) -> np.ndarray:
     cdf = np.cumsum(rows, axis=-1)
     labels = (cdf < u[:, None] * cdf[:, -1:]).sum(axis=-1)
     return np.minimum(labels, rows.shape[-1] - 1)
+
+
+LABEL_ROWS = 256  # rows of float64 probabilities at a time (one Qwen row: 151936 classes)
+
+
+def _sampled_rows(logits: torch.Tensor, seed: int, batch_index: int) -> np.ndarray:
+    """:func:`sample_labels` of ``softmax(logits)`` (rows x classes), the same labels, with the
+    float64 probabilities made ``LABEL_ROWS`` rows at a time: a language model's are large."""
+    rows = logits.shape[0]
+    u = np.random.default_rng([seed, batch_index]).random(rows)
+    out = np.empty(rows, dtype=np.int64)
+    for i in range(0, rows, LABEL_ROWS):
+        probs = torch.softmax(logits[i : i + LABEL_ROWS].to(torch.float64), dim=-1).numpy()
+        out[i : i + LABEL_ROWS] = _labels(probs, u[i : i + LABEL_ROWS])
+    return out
 
 
 def _row_mask(y: torch.Tensor, mask: np.ndarray | None) -> torch.Tensor | None:
@@ -229,8 +247,7 @@ def _sampled_loss(
     logits: torch.Tensor, mask: np.ndarray | None, seed: int, batch_index: int
 ) -> torch.Tensor | None:
     flat = logits.reshape(-1, logits.shape[-1])
-    probs = torch.softmax(flat.detach().to(torch.float64), dim=-1).numpy()
-    labels = torch.from_numpy(sample_labels(probs, seed, batch_index))
+    labels = torch.from_numpy(_sampled_rows(flat.detach(), seed, batch_index))
     per_row = F.cross_entropy(flat, labels, reduction="none")
     weights = _row_mask(logits, mask)
     if weights is None:
