@@ -53,6 +53,8 @@ class AnalysisOptions:
     def spectra_key(self) -> str:
         """A short name for the spectra these options give from the same statistics."""
         chosen = {k: asdict(self)[k] for k in SPECTRUM_OPTIONS}
+        if self.two_sided:  # the output weights come from these batches of the same data
+            chosen["sensitivity"] = [self.sensitivity_batches, self.seed]
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
 
