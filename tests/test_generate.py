@@ -185,3 +185,31 @@ def test_bucket_sessions_share_weight_memory(tmp_path):
     print("shared", shared, "private", private)
     assert shared["ratio"] <= 1.1
     assert private["rss_delta_bytes"] > 1.2 * shared["rss_delta_bytes"]  # copies would show
+
+
+def test_cli_generate_compare_dense(tiny_lm, capsys):
+    """--compare-dense decodes the same prompt with the 1.0 bucket (or the given ONNX, the
+    original export) and reports agreement against an independent dense run."""
+    from flarc.cli.generate import agreement
+
+    folder = str(tiny_lm["folder"])
+    base = ["generate", folder, "--prompt-ids", "5,17,42", "--max-new-tokens", "8", "--json"]
+    for extra in (["--compare-dense"], ["--compare-dense", str(tiny_lm["onnx"])]):
+        args = _parser().parse_args([*base, "--schedule", "static:0.4", *extra])
+        assert args.func(args) == 0
+        out = json.loads(capsys.readouterr().out)
+        dense = Generator.from_onnx(tiny_lm["onnx"]).generate([5, 17, 42], 8)
+        assert out["dense"]["tokens"] == dense.tokens
+        want = agreement(out["tokens"], dense.tokens)
+        assert {k: out["dense"][k] for k in want} == want
+        assert out["dense"]["tokens_per_s"] > 0
+    args = _parser().parse_args([*base, "--schedule", "static:1", "--compare-dense"])
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["dense"]["agreement"] == 1.0 and out["dense"]["first_divergence"] is None
+    assert agreement([1, 2, 3], [1, 9, 3]) == {
+        "compared": 3,
+        "agreement": 2 / 3,
+        "first_divergence": 1,
+    }
+    assert agreement([1, 2], [1, 2, 3])["first_divergence"] == 2

@@ -75,6 +75,14 @@ class Generate(Command):
             "--no-verify", action="store_true", help="skip hashing the bucket files"
         )
         parser.add_argument("--json", action="store_true", help="print the result as JSON")
+        parser.add_argument(
+            "--compare-dense",
+            nargs="?",
+            const="",
+            metavar="ONNX",
+            help="also decode the same prompt with the dense model (the folder's 1.0 bucket, "
+            "else its source model, else ONNX) and report its tokens/s and the token agreement",
+        )
 
     def run(self, args: argparse.Namespace) -> int:
         import numpy as np
@@ -129,6 +137,10 @@ class Generate(Command):
             eos_token_id=eos,
             on_token=on_token,
         )
+        dense = None
+        if args.compare_dense is not None:
+            dense = _dense_run(gen, path, args, prompt, eos)
+            dense.update(agreement(result.tokens, dense["tokens"]))
         if args.json:
             data = {
                 "prompt_ids": result.prompt,
@@ -139,6 +151,8 @@ class Generate(Command):
                 "tokens_per_s": result.tokens_per_s,
                 "prefill_s": result.prefill_s,
             }
+            if dense is not None:
+                data["dense"] = dense
             sys.stdout.write(json.dumps(data) + "\n")
             return 0
         counts = {b: result.budgets.count(b) for b in sorted(set(result.budgets), reverse=True)}
@@ -150,4 +164,52 @@ class Generate(Command):
             f"{np.mean(result.budgets):.3f}]",
             markup=False,
         )
+        if dense is not None:
+            first = dense["first_divergence"]
+            Console(stderr=True).print(
+                f"[dense: {dense['tokens_per_s']:.1f} tokens/s; agreement "
+                f"{dense['agreement']:.1%} of {dense['compared']} tokens; "
+                + ("identical]" if first is None else f"first divergence at token {first}]"),
+                markup=False,
+            )
         return 0
+
+
+def _dense_run(gen, path: Path, args: argparse.Namespace, prompt: list[int], eos) -> dict:
+    """The same prompt and decoding with the dense model, and how far the tokens agree."""
+    from flarc.export.runtime import Generator
+
+    if args.compare_dense:
+        dense_gen, schedule = Generator.from_onnx(args.compare_dense, args.threads), None
+    elif 1.0 in gen.budgets:
+        dense_gen, schedule = gen, "static:1"
+    else:
+        source = (gen.manifest.data.get("source", {}) if gen.manifest else {}).get("model")
+        if not source or not Path(source).is_file():
+            raise FlarcError(
+                f"{path}: no 1.0 bucket and no source model to compare with; give "
+                "--compare-dense ONNX"
+            )
+        dense_gen, schedule = Generator.from_onnx(source, args.threads), None
+    ref = dense_gen.generate(
+        prompt,
+        args.max_new_tokens,
+        schedule,
+        sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        eos_token_id=eos,
+    )
+    return {"tokens": ref.tokens, "tokens_per_s": ref.tokens_per_s}
+
+
+def agreement(tokens: list[int], dense: list[int]) -> dict:
+    """How far ``tokens`` follow the dense continuation: the share of equal positions over the
+    shorter length, and the first position that differs (None when none does)."""
+    n = min(len(tokens), len(dense))
+    same = [a == b for a, b in zip(tokens[:n], dense[:n], strict=True)]
+    first = next((i for i, s in enumerate(same) if not s), None)
+    if first is None and len(tokens) != len(dense):
+        first = n
+    return {"compared": n, "agreement": sum(same) / n if n else 1.0, "first_divergence": first}
