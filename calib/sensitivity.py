@@ -15,6 +15,11 @@ and ``err(k)`` the relative whitened error (:meth:`Spectrum.error`). The *sensit
 ``g2 * rows * sum s^2`` therefore turns every target's relative error into one unit, the loss,
 and weights the global allocation in place of one model evaluation per target.
 
+The same pass gives ``D``, the mean of ``(dL/dy_j)^2`` per output channel ``j`` (``G``'s
+diagonal). By default the analysis truncates ``A^{1/2} W D^{1/2}`` instead of ``A^{1/2} W``
+(two-sided whitening, :func:`flarc.rewrite.analysis.analyze_target`): the truncation then
+minimises ``1/2 tr(dW^T A dW D)`` itself, and ``rows sum s^2`` of that spectrum is the scale.
+
 Losses (sampled, seeded per batch; rows whose mask is zero do not count):
 
 - ``sampled``: cross-entropy of an output named like ``*logits*`` ``[B, C]`` / ``[B, S, C]``
@@ -151,10 +156,11 @@ def output_gradients(
     ):
         mask = batch_mask(batch, mask_input)
         with torch.enable_grad():
-            values = graph.run(batch, None if kind is None else [*outs, *taps])
+            # The first batch computes every output once, to choose the loss from them.
+            wanted = [*graph.outputs, *taps] if kind is None else [*outs, *taps]
+            values = graph.run(batch, list(dict.fromkeys(wanted)))
             if kind is None:
                 kind, outs = resolve_outputs({n: values[n] for n in graph.outputs})
-                values = graph.run(batch, [*outs, *taps])
             tapped = [values[n] for n in taps]
             if kind == "sampled":
                 loss = _sampled_loss(values[outs[0]], mask, seed, index)
