@@ -523,8 +523,16 @@ class LatencyArgs(ArgGroup):
 
     def parse(self, args: argparse.Namespace, options, model, analysis, shapes, progress):
         """``options`` with its latency model (profiled or loaded) and latency limits set."""
-        if args.latency_budget is not None and (args.allocate != "global" or not args.latency):
-            raise OptionError("--latency-budget goes with --allocate global and --latency")
+        other_rule = (
+            args.allocate == "fisher"
+            or args.ratio is not None
+            or args.energy is not None
+            or args.search is not None
+        )
+        if args.latency_budget is not None and (other_rule or not args.latency):
+            raise OptionError(
+                "--latency-budget goes with --latency and the global allocation (the default)"
+            )
         options.max_lat_recov = args.max_lat_recov
         options.latency_budget = args.latency_budget
         if args.latency:
