@@ -222,11 +222,15 @@ def _labels(rows: np.ndarray, u: np.ndarray) -> np.ndarray:
 LABEL_ROWS = 256  # rows of float64 probabilities at a time (one Qwen row: 151936 classes)
 
 
-def _sampled_rows(logits: torch.Tensor, seed: int, batch_index: int) -> np.ndarray:
+def _sampled_rows(
+    logits: torch.Tensor, seed: int, batch_index: int, u: np.ndarray | None = None
+) -> np.ndarray:
     """:func:`sample_labels` of ``softmax(logits)`` (rows x classes), the same labels, with the
-    float64 probabilities made ``LABEL_ROWS`` rows at a time: a language model's are large."""
+    float64 probabilities made ``LABEL_ROWS`` rows at a time: a language model's are large.
+    ``u`` gives the rows' uniform draws instead (a slice of a larger batch's stream)."""
     rows = logits.shape[0]
-    u = np.random.default_rng([seed, batch_index]).random(rows)
+    if u is None:
+        u = np.random.default_rng([seed, batch_index]).random(rows)
     out = np.empty(rows, dtype=np.int64)
     for i in range(0, rows, LABEL_ROWS):
         probs = torch.softmax(logits[i : i + LABEL_ROWS].to(torch.float64), dim=-1).numpy()

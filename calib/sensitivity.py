@@ -41,18 +41,25 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import torch
+from torch.nn import functional as F
 
 from flarc.calib.fisher import (
     _AnchorValues,
     _class_candidates,
     _prefer_logits,
     _row_mask,
-    _sampled_loss,
+    _sampled_rows,
     resolve_dtype,
 )
 from flarc.calib.onnx_torch import TorchGraph
 from flarc.core.errors import DataError, ModelError
-from flarc.core.inputs import batch_mask, find_mask_input, is_logits_name
+from flarc.core.inputs import (
+    batch_mask,
+    find_mask_input,
+    fixed_batch,
+    is_logits_name,
+    model_inputs,
+)
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.targets import Target
 
@@ -60,6 +67,10 @@ log = logging.getLogger(__name__)
 
 # Separates the Gaussian loss's random stream from sample_labels'.
 _GAUSSIAN_STREAM = 2
+# Logits elements per forward pass of the sampled loss: a language model's batch is run a few
+# sequences at a time (same gradients: sequences are independent), so that its logits and the
+# activations kept for the backward pass stay small (4 x 128 x 151936 would be 0.3 GB each).
+MAX_LOGITS = 1 << 24
 
 
 @dataclass
@@ -110,6 +121,32 @@ def _gaussian_loss(
     return total
 
 
+def _batch_size(feed: Mapping[str, np.ndarray]) -> int:
+    return next((int(np.shape(v)[0]) for v in feed.values() if np.ndim(v)), 1)
+
+
+def _rows(feed: Mapping[str, np.ndarray], start: int, stop: int, size: int) -> dict:
+    """Sequences ``start:stop`` of a batch of ``size`` (inputs without that axis 0 unchanged)."""
+    return {
+        k: v[start:stop] if np.ndim(v) and np.shape(v)[0] == size else v for k, v in feed.items()
+    }
+
+
+def _sampled_sum(
+    logits: torch.Tensor, mask: np.ndarray | None, u: np.ndarray
+) -> torch.Tensor | None:
+    """Sum over counted rows of the cross-entropy against labels from ``u`` (module doc)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    labels = torch.from_numpy(_sampled_rows(flat.detach(), 0, 0, u))
+    per_row = F.cross_entropy(flat, labels, reduction="none")
+    weights = _row_mask(logits, mask)
+    if weights is None:
+        return per_row.sum()
+    if float(weights.sum()) == 0:
+        return None
+    return (per_row * weights).sum()
+
+
 def output_gradients(
     model: onnx.ModelProto,
     targets: Sequence[Target],
@@ -118,6 +155,7 @@ def output_gradients(
     seed: int = 0,
     dtype: str = "auto",
     progress: Progress | None = None,
+    max_logits: int = MAX_LOGITS,
 ) -> OutputGradients:
     """``g2`` of every target (module doc) from one forward and backward pass per batch of the
     graph itself (:class:`TorchGraph`; no model code). ModelError for targets inside If
@@ -149,31 +187,12 @@ def output_gradients(
     channel_rows = dict.fromkeys(taps, 0)
     kind: str | None = None
     outs: tuple[str, ...] = ()
+    per_sequence = 0  # logits elements per sequence (sampled loss)
+    splittable = fixed_batch(model_inputs(model)) is None
     count = 0
     batches = list(batches)
-    for index, batch in enumerate(
-        (progress or NoProgress()).track(batches, len(batches), "output sensitivities")
-    ):
-        mask = batch_mask(batch, mask_input)
-        with torch.enable_grad():
-            # The first batch computes every output once, to choose the loss from them.
-            wanted = [*graph.outputs, *taps] if kind is None else [*outs, *taps]
-            values = graph.run(batch, list(dict.fromkeys(wanted)))
-            if kind is None:
-                kind, outs = resolve_outputs({n: values[n] for n in graph.outputs})
-            tapped = [values[n] for n in taps]
-            if kind == "sampled":
-                loss = _sampled_loss(values[outs[0]], mask, seed, index)
-            else:
-                indexed = [(graph.outputs.index(n), values[n]) for n in outs]
-                loss = _gaussian_loss(indexed, mask, seed, index)
-            if loss is None:
-                log.warning("calibration batch %d has no unmasked position; skipped", index)
-                continue
-            if not torch.isfinite(loss):
-                raise DataError(f"sensitivity loss is {float(loss)} on calibration batch {index}")
-            grads = torch.autograd.grad(loss, tapped, allow_unused=True)
-        count += 1
+
+    def accumulate(tapped: list[torch.Tensor], grads) -> None:
         for name, y, g in zip(taps, tapped, grads, strict=True):
             if g is not None:
                 sq = g.detach().to(torch.float64).pow(2)
@@ -183,6 +202,60 @@ def output_gradients(
                 channel_sums[name] = channel_sums.get(name, 0.0) + per
             sizes[name] += y.numel()
             channel_rows[name] += y.numel() // y.shape[channel[name]]
+
+    for index, batch in enumerate(
+        (progress or NoProgress()).track(batches, len(batches), "output sensitivities")
+    ):
+        size = _batch_size(batch)
+        if kind is None:
+            # The loss is chosen from the outputs of one sequence (or the batch, if fixed).
+            first = _rows(batch, 0, 1, size) if splittable and size > 1 else batch
+            with torch.no_grad():
+                values = graph.run(first, graph.outputs)
+            kind, outs = resolve_outputs(values)
+            per_sequence = values[outs[0]].numel() // max(1, _batch_size(first))
+            del values
+        mask = batch_mask(batch, mask_input)
+        step = size
+        if kind == "sampled" and splittable and per_sequence:
+            step = max(1, min(size, max_logits // per_sequence))
+        # The batch's own label draws (drawn chunk by chunk, the same stream) and denominator,
+        # so that its chunks' losses add up to the batch's loss.
+        draws = np.random.default_rng([seed, index])
+        total = None
+        counted = False
+        for start in range(0, size, step):
+            part = batch if step == size else _rows(batch, start, start + step, size)
+            part_mask = batch_mask(part, mask_input)
+            with torch.enable_grad():
+                values = graph.run(part, list(dict.fromkeys([*outs, *taps])))
+                tapped = [values[n] for n in taps]
+                if kind == "sampled":
+                    logits = values[outs[0]]
+                    part_rows = logits.numel() // logits.shape[-1]
+                    if total is None:
+                        rows = size * part_rows // _batch_size(part)
+                        has_mask = mask is not None and mask.size == rows
+                        total = float(mask.sum()) if has_mask else float(rows)
+                    loss = _sampled_sum(logits, part_mask, draws.random(part_rows))
+                    loss = None if loss is None or total == 0 else loss / total
+                else:
+                    indexed = [(graph.outputs.index(n), values[n]) for n in outs]
+                    loss = _gaussian_loss(indexed, part_mask, seed, index)
+                if loss is None:
+                    continue
+                if not torch.isfinite(loss):
+                    raise DataError(
+                        f"sensitivity loss is {float(loss)} on calibration batch {index}"
+                    )
+                grads = torch.autograd.grad(loss, tapped, allow_unused=True)
+            accumulate(tapped, grads)
+            counted = True
+            del values, tapped, grads
+        if not counted:
+            log.warning("calibration batch %d has no unmasked position; skipped", index)
+            continue
+        count += 1
     if kind is None or not count:
         raise DataError("output sensitivities: no calibration batch with an unmasked position")
     g2, diag = {}, {}

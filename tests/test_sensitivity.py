@@ -197,3 +197,15 @@ def test_cli_compress_without_rule_flags_keeps_80_percent(tiny_encoder, tmp_path
     assert out.is_file()
     fewer = float(text.split("target parameters:")[1].split("(")[1].split("%")[0])
     assert 20.0 <= fewer <= 25.0  # the budget is met from below
+
+
+def test_language_model_batches_run_a_few_sequences_at_a_time(exported):
+    """The sampled loss in chunks of one sequence gives the batch's own gradients."""
+    _, model = exported("gpt", "legacy")
+    targets = find_targets(model).targets
+    batches = _batches("gpt")
+    whole = output_gradients(model, targets, batches, dtype="float64")
+    chunked = output_gradients(model, targets, batches, dtype="float64", max_logits=1)
+    for t in targets:
+        np.testing.assert_allclose(chunked.g2[t.name], whole.g2[t.name], rtol=1e-10)
+        np.testing.assert_allclose(chunked.diag[t.name], whole.diag[t.name], rtol=1e-10)
