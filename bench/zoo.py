@@ -405,23 +405,8 @@ def torch_export(path: Path, opset: int) -> str:
     before opset 14); below opset 10 Slice takes no dynamic inputs, so that export has a fixed
     ``[16, 128]`` shape."""
     import torch
-    from transformers import AutoModel
 
-    from flarc.demo import MINILM_INPUTS, minilm_folder
-
-    bert = AutoModel.from_pretrained(
-        str(minilm_folder()), local_files_only=True, attn_implementation="eager"
-    ).eval()
-
-    class LastHidden(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.bert(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-            ).last_hidden_state
+    from flarc.demo import MINILM_INPUTS, minilm_module
 
     fixed = opset < 10
     ids = torch.ones(16, 128, dtype=torch.int64) if fixed else torch.ones(2, 16, dtype=torch.int64)
@@ -429,7 +414,7 @@ def torch_export(path: Path, opset: int) -> str:
     axes = None if fixed else {n: {0: "batch", 1: "sequence"} for n in names}
     with torch.no_grad():
         torch.onnx.export(
-            LastHidden().eval(),
+            minilm_module(attn_implementation="eager"),
             (ids, torch.ones_like(ids), torch.zeros_like(ids)),
             str(path),
             input_names=list(MINILM_INPUTS),

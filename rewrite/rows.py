@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from flarc.calib.moments import Moments
 from flarc.core.targets import Target, Weights, weight_view
 from flarc.rewrite.analysis import Analysis
 from flarc.rewrite.ranks import RankChoice
@@ -43,29 +44,29 @@ class TargetRow:
         return asdict(self)
 
 
-def heldout_error(
-    analysis: Analysis,
+def output_errors(
+    grams: list[Moments | None],
     target: Target,
     a: np.ndarray,
     c: np.ndarray,
     weight: np.ndarray,
-    calibration: bool = False,
-) -> float | None:
-    """Measured ``||X (B - A C)||^2 / ||X B||^2`` on held-out rows (or, with ``calibration``,
-    on the calibration rows), exact from their Gram."""
-    stats = analysis.stats if calibration else analysis.heldout_stats
-    moments = stats.get(target.stat_key)
-    if moments is None:
-        return None
-    num = den = 0.0
-    view = weight_view(target, weight)
-    # In blocks of output columns: a large target's float64 B and residual are never whole.
-    for j in range(0, target.m, HELDOUT_BLOCK):
-        b = np.asarray(view[:, j : j + HELDOUT_BLOCK], dtype=np.float64)
-        d = b - a @ c[:, j : j + HELDOUT_BLOCK]
-        num += float(np.einsum("ij,ij->", d, moments.gram @ d))
-        den += float(np.einsum("ij,ij->", b, moments.gram @ b))
-    return num / den if den > 0 else None
+) -> list[float | None]:
+    """Measured ``||X (B - A C)||^2 / ||X B||^2`` for the rows of each Gram in ``grams`` (None
+    where there is none), exact from the Gram; one pass over ``B`` serves them all."""
+    num, den = [0.0] * len(grams), [0.0] * len(grams)
+    if any(g is not None for g in grams):
+        view = weight_view(target, weight)
+        # In blocks of output columns: a large target's float64 B and residual are never whole.
+        for j in range(0, target.m, HELDOUT_BLOCK):
+            b = np.asarray(view[:, j : j + HELDOUT_BLOCK], dtype=np.float64)
+            d = b - a @ c[:, j : j + HELDOUT_BLOCK]
+            for i, moments in enumerate(grams):
+                if moments is not None:
+                    num[i] += float(np.einsum("ij,ij->", d, moments.gram @ d))
+                    den[i] += float(np.einsum("ij,ij->", b, moments.gram @ b))
+    return [
+        n / d if g is not None and d > 0 else None for n, d, g in zip(num, den, grams, strict=True)
+    ]
 
 
 def target_rows(
@@ -83,12 +84,11 @@ def target_rows(
         predicted = 0.0
         if k is not None:
             a, c = e.spectrum.factors(k)
-            measured = heldout_error(analysis, t, a, c, weights.consumed(t))
-            predicted = (
-                heldout_error(analysis, t, a, c, weights.consumed(t), calibration=True)
-                if two_sided
-                else e.spectrum.error(k)
-            )
+            grams = [analysis.heldout_stats.get(t.stat_key)]
+            if two_sided:
+                grams.append(analysis.stats.get(t.stat_key))
+            measured, *calibrated = output_errors(grams, t, a, c, weights.consumed(t))
+            predicted = calibrated[0] if two_sided else e.spectrum.error(k)
         rows.append(
             TargetRow(
                 name=t.name,

@@ -520,3 +520,21 @@ def kept_params(targets, ranks) -> int:
         t.params if ranks[t.name].rank is None else t.rank_params(ranks[t.name].rank)
         for t in targets
     )
+
+
+def full_rank_model(model: onnx.ModelProto, data):
+    """``(analysis, rewritten)``: the analysis without shrinkage keeping every singular value
+    (one-sided, so the whitened identity holds as stated), and ``model`` with every target at
+    full rank, checked by onnx. ``data`` is a CalibrationSet."""
+    from flarc.core.targets import find_targets
+    from flarc.pipeline import AnalysisOptions, analyze
+    from flarc.rewrite.pairs import chosen_factors, factorize
+    from flarc.rewrite.ranks import RankChoice
+
+    found = find_targets(model)
+    options = AnalysisOptions(shrinkage="none", full_rank=True, two_sided=False)
+    analysis = analyze(model, found, data, options)
+    ranks = {t.name: RankChoice(min(t.n, t.m), "full") for t in found.targets}
+    full = factorize(model, found.targets, chosen_factors(analysis, ranks))
+    onnx.checker.check_model(full)
+    return analysis, full

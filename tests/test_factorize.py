@@ -11,8 +11,6 @@ import torch
 from flarc.calib.data import CalibrationSet
 from flarc.core.targets import constant_tensors, find_targets, weight_matrix
 from flarc.pipeline import AnalysisOptions, analyze
-from flarc.rewrite.pairs import chosen_factors, factorize
-from flarc.rewrite.ranks import RankChoice
 
 from _models import (
     TOKEN_AXES,
@@ -23,6 +21,7 @@ from _models import (
     TinyDecoder,
     TinyEncoder,
     export,
+    full_rank_model,
     im2col_rows,
     token_batch,
 )
@@ -85,13 +84,7 @@ def gemm_model(trans_b: int) -> onnx.ModelProto:
 
 def full_rank_compare(model: onnx.ModelProto, feeds: list[dict]) -> float:
     targets = find_targets(model)
-    data = CalibrationSet(feeds, [], "test")
-    analysis = analyze(
-        model, targets, data, AnalysisOptions(shrinkage="none", full_rank=True, two_sided=False)
-    )
-    ranks = {t.name: RankChoice(min(t.n, t.m), "full") for t in targets.targets}
-    new = factorize(model, targets.targets, chosen_factors(analysis, ranks))
-    onnx.checker.check_model(new)
+    _, new = full_rank_model(model, CalibrationSet(feeds, [], "test"))
     assert sum(n.op_type in ("MatMul", "Gemm", "Conv") for n in new.graph.node) == sum(
         n.op_type in ("MatMul", "Gemm", "Conv") for n in model.graph.node
     ) + len(targets.targets)

@@ -16,11 +16,8 @@ from flarc.calib.data import CalibrationSet
 from flarc.calib.statistics import collect_statistics
 from flarc.cli import main
 from flarc.core.targets import find_targets
-from flarc.pipeline import AnalysisOptions, analyze
-from flarc.rewrite.pairs import chosen_factors, factorize
-from flarc.rewrite.ranks import RankChoice
 
-from _models import SmallCnn, export
+from _models import SmallCnn, export, full_rank_model
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -29,11 +26,7 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
 
 def _full_rank_reproduces(model: onnx.ModelProto, data: CalibrationSet, rtol: float) -> None:
     """Every target at full rank (exact factors): the rewritten model computes the original."""
-    targets = find_targets(model)
-    analysis = analyze(model, targets, data, AnalysisOptions(shrinkage="none", full_rank=True))
-    ranks = {t.name: RankChoice(min(t.n, t.m), "full") for t in targets.targets}
-    full = factorize(model, targets.targets, chosen_factors(analysis, ranks))
-    onnx.checker.check_model(full)
+    _, full = full_rank_model(model, data)
     feed = data.heldout[0]
     for a, b in zip(_session(full).run(None, feed), _session(model).run(None, feed), strict=True):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max())

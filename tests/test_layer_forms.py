@@ -19,11 +19,8 @@ from torch.nn import functional as F
 from flarc.calib.data import CalibrationSet
 from flarc.cli import main
 from flarc.core.targets import constant_tensors, find_targets, weight_matrix
-from flarc.pipeline import AnalysisOptions, analyze
-from flarc.rewrite.pairs import chosen_factors, factorize
-from flarc.rewrite.ranks import RankChoice
 
-from _models import export
+from _models import export, full_rank_model
 
 
 def _run(model: onnx.ModelProto, feed: dict, outputs: list[str] | None = None) -> list:
@@ -58,15 +55,7 @@ def _factored(model: onnx.ModelProto) -> set[str]:
 def _full_rank(model: onnx.ModelProto, feeds: list[dict]):
     """The analysis (no shrinkage, every singular value) and the model with every target at full
     rank."""
-    found = find_targets(model)
-    data = CalibrationSet(feeds, [], "t")
-    analysis = analyze(
-        model, found, data, AnalysisOptions(shrinkage="none", full_rank=True, two_sided=False)
-    )
-    ranks = {t.name: RankChoice(min(t.n, t.m), "full") for t in found.targets}
-    full = factorize(model, found.targets, chosen_factors(analysis, ranks))
-    onnx.checker.check_model(full)
-    return analysis, full
+    return full_rank_model(model, CalibrationSet(feeds, [], "t"))
 
 
 def _assert_reproduces(model: onnx.ModelProto, full: onnx.ModelProto, feeds: list[dict]) -> None:

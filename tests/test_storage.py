@@ -22,7 +22,7 @@ from flarc.rewrite.pairs import chosen_factors, factorize
 from flarc.rewrite.ranks import RankChoice
 from flarc.rewrite.storage import balance, encode, factor_form
 
-from _models import Mlp3d, SmallCnn, export
+from _models import Mlp3d, SmallCnn, export, full_rank_model
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -327,12 +327,7 @@ def test_forms_compress_keeping_their_storage(tmp_path, kind, form):
     # forms to float precision, the others within the order of the original's own rounding
     # (two rounded factors instead of one weight).
     data = CalibrationSet(feeds[:3], feeds[3:4], "t")
-    analysis = analyze(
-        model, found, data, AnalysisOptions(shrinkage="none", full_rank=True, two_sided=False)
-    )
-    ranks = {t.name: RankChoice(min(t.n, t.m), "full") for t in found.targets}
-    full = factorize(model, found.targets, chosen_factors(analysis, ranks))
-    onnx.checker.check_model(full)
+    _, full = full_rank_model(model, data)
     y = _session(base).run(None, _feeds_for(base, feeds)[4])[0].astype(np.float64)
     y0 = _session(model).run(None, feeds[4])[0].astype(np.float64)
     y1 = _session(full).run(None, feeds[4])[0].astype(np.float64)
