@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from flarc.calib.checkpoint import Checkpoint, feeds_digest
 from flarc.calib.data import CalibrationSet
 from flarc.calib.moments import LazyMoments, Moments
+from flarc.core.executor import Executor, LocalExecutor
 from flarc.core.external import external_dir, split_large_initializers
 from flarc.core.graphs import lift, prune_to_outputs, scope_of
 from flarc.core.inputs import Feed, find_mask_input
@@ -35,6 +36,9 @@ from flarc.core.targets import ConvGeometry, Target
 log = logging.getLogger(__name__)
 
 FIELDS = ("gram", "count", "sum4", "sum1", "sum2x")
+# Consecutive batches a worker sums before its sums go to the reduction. One batch adds in batch
+# order (bit-identical to a run of any age) and a batch's compute dwarfs moving its sums.
+SHARD_BATCHES = 1
 
 
 @dataclass
@@ -357,6 +361,39 @@ def build_statistics_model(
     return stats
 
 
+def decide_masks(
+    model: onnx.ModelProto,
+    plans: list[StatPlan],
+    sample_feed: Feed,
+    mask_input: str | None = None,
+    originals: dict[str, onnx.TensorProto] | None = None,
+) -> str | None:
+    """Set each plan's mask flags (an input whose rows line up with the attention mask's
+    positions is masked), from one forward pass on ``sample_feed``; the mask input found."""
+    found = find_mask_input(model, mask_input)
+    if found is None or found not in sample_feed:
+        return found
+    mask_shape = tuple(sample_feed[found].shape)
+    candidates = [x for p in plans if p.conv is None for x in p.inputs]
+    graphs = {x: g for p in plans for x, g in zip(p.inputs, p.scopes, strict=True)}
+    shapes = intermediate_shapes(model, candidates, sample_feed, originals=originals, graphs=graphs)
+
+    def spans_mask(p: StatPlan, x: str) -> bool:
+        shape = shapes.get(x)
+        return (
+            p.conv is None
+            and not p.transposed
+            and shape is not None
+            and len(shape) == len(mask_shape) + 1
+            and shape[:-1] == mask_shape
+        )
+
+    for p in plans:
+        p.masked = spans_mask(p, p.input)
+        p.extra_masked = tuple(spans_mask(p, x) for x in p.extra)
+    return found
+
+
 class StatisticsSession:
     """One onnxruntime session that turns feeds into per-key :class:`Moments`."""
 
@@ -370,34 +407,18 @@ class StatisticsSession:
         threads: int | None = None,
         plans: list[StatPlan] | None = None,
         originals: dict[str, onnx.TensorProto] | None = None,
+        masks_decided: bool = False,
     ) -> None:
-        """``originals``: the tensors of stubs in ``model`` (:func:`split_large_initializers`)."""
+        """``originals``: the tensors of stubs in ``model`` (:func:`split_large_initializers`);
+        ``masks_decided``: the plans' mask flags are already set (:func:`decide_masks`)."""
         self.plans = plans if plans is not None else plan_statistics(targets)
-        self.mask_input = find_mask_input(model, mask_input)
         # The statistics graph is built on a copy whose large weights are stubs, never copied.
         model, more = split_large_initializers(model)
         originals = {**more, **(originals or {})}
-        if self.mask_input is not None and self.mask_input in sample_feed:
-            mask_shape = tuple(sample_feed[self.mask_input].shape)
-            candidates = [x for p in self.plans if p.conv is None for x in p.inputs]
-            graphs = {x: g for p in self.plans for x, g in zip(p.inputs, p.scopes, strict=True)}
-            shapes = intermediate_shapes(
-                model, candidates, sample_feed, originals=originals, graphs=graphs
-            )
-
-            def spans_mask(p: StatPlan, x: str) -> bool:
-                shape = shapes.get(x)
-                return (
-                    p.conv is None
-                    and not p.transposed
-                    and shape is not None
-                    and len(shape) == len(mask_shape) + 1
-                    and shape[:-1] == mask_shape
-                )
-
-            for p in self.plans:
-                p.masked = spans_mask(p, p.input)
-                p.extra_masked = tuple(spans_mask(p, x) for x in p.extra)
+        if masks_decided:
+            self.mask_input = find_mask_input(model, mask_input)
+        else:
+            self.mask_input = decide_masks(model, self.plans, sample_feed, mask_input, originals)
         stats_model = build_statistics_model(model, self.plans, self.mask_input, precision)
         # Without the arena, the large per-batch Gram outputs go back to the system when freed;
         # pre-packed weight copies would put a large model's weights in memory a second time.
@@ -435,40 +456,112 @@ class StatisticsSession:
         description: str = "calibrating",
         checkpoint: Checkpoint | None = None,
     ) -> dict[str, Moments]:
-        """Sum the moments of ``feeds`` in batch order (a statistic no row reached, one in an
-        If branch that never ran, has count 0: the caller decides).
+        """Sum the moments of ``feeds`` in batch order, in this process (:func:`reduce_shards`;
+        a statistic no row reached, one in an If branch that never ran, has count 0: the caller
+        decides)."""
+        return reduce_shards(
+            self.plans,
+            feeds,
+            lambda shards: LocalExecutor().stream(lambda: self, shard_sums, shards),
+            progress,
+            description,
+            checkpoint,
+        )
 
-        With ``checkpoint``, the running sums are saved as it says (and always after the last
-        batch) and, when resuming, the saved sums are the starting point and the loop continues
-        at the next batch: the order of additions is unchanged, so the result is bit-identical.
-        """
-        progress = progress or NoProgress()
-        feeds = list(feeds) if not isinstance(feeds, list) else feeds
-        totals = {p.key: Moments.zeros(p.n) for p in self.plans}
-        start = 0
-        if checkpoint is not None:
-            if checkpoint.resumable:  # what a save must match to be resumed
-                checkpoint.identity = {
-                    **checkpoint.identity,
-                    "plans": [
-                        [p.key, p.input, p.n, p.masked, p.partner, *p.extra, *p.extra_masked]
-                        for p in self.plans
-                    ],
-                    "feeds": feeds_digest(feeds),
-                    "batches": len(feeds),
-                }
-            saved = checkpoint.load({p.key: p.n for p in self.plans})
-            if saved is not None:
-                start, totals = saved
-        todo = feeds[start:]
-        for i, feed in enumerate(
-            progress.track(todo, total=len(todo), description=description), start + 1
-        ):
-            for key, moments in self.run(feed).items():
-                totals[key].add(moments)
-            if checkpoint is not None and checkpoint.due(i, len(feeds)):
-                checkpoint.save(i, len(feeds), totals)
-        return totals
+
+def shard_sums(session: StatisticsSession, feeds: list[Feed]) -> dict[str, Moments]:
+    """The moments of one shard of consecutive batches, added in batch order."""
+    sums = session.run(feeds[0])
+    for feed in feeds[1:]:
+        for key, moments in session.run(feed).items():
+            sums[key].add(moments)
+    return sums
+
+
+def reduce_shards(
+    plans: list[StatPlan],
+    feeds: Iterable[Feed],
+    run: Callable[[list[list[Feed]]], Iterable[dict[str, Moments]]],
+    progress: Progress | None = None,
+    description: str = "calibrating",
+    checkpoint: Checkpoint | None = None,
+    shard_batches: int = SHARD_BATCHES,
+) -> dict[str, Moments]:
+    """Sum the moments of ``feeds`` over shards of ``shard_batches`` consecutive batches: ``run``
+    gives each shard's :func:`shard_sums` in shard order (wherever it computes them), and they
+    are added to float64 totals in that order, so every executor gives the same bits.
+
+    With ``checkpoint``, the running totals are saved at the end of a shard once another
+    ``every`` batches are done (and always after the last one) and, when resuming, the saved
+    totals are the starting point and the loop continues at the next shard: the order of
+    additions is unchanged, so the result is bit-identical.
+    """
+    progress = progress or NoProgress()
+    feeds = list(feeds) if not isinstance(feeds, list) else feeds
+    totals = {p.key: Moments.zeros(p.n) for p in plans}
+    start = 0
+    if checkpoint is not None:
+        if checkpoint.resumable:  # what a save must match to be resumed
+            checkpoint.identity = {
+                **checkpoint.identity,
+                "plans": [
+                    [p.key, p.input, p.n, p.masked, p.partner, *p.extra, *p.extra_masked]
+                    for p in plans
+                ],
+                "feeds": feeds_digest(feeds),
+                "batches": len(feeds),
+                # Another shard size adds in another order (1, the batch order, is not recorded).
+                **({"shard_batches": shard_batches} if shard_batches != 1 else {}),
+            }
+        saved = checkpoint.load({p.key: p.n for p in plans})
+        if saved is not None:
+            start, totals = saved
+    every = checkpoint.every if checkpoint is not None else None
+    shards = [feeds[i : i + shard_batches] for i in range(start, len(feeds), shard_batches)]
+    done = start
+    sums = progress.track(run(shards), total=len(shards), description=description)
+    for shard, shard_total in zip(shards, sums, strict=True):
+        for key, moments in shard_total.items():
+            totals[key].add(moments)
+        before, done = done, done + len(shard)
+        crossed = every is not None and done // every > before // every
+        if checkpoint is not None and (done == len(feeds) or crossed):
+            checkpoint.save(done, len(feeds), totals)
+    return totals
+
+
+class StatisticsWorker:
+    """What builds a :class:`StatisticsSession` in a worker (a Ray actor): the model's graph (a
+    large model's weights stay in their files, which every worker maps) and the plans, whose
+    mask flags the driver decided once."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        targets: list[Target],
+        plans: list[StatPlan],
+        mask_input: str | None,
+        precision: str,
+        threads: int | None,
+    ) -> None:
+        self.model = model
+        self.targets = targets
+        self.plans = plans
+        self.mask_input = mask_input
+        self.precision = precision
+        self.threads = threads
+
+    def __call__(self) -> StatisticsSession:
+        return StatisticsSession(
+            self.model,
+            self.targets,
+            {},
+            self.mask_input,
+            self.precision,
+            self.threads,
+            plans=self.plans,
+            masks_decided=True,
+        )
 
 
 def collect_statistics(
@@ -497,6 +590,7 @@ def collect_moments(
     precision: str = "float64",
     mask_input: str | None = None,
     progress: Progress | None = None,
+    executor: Executor | None = None,
 ) -> tuple[LazyMoments, LazyMoments, str | None]:
     """Calibration and held-out moments of every statistic, and the mask input if one was used.
 
@@ -504,7 +598,8 @@ def collect_moments(
     held-out ones go to the store's ``heldout`` group. A large model's statistics are gathered
     a group at a time, their Grams within an eighth of the model's size (held about three
     times over: onnxruntime's outputs, their copies, the sums), and each group is on disk before
-    the next one starts: memory holds one group, not all.
+    the next one starts: memory holds one group, not all. ``executor`` says where the batches
+    run (:func:`sums_in`); the sums are the same bits on every executor.
     """
     store = checkpoint.store
     budget = max(STAT_GROUP_MIN_BYTES, tensor_nbytes(model) // 8) if is_large(model) else None
@@ -516,25 +611,48 @@ def collect_moments(
         label = f" ({g + 1}/{len(groups)})" if len(groups) > 1 else ""
         part = checkpoint if len(groups) == 1 else checkpoint.part(f"part{g}")
         held = Checkpoint(store, part.group.replace(checkpoint.group, "heldout", 1), {})
-        session = StatisticsSession(
-            model, targets, data.calibration[0], mask_input, precision, plans=plans
-        )
-        group = session.collect(
-            data.calibration, progress, "calibration statistics" + label, checkpoint=part
+        found, run = sums_in(executor, model, targets, plans, data, mask_input, precision)
+        group = reduce_shards(
+            plans, data.calibration, run, progress, "calibration statistics" + label, part
         )
         if store.on_disk:  # the saved sums, their Grams read when used
             group = part.saved()
             release_free_memory()
         if data.heldout:
-            sums = session.collect(data.heldout, progress, "held-out statistics" + label)
+            sums = reduce_shards(plans, data.heldout, run, progress, "held-out statistics" + label)
             held.save(len(data.heldout), len(data.heldout), sums)
             heldout.update(held.saved() if store.on_disk else sums)
             del sums
-        if any(any(p.masks) for p in session.plans):
-            mask = session.mask_input
-        del session
+        if any(any(p.masks) for p in plans):
+            mask = found
+        del run
         stats.update(group)
         del group
         if store.on_disk:
             release_free_memory()
     return LazyMoments(stats), LazyMoments(heldout), mask
+
+
+def sums_in(
+    executor: Executor | None,
+    model: onnx.ModelProto,
+    targets: list[Target],
+    plans: list[StatPlan],
+    data: CalibrationSet,
+    mask_input: str | None,
+    precision: str,
+) -> tuple[str | None, Callable[[list[list[Feed]]], Iterable[dict[str, Moments]]]]:
+    """The mask input found, and what computes shards' sums for :func:`reduce_shards`: one
+    session here for the local executor; otherwise one per worker of ``executor``, each built
+    from the model's graph and these plans (masks decided here, once)."""
+    if executor is None or isinstance(executor, LocalExecutor):
+        session = StatisticsSession(
+            model, targets, data.calibration[0], mask_input, precision, plans=plans
+        )
+        local = LocalExecutor()
+        return session.mask_input, lambda shards: local.stream(lambda: session, shard_sums, shards)
+    light, originals = split_large_initializers(model)
+    found = decide_masks(light, plans, data.calibration[0], mask_input, originals)
+    del light, originals
+    setup = StatisticsWorker(model, targets, plans, found, precision, executor.job_threads)
+    return found, lambda shards: executor.stream(setup, shard_sums, shards)

@@ -24,6 +24,7 @@ from flarc.calib.moments import Moments
 from flarc.calib.statistics import collect_moments
 from flarc.core.compare import OutputComparison, compare_models, compare_streamed
 from flarc.core.errors import DataError, ModelError
+from flarc.core.executor import Compute
 from flarc.core.external import FactorFile
 from flarc.core.inputs import Feed, find_mask_input
 from flarc.core.memory import release_free_memory
@@ -69,14 +70,18 @@ def analyze(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     checkpoint_every: int = 8,
+    compute: Compute | None = None,
 ) -> Analysis:
     """Statistics on calibration (and held-out) data, then the whitened spectrum of every target.
 
     The arrays go to the store (:meth:`Store.for_model`): ``checkpoint`` (a folder) when given,
     where the calibration sums are saved every ``checkpoint_every`` batches and from which
-    ``resume`` continues a run of the same model, options and data.
+    ``resume`` continues a run of the same model, options and data. ``compute`` says where
+    calibration shards and per-target factorizations run (this process by default) and on
+    which device; the result is the same on every executor.
     """
     options = options or AnalysisOptions()
+    compute = compute or Compute()
     progress = progress or NoProgress()
     if not targets.targets:
         raise ModelError("no targets to analyse")
@@ -101,7 +106,14 @@ def analyze(
     every = checkpoint_every if checkpoint is not None else None
     sums = Checkpoint(store, "statistics", identity, every, resume)
     stats, heldout, mask = collect_moments(
-        model, targets.targets, data, sums, options.precision, options.mask_input, progress
+        model,
+        targets.targets,
+        data,
+        sums,
+        options.precision,
+        options.mask_input,
+        progress,
+        compute.executor,
     )
     targets = without_rows(targets, stats.raw())
     fisher = None
@@ -125,7 +137,16 @@ def analyze(
     source = statistics_source(store)
     diag = g2.diag if g2 else None
     entries = derive_spectra(
-        targets.targets, weights, stats, options, store, progress, source, diag
+        targets.targets,
+        weights,
+        stats,
+        options,
+        store,
+        progress,
+        source,
+        diag,
+        compute.executor,
+        compute.device,
     )
     return Analysis(
         model_sha256,
@@ -365,6 +386,7 @@ def build_buckets(
     provenance: dict | None = None,
     progress: Progress | None = None,
     allocate: str = "global",
+    compute: Compute | None = None,
 ) -> BuildResult:
     """Analyse once, write the buckets. Ranks (``allocate``): "global", the default rule of
     compress (K-FAC sensitivities, nested buckets), or "fisher", FLRC on ``alpha`` (computed
@@ -389,7 +411,7 @@ def build_buckets(
         fisher=fisher_loss if fisher and alpha is None else None,
         sensitivity=not fisher,
     )
-    analysis = analyze(model, usable, data, options, progress=progress)
+    analysis = analyze(model, usable, data, options, progress=progress, compute=compute)
     provenance = dict(provenance or {})
     opts = dict(provenance.get("options", {}))
     opts["analysis"] = asdict(options)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from flarc.calib.moments import Moments
 from flarc.calib.shrinkage import shrink
+from flarc.core.executor import Executor, JobHints, LocalExecutor
 from flarc.core.inputs import Feed
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.store import Store
@@ -76,12 +77,15 @@ def analyze_target(
     options: AnalysisOptions,
     compensate: bool = False,
     output_diag: np.ndarray | None = None,
+    device: str = "cpu",
 ) -> TargetAnalysis:
     """Shrink the statistic, whiten, and take the SVD of one target's weight (as stored).
 
     With ``compensate`` (closed loop), ``moments`` hold the compressed model's rows and their
     cross-statistic with the original's; the cross-statistic is shrunk like the Gram (same
     intensity, same target ``mu I``), so identical activations give plain whitening exactly.
+    A ``device`` other than ``cpu`` (a torch device, ``cuda``) whitens and decomposes there
+    (:mod:`flarc.rewrite.device`; not with ``compensate``).
     """
     shrunk = shrink(moments, options.shrinkage, options.centered, options.shrinkage_lambda)
     b = weight_matrix(target, weight)
@@ -93,8 +97,19 @@ def analyze_target(
         d = np.asarray(output_diag, dtype=np.float64)
         root = np.sqrt(np.maximum(d, max(float(d.mean()), 1e-300) * 1e-6))
         b = b * root
-    w, fell_back = whitener(shrunk.covariance, options.whiten, target.name)
     max_rank = None if options.full_rank else math.ceil(target.k_equiv)
+    if device != "cpu" and not compensate:
+        from flarc.rewrite.device import whitened_spectrum_torch
+
+        spectrum, kind, fell_back = whitened_spectrum_torch(
+            b, shrunk.covariance, options.whiten, target.name, max_rank, device
+        )
+        del b
+        kind = "eig (fallback)" if fell_back else kind
+        if root is not None:
+            spectrum.vt = np.asarray(spectrum.vt) / root
+        return TargetAnalysis(target, spectrum, shrunk.lam, kind, moments.count)
+    w, fell_back = whitener(shrunk.covariance, options.whiten, target.name)
     kind = "eig (fallback)" if fell_back else w.kind
     if compensate:
         cross = (1.0 - shrunk.lam) * moments.cross / moments.count
@@ -117,12 +132,16 @@ def derive_spectra(
     progress: Progress | None = None,
     source: str | None = None,
     output_diag: Mapping[str, np.ndarray] | None = None,
+    executor: Executor | None = None,
+    device: str = "cpu",
 ) -> dict[str, TargetAnalysis]:
     """The whitened spectrum of every target under ``options``.
 
-    In a store on disk they are written under ``spectra/<key>/`` as they are made (only one is
-    in memory at a time), with ``source`` (a fingerprint of the statistics); spectra already
-    there from the same source are read instead of computed again.
+    Each target is one job of ``executor`` (this process by default), the largest first, its
+    math on ``device``; the results come back here, the one writer of the store. In a store on
+    disk they are written under ``spectra/<key>/`` as they arrive (only those in flight are in
+    memory), with ``source`` (a fingerprint of the statistics); spectra already there from the
+    same source are read instead of computed again.
     """
     key = f"spectra/{options.spectra_key()}"
     meta = store.get_json(f"{key}/meta.json") if store.on_disk else None
@@ -131,16 +150,59 @@ def derive_spectra(
         if found is not None:
             return found
     progress = progress or NoProgress()
-    entries = {}
-    for i, t in enumerate(progress.track(targets, total=len(targets), description="whitened SVD")):
-        diag = output_diag.get(t.name) if output_diag and options.two_sided else None
-        entry = analyze_target(t, weights.consumed(t), stats[t.stat_key], options, False, diag)
+    executor = executor or LocalExecutor()
+    if device != "cpu" and isinstance(executor, LocalExecutor):
+        executor = LocalExecutor(1, executor.job_threads)  # one GPU: one job at a time
+    diags = output_diag if output_diag and options.two_sided else {}
+    jobs = TargetJobs(targets, weights, stats, options, diags, device)
+    done: dict[int, TargetAnalysis] = {}
+    results = executor.map(
+        analyze_target, jobs, jobs.hints(), gpus=1.0 if device == "cuda" else 0.0
+    )
+    for i, entry in progress.track(results, total=len(targets), description="whitened SVD"):
         if store.writable:
             entry.spectrum = entry.spectrum.stored(store, f"{key}/t{i}")
-        entries[t.name] = entry
+        done[i] = entry
+    entries = {t.name: done[i] for i, t in enumerate(targets)}
     if store.on_disk and store.writable:
         store.put_json(f"{key}/meta.json", spectra_meta(entries, options, source))
     return entries
+
+
+class TargetJobs(Sequence[tuple]):
+    """The arguments of :func:`analyze_target` for each target, read when a job is submitted
+    (a weight and its Gram, so only jobs in flight hold theirs)."""
+
+    def __init__(
+        self,
+        targets: list[Target],
+        weights: Weights,
+        stats: Mapping[str, Moments],
+        options: AnalysisOptions,
+        diags: Mapping[str, np.ndarray],
+        device: str,
+    ) -> None:
+        self.targets, self.weights, self.stats = targets, weights, stats
+        self.options, self.diags, self.device = options, diags, device
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        t = self.targets[i]
+        weight = self.weights.consumed(t)
+        diag = self.diags.get(t.name)
+        return (t, weight, self.stats[t.stat_key], self.options, False, diag, self.device)
+
+    def hints(self) -> list[JobHints]:
+        """Cost ~ the flops of the Cholesky, ``L^T B``, the Gram and its eigendecomposition;
+        memory ~ the Gram, its factor, the weight, the whitened weight and the small Gram."""
+        out = []
+        for t in self.targets:
+            n, m, s = t.n, t.m, min(t.n, t.m)
+            cost = n**3 / 3 + n * n * m + s * s * (n + m) + 4 * s**3
+            out.append(JobHints(float(cost), 8 * (2 * n * n + 2 * n * m + 2 * s * s)))
+        return out
 
 
 def read_spectra(store: Store, key: str, targets: list[Target]) -> dict[str, TargetAnalysis] | None:

@@ -9,6 +9,7 @@ import time
 from flarc.cli.args import (
     CalibrationArgs,
     CheckpointArgs,
+    ComputeArgs,
     FisherLossArgs,
     ModelArgs,
     OutputArgs,
@@ -24,9 +25,10 @@ CALIBRATION = CalibrationArgs()
 TARGETS = TargetArgs()
 WHITENING = WhiteningArgs()
 CHECKPOINTS = CheckpointArgs()
+COMPUTE = ComputeArgs()
 OUTPUT_HELP = "the analysis folder (e.g. model.analysis)"
 # The flags of an analysis: what analyze takes and compress takes too.
-ANALYSIS_GROUPS = (CALIBRATION, CHECKPOINTS, WHITENING, TARGETS)
+ANALYSIS_GROUPS = (CALIBRATION, CHECKPOINTS, WHITENING, TARGETS, COMPUTE)
 
 
 def analysis_for(args: argparse.Namespace, model, sha: str, progress):
@@ -47,7 +49,11 @@ def analysis_for(args: argparse.Namespace, model, sha: str, progress):
     targets = TARGETS.parse(args, model, args.model)
     data = CALIBRATION.parse(args, model)
     options = WHITENING.parse(args, fisher)
-    analysis = analyze(model, targets, data, options, sha, progress, **CHECKPOINTS.parse(args))
+    compute = COMPUTE.parse(args)
+    with compute.executor:
+        analysis = analyze(
+            model, targets, data, options, sha, progress, **CHECKPOINTS.parse(args), compute=compute
+        )
     return analysis, data
 
 

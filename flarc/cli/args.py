@@ -264,6 +264,48 @@ class CheckpointArgs(ArgGroup):
         }
 
 
+class ComputeArgs(ArgGroup):
+    """``--executor``, ``--ray-address``, ``--workers``, ``--device``: where the heavy work runs
+    (the results are the same everywhere)."""
+
+    title = "compute"
+
+    def add_to(self, g) -> None:
+        g.add_argument(
+            "--executor",
+            choices=("local", "ray"),
+            default="local",
+            help="where calibration shards and per-target factorizations run: local (this "
+            "process) or ray (a local Ray cluster, or the one at --ray-address; pip install ray). "
+            "Same statistics and spectra bit for bit",
+        )
+        g.add_argument(
+            "--ray-address",
+            metavar="ADDR",
+            help="join a running Ray cluster (e.g. ray://head:10001 or auto) with --executor ray",
+        )
+        g.add_argument(
+            "--workers",
+            type=positive_int,
+            metavar="N",
+            help="jobs at once (default: every CPU here, or of the Ray cluster)",
+        )
+        g.add_argument(
+            "--device",
+            choices=("auto", "cpu", "cuda"),
+            default="auto",
+            help="device of the whitening and SVD math (torch, float64): auto = cuda when torch "
+            "sees a GPU, else cpu (numpy/LAPACK)",
+        )
+
+    def parse(self, args: argparse.Namespace):
+        """A :class:`flarc.core.executor.Compute` (its executor started: close it when done)."""
+        from flarc.core.executor import Compute, make_executor, resolve_device
+
+        device = resolve_device(args.device)
+        return Compute(make_executor(args.executor, args.ray_address, args.workers), device)
+
+
 class FisherLossArgs(ArgGroup):
     """``--fisher-loss``: the loss Fisher importances are taken on."""
 

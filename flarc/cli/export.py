@@ -10,6 +10,7 @@ from rich.table import Table
 
 from flarc.cli.args import (
     CalibrationArgs,
+    ComputeArgs,
     FisherLossArgs,
     ModelArgs,
     OutputArgs,
@@ -22,10 +23,12 @@ from flarc.cli.display import CliProgress, console
 from flarc.core.errors import FlarcError
 
 BUDGETS_HELP = (
-    "comma-separated bucket budgets in (0, 1] (1.0,0.8,0.6,0.4): the fraction of the targets' "
-    "dense parameters each bucket keeps, as --budget everywhere. Below 1, FLRC ranks in "
-    "proportion to each target's Fisher importance (multiples of --align below k_equiv, so every "
-    "factorized target is smaller than its dense weight); 1.0 is the dense model"
+    "comma-separated bucket budgets in (0, 1] (0.9,0.8,0.7,0.6): the fraction of the targets' "
+    "dense parameters each bucket keeps, as --budget everywhere. Below 1, the default rule's "
+    "ranks (the global allocation weighted by sensitivities, nested: each bucket a row prefix of "
+    "the next larger; --allocate fisher: FLRC's), multiples of --align below k_equiv, so every "
+    "bucket is smaller than the dense model; 1.0 is the dense model itself (its targets' "
+    "original weights stored next to the factors: more memory for the set)"
 )
 SHAPES = ShapeArgs(
     "input shape such as input_ids:1x128 (repeatable); unset symbolic dims: first axis 1, "
@@ -83,10 +86,11 @@ class ExportBuckets(Command):
         OutputArgs("the bucket folder to write"),
         calibration,
         TargetArgs(),
+        ComputeArgs(),
     )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--budgets", default="1.0,0.8,0.6,0.4", help=BUDGETS_HELP)
+        parser.add_argument("--budgets", default="0.9,0.8,0.7,0.6", help=BUDGETS_HELP)
         parser.add_argument(
             "--align", type=positive_int, default=8, help="ranks are multiples of this (8)"
         )
@@ -131,19 +135,22 @@ class ExportBuckets(Command):
                 "flarc_version": __version__,
             },
         }
-        result = build_buckets(
-            model,
-            targets,
-            data,
-            budgets,
-            out,
-            args.align,
-            analysis_options=AnalysisOptions(mask_input=args.mask_input),
-            fisher_loss=args.fisher_loss,
-            provenance=provenance,
-            progress=CliProgress(),
-            allocate=args.allocate,
-        )
+        compute = ComputeArgs().parse(args)
+        with compute.executor:
+            result = build_buckets(
+                model,
+                targets,
+                data,
+                budgets,
+                out,
+                args.align,
+                analysis_options=AnalysisOptions(mask_input=args.mask_input),
+                fisher_loss=args.fisher_loss,
+                provenance=provenance,
+                progress=CliProgress(),
+                allocate=args.allocate,
+                compute=compute,
+            )
         table = Table(title=f"rank buckets in {out}")
         for col in ("budget", "total rank", "params", "weights MB", "file"):
             table.add_column(col, justify="left" if col == "file" else "right")
