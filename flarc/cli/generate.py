@@ -72,6 +72,14 @@ class Generate(Command):
         )
         parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
         parser.add_argument(
+            "--prepack",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="give each bucket's session its own prepacked weights (faster decode, one copy "
+            "per bucket) instead of weights shared by all buckets; default: prepack when the "
+            "schedule uses a single bucket",
+        )
+        parser.add_argument(
             "--no-verify", action="store_true", help="skip hashing the bucket files"
         )
         parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -105,8 +113,18 @@ class Generate(Command):
                 raise FlarcError("--backend tensorrt works on bucket folders")
             gen = Generator.from_onnx(path, args.threads)
         else:
+            from flarc.export.manifest import load_manifest
+            from flarc.export.schedule import parse_schedule
+
+            available = load_manifest(path, verify=False).budgets
+            schedule = args.schedule or f"static:{max(available):g}"
             gen = Generator.from_buckets(
-                path, args.backend, threads=args.threads, verify=not args.no_verify
+                path,
+                args.backend,
+                budgets=list(parse_schedule(schedule, available).used),  # only what it picks
+                threads=args.threads,
+                verify=not args.no_verify,
+                prepack=args.prepack,
             )
         eos = getattr(tok, "eos_token_id", None) if tok is not None else None
         shown = {"text": ""}
@@ -181,8 +199,9 @@ def _dense_run(gen, path: Path, args: argparse.Namespace, prompt: list[int], eos
 
     if args.compare_dense:
         dense_gen, schedule = Generator.from_onnx(args.compare_dense, args.threads), None
-    elif 1.0 in gen.budgets:
-        dense_gen, schedule = gen, "static:1"
+    elif gen.manifest is not None and 1.0 in gen.manifest.budgets:
+        dense_gen = Generator.from_buckets(path, budgets=[1.0], threads=args.threads, verify=False)
+        schedule = "static:1"
     else:
         source = (gen.manifest.data.get("source", {}) if gen.manifest else {}).get("model")
         if not source or not Path(source).is_file():

@@ -1,0 +1,92 @@
+"""The onnxruntime form of a bucket graph: each row-prefix pair as two nodes.
+
+On disk a MatMul target's row-prefix pair is portable ONNX (:mod:`flarc.rewrite.pairs`): Gemm
+is 2-D only, so the activation is flattened, multiplied by ``A^T`` (``transB=1``) and ``C``, and
+reshaped back to its leading dims, a Shape/Slice/Concat per activation. At batch 1 decode these
+seven small nodes per target cost about as much as the arithmetic they wrap (measured on
+Qwen2.5-0.5B: 6481 nodes against 5611 dense). onnxruntime's ``FusedMatMul`` (``com.microsoft``)
+takes the activation as it is and ``A^T`` with ``transB=1``, so each pair becomes
+
+    Reshape(MatMul(Gemm(Reshape(X, [-1, n]), A^T, transB=1), C), lead(X) + [m])
+        ->  MatMul(FusedMatMul(X, A^T, transB=1), C)
+
+with the same initializers (still views of the shared buffers) and the same outputs. The file is
+not changed: this form is made in memory for an onnxruntime session only.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from flarc.core.graphs import prune_to_outputs
+
+FUSED_DOMAIN = "com.microsoft"
+
+
+def fuse_prefix_pairs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of ``model`` with every flattened row-prefix pair as FusedMatMul -> MatMul, and the
+    number of pairs fused."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    replaced: dict[int, list[onnx.NodeProto]] = {}  # id(first node of a pair) -> its new nodes
+    removed: set[int] = set()
+    for flat in graph.node:
+        pair = _pair(flat, consumers)
+        if pair is None:
+            continue
+        gemm, matmul, unflat = pair
+        fused = helper.make_node(
+            "FusedMatMul",
+            [flat.input[0], gemm.input[1]],
+            [gemm.output[0]],
+            name=gemm.name,
+            domain=FUSED_DOMAIN,
+            transB=1,
+        )
+        second = helper.make_node(
+            "MatMul", [gemm.output[0], matmul.input[1]], [unflat.output[0]], name=matmul.name
+        )
+        replaced[id(flat)] = [fused, second]
+        removed |= {id(gemm), id(matmul), id(unflat)}
+    if not replaced:
+        return out, 0
+    nodes = []
+    for n in graph.node:
+        if id(n) in replaced:
+            nodes.extend(replaced[id(n)])
+        elif id(n) not in removed:
+            nodes.append(n)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    prune_to_outputs(graph)  # the shape arithmetic of the removed reshapes
+    if not any(o.domain == FUSED_DOMAIN for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid(FUSED_DOMAIN, 1))
+    return out, len(replaced)
+
+
+def _pair(
+    flat: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]]
+) -> tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto] | None:
+    """``(Gemm, MatMul, Reshape)`` after the flattening Reshape ``flat`` of a pair written by the
+    row-prefix writer, each the only reader of the one before; None for any other Reshape."""
+    if flat.op_type != "Reshape" or not flat.name.endswith("/lowrank_flat"):
+        return None
+    chain = []
+    current = flat
+    for op in ("Gemm", "MatMul", "Reshape"):
+        readers = consumers.get(current.output[0], [])
+        if len(readers) != 1 or readers[0].op_type != op:
+            return None
+        current = readers[0]
+        chain.append(current)
+    gemm, matmul, unflat = chain
+    attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
+    if len(gemm.input) != 2 or attrs != {"transB": 1} or matmul.input[0] != gemm.output[0]:
+        return None
+    return gemm, matmul, unflat
