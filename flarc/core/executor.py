@@ -129,7 +129,9 @@ class LocalExecutor(Executor):
         order = deque(_largest_first(len(jobs), hints))
         budget = _available_memory() // 2
         running: dict[Future, int] = {}
-        with ThreadPoolExecutor(self.workers) as pool:
+        # One limit around the pool: BLAS's thread count is process-wide, so limits entered and
+        # left by each job would race each other.
+        with blas_threads(self.job_threads), ThreadPoolExecutor(self.workers) as pool:
             while order or running:
                 held = sum(hints[i].memory for i in running.values()) if hints else 0
                 while order and len(running) < self.workers:
@@ -137,7 +139,7 @@ class LocalExecutor(Executor):
                     if running and held + need > budget:
                         break  # wait for memory to free up; a job alone always runs
                     i = order.popleft()
-                    running[pool.submit(_pinned, fn, self.job_threads, jobs[i])] = i
+                    running[pool.submit(fn, *jobs[i])] = i
                     held += need
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
