@@ -226,16 +226,26 @@ class RayExecutor(Executor):
 
     def map(self, fn, jobs, hints=None, gpus=0.0):
         ray = self.ray
-        task = ray.remote(_pinned).options(
-            num_cpus=self.job_threads, num_gpus=gpus, max_retries=self.retries
-        )
+        task = ray.remote(_pinned)
         order = deque(_largest_first(len(jobs), hints))
         running: dict[Any, int] = {}
         limit = self.workers * (1 + QUEUE_PER_WORKER)
+        # Ray places a job only where its memory fits (a 70B down_proj holds ~17 GB); a job
+        # larger than every node's memory is left to run unreserved rather than never run.
+        room = max(
+            (n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0
+        )
         while order or running:
             while order and len(running) < limit:
                 i = order.popleft()
-                running[task.remote(fn, self.job_threads, jobs[i])] = i
+                memory = hints[i].memory if hints and 0 < hints[i].memory <= room else None
+                ref = task.options(
+                    num_cpus=self.job_threads,
+                    num_gpus=gpus,
+                    max_retries=self.retries,
+                    memory=memory,
+                ).remote(fn, self.job_threads, jobs[i])
+                running[ref] = i
             (ready,), _ = ray.wait(list(running), num_returns=1)
             yield running.pop(ready), self._get(ready)
 
