@@ -116,6 +116,8 @@ EXTRA_METHODS = {
         False,
         False,
     ),
+    # The default rule's ranks, then closed-loop compensated factors (what --preset best runs).
+    "flarc default + compensation": (dict(), lambda b: _default(b), True, True),
     # FLRC's allocation on the same ridge-stabilised spectra (its rewrite is SVD-LLM's).
     "FLRC (fisher, ridge 1e-6)": (
         dict(shrinkage_lambda=1e-6, fisher="auto"),

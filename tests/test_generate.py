@@ -256,9 +256,10 @@ def test_ort_form_fuses_every_pair_and_computes_the_same(tiny_lm):
         cache.update(got)
 
 
-def test_schedule_uses_only_its_buckets_and_one_bucket_prepacks(tiny_lm, gen):
-    """A schedule names the buckets it can pick; a generator over one bucket prepacks its own
-    weights (no shared buffers) and decodes what the shared set decodes."""
+def test_schedule_uses_only_its_buckets_and_one_bucket_prepacks(tiny_lm, gen, monkeypatch):
+    """A schedule names the buckets it can pick and flarc generate loads only those; a generator
+    over one bucket prepacks its own weights (no shared buffers) and decodes what the shared set
+    decodes."""
     budgets = [1.0, 0.8, 0.6, 0.4]
     assert parse_schedule("static:0.6", budgets).used == (0.6,)
     assert parse_schedule("steps:1.0@0,0.6@4,0.4@9", budgets).used == (1.0, 0.6, 0.4)
@@ -266,6 +267,21 @@ def test_schedule_uses_only_its_buckets_and_one_bucket_prepacks(tiny_lm, gen):
     one = Generator.from_buckets(tiny_lm["folder"], budgets=[0.6], verify=False)
     assert one.shared is None and one.runners[0.6].prepacked
     assert gen.shared is not None and not any(r.prepacked for r in gen.runners.values())
+    args = _parser().parse_args(
+        ["generate", str(tiny_lm["folder"]), "--prompt-ids", "5,17", "--max-new-tokens", "3",
+         "--json", "--schedule", "steps:0.8@0,0.4@2"]
+    )  # fmt: skip
+    seen = {}
+    real = Generator.from_buckets
+
+    def spy(folder, *a, **k):
+        seen.update(k)
+        return real(folder, *a, **k)
+
+    monkeypatch.setattr(Generator, "from_buckets", spy)
+    assert args.func(args) == 0
+    monkeypatch.undo()
+    assert seen["budgets"] == [0.8, 0.4] and seen["prepack"] is None
     a = one.generate(PROMPT, 12, "static:0.6", keep_logits=True)
     b = gen.generate(PROMPT, 12, "static:0.6", keep_logits=True)
     assert a.tokens == b.tokens
