@@ -247,3 +247,13 @@ def test_cuda_analysis_matches_cpu(case, local):
     assert {k: c.rank for k, c in result.ranks.items()} == {
         k: c.rank for k, c in local[1].ranks.items()
     }
+
+
+@pytest.mark.parametrize("command", [["analyze"], ["compress"], ["export", "buckets"]])
+def test_commands_take_the_compute_flags(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--executor", "--ray-address", "--workers", "--device"):
+        assert flag in text, (command, flag)
