@@ -150,6 +150,14 @@ def test_missing_ray_is_a_one_line_error(case, tmp_path, capsys, monkeypatch):
     assert len(lines) == 1 and "pip install ray" in lines[0], lines
 
 
+def test_unreachable_ray_address_is_a_one_line_error():
+    from flarc.core.executor import _check_reachable
+
+    with pytest.raises(BackendError, match="no Ray cluster there"):
+        _check_reachable("127.0.0.1:1")
+    _check_reachable("auto")  # left to Ray
+
+
 def test_option_errors():
     with pytest.raises(OptionError, match="--ray-address"):
         make_executor("local", "auto")

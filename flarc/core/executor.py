@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -34,6 +35,7 @@ DEVICES = ("auto", "cpu", "cuda")
 RAY_RETRIES = 3
 # Jobs queued per worker beyond the running one (bounds the memory of results in flight).
 QUEUE_PER_WORKER = 1
+CONNECT_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,18 @@ def _import_ray():
     return ray
 
 
+def _check_reachable(address: str) -> None:
+    """BackendError when ``address`` is a ``host:port`` nothing listens on (Ray itself would
+    retry for minutes); ``auto`` and ``ray://`` addresses are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise BackendError(f"--ray-address {address}: no Ray cluster there ({exc})") from None
+
+
 class _StatefulWorker:
     """A Ray actor's body: ``fn(state, job)`` per call, ``state = setup()`` built on the first
     call (and again on the first call after a restart). ``setup`` comes with every call as a
@@ -199,7 +213,10 @@ class RayExecutor(Executor):
         self.job_threads = job_threads
         self.retries = retries
         self.started = False
+        self._pool: tuple[Any, Any, list] | None = None  # the last stream's setup and actors
         if not ray.is_initialized():
+            if address:
+                _check_reachable(address)
             try:
                 if address:
                     ray.init(address=address, logging_level=logging.WARNING)
@@ -226,6 +243,7 @@ class RayExecutor(Executor):
 
     def map(self, fn, jobs, hints=None, gpus=0.0):
         ray = self.ray
+        self._release()  # calibration sessions are done with by now: free their memory
         task = ray.remote(_pinned)
         order = deque(_largest_first(len(jobs), hints))
         running: dict[Any, int] = {}
@@ -250,17 +268,10 @@ class RayExecutor(Executor):
             yield running.pop(ready), self._get(ready)
 
     def stream(self, setup, fn, jobs):
-        ray = self.ray
         jobs = list(jobs)
         if not jobs:
             return
-        actor = ray.remote(_StatefulWorker).options(
-            num_cpus=self.job_threads,
-            max_restarts=self.retries,
-            max_task_retries=self.retries,
-        )
-        shared = ray.put(setup)  # one copy of the setup (it may hold the model's graph)
-        actors = [actor.remote(self.job_threads) for _ in range(min(self.workers, len(jobs)))]
+        shared, actors = self._actors(setup, min(self.workers, len(jobs)))
         pending: deque = deque()
         try:
             for i, job in enumerate(jobs):
@@ -269,11 +280,37 @@ class RayExecutor(Executor):
                     yield self._get(pending.popleft())
             while pending:
                 yield self._get(pending.popleft())
-        finally:
-            for a in actors:
-                ray.kill(a)
+        except BaseException:  # an error, or the caller stopped early: nothing to keep
+            self._release()
+            raise
+
+    def _actors(self, setup: Any, count: int) -> tuple[Any, list]:
+        """The stored setup and ``count`` actors for it: those of the last stream when it had
+        the same setup (calibration, then held-out batches: their sessions are kept), else new
+        ones in place of the old."""
+        if self._pool is not None and self._pool[0] is setup and len(self._pool[2]) >= count:
+            return self._pool[1], self._pool[2][:count]
+        self._release()
+        actor = self.ray.remote(_StatefulWorker).options(
+            num_cpus=self.job_threads,
+            max_restarts=self.retries,
+            max_task_retries=self.retries,
+        )
+        shared = self.ray.put(setup)  # one copy of the setup (it may hold the model's graph)
+        actors = [actor.remote(self.job_threads) for _ in range(count)]
+        self._pool = (setup, shared, actors)
+        return shared, actors
+
+    def _release(self) -> None:
+        """End the actors of the last stream (their sessions)."""
+        if self._pool is not None:
+            for a in self._pool[2]:
+                self.ray.kill(a)
+            self._pool = None
 
     def close(self) -> None:
+        if self.ray.is_initialized():
+            self._release()
         if self.started and self.ray.is_initialized():
             self.ray.shutdown()
         self.started = False
