@@ -265,3 +265,28 @@ def test_commands_take_the_compute_flags(command, capsys):
     text = capsys.readouterr().out
     for flag in ("--executor", "--ray-address", "--workers", "--device"):
         assert flag in text, (command, flag)
+
+
+def test_buckets_on_ray_are_the_local_bytes(ray_cluster, tiny_lm, tmp_path):
+    from flarc.pipeline import build_buckets
+
+    from _models import lm_token_batches
+
+    data = CalibrationSet(lm_token_batches(2), [], "test")
+    budgets = [1.0, 0.8, 0.6, 0.4]  # what the tiny_lm fixture built in process
+    with RayExecutor() as executor:
+        result = build_buckets(
+            tiny_lm["model"],
+            tiny_lm["targets"],
+            data,
+            budgets,
+            tmp_path / "ray.buckets",
+            compute=Compute(executor),
+        )
+    assert result.manifest.data["buckets"] == tiny_lm["result"].manifest.data["buckets"]
+    mine = {p.name: p.read_bytes() for p in (tmp_path / "ray.buckets").iterdir() if p.is_file()}
+    theirs = {p.name: p.read_bytes() for p in tiny_lm["folder"].iterdir() if p.is_file()}
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        if name != "manifest.json":  # it records where it was written
+            assert mine[name] == theirs[name], name

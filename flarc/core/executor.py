@@ -57,7 +57,8 @@ def blas_threads(threads: int) -> Iterator[None]:
 
 
 def _pinned(fn: Callable[..., Any], threads: int, args: tuple) -> Any:
-    """``fn(*args)`` with BLAS limited to ``threads`` (what every executor runs a job as)."""
+    """``fn(*args)`` with BLAS limited to ``threads``: a Ray task (its worker process runs one
+    task at a time, so the process-wide limit is the job's own)."""
     with blas_threads(threads):
         return fn(*args)
 
@@ -229,6 +230,7 @@ class RayExecutor(Executor):
             except ConnectionError as exc:
                 raise BackendError(f"--ray-address {address}: cannot connect ({exc})") from None
             self.started = True
+            log.info("Ray: %s", f"joined {address}" if address else "started a local cluster")
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.workers = max(1, min(workers or cpus, cpus) // job_threads)
 
