@@ -104,20 +104,17 @@ def analyze_target(
         spectrum, kind, fell_back = whitened_spectrum_torch(
             b, shrunk.covariance, options.whiten, target.name, max_rank, device
         )
-        del b
-        kind = "eig (fallback)" if fell_back else kind
-        if root is not None:
-            spectrum.vt = np.asarray(spectrum.vt) / root
-        return TargetAnalysis(target, spectrum, shrunk.lam, kind, moments.count)
-    w, fell_back = whitener(shrunk.covariance, options.whiten, target.name)
-    kind = "eig (fallback)" if fell_back else w.kind
-    if compensate:
-        cross = (1.0 - shrunk.lam) * moments.cross / moments.count
-        cross[np.diag_indices_from(cross)] += shrunk.lam * shrunk.mu
-        spectrum = compensated_svd(b, w, cross, max_rank)
     else:
-        spectrum = whitened_svd(b, w, max_rank)
+        w, fell_back = whitener(shrunk.covariance, options.whiten, target.name)
+        kind = w.kind
+        if compensate:
+            cross = (1.0 - shrunk.lam) * moments.cross / moments.count
+            cross[np.diag_indices_from(cross)] += shrunk.lam * shrunk.mu
+            spectrum = compensated_svd(b, w, cross, max_rank)
+        else:
+            spectrum = whitened_svd(b, w, max_rank)
     del b
+    kind = "eig (fallback)" if fell_back else kind
     if root is not None:
         spectrum.vt = np.asarray(spectrum.vt) / root
     return TargetAnalysis(target, spectrum, shrunk.lam, kind, moments.count)
