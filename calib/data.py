@@ -115,12 +115,17 @@ def tokenize(
     specs: list[InputSpec],
     seq_len: int,
     batch_size: int,
+    pack: bool = False,
+    max_sequences: int | None = None,
 ) -> list[Feed]:
     """Token batches for a language model: ``input_ids``, ``attention_mask`` (+ type/position ids).
 
-    A model exported with a fixed batch gets batches of exactly that many texts, and one with
-    a fixed sequence length gets every text padded or truncated to it (``seq_len`` is then
-    ignored)."""
+    Each text is one sequence (padded to the longest of its batch, truncated at ``seq_len``),
+    or with ``pack`` the texts are one token stream, each followed by the end-of-text token, cut
+    into windows of ``seq_len`` (no padding, no text cut off; what a causal language model's
+    calibration usually is). ``max_sequences`` keeps the first windows. A model exported with a
+    fixed batch gets batches of exactly that many sequences, and one with a fixed sequence
+    length gets sequences of that length (``seq_len`` is then ignored)."""
     try:
         from transformers import AutoTokenizer
     except ImportError:
@@ -138,21 +143,61 @@ def tokenize(
             seq_len,
         )
     step = fixed_batch(specs) or batch_size
+    if pack:
+        windows = packed_windows(texts, tok, declared or seq_len, max_sequences)
+        mask = np.ones_like(windows)
+        if declared and windows.shape[1] < declared:  # a short stream, padded to the fixed length
+            pad = ((0, 0), (0, declared - windows.shape[1]))
+            windows = np.pad(windows, pad, constant_values=tok.pad_token_id)
+            mask = np.pad(mask, pad)
+        encs = [
+            {
+                "input_ids": windows[i : i + step],
+                "attention_mask": mask[i : i + step],
+                "token_type_ids": np.zeros_like(windows[i : i + step]),
+            }
+            for i in range(0, len(windows), step)
+        ]
+    else:
+        texts = texts if max_sequences is None else texts[:max_sequences]
+        encs = [
+            tok(
+                texts[i : i + step],
+                padding="max_length" if declared else "longest",
+                truncation=True,
+                max_length=declared or seq_len,
+                return_tensors="np",
+            )
+            for i in range(0, len(texts), step)
+        ]
     feeds = []
-    for i in range(0, len(texts), step):
-        enc = tok(
-            texts[i : i + step],
-            padding="max_length" if declared else "longest",
-            truncation=True,
-            max_length=declared or seq_len,
-            return_tensors="np",
-        )
+    for enc in encs:
         feed = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in wanted}
         if "position_ids" in wanted and "attention_mask" in enc:
             mask = np.asarray(enc["attention_mask"], dtype=np.int64)
             feed["position_ids"] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         feeds.append({**feed, **prefill_inputs(specs, feed["input_ids"].shape[0])})
     return rebatch(feeds, specs, "text")
+
+
+def packed_windows(texts: list[str], tok: Any, length: int, limit: int | None = None) -> np.ndarray:
+    """``[w, length]`` token windows of the texts as one stream (each text then the end-of-text
+    token when the tokenizer has one); the last partial window is dropped unless it is the only
+    one. DataError when the texts hold no token."""
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    stream: list[int] = []
+    for text in texts:
+        stream += list(tok(text, add_special_tokens=True)["input_ids"]) + eos
+        if limit is not None and len(stream) >= limit * length:
+            break
+    if not stream:
+        raise DataError("--text: the texts hold no token")
+    count = max(1, len(stream) // length)
+    if limit is not None:
+        count = min(count, limit)
+    if len(stream) < length:  # one short window rather than none
+        return np.asarray([stream], dtype=np.int64)
+    return np.asarray(stream[: count * length], dtype=np.int64).reshape(count, length)
 
 
 def prefill_inputs(specs: list[InputSpec], batch: int) -> Feed:

@@ -336,3 +336,29 @@ def test_uint8_nhwc_image_model_compresses_end_to_end(tmp_path):
     cosine = float(np.sum(y * y_ref) / np.linalg.norm(y) / np.linalg.norm(y_ref))
     assert cosine > 0.5
     assert result.comparison and np.isfinite(result.comparison[0].cosine)
+
+
+def test_tokenize_packs_texts_into_full_windows():
+    """Packed: the texts' tokens as one stream (each text's own tokenization, then end-of-text
+    when the tokenizer has one) cut into windows of exactly ``seq_len`` with no padding, the
+    last partial window dropped; ``max_sequences`` keeps the first windows."""
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    from flarc.demo import minilm_folder
+
+    specs = [spec(name, "b", "s", dtype=np.int64) for name in ("input_ids", "attention_mask")]
+    texts = [f"sentence number {i} has a few words of its own" for i in range(12)]
+    tok = AutoTokenizer.from_pretrained(str(minilm_folder()), local_files_only=True)
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    stream = [t for text in texts for t in [*tok(text)["input_ids"], *eos]]
+    feeds = tokenize(texts, minilm_folder(), specs, 16, 4, pack=True)
+    windows = np.concatenate([f["input_ids"] for f in feeds])
+    assert windows.shape == (len(stream) // 16, 16)
+    assert windows.reshape(-1).tolist() == stream[: windows.size]
+    assert all(f["attention_mask"].all() for f in feeds)
+    assert [f["input_ids"].shape[0] for f in feeds][:-1] == [4] * (len(feeds) - 1)
+    first = tokenize(texts, minilm_folder(), specs, 16, 4, pack=True, max_sequences=3)
+    assert np.concatenate([f["input_ids"] for f in first]).tolist() == windows[:3].tolist()
+    one = tokenize(texts[:1], minilm_folder(), specs, 64, 4, pack=True)  # shorter than a window
+    assert one[0]["input_ids"].reshape(-1).tolist() == stream[: len(one[0]["input_ids"][0])]

@@ -236,3 +236,22 @@ def test_int4_compress_is_a_one_line_error(lm, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("flarc: error:")
     assert "4-bit" in err[0]
     assert not out.exists()
+
+
+def test_text_calibration_is_packed_for_kv_decoders(lm):
+    """--text on a KV-cache decoder is one token stream in full --seq-len windows (no padding);
+    --no-pack gives one padded sequence per line."""
+    from flarc.cli import build_parser
+    from flarc.cli.args import CalibrationArgs
+    from flarc.core.modelio import load_model
+
+    model = load_model(lm["with_past"])
+    base = ["compress", str(lm["with_past"]), "-o", "x.onnx", "--text", str(lm["text"]),
+            "--tokenizer", str(lm["tokenizer"]), "--seq-len", "16", "--batch-size", "4"]  # fmt: skip
+    packed = CalibrationArgs().parse(build_parser().parse_args(base), model, tokens_only=True)
+    feeds = packed.calibration + packed.heldout
+    assert all(f["input_ids"].shape[1] == 16 and f["attention_mask"].all() for f in feeds)
+    lines = CalibrationArgs().parse(
+        build_parser().parse_args([*base, "--no-pack"]), model, tokens_only=True
+    )
+    assert any(not f["attention_mask"].all() for f in lines.calibration + lines.heldout)

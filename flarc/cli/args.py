@@ -161,6 +161,14 @@ class CalibrationArgs(ArgGroup):
         g.add_argument(
             "--seq-len", type=positive_int, default=128, help="tokens per sequence for --text (128)"
         )
+        g.add_argument(
+            "--pack",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="--text as one token stream cut into --seq-len windows (no padding) instead of "
+            "one sequence per line; default: packed for KV-cache decoders (causal language "
+            "models), one per line otherwise",
+        )
         if self.synthetic:
             g.add_argument(
                 "--synthetic",
@@ -202,6 +210,7 @@ class CalibrationArgs(ArgGroup):
         from flarc.core.inputs import is_past, model_inputs
 
         specs = model_inputs(model)
+        decoder = any(is_past(s) for s in specs)
         if tokens_only:
             specs = [s for s in specs if not is_past(s)]
         synthetic = getattr(args, "synthetic", None)
@@ -214,10 +223,12 @@ class CalibrationArgs(ArgGroup):
             if not args.tokenizer:
                 raise DataError("--text needs --tokenizer DIR")
             texts = load_text_lines(Path(args.text))
-            if args.max_batches:
-                # Counted in --batch-size batches, as for --calib, whatever batch the model takes.
-                texts = texts[: args.max_batches * args.batch_size]
-            feeds = tokenize(texts, args.tokenizer, specs, args.seq_len, args.batch_size)
+            pack = decoder if getattr(args, "pack", None) is None else args.pack
+            # Counted in --batch-size batches, as for --calib, whatever batch the model takes.
+            limit = args.max_batches * args.batch_size if args.max_batches else None
+            feeds = tokenize(
+                texts, args.tokenizer, specs, args.seq_len, args.batch_size, pack, limit
+            )
             return load_calibration(feeds, specs, holdout=args.holdout)
         if synthetic:
             shapes = {k: tuple(v) for k, v in self.shapes.parse(args).items()}

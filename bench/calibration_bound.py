@@ -1,0 +1,131 @@
+"""Calibration statistics against their arithmetic bound (issue 16).
+
+The bound is the arithmetic a statistics pass cannot avoid, at this machine's measured GEMM
+rates: the targets' forward products (``2 n m`` per row, float32) plus the symmetric Gram of
+every distinct statistic (``n (n + 1)`` per row, float64; the rows are the statistics' own
+counts, so masked positions do not count). Attention and elementwise work are left out, so the
+bound is optimistic. Measured: ``collect_moments`` as ``flarc analyze`` runs it (calibration
+and held-out batches, Gram groups for a large model), wall time.
+
+    python bench/calibration_bound.py                  # MiniLM (the demo's sentences)
+    python bench/calibration_bound.py --model qwen     # Qwen2.5-0.5B (bench/quality_lm.py's cache)
+
+Writes bench/results/calibration_bound_<model>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+QWEN = Path.home() / ".cache" / "flarc" / "qwen2.5-0.5b"
+
+
+def gemm_rate(dtype: type, size: int = 3072, repeats: int = 3) -> float:
+    """Best of ``repeats`` square products, FLOP/s (numpy's BLAS, every core)."""
+    rng = np.random.default_rng(0)
+    a = rng.random((size, size)).astype(dtype)
+    b = rng.random((size, size)).astype(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+def load(name: str, batches: int):
+    from flarc.calib.data import load_calibration, load_text_lines, tokenize
+    from flarc.core.inputs import is_past, model_inputs
+    from flarc.core.modelio import load_model
+    from flarc.core.targets import find_targets
+
+    if name == "minilm":
+        from flarc.demo import english_sentences, minilm_feeds, minilm_onnx
+
+        model = load_model(minilm_onnx())
+        feeds = minilm_feeds(english_sentences(), 16, 128)[:batches]
+        specs = model_inputs(model)
+        return model, find_targets(model), load_calibration(feeds, specs)
+    from flarc.export.buckets import calibration_for_lm
+    from flarc.export.hf import layout_from_onnx
+
+    model = load_model(QWEN / "model.onnx")
+    specs = [s for s in model_inputs(model) if not is_past(s)]
+    texts = load_text_lines(QWEN / "calib.txt")[: batches * 4]
+    data = load_calibration(tokenize(texts, QWEN / "hf", specs, 128, 4), specs)
+    data = calibration_for_lm(data, layout_from_onnx(model))
+    return model, find_targets(model, exclude="lm_head"), data
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=("minilm", "qwen"), default="minilm")
+    ap.add_argument("--batches", type=int, default=8, help="source batches (a quarter held out)")
+    args = ap.parse_args()
+    from flarc.calib.checkpoint import Checkpoint
+    from flarc.calib.statistics import collect_moments
+    from flarc.core.modelio import is_large
+    from flarc.core.store import Store
+
+    rate32, rate64 = gemm_rate(np.float32), gemm_rate(np.float64)
+    model, targets, data = load(args.model, args.batches)
+    store = Store.for_model(is_large(model))
+    t0 = time.perf_counter()
+    stats, heldout, _ = collect_moments(
+        model, targets.targets, data, Checkpoint(store, "statistics", {})
+    )
+    seconds = time.perf_counter() - t0
+    forward = gram = 0.0
+    for moments in (stats, heldout):
+        raw = moments.raw()
+        for t in targets.targets:
+            m = raw.get(t.stat_key)
+            if m is not None:
+                forward += 2.0 * t.n * t.m * m.count
+        for m in raw.values():
+            gram += float(m.n) * (m.n + 1) * m.count
+    bound = forward / rate32 + gram / rate64
+    result = {
+        "model": args.model,
+        "targets": len(targets.targets),
+        "calibration_batches": len(data.calibration),
+        "heldout_batches": len(data.heldout),
+        "gemm_gflops_float32": rate32 / 1e9,
+        "gemm_gflops_float64": rate64 / 1e9,
+        "forward_tflop": forward / 1e12,
+        "gram_tflop": gram / 1e12,
+        "bound_s": bound,
+        "measured_s": seconds,
+        "ratio": seconds / bound,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    from flarc.core.files import write_text_atomic
+
+    stem = RESULTS / f"calibration_bound_{args.model}"
+    write_text_atomic(stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
+    lines = [
+        f"# Calibration statistics against their arithmetic bound: {args.model}",
+        "",
+        f"{result['calibration_batches']} calibration + {result['heldout_batches']} held-out "
+        f"batches, {result['targets']} targets; GEMM {rate32 / 1e9:.0f} GFLOP/s float32, "
+        f"{rate64 / 1e9:.0f} GFLOP/s float64 (numpy 3072^2 products).",
+        "",
+        "| forward TFLOP | Gram TFLOP | bound s | measured s | ratio |",
+        "|---|---|---|---|---|",
+        f"| {forward / 1e12:.3f} | {gram / 1e12:.3f} | {bound:.1f} | {seconds:.1f} | "
+        f"{seconds / bound:.2f} |",
+    ]
+    write_text_atomic(stem.with_suffix(".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
