@@ -58,8 +58,9 @@ def load(name: str, batches: int):
 
     model = load_model(QWEN / "model.onnx")
     specs = [s for s in model_inputs(model) if not is_past(s)]
-    texts = load_text_lines(QWEN / "calib.txt")[: batches * 4]
-    data = load_calibration(tokenize(texts, QWEN / "hf", specs, 128, 4), specs)
+    texts = load_text_lines(QWEN / "calib.txt")  # as flarc compress --text packs them
+    feeds = tokenize(texts, QWEN / "hf", specs, 128, 4, pack=True, max_sequences=batches * 4)
+    data = load_calibration(feeds, specs)
     data = calibration_for_lm(data, layout_from_onnx(model))
     return model, find_targets(model, exclude="lm_head"), data
 
