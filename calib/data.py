@@ -92,6 +92,16 @@ def load_text_lines(path: Path) -> list[str]:
     return [p for p in parts if len(p.split()) >= 4]
 
 
+def read_text_file(path: Path) -> str:
+    """A text file as it is (line breaks and indentation kept), for a packed token stream."""
+    if not path.is_file():
+        raise DataError(f"{path}: text file not found")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise DataError(f"{path}: text file is empty")
+    return text
+
+
 # Token inputs whose axis 1 is the sequence, in the order their declared length is looked up.
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
@@ -121,7 +131,8 @@ def tokenize(
     """Token batches for a language model: ``input_ids``, ``attention_mask`` (+ type/position ids).
 
     Each text is one sequence (padded to the longest of its batch, truncated at ``seq_len``),
-    or with ``pack`` the texts are one token stream, each followed by the end-of-text token, cut
+    or with ``pack`` the texts (a whole document each, line breaks kept) are one token stream,
+    each followed by the end-of-text token, cut
     into windows of ``seq_len`` (no padding, no text cut off; what a causal language model's
     calibration usually is). ``max_sequences`` keeps the first windows. A model exported with a
     fixed batch gets batches of exactly that many sequences, and one with a fixed sequence
@@ -187,7 +198,7 @@ def packed_windows(texts: list[str], tok: Any, length: int, limit: int | None = 
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     stream: list[int] = []
     for text in texts:
-        stream += list(tok(text, add_special_tokens=True)["input_ids"]) + eos
+        stream += list(tok(text, add_special_tokens=True, verbose=False)["input_ids"]) + eos
         if limit is not None and len(stream) >= limit * length:
             break
     if not stream:

@@ -251,6 +251,13 @@ def test_text_calibration_is_packed_for_kv_decoders(lm):
     packed = CalibrationArgs().parse(build_parser().parse_args(base), model, tokens_only=True)
     feeds = packed.calibration + packed.heldout
     assert all(f["input_ids"].shape[1] == 16 and f["attention_mask"].all() for f in feeds)
+    # The file is one document, line breaks kept: the windows are its own tokens in order.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(lm["tokenizer"]), local_files_only=True)
+    stream = tok(lm["text"].read_text(encoding="utf-8"))["input_ids"]
+    windows = np.concatenate([f["input_ids"] for f in feeds]).reshape(-1).tolist()
+    assert windows == list(stream[: len(windows)])
     lines = CalibrationArgs().parse(
         build_parser().parse_args([*base, "--no-pack"]), model, tokens_only=True
     )

@@ -165,9 +165,9 @@ class CalibrationArgs(ArgGroup):
             "--pack",
             action=argparse.BooleanOptionalAction,
             default=None,
-            help="--text as one token stream cut into --seq-len windows (no padding) instead of "
-            "one sequence per line; default: packed for KV-cache decoders (causal language "
-            "models), one per line otherwise",
+            help="--text as one document (line breaks kept) tokenized into one stream and cut into "
+            "--seq-len windows (no padding) instead of one sequence per line; default: packed for "
+            "KV-cache decoders (causal language models), one per line otherwise",
         )
         if self.synthetic:
             g.add_argument(
@@ -203,6 +203,7 @@ class CalibrationArgs(ArgGroup):
             check_feed,
             load_calibration,
             load_text_lines,
+            read_text_file,
             split_holdout,
             synthetic_feeds,
             tokenize,
@@ -222,8 +223,9 @@ class CalibrationArgs(ArgGroup):
         if args.text:
             if not args.tokenizer:
                 raise DataError("--text needs --tokenizer DIR")
-            texts = load_text_lines(Path(args.text))
             pack = decoder if getattr(args, "pack", None) is None else args.pack
+            # Packed, the file is one document: its line breaks are tokens the model must see.
+            texts = [read_text_file(Path(args.text))] if pack else load_text_lines(Path(args.text))
             # Counted in --batch-size batches, as for --calib, whatever batch the model takes.
             limit = args.max_batches * args.batch_size if args.max_batches else None
             feeds = tokenize(
