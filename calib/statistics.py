@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from flarc.calib.carry import ActivationSpill, CarriedFeed, inputs_model, spill_activations
 from flarc.calib.checkpoint import Checkpoint, feeds_digest
 from flarc.calib.data import CalibrationSet
 from flarc.calib.moments import LazyMoments, Moments
@@ -31,6 +32,7 @@ from flarc.core.memory import release_free_memory
 from flarc.core.modelio import is_large, model_opset, tensor_nbytes
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.sessions import fed_session, session_options
+from flarc.core.store import Store
 from flarc.core.targets import ConvGeometry, Target
 
 log = logging.getLogger(__name__)
@@ -373,10 +375,18 @@ def decide_masks(
     found = find_mask_input(model, mask_input)
     if found is None or found not in sample_feed:
         return found
-    mask_shape = tuple(sample_feed[found].shape)
     candidates = [x for p in plans if p.conv is None for x in p.inputs]
     graphs = {x: g for p in plans for x, g in zip(p.inputs, p.scopes, strict=True)}
     shapes = intermediate_shapes(model, candidates, sample_feed, originals=originals, graphs=graphs)
+    mark_masks(plans, shapes, tuple(sample_feed[found].shape))
+    return found
+
+
+def mark_masks(
+    plans: list[StatPlan], shapes: Mapping[str, tuple[int, ...]], mask_shape: tuple[int, ...]
+) -> None:
+    """Set each plan's mask flags from the shapes of its inputs on one batch: an input laid out
+    like the mask plus a feature axis is masked."""
 
     def spans_mask(p: StatPlan, x: str) -> bool:
         shape = shapes.get(x)
@@ -391,7 +401,6 @@ def decide_masks(
     for p in plans:
         p.masked = spans_mask(p, p.input)
         p.extra_masked = tuple(spans_mask(p, x) for x in p.extra)
-    return found
 
 
 class StatisticsSession:
@@ -486,6 +495,7 @@ def reduce_shards(
     description: str = "calibrating",
     checkpoint: Checkpoint | None = None,
     shard_batches: int = SHARD_BATCHES,
+    identity_feeds: list[Feed] | None = None,
 ) -> dict[str, Moments]:
     """Sum the moments of ``feeds`` over shards of ``shard_batches`` consecutive batches: ``run``
     gives each shard's :func:`shard_sums` in shard order (wherever it computes them), and they
@@ -494,7 +504,8 @@ def reduce_shards(
     With ``checkpoint``, the running totals are saved at the end of a shard once another
     ``every`` batches are done (and always after the last one) and, when resuming, the saved
     totals are the starting point and the loop continues at the next shard: the order of
-    additions is unchanged, so the result is bit-identical.
+    additions is unchanged, so the result is bit-identical. ``identity_feeds``: the batches
+    the checkpoint's identity names when ``feeds`` are stand-ins for them (carried activations).
     """
     progress = progress or NoProgress()
     feeds = list(feeds) if not isinstance(feeds, list) else feeds
@@ -508,7 +519,7 @@ def reduce_shards(
                     [p.key, p.input, p.n, p.masked, p.partner, *p.extra, *p.extra_masked]
                     for p in plans
                 ],
-                "feeds": feeds_digest(feeds),
+                "feeds": feeds_digest(identity_feeds if identity_feeds is not None else feeds),
                 "batches": len(feeds),
                 # Another shard size adds in another order (1, the batch order, is not recorded).
                 **({"shard_batches": shard_batches} if shard_batches != 1 else {}),
@@ -604,33 +615,130 @@ def collect_moments(
     store = checkpoint.store
     budget = max(STAT_GROUP_MIN_BYTES, tensor_nbytes(model) // 8) if is_large(model) else None
     groups = statistic_groups(plan_statistics(targets), budget)
+    carried = None
+    if len(groups) > 1 and (executor is None or isinstance(executor, LocalExecutor)):
+        carried = carry_inputs(
+            model, [p for g in groups for p in g], data, store, mask_input, progress
+        )
     stats: dict[str, Moments] = {}
     heldout: dict[str, Moments] = {}
     mask = None
-    for g, plans in enumerate(groups):
-        label = f" ({g + 1}/{len(groups)})" if len(groups) > 1 else ""
-        part = checkpoint if len(groups) == 1 else checkpoint.part(f"part{g}")
-        held = Checkpoint(store, part.group.replace(checkpoint.group, "heldout", 1), {})
-        found, run = sums_in(executor, model, targets, plans, data, mask_input, precision)
-        group = reduce_shards(
-            plans, data.calibration, run, progress, "calibration statistics" + label, part
-        )
-        if store.on_disk:  # the saved sums, their Grams read when used
-            group = part.saved()
-            release_free_memory()
-        if data.heldout:
-            sums = reduce_shards(plans, data.heldout, run, progress, "held-out statistics" + label)
-            held.save(len(data.heldout), len(data.heldout), sums)
-            heldout.update(held.saved() if store.on_disk else sums)
-            del sums
-        if any(any(p.masks) for p in plans):
-            mask = found
-        del run
-        stats.update(group)
-        del group
-        if store.on_disk:
-            release_free_memory()
+    try:
+        for g, plans in enumerate(groups):
+            label = f" ({g + 1}/{len(groups)})" if len(groups) > 1 else ""
+            part = checkpoint if len(groups) == 1 else checkpoint.part(f"part{g}")
+            held = Checkpoint(store, part.group.replace(checkpoint.group, "heldout", 1), {})
+            if carried is not None:
+                found, run, calibration, held_feeds = carried.sums(targets, plans, precision)
+            else:
+                found, run = sums_in(executor, model, targets, plans, data, mask_input, precision)
+                calibration, held_feeds = data.calibration, data.heldout
+            group = reduce_shards(
+                plans,
+                calibration,
+                run,
+                progress,
+                "calibration statistics" + label,
+                part,
+                identity_feeds=data.calibration,
+            )
+            if store.on_disk:  # the saved sums, their Grams read when used
+                group = part.saved()
+                release_free_memory()
+            if data.heldout:
+                sums = reduce_shards(
+                    plans, held_feeds, run, progress, "held-out statistics" + label
+                )
+                held.save(len(data.heldout), len(data.heldout), sums)
+                heldout.update(held.saved() if store.on_disk else sums)
+                del sums
+            if any(any(p.masks) for p in plans):
+                mask = found
+            del run
+            stats.update(group)
+            del group
+            if store.on_disk:
+                release_free_memory()
+    finally:
+        if carried is not None:
+            carried.close()
     return LazyMoments(stats), LazyMoments(heldout), mask
+
+
+class CarriedInputs:
+    """The target inputs of every calibration and held-out batch, spilled by one forward pass
+    (:mod:`flarc.calib.carry`), and the mask input found; :meth:`sums` reduces one group."""
+
+    def __init__(
+        self, model: onnx.ModelProto, spill: ActivationSpill, data: CalibrationSet, mask: str | None
+    ) -> None:
+        self.model = model
+        self.spill = spill
+        self.data = data
+        self.mask = mask
+
+    def sums(
+        self, targets: list[Target], plans: list[StatPlan], precision: str
+    ) -> tuple[str | None, Callable, list[Feed], list[Feed]]:
+        """What :func:`sums_in` gives for ``plans``, computed by a graph of their statistics
+        nodes alone, and the stand-in feeds (calibration, held-out) that graph reads."""
+        masked = self.mask is not None and any(any(p.masks) for p in plans)
+        names = tuple(dict.fromkeys([x for p in plans for x in p.inputs], None))
+        names += (self.mask,) if masked and self.mask not in names else ()
+        graph_inputs = [i.name for i in self.model.graph.input if i.name in names]
+        dtypes = {n: self.spill.dtypes[n] for n in names if n in self.spill.dtypes}
+        base = inputs_model(self.model, dtypes, graph_inputs)
+        session = StatisticsSession(
+            base, targets, {}, self.mask, precision, plans=plans, masks_decided=True
+        )
+        local = LocalExecutor()
+        n = len(self.data.calibration)
+        feeds = [
+            CarriedFeed(self.spill, i, f, names)
+            for i, f in enumerate([*self.data.calibration, *self.data.heldout])
+        ]
+
+        def run(shards: list[list[Feed]]) -> Iterable[dict[str, Moments]]:
+            return local.stream(lambda: session, shard_sums, shards)
+
+        return self.mask, run, feeds[:n], feeds[n:]
+
+    def close(self) -> None:
+        self.spill.close()
+
+
+def carry_inputs(
+    model: onnx.ModelProto,
+    plans: list[StatPlan],
+    data: CalibrationSet,
+    store: Store,
+    mask_input: str | None,
+    progress: Progress | None = None,
+) -> CarriedInputs | None:
+    """One forward pass over all batches that spills every plan's input (next to the store's
+    arrays), with the plans' mask flags set from the spilled shapes; None where carrying does
+    not apply (a use inside an If branch) or the disk has no room (the groups re-run the graph)."""
+    if any(p.graphs for p in plans):
+        return None
+    light, originals = split_large_initializers(model)
+    names = list(dict.fromkeys(x for p in plans for x in p.inputs))
+    spill = spill_activations(
+        light,
+        names,
+        [*data.calibration, *data.heldout],
+        store.root,
+        originals,
+        progress=progress,
+        description="calibration forward pass",
+    )
+    if spill is None:
+        return None
+    found = find_mask_input(light, mask_input)
+    first = data.calibration[0]
+    if found is not None and found in first:
+        shapes = {**{n: tuple(first[n].shape) for n in names if n in first}, **spill.shapes}
+        mark_masks(plans, shapes, tuple(first[found].shape))
+    return CarriedInputs(light, spill, data, found)
 
 
 def sums_in(

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
+import flarc.calib.carry
 import flarc.calib.statistics
 import flarc.core.modelio
 from flarc.calib.data import CalibrationSet
@@ -118,6 +119,35 @@ def test_spilled_grouped_analysis_equals_in_memory(
     save_analysis(spilled, tmp_path / "m.analysis")
     loaded = load_analysis(tmp_path / "m.analysis")
     assert compress(model, loaded, opts).model.SerializeToString() == a
+
+
+def test_carried_activations_equal_rerunning_the_graph_per_group(
+    small_lm, spill_everything, monkeypatch
+):
+    model, data = small_lm
+    targets = find_targets(model)
+    spills = []
+    real = flarc.calib.statistics.spill_activations
+
+    def spy(*args, **kwargs):
+        spills.append(real(*args, **kwargs))
+        return spills[-1]
+
+    monkeypatch.setattr(flarc.calib.statistics, "spill_activations", spy)
+    options = AnalysisOptions(two_sided=False)
+    carried = analyze(model, targets, data, options)
+    assert len(spills) == 1 and spills[0] is not None
+    assert not spills[0].root.exists()  # the activations are gone once the sums are saved
+    monkeypatch.setattr(flarc.calib.carry, "SPARE_BYTES", 1 << 62)  # no room on disk
+    spills.clear()
+    rerun = analyze(model, targets, data, options)
+    assert spills == [None]  # so each group re-ran the graph
+    for a, b in ((carried.stats, rerun.stats), (carried.heldout_stats, rerun.heldout_stats)):
+        assert list(a) == list(b)
+        for key in b:
+            for field in ("gram", "sum1", "sum2x"):
+                np.testing.assert_array_equal(getattr(a[key], field), getattr(b[key], field))
+            assert (a[key].count, a[key].sum4) == (b[key].count, b[key].sum4)
 
 
 def test_grouped_statistics_resume_from_checkpoint(small_lm, spill_everything, tmp_path):
