@@ -41,7 +41,7 @@ def gemm_rate(dtype: type, size: int = 3072, repeats: int = 3) -> float:
 
 
 def load(name: str, batches: int):
-    from flarc.calib.data import load_calibration, load_text_lines, tokenize
+    from flarc.calib.data import load_calibration, read_text_file, tokenize
     from flarc.core.inputs import is_past, model_inputs
     from flarc.core.modelio import load_model
     from flarc.core.targets import find_targets
@@ -58,8 +58,10 @@ def load(name: str, batches: int):
 
     model = load_model(QWEN / "model.onnx")
     specs = [s for s in model_inputs(model) if not is_past(s)]
-    texts = load_text_lines(QWEN / "calib.txt")  # as flarc compress --text packs them
-    feeds = tokenize(texts, QWEN / "hf", specs, 128, 4, pack=True, max_sequences=batches * 4)
+    from quality_lm import calibration_text
+
+    text = read_text_file(calibration_text())  # as flarc compress --text packs it
+    feeds = tokenize([text], QWEN / "hf", specs, 128, 4, pack=True, max_sequences=batches * 4)
     data = load_calibration(feeds, specs)
     data = calibration_for_lm(data, layout_from_onnx(model))
     return model, find_targets(model, exclude="lm_head"), data

@@ -16,7 +16,7 @@ reported separately (``gram_bytes``), so the measured peak shows the copies of t
     python bench/large_model.py --qwen     # the real 2.5 GB model instead (see quality_lm.py)
 
 With ``--qwen``: Qwen2.5-Coder-0.5B in fp32 (``~/.cache/flarc/qwen2.5-0.5b/model.onnx``, 2.5 GB
-of external data), compressed by the CLI on its own text (``--text calib.txt --tokenizer hf``,
+of external data), compressed by the CLI on the quality benchmark's calibration text (``--text``,
 8 batches of 4 x 128 tokens, ``--exclude lm_head --ratio 0.8``).
 """
 
@@ -127,6 +127,8 @@ def record(result: dict) -> None:
 
 
 def qwen(args) -> int:
+    from quality_lm import calibration_text
+
     model = QWEN / "model.onnx"
     if not model.is_file():
         raise SystemExit(f"{model}: see bench/quality_lm.py for the export")
@@ -135,7 +137,7 @@ def qwen(args) -> int:
     try:
         out = folder / "small.onnx"
         run = child([sys.executable, "-m", "flarc.cli", "compress", str(model), "-o", str(out),
-                     "--text", str(QWEN / "calib.txt"), "--tokenizer", str(QWEN / "hf"),
+                     "--text", str(calibration_text()), "--tokenizer", str(QWEN / "hf"),
                      "--seq-len", "128", "--batch-size", "4", "--max-batches", "8",
                      "--exclude", "lm_head", "--ratio", "0.8",
                      "--report", str(folder / "report.json")])  # fmt: skip

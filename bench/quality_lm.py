@@ -226,6 +226,18 @@ def license_ids(tok) -> np.ndarray:
     return np.asarray(tok(text)["input_ids"], dtype=np.int64)
 
 
+def calibration_text(tokens: int = 32 * 128) -> Path:
+    """The benchmark's calibration tokens (the first ``tokens`` of the text, line breaks and
+    indentation kept) as a text file for ``flarc compress --text``; written once."""
+    path = CACHE / "qwen2.5-0.5b" / f"calib_pydoc_{tokens}.txt"
+    if not path.is_file():
+        from flarc.core.files import write_text_atomic
+
+        tok = tokenizer()
+        write_text_atomic(path, tok.decode(pydoc_ids(tok)[:tokens]))
+    return path
+
+
 def windows(ids: np.ndarray, start: int, count: int, length: int, stop: int | None = None):
     """``count`` windows of ``length`` tokens, evenly spread over ``ids[start:stop]``."""
     stop = len(ids) if stop is None else stop

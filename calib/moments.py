@@ -16,8 +16,47 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.linalg import blas
 
 from flarc.core.store import StoredArray, Value, as_array
+
+# Rows of the upper triangle mirrored at a time (a panel that stays in cache while transposed).
+MIRROR_BLOCK = 256
+
+
+def gram_upper(rows: np.ndarray) -> np.ndarray:
+    """The upper triangle (diagonal included) of ``rows^T rows`` for ``rows: [tokens, n]``, as a
+    C-ordered float64 array whose strict lower triangle is zero: the symmetric rank-k update in
+    BLAS, half the arithmetic of a general product. float32 rows are multiplied in float32
+    (``ssyrk``), float64 ones in float64. :func:`mirror_upper` completes the matrix once the
+    batches are added up."""
+    rows = np.asarray(rows)
+    if rows.dtype not in (np.float32, np.float64):
+        rows = rows.astype(np.float64)
+    n = rows.shape[1]
+    if rows.shape[0] == 0:
+        return np.zeros((n, n))
+    syrk = blas.dsyrk if rows.dtype == np.float64 else blas.ssyrk
+    # rows.T is Fortran-ordered when rows is C-ordered (BLAS reads it in place); the lower
+    # triangle of a Fortran-ordered result is the upper one of its C-ordered transpose.
+    lower = syrk(1.0, np.asfortranarray(rows.T), trans=0, lower=1)
+    return lower.T.astype(np.float64, copy=False)
+
+
+def mirror_upper(a: np.ndarray) -> np.ndarray:
+    """Copy the upper triangle of the square C-ordered ``a`` onto its lower one, in place."""
+    n = a.shape[0]
+    for b in range(0, n, MIRROR_BLOCK):
+        e = min(n, b + MIRROR_BLOCK)
+        a[e:, b:e] = a[b:e, e:].T
+        diagonal = a[b:e, b:e]
+        diagonal[...] = np.triu(diagonal) + np.triu(diagonal, 1).T
+    return a
+
+
+def gram_of_rows(rows: np.ndarray) -> np.ndarray:
+    """``rows^T rows`` (float64, both triangles) by :func:`gram_upper`."""
+    return mirror_upper(np.ascontiguousarray(gram_upper(rows)))
 
 
 @dataclass

@@ -1,8 +1,10 @@
-"""Per-target input statistics computed inside the ONNX graph (no activation reaches Python).
+"""Per-target input statistics computed from the ONNX graph's own tensors.
 
 For every distinct target input (q, k and v share one) the model is extended with nodes that
-reduce the input rows ``X: [tokens, n]`` to the sums of :class:`Moments`; onnxruntime returns
-only those, and batches are added in float64. Conv inputs pass through a patch extractor, a
+form the input rows ``X: [tokens, n]`` and reduce them to the first-order sums of
+:class:`Moments`; onnxruntime returns those and the rows, whose Gram is the symmetric rank-k
+update in BLAS (:func:`gram_upper`: half a general product's arithmetic, which onnxruntime's
+MatMul does not exploit), and batches are added in float64 (upper triangles, mirrored once). Conv inputs pass through a patch extractor, a
 Conv with a one-hot kernel of the target's geometry, so rows are im2col patches in the weight's
 (c, kh, kw) order. Rows at masked (padding) positions are dropped with ``Compress`` first
 (before opset 9, which has no Compress, they are zeroed: a zero row adds nothing to any sum).
@@ -11,6 +13,7 @@ The graph is built in the model's own opset, from 7 up.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from flarc.calib.carry import ActivationSpill, CarriedFeed, inputs_model, spill_activations
 from flarc.calib.checkpoint import Checkpoint, feeds_digest
 from flarc.calib.data import CalibrationSet
-from flarc.calib.moments import LazyMoments, Moments
+from flarc.calib.moments import LazyMoments, Moments, gram_upper, mirror_upper
 from flarc.core.executor import Executor, LocalExecutor
 from flarc.core.external import external_dir, split_large_initializers
 from flarc.core.graphs import lift, prune_to_outputs, scope_of
@@ -69,6 +72,14 @@ class StatPlan:
         return self.graphs or ((),) * len(self.inputs)
 
     @property
+    def fields(self) -> tuple[str, ...]:
+        """The graph's outputs for this plan: the rows (their Gram is taken in BLAS, by the
+        symmetric update), or the Gram itself where rows come from inside an If branch (summed
+        there), then the other sums."""
+        first = "gram" if self.graphs else "rows"
+        return (first, *FIELDS[1:], *(("cross",) if self.partner is not None else ()))
+
+    @property
     def inputs(self) -> tuple[str, ...]:
         """Every tensor the rows come from, in use order."""
         return (self.input, *self.extra)
@@ -109,7 +120,7 @@ def plan_statistics(
                 else (),
             )
     for i, plan in enumerate(plans.values()):
-        plan.outputs = {f: f"flarc_stats/{prefix}{i}/{f}" for f in (*FIELDS, "cross")}
+        plan.outputs = {f: f"flarc_stats/{prefix}{i}/{f}" for f in (*FIELDS, "rows", "cross")}
     return list(plans.values())
 
 
@@ -252,7 +263,9 @@ def build_statistics_model(
             as_acc = b.node("Cast", [mask_bool], "mask_acc", to=acc_type)
             mask_rows = b.node("Reshape", [as_acc, column], "mask_rows")
 
-    def rows_of(b: _Builder, plan: StatPlan, x: str, masked: bool) -> str:
+    def rows_of(
+        b: _Builder, plan: StatPlan, x: str, masked: bool, output: str | None = None
+    ) -> str:
         """The rows ``[tokens, n]`` of tensor ``x`` as the plan forms them, in accumulation type."""
         if plan.n not in b.rows_shape:
             b.rows_shape[plan.n] = b.const(np.array([-1, plan.n], np.int64), f"rows{plan.n}")
@@ -268,15 +281,24 @@ def build_statistics_model(
         rows = b.node("Reshape", [x, b.rows_shape[plan.n]], "rows")
         if masked and mask_rows is None:
             rows = b.node("Compress", [rows, mask_bool], "rows_kept", axis=0)
-        rows = b.node("Cast", [rows], "rows_acc", to=acc_type)
-        if masked and mask_rows is not None:
-            rows = b.node("Mul", [rows, mask_rows], "rows_kept")
+        zeroed = masked and mask_rows is not None
+        rows = b.node("Cast", [rows], "rows_acc", None if zeroed else output, to=acc_type)
+        if zeroed:
+            rows = b.node("Mul", [rows, mask_rows], "rows_kept", output)
         return rows
 
-    def all_rows(b: _Builder, plan: StatPlan, tensors: list[str], masks: list[bool]) -> str:
+    def all_rows(
+        b: _Builder,
+        plan: StatPlan,
+        tensors: list[str],
+        masks: list[bool],
+        output: str | None = None,
+    ) -> str:
         """The rows of the given uses of the plan's weight, one after the other."""
+        if len(tensors) == 1:
+            return rows_of(b, plan, tensors[0], masks[0], output)
         parts = [rows_of(b, plan, x, m) for x, m in zip(tensors, masks, strict=True)]
-        return parts[0] if len(parts) == 1 else b.node("Concat", parts, "rows_all", axis=0)
+        return b.node("Concat", parts, "rows_all", output, axis=0)
 
     def count_of(
         b: _Builder, plan: StatPlan, xd: str, tensors: list[str], masks: list[bool], out: str | None
@@ -302,15 +324,21 @@ def build_statistics_model(
             total = part if total is None else b.node("Add", [total, part], "count_sum")
         return b.node("Identity", [total], "count", output=out)
 
-    def sums(b: _Builder, plan: StatPlan, uses: list[int], out: dict[str, str] | None) -> dict:
+    def sums(
+        b: _Builder, plan: StatPlan, uses: list[int], out: dict[str, str] | None, rows: bool
+    ) -> dict:
         """The fields of the plan over the rows of ``uses`` (indices into its inputs), into the
-        names ``out`` (fresh names when None)."""
+        names ``out`` (fresh names when None); the rows themselves instead of their Gram when
+        ``rows``."""
         name = (lambda f: out[f]) if out is not None else (lambda f: None)
         tensors = [plan.inputs[i] for i in uses]
         masks = [plan.masks[i] for i in uses]
-        xd = all_rows(b, plan, tensors, masks)
+        xd = all_rows(b, plan, tensors, masks, name("rows") if rows else None)
         xt = b.node("Transpose", [xd], "rows_t", perm=[1, 0])
-        got = {"gram": b.node("MatMul", [xt, xd], "gram", output=name("gram"))}
+        if rows:  # the rows are an output themselves
+            got = {"rows": xd}
+        else:
+            got = {"gram": b.node("MatMul", [xt, xd], "gram", output=name("gram"))}
         got["count"] = count_of(b, plan, xd, tensors, masks, name("count"))
         r2 = b.reduce("ReduceSumSquare", xd, [1], keepdims=1)
         got["sum4"] = b.reduce("ReduceSumSquare", r2, None, keepdims=0, output=name("sum4"))
@@ -334,17 +362,17 @@ def build_statistics_model(
 
     for plan in plans:
         out = plan.outputs
-        fields = [*FIELDS, *(["cross"] if plan.partner is not None else [])]
+        fields = list(plan.fields)
         by_graph: dict[tuple[str, ...], list[int]] = {}
         for i, path in enumerate(plan.scopes):
             by_graph.setdefault(path, []).append(i)
         if list(by_graph) == [()]:
-            sums(main, plan, by_graph[()], out)  # every use in the main graph: as always
+            sums(main, plan, by_graph[()], out, rows=True)  # every use in the main graph
         else:
             parts: dict[str, list[str]] = {f: [] for f in fields}
             for path, uses in by_graph.items():
                 scope = scope_of(stats, path)
-                got = sums(main.inside(scope.graph) if path else main, plan, uses, None)
+                got = sums(main.inside(scope.graph) if path else main, plan, uses, None, False)
                 lifted = lift(stats, path, [(got[f], *absent(plan, f)) for f in fields])
                 for f, name in zip(fields, lifted, strict=True):
                     parts[f].append(name)
@@ -417,9 +445,12 @@ class StatisticsSession:
         plans: list[StatPlan] | None = None,
         originals: dict[str, onnx.TensorProto] | None = None,
         masks_decided: bool = False,
+        arena: bool = False,
     ) -> None:
         """``originals``: the tensors of stubs in ``model`` (:func:`split_large_initializers`);
-        ``masks_decided``: the plans' mask flags are already set (:func:`decide_masks`)."""
+        ``masks_decided``: the plans' mask flags are already set (:func:`decide_masks`);
+        ``arena``: keep onnxruntime's memory arena (a graph of the statistics nodes alone, whose
+        buffers are few and reused every batch)."""
         self.plans = plans if plans is not None else plan_statistics(targets)
         # The statistics graph is built on a copy whose large weights are stubs, never copied.
         model, more = split_large_initializers(model)
@@ -431,25 +462,23 @@ class StatisticsSession:
         stats_model = build_statistics_model(model, self.plans, self.mask_input, precision)
         # Without the arena, the large per-batch Gram outputs go back to the system when freed;
         # pre-packed weight copies would put a large model's weights in memory a second time.
-        opts = session_options(threads, arena=False, prepacking=external_dir(stats_model) is None)
+        opts = session_options(threads, arena=arena, prepacking=external_dir(stats_model) is None)
         self.session = fed_session(stats_model, opts, originals)
         del stats_model, model
-        self.output_names = [p.outputs[f] for p in self.plans for f in self._fields(p)]
-
-    @staticmethod
-    def _fields(plan: StatPlan) -> tuple[str, ...]:
-        return (*FIELDS, "cross") if plan.partner is not None else FIELDS
+        self.output_names = [p.outputs[f] for p in self.plans for f in p.fields]
 
     def run(self, feed: Feed) -> dict[str, Moments]:
-        """One feed's :class:`Moments` (float64) per statistic key."""
+        """One feed's :class:`Moments` (float64) per statistic key; only the upper triangle of
+        each Gram is filled (:func:`reduce_shards` mirrors the totals)."""
         values = dict(
             zip(self.output_names, self.session.run(self.output_names, feed), strict=True)
         )
         out = {}
         for p in self.plans:
-            v = {f: values[p.outputs[f]] for f in self._fields(p)}
+            v = {f: values.pop(p.outputs[f]) for f in p.fields}
+            gram = gram_upper(v["rows"]) if "rows" in v else v["gram"]
             out[p.key] = Moments(
-                gram=np.asarray(v["gram"], dtype=np.float64),
+                gram=np.asarray(gram, dtype=np.float64),
                 count=int(v["count"]),
                 sum4=float(v["sum4"]),
                 sum1=np.asarray(v["sum1"], dtype=np.float64),
@@ -531,14 +560,41 @@ def reduce_shards(
     shards = [feeds[i : i + shard_batches] for i in range(start, len(feeds), shard_batches)]
     done = start
     sums = progress.track(run(shards), total=len(shards), description=description)
+    whole = True  # whether every total's Gram has both triangles
+    fresh = set(totals) if start == 0 else set()  # zero totals: the first sums replace them
     for shard, shard_total in zip(shards, sums, strict=True):
         for key, moments in shard_total.items():
-            totals[key].add(moments)
+            if key in fresh:
+                totals[key] = _owned(moments)
+                fresh.discard(key)
+            else:
+                totals[key].add(moments)
+        whole = False
         before, done = done, done + len(shard)
         crossed = every is not None and done // every > before // every
         if checkpoint is not None and (done == len(feeds) or crossed):
+            whole = _mirror(totals)
             checkpoint.save(done, len(feeds), totals)
+    if not whole:
+        _mirror(totals)
     return totals
+
+
+def _owned(moments: Moments) -> Moments:
+    """``moments`` with arrays this process may add to (an executor's results can be read-only)."""
+    arrays = {f: getattr(moments, f) for f in ("gram", "sum1", "sum2x", "cross")}
+    if all(a is None or a.flags.writeable for a in arrays.values()):
+        return moments
+    return dataclasses.replace(
+        moments, **{f: None if a is None else np.array(a) for f, a in arrays.items()}
+    )
+
+
+def _mirror(totals: dict[str, Moments]) -> bool:
+    """Complete every Gram from its upper triangle (the batches add only that one)."""
+    for moments in totals.values():
+        mirror_upper(moments.gram)
+    return True
 
 
 class StatisticsWorker:
@@ -609,7 +665,9 @@ def collect_moments(
     held-out ones go to the store's ``heldout`` group. A large model's statistics are gathered
     a group at a time, their Grams within an eighth of the model's size (held about three
     times over: onnxruntime's outputs, their copies, the sums), and each group is on disk before
-    the next one starts: memory holds one group, not all. ``executor`` says where the batches
+    the next one starts: memory holds one group, not all. In this process the groups read the
+    target inputs that one forward pass spilled to disk (:func:`carry_inputs`); on other
+    executors each group re-runs the graph up to its layers. ``executor`` says where the batches
     run (:func:`sums_in`); the sums are the same bits on every executor.
     """
     store = checkpoint.store
@@ -689,7 +747,7 @@ class CarriedInputs:
         dtypes = {n: self.spill.dtypes[n] for n in names if n in self.spill.dtypes}
         base = inputs_model(self.model, dtypes, graph_inputs)
         session = StatisticsSession(
-            base, targets, {}, self.mask, precision, plans=plans, masks_decided=True
+            base, targets, {}, self.mask, precision, plans=plans, masks_decided=True, arena=True
         )
         local = LocalExecutor()
         n = len(self.data.calibration)

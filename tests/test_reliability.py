@@ -74,11 +74,11 @@ CRASHING = """
 import os, sys
 import flarc.core.store as store
 real, calls = store.publish, []
-def publish(folder, version):
+def publish(folder, version, *sync):
     calls.append(version)
     if len(calls) == int(os.environ["CRASH_AT"]):
         os._exit(77)
-    real(folder, version)
+    real(folder, version, *sync)
 store.publish = publish
 from flarc.cli import main
 sys.exit(main(sys.argv[1:]))

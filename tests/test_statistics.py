@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.covariance import ledoit_wolf, oas
 
-from flarc.calib.moments import Moments
+from flarc.calib.moments import Moments, gram_of_rows
 from flarc.calib.shrinkage import ledoit_wolf_lambda, shrink
 from flarc.calib.statistics import collect_statistics
 from flarc.core.targets import find_targets
@@ -62,6 +62,20 @@ def test_masked_rows_never_count(tiny_encoder):
             a[key].gram, b[key].gram, rtol=1e-9, atol=1e-9 * np.abs(a[key].gram).max()
         )
         assert a[key].sum4 == pytest.approx(b[key].sum4, rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [(0, 5), (1, 1), (3, 700), (1030, 513), (64, 1025)])
+def test_symmetric_gram_equals_the_general_product(dtype, shape):
+    x = np.random.default_rng(1).standard_normal(shape).astype(dtype)
+    got = gram_of_rows(x)
+    ref = x.astype(np.float64).T @ x.astype(np.float64)
+    assert got.dtype == np.float64 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, got.T)  # both triangles, diagonal blocks included
+    tol = 1e-13 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(got, ref, atol=tol * max(1.0, np.abs(ref).max()))
+    # A Fortran-ordered or strided input gives the same numbers.
+    np.testing.assert_array_equal(gram_of_rows(np.asfortranarray(x)), got)
 
 
 def test_moments_add_up_over_batches():

@@ -103,8 +103,10 @@ def leading(value: Value, k: int, columns: bool) -> np.ndarray:
     return array[:, :k] if columns else array[:k]
 
 
-def _fsync_dir(folder: Path) -> None:
+def _fsync_dir(folder: Path, sync: bool = True) -> None:
     """Make a rename in ``folder`` durable (no-op where directories cannot be opened)."""
+    if not sync:
+        return
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -117,23 +119,25 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_npy(path: Path, array: np.ndarray, fortran: bool) -> None:
+def _write_npy(path: Path, array: np.ndarray, fortran: bool, sync: bool = True) -> None:
     array = np.asarray(array, order="F" if fortran else "C")  # 0-d arrays stay 0-d
     with open(path, "wb") as fh:
         np.lib.format.write_array(fh, array, allow_pickle=False)
         fh.flush()
-        os.fsync(fh.fileno())
+        if sync:
+            os.fsync(fh.fileno())
 
 
-def publish(folder: Path, version: str) -> None:
+def publish(folder: Path, version: str, sync: bool = True) -> None:
     """Point ``folder``'s ``CURRENT`` at ``version``: a temporary file renamed into place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{CURRENT}.", suffix=".tmp", dir=folder)
     with os.fdopen(fd, "w") as fh:
         fh.write(version)
         fh.flush()
-        os.fsync(fh.fileno())
+        if sync:
+            os.fsync(fh.fileno())
     os.replace(tmp, folder / CURRENT)
-    _fsync_dir(folder)
+    _fsync_dir(folder, sync)
 
 
 class Store:
@@ -146,6 +150,8 @@ class Store:
         self._arrays: dict[str, np.ndarray] = {}
         self._json: dict[str, Any] = {}
         self._groups: dict[str, tuple[dict[str, np.ndarray], dict]] = {}
+        # A temporary store dies with the run, so its writes need not survive a crash.
+        self.durable = True
         if self.root is not None and writable:
             self.root.mkdir(parents=True, exist_ok=True)
 
@@ -155,6 +161,7 @@ class Store:
         tmp = tempfile.TemporaryDirectory(prefix=prefix)
         store = cls(tmp.name)
         store._tmp = tmp
+        store.durable = False
         return store
 
     @classmethod
@@ -191,7 +198,7 @@ class Store:
         path = self.path(name + ".npy")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        _write_npy(tmp, array, fortran)
+        _write_npy(tmp, array, fortran, self.durable)
         os.replace(tmp, path)
         return StoredArray.open(path)
 
@@ -252,10 +259,10 @@ class Store:
             if isinstance(array, StoredArray):
                 shutil.copyfile(array.path, target / f"{name}.npy")
             else:
-                _write_npy(target / f"{name}.npy", np.asarray(array), fortran=False)
+                _write_npy(target / f"{name}.npy", np.asarray(array), False, self.durable)
         (target / META).write_text(json.dumps(meta, indent=1, default=str))
-        _fsync_dir(target)
-        publish(folder, version)
+        _fsync_dir(target, self.durable)
+        publish(folder, version, self.durable)
         if old and old != version:
             shutil.rmtree(folder / old, ignore_errors=True)
 
