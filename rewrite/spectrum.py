@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.blas
 
 from flarc.core.store import Store, StoredArray, leading
 from flarc.rewrite.whiten import Whitener
@@ -87,6 +88,19 @@ def whitened_svd(b: np.ndarray, whitener: Whitener, max_rank: int | None = None)
 GRAM_ROUTE_MIN_RATIO = 1e-5
 
 
+def smaller_gram(a: np.ndarray) -> np.ndarray:
+    """``a^T a`` (tall ``a``) or ``a a^T`` (wide), float64, by BLAS's symmetric rank-k update:
+    half a general product's arithmetic. Only the lower triangle (of the Fortran-ordered result)
+    is filled, which is the one ``eigh(lower=True)`` reads."""
+    a = np.asarray(a, dtype=np.float64)
+    n, m = a.shape
+    if a.size == 0:
+        return np.zeros((min(n, m),) * 2)
+    # a.T is Fortran-ordered when a is C-ordered: syrk reads it in place either way.
+    at = a.T if a.flags.c_contiguous else np.asfortranarray(a.T)
+    return scipy.linalg.blas.dsyrk(1.0, at, trans=0 if n >= m else 1, lower=1)
+
+
 def leading_svd(a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(U[:, :r], s, V^T[:r])`` of ``a`` (every singular value ``s``, ``r = min(rank, len(s))``).
 
@@ -98,8 +112,8 @@ def leading_svd(a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.nd
     n, m = a.shape
     r = min(rank, n, m)
     tall = n >= m
-    gram = a.T @ a if tall else a @ a.T
-    e, q = scipy.linalg.eigh(gram, overwrite_a=True, check_finite=False, driver="evd")
+    gram = smaller_gram(a)
+    e, q = scipy.linalg.eigh(gram, lower=True, overwrite_a=True, check_finite=False, driver="evd")
     del gram
     s = np.sqrt(np.clip(e[::-1], 0.0, None))
     if r and s[r - 1] > GRAM_ROUTE_MIN_RATIO * s[0]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.blas
 
 from flarc.core.errors import OptionError
 
@@ -41,7 +42,7 @@ class Whitener:
     def apply_t(self, b: np.ndarray) -> np.ndarray:
         """``L^T B``."""
         if self.kind == "cholesky":
-            return self.factor.T @ b
+            return triangular_product_t(self.factor, b)
         return self.scale[:, None] * self._qt(b)
 
     def solve(self, y: np.ndarray) -> np.ndarray:
@@ -57,6 +58,19 @@ class Whitener:
                 self.factor, y, trans="T", lower=True, check_finite=False
             )
         return self._q(y / self.scale[:, None])
+
+
+def triangular_product_t(lower: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``L^T B`` for lower-triangular ``L`` by BLAS's triangular product (half a general
+    product's arithmetic), as the transpose of ``B^T L`` so that C-ordered operands are read in
+    place; float64."""
+    lower = np.asarray(lower, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if b.size == 0:
+        return lower.T @ b
+    # C-ordered L is its transpose in Fortran order (upper): B^T L = B^T (L^T)^T.
+    out = scipy.linalg.blas.dtrmm(1.0, lower.T, b.T, side=1, lower=0, trans_a=1)
+    return out.T
 
 
 def cholesky_whitener(h: np.ndarray) -> Whitener | None:
