@@ -29,7 +29,7 @@ from flarc.core.external import FactorFile
 from flarc.core.inputs import Feed, find_mask_input
 from flarc.core.memory import release_free_memory
 from flarc.core.modelio import check_model_any_size, is_large, stored_tensors, tensor_nbytes
-from flarc.core.progress import NoProgress, Progress
+from flarc.core.progress import NoProgress, Progress, step
 from flarc.core.store import Store
 from flarc.core.targets import Skipped, Target, TargetSet, Weights, stored_bytes
 from flarc.export.buckets import BuildResult, calibration_for_lm, write_buckets
@@ -329,8 +329,12 @@ def compress(
         check_model_any_size(new_model)
     except Exception as exc:  # a rewrite bug, not bad input: say which check failed
         raise ModelError(f"compressed model fails onnx.checker: {exc}") from None
-    guard = output_guard(
-        model, new_model, analysis.targets, factors, analysis.heldout_feeds, weights.lazy
+    guard = step(
+        progress,
+        "output guard",
+        lambda: output_guard(
+            model, new_model, analysis.targets, factors, analysis.heldout_feeds, weights.lazy
+        ),
     )
     tolerance = guard_tolerance(analysis.targets)
     if not guard <= tolerance:  # NaN included
@@ -343,16 +347,18 @@ def compress(
         log.warning("%s; written because of --force", message)
     if weights.lazy:
         release_free_memory()
-        comparison = compare_streamed(model, new_model, analysis.heldout_feeds)
+        comparison = compare_streamed(model, new_model, analysis.heldout_feeds, progress=progress)
     else:
-        comparison = compare_models(model, new_model, analysis.heldout_feeds)
+        comparison = step(
+            progress, "comparison", lambda: compare_models(model, new_model, analysis.heldout_feeds)
+        )
     before = stored_bytes(model, analysis.targets)
     after = factor_nbytes(new_model, [name for name, c in ranks.items() if c.rank is not None])
     rows = [
         dataclasses.replace(
             r, stored_bytes=before[r.name], kept_bytes=after.get(r.name, before[r.name])
         )
-        for r in target_rows(analysis, ranks, weights)
+        for r in target_rows(analysis, ranks, weights, progress)
     ]
     return CompressResult(
         model=new_model,

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from flarc.calib.moments import Moments
+from flarc.core.progress import NoProgress, Progress
 from flarc.core.targets import Target, Weights, weight_view
 from flarc.rewrite.analysis import Analysis
 from flarc.rewrite.ranks import RankChoice
@@ -70,13 +71,18 @@ def output_errors(
 
 
 def target_rows(
-    analysis: Analysis, ranks: dict[str, RankChoice], weights: Weights
+    analysis: Analysis,
+    ranks: dict[str, RankChoice],
+    weights: Weights,
+    progress: Progress | None = None,
 ) -> list[TargetRow]:
     """A row per target, in graph order."""
     rows = []
+    progress = progress or NoProgress()
     # Two-sided spectra measure loss, not the output error: predict that from the Gram.
     two_sided = analysis.options.two_sided and analysis.output_diag is not None
-    for t in analysis.targets:
+    targets = analysis.targets
+    for t in progress.track(targets, total=len(targets), description="held-out errors"):
         e = analysis.entries[t.name]
         choice = ranks[t.name]
         k = choice.rank

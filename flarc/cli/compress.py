@@ -42,6 +42,7 @@ class Compress(Command):
     def run(self, args: argparse.Namespace) -> int:
         from flarc.core.files import check_output_path, file_sha256
         from flarc.core.modelio import load_model, save_model
+        from flarc.core.progress import step
         from flarc.core.version import __version__
         from flarc.pipeline import compress
         from flarc.report import (
@@ -71,7 +72,7 @@ class Compress(Command):
             raise DataError("--closed-loop needs calibration data (--calib, --text or --synthetic)")
         loop = data.calibration if closed else None
         result = compress(model, analysis, options, args.force, loop, compensate, progress)
-        written = save_model(result.model, args.output)
+        written = step(progress, "writing", lambda: save_model(result.model, args.output))
         elapsed = time.perf_counter() - t0
         con.print(rows_table(result.rows))
         con.print(comparison_table(result, analysis.heldout_label))

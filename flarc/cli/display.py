@@ -60,7 +60,8 @@ class CliProgress:
         begin = last = time.perf_counter()
         next_fraction = LOG_STEP
         done = 0
-        self._line(f"{description}: started" + (f" ({total} steps)" if total else ""))
+        steps = f" ({total} step{'s' if total != 1 else ''})" if total else ""
+        self._line(f"{description}: started{steps}")
         for item in items:
             yield item
             done += 1

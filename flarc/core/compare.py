@@ -16,6 +16,7 @@ import onnx
 
 from flarc.core.inputs import Feed
 from flarc.core.polygraphy import accuracy_results, quiet, simple_compare_func
+from flarc.core.progress import NoProgress, Progress
 from flarc.core.sessions import lean_session_options, open_session
 from flarc.core.sums import PairSums, blocks
 
@@ -73,11 +74,14 @@ def _session_of(model: onnx.ModelProto | str, workdir: Path):
     return open_session(model, lean_session_options(), workdir=workdir)
 
 
-def _save_outputs(model: onnx.ModelProto, feeds: list[Feed], folder: Path) -> dict[str, int]:
+def _save_outputs(
+    model: onnx.ModelProto, feeds: list[Feed], folder: Path, progress: Progress
+) -> dict[str, int]:
     """Run ``model`` on every feed and save its numeric outputs as ``<feed>-<output>.npy``."""
     session = _session_of(model, folder / "reference")
     names = [o.name for o in session.get_outputs()]
-    for i, feed in enumerate(feeds):
+    described = progress.track(feeds, total=len(feeds), description="comparison: original")
+    for i, feed in enumerate(described):
         for j, y in enumerate(session.run(names, feed)):
             if np.issubdtype(y.dtype, np.number):
                 np.save(folder / f"{i}-{j}.npy", y)
@@ -90,18 +94,21 @@ def compare_streamed(
     feeds: list[Feed],
     rtol: float = 1e-3,
     atol: float = 1e-3,
+    progress: Progress | None = None,
 ) -> list[OutputComparison]:
     """:func:`compare_models` for a large model: one session at a time, the reference's outputs
     kept on disk and read back one batch at a time, metrics summed in blocks (a language
     model's logits would otherwise be held for every batch, twice, and again in float64)."""
+    progress = progress or NoProgress()
     with tempfile.TemporaryDirectory(prefix="flarc-compare-") as tmp:
         folder = Path(tmp)
-        index = _save_outputs(reference, feeds, folder)
+        index = _save_outputs(reference, feeds, folder, progress)
         session = _session_of(candidate, folder / "candidate")
         names = [o.name for o in session.get_outputs() if o.name in index]
         sums = {n: PairSums() for n in names}
         passed = dict.fromkeys(names, True)
-        for i, feed in enumerate(feeds):
+        described = progress.track(feeds, total=len(feeds), description="comparison: compressed")
+        for i, feed in enumerate(described):
             for name, y in zip(names, session.run(names, feed), strict=True):
                 path = folder / f"{i}-{index[name]}.npy"
                 if not path.is_file():  # not numeric

@@ -3,7 +3,7 @@ that draws bars or log lines (:mod:`flarc.cli.display`); the default shows nothi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol, TypeVar
 
 T = TypeVar("T")
@@ -28,3 +28,11 @@ class NoProgress:
     ) -> Iterator[T]:
         """``items`` unchanged."""
         yield from items
+
+
+def step(progress: Progress | None, description: str, work: Callable[[], T]) -> T:
+    """``work()`` shown as one step of its own (a start line, then its time) on ``progress``."""
+    result = None
+    for _ in (progress or NoProgress()).track(range(1), total=1, description=description):
+        result = work()
+    return result  # type: ignore[return-value]
