@@ -37,9 +37,13 @@ def gram_upper(rows: np.ndarray) -> np.ndarray:
     if rows.shape[0] == 0:
         return np.zeros((n, n))
     syrk = blas.dsyrk if rows.dtype == np.float64 else blas.ssyrk
-    # rows.T is Fortran-ordered when rows is C-ordered (BLAS reads it in place); the lower
-    # triangle of a Fortran-ordered result is the upper one of its C-ordered transpose.
-    lower = syrk(1.0, np.asfortranarray(rows.T), trans=0, lower=1)
+    # BLAS reads a Fortran-ordered operand in place: rows itself, or rows.T when rows is
+    # C-ordered. The lower triangle of the Fortran-ordered result is the upper one of its
+    # C-ordered transpose.
+    if rows.flags.f_contiguous:
+        lower = syrk(1.0, rows, trans=1, lower=1)
+    else:
+        lower = syrk(1.0, np.asfortranarray(rows.T), trans=0, lower=1)
     return lower.T.astype(np.float64, copy=False)
 
 

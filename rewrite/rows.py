@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from flarc.calib.moments import Moments
+from flarc.calib.moments import Moments, gram_upper
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.targets import Target, Weights, weight_view
 from flarc.rewrite.analysis import Analysis
@@ -52,19 +52,35 @@ def output_errors(
     c: np.ndarray,
     weight: np.ndarray,
 ) -> list[float | None]:
-    """Measured ``||X (B - A C)||^2 / ||X B||^2`` for the rows of each Gram in ``grams`` (None
-    where there is none), exact from the Gram; one pass over ``B`` serves them all."""
+    """Measured ``||X (B - A C)||^2 / ||X B||^2`` for the rows of each Gram ``G = X^T X`` in
+    ``grams`` (None where there is none), exact from the Gram; one pass over ``B`` serves them
+    all. With no more inputs than outputs, ``tr(D^T G D) = <G, D D^T>``: the ``n x n`` products
+    ``D D^T`` and ``B B^T`` (symmetric updates) serve every Gram, instead of ``G D`` and ``G B``
+    per Gram."""
     num, den = [0.0] * len(grams), [0.0] * len(grams)
-    if any(g is not None for g in grams):
+    present = [(i, g) for i, g in enumerate(grams) if g is not None]
+    if present:
         view = weight_view(target, weight)
+        outer = target.n <= target.m
+        if outer:
+            dd = np.zeros((target.n, target.n))
+            bb = np.zeros((target.n, target.n))
         # In blocks of output columns: a large target's float64 B and residual are never whole.
         for j in range(0, target.m, HELDOUT_BLOCK):
             b = np.asarray(view[:, j : j + HELDOUT_BLOCK], dtype=np.float64)
             d = b - a @ c[:, j : j + HELDOUT_BLOCK]
-            for i, moments in enumerate(grams):
-                if moments is not None:
-                    num[i] += float(np.einsum("ij,ij->", d, moments.gram @ d))
-                    den[i] += float(np.einsum("ij,ij->", b, moments.gram @ b))
+            if outer:
+                dd += gram_upper(d.T)
+                bb += gram_upper(b.T)
+                continue
+            for i, moments in present:
+                num[i] += float(np.einsum("ij,ij->", d, moments.gram @ d))
+                den[i] += float(np.einsum("ij,ij->", b, moments.gram @ b))
+        if outer:  # <G, S> from the upper triangle of S: twice its strict part plus its diagonal
+            for i, moments in present:
+                g = moments.gram
+                num[i] = 2 * float(np.sum(g * dd)) - float(np.diagonal(g) @ np.diagonal(dd))
+                den[i] = 2 * float(np.sum(g * bb)) - float(np.diagonal(g) @ np.diagonal(bb))
     return [
         n / d if g is not None and d > 0 else None for n, d, g in zip(num, den, grams, strict=True)
     ]

@@ -313,3 +313,36 @@ def test_output_weighted_global_meets_budget_and_follows_sensitivity(encoder):
         )
 
     assert weighted(ranks) <= weighted(plain) + 1e-12
+
+
+@pytest.mark.parametrize("n, m", [(12, 40), (40, 12), (16, 16)])
+def test_heldout_errors_equal_the_error_on_explicit_rows(n, m, monkeypatch):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import flarc.rewrite.rows
+    from flarc.calib.moments import Moments
+    from flarc.rewrite.rows import output_errors
+
+    monkeypatch.setattr(flarc.rewrite.rows, "HELDOUT_BLOCK", 7)  # several column blocks
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((n, m)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, m])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    (target,) = find_targets(model).targets
+    k = min(n, m) // 2
+    a, c = rng.standard_normal((n, k)), rng.standard_normal((k, m))
+    xs = [rng.standard_normal((30, n)) * rng.exponential(size=n), rng.standard_normal((5, n))]
+    got = output_errors([Moments.from_rows(xs[0]), None, Moments.from_rows(xs[1])], target, a, c, w)
+    b = w.astype(np.float64)
+    for value, x in zip((got[0], got[2]), xs, strict=True):
+        ref = np.linalg.norm(x @ (b - a @ c)) ** 2 / np.linalg.norm(x @ b) ** 2
+        assert value == pytest.approx(ref, rel=1e-10)
+    assert got[1] is None
