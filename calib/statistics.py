@@ -4,9 +4,9 @@ For every distinct target input (q, k and v share one) the model is extended wit
 form the input rows ``X: [tokens, n]`` and reduce them to the first-order sums of
 :class:`Moments`; onnxruntime returns those and the rows, whose Gram is the symmetric rank-k
 update in BLAS (:func:`gram_upper`: half a general product's arithmetic, which onnxruntime's
-MatMul does not exploit), and batches are added in float64 (upper triangles, mirrored once). Conv inputs pass through a patch extractor, a
-Conv with a one-hot kernel of the target's geometry, so rows are im2col patches in the weight's
-(c, kh, kw) order. Rows at masked (padding) positions are dropped with ``Compress`` first
+MatMul does not exploit), and batches are added in float64 (upper triangles, mirrored once).
+Conv inputs pass through a patch extractor, a Conv with a one-hot kernel of the target's
+geometry, so rows are im2col patches in the weight's (c, kh, kw) order. Rows at masked (padding) positions are dropped with ``Compress`` first
 (before opset 9, which has no Compress, they are zeroed: a zero row adds nothing to any sum).
 The graph is built in the model's own opset, from 7 up.
 """
@@ -460,7 +460,7 @@ class StatisticsSession:
         else:
             self.mask_input = decide_masks(model, self.plans, sample_feed, mask_input, originals)
         stats_model = build_statistics_model(model, self.plans, self.mask_input, precision)
-        # Without the arena, the large per-batch Gram outputs go back to the system when freed;
+        # Without the arena, the large per-batch outputs go back to the system when freed;
         # pre-packed weight copies would put a large model's weights in memory a second time.
         opts = session_options(threads, arena=arena, prepacking=external_dir(stats_model) is None)
         self.session = fed_session(stats_model, opts, originals)
