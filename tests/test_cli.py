@@ -70,7 +70,17 @@ def test_compress_end_to_end(tmp_path, mlp, capsys):
             str(tmp_path / "r.png"),
         ]
     )
-    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 0, err
+    # Redirected, progress is timed lines: every stage starts and ends, in pipeline order (no
+    # sensitivities: --ratio needs none).
+    stages = ["calibration statistics", "held-out statistics", "whitened SVD", "output guard",
+              "comparison", "held-out errors", "writing"]  # fmt: skip
+    lines = [line.split("] ", 1)[1] for line in err.splitlines() if line.startswith("[")]
+    starts = [line.split(": started")[0] for line in lines if ": started" in line]
+    assert starts == stages, starts
+    for stage in stages:
+        assert any(line.startswith(f"{stage}: ") and line.endswith("done") for line in lines)
     assert sha(mlp) == before
     onnx.checker.check_model(onnx.load(str(out)))
     report = json.loads((tmp_path / "r.json").read_text())
