@@ -42,6 +42,10 @@ class ActivationSpill:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, np.dtype] = {}
 
+    def holds(self, name: str) -> bool:
+        """Whether tensor ``name`` is spilled."""
+        return name in self._index
+
     def _path(self, batch: int, name: str) -> Path:
         return self.root / str(batch) / f"{self._index[name]}.npy"
 
@@ -69,12 +73,12 @@ class CarriedFeed(Mapping[str, np.ndarray]):
         self.spill = spill
         self.batch = batch
         self.original = original
-        self.names = tuple(n for n in names if n in spill._index or n in original)
+        self.names = tuple(n for n in names if spill.holds(n) or n in original)
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self.names:
             raise KeyError(name)
-        if name in self.spill._index:
+        if self.spill.holds(name):
             return self.spill.read(self.batch, name)
         return self.original[name]
 
