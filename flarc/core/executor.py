@@ -135,7 +135,8 @@ class LocalExecutor(Executor):
         # One limit around the pool: BLAS's thread count is process-wide, so limits entered and
         # left by each job would race each other.
         with blas_threads(self.job_threads), ThreadPoolExecutor(self.workers) as pool:
-            while order or running:
+
+            def fill() -> None:
                 held = sum(hints[i].memory for i in running.values()) if hints else 0
                 while order and len(running) < self.workers:
                     need = hints[order[0]].memory if hints else 0
@@ -144,9 +145,16 @@ class LocalExecutor(Executor):
                     i = order.popleft()
                     running[pool.submit(fn, *jobs[i])] = i
                     held += need
+
+            fill()
+            while running:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    yield running.pop(future), future.result()
+                finished = [(running.pop(future), future) for future in done]
+                # The next jobs start before the results are handed over: the workers never
+                # wait while the caller stores a result.
+                fill()
+                for i, future in finished:
+                    yield i, future.result()
 
     def stream(self, setup, fn, jobs):
         state = setup()
