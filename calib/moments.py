@@ -34,7 +34,7 @@ def gram_upper(rows: np.ndarray) -> np.ndarray:
     if rows.dtype not in (np.float32, np.float64):
         rows = rows.astype(np.float64)
     n = rows.shape[1]
-    if rows.shape[0] == 0:
+    if rows.size == 0:
         return np.zeros((n, n))
     syrk = blas.dsyrk if rows.dtype == np.float64 else blas.ssyrk
     # BLAS reads a Fortran-ordered operand in place: rows itself, or rows.T when rows is

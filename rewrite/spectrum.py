@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
-import scipy.linalg.blas
 
+from flarc.calib.moments import gram_upper
 from flarc.core.store import Store, StoredArray, leading
 from flarc.rewrite.whiten import Whitener
 
@@ -88,19 +88,6 @@ def whitened_svd(b: np.ndarray, whitener: Whitener, max_rank: int | None = None)
 GRAM_ROUTE_MIN_RATIO = 1e-5
 
 
-def smaller_gram(a: np.ndarray) -> np.ndarray:
-    """``a^T a`` (tall ``a``) or ``a a^T`` (wide), float64, by BLAS's symmetric rank-k update:
-    half a general product's arithmetic. Only the lower triangle (of the Fortran-ordered result)
-    is filled, which is the one ``eigh(lower=True)`` reads."""
-    a = np.asarray(a, dtype=np.float64)
-    n, m = a.shape
-    if a.size == 0:
-        return np.zeros((min(n, m),) * 2)
-    # a.T is Fortran-ordered when a is C-ordered: syrk reads it in place either way.
-    at = a.T if a.flags.c_contiguous else np.asfortranarray(a.T)
-    return scipy.linalg.blas.dsyrk(1.0, at, trans=0 if n >= m else 1, lower=1)
-
-
 def leading_svd(a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(U[:, :r], s, V^T[:r])`` of ``a`` (every singular value ``s``, ``r = min(rank, len(s))``).
 
@@ -112,8 +99,11 @@ def leading_svd(a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.nd
     n, m = a.shape
     r = min(rank, n, m)
     tall = n >= m
-    gram = smaller_gram(a)
-    e, q = scipy.linalg.eigh(gram, lower=True, overwrite_a=True, check_finite=False, driver="evd")
+    # The smaller Gram's upper triangle (symmetric update, half a general product), which is
+    # the one eigh reads with lower=False.
+    a = np.asarray(a, dtype=np.float64)
+    gram = gram_upper(a if tall else a.T)
+    e, q = scipy.linalg.eigh(gram, lower=False, overwrite_a=True, check_finite=False, driver="evd")
     del gram
     s = np.sqrt(np.clip(e[::-1], 0.0, None))
     if r and s[r - 1] > GRAM_ROUTE_MIN_RATIO * s[0]:
