@@ -141,7 +141,13 @@ def tokenize(
         from transformers import AutoTokenizer
     except ImportError:
         raise DataError("--text needs the 'transformers' package (pip install flarc[hf])") from None
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    except OSError as exc:  # no such folder, or no tokenizer files in it: bad input
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"--tokenizer {tokenizer_dir}: no tokenizer found there ({first})"
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     wanted = {s.name for s in specs}

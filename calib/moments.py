@@ -99,7 +99,10 @@ class Moments:
         self.sum1 += other.sum1
         self.sum2x += other.sum2x
         if other.cross is not None:
-            self.cross = other.cross.copy() if self.cross is None else self.cross + other.cross
+            if self.cross is None:
+                self.cross = other.cross.copy()
+            else:
+                self.cross += other.cross
 
     def covariance(self, centered: bool = False) -> np.ndarray:
         """The empirical ``S = gram / N`` (minus ``mean mean^T`` when centred)."""

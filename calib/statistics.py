@@ -76,8 +76,8 @@ class StatPlan:
         """The graph's outputs for this plan: the rows (their Gram is taken in BLAS, by the
         symmetric update), or the Gram itself where rows come from inside an If branch (summed
         there), then the other sums."""
-        first = "gram" if self.graphs else "rows"
-        return (first, *FIELDS[1:], *(("cross",) if self.partner is not None else ()))
+        first, cross = ("gram", "cross") if self.graphs else ("rows", "partner_rows")
+        return (first, *FIELDS[1:], *((cross,) if self.partner is not None else ()))
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -120,7 +120,8 @@ def plan_statistics(
                 else (),
             )
     for i, plan in enumerate(plans.values()):
-        plan.outputs = {f: f"flarc_stats/{prefix}{i}/{f}" for f in (*FIELDS, "rows", "cross")}
+        names = (*FIELDS, "rows", "cross", "partner_rows")
+        plan.outputs = {f: f"flarc_stats/{prefix}{i}/{f}" for f in names}
     return list(plans.values())
 
 
@@ -346,10 +347,15 @@ def build_statistics_model(
         weighted = b.node("Mul", [xd, r2], "r2x")
         got["sum2x"] = b.reduce("ReduceSum", weighted, [0], keepdims=0, output=name("sum2x"))
         if plan.partner is not None:
-            # Cross-statistic X^T P of the plan's rows with the partner's rows at the same positions.
+            # Cross-statistic X^T P of the plan's rows with the partner's rows at the same
+            # positions: the partner's rows themselves when the rows are an output (BLAS's
+            # product, as for the Gram).
             partners = [(plan.partner, *plan.extra_partners)[i] for i in uses]
-            rows = all_rows(b, plan, partners, masks)
-            got["cross"] = b.node("MatMul", [xt, rows], "cross", output=name("cross"))
+            if rows:
+                got["partner_rows"] = all_rows(b, plan, partners, masks, name("partner_rows"))
+            else:
+                prows = all_rows(b, plan, partners, masks)
+                got["cross"] = b.node("MatMul", [xt, prows], "cross", output=name("cross"))
         return got
 
     def absent(plan: StatPlan, f: str) -> tuple[int, list[int], np.ndarray]:
@@ -477,6 +483,8 @@ class StatisticsSession:
         for p in self.plans:
             v = {f: values.pop(p.outputs[f]) for f in p.fields}
             gram = gram_upper(v["rows"]) if "rows" in v else v["gram"]
+            if "partner_rows" in v:
+                v["cross"] = v.pop("rows").T @ v.pop("partner_rows")
             out[p.key] = Moments(
                 gram=np.asarray(gram, dtype=np.float64),
                 count=int(v["count"]),

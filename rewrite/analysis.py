@@ -78,8 +78,10 @@ def analyze_target(
     compensate: bool = False,
     output_diag: np.ndarray | None = None,
     device: str = "cpu",
+    max_rank: int | None = None,
 ) -> TargetAnalysis:
-    """Shrink the statistic, whiten, and take the SVD of one target's weight (as stored).
+    """Shrink the statistic, whiten, and take the SVD of one target's weight (as stored), its
+    directions kept up to ``max_rank`` (default: the options' rule).
 
     With ``compensate`` (closed loop), ``moments`` hold the compressed model's rows and their
     cross-statistic with the original's; the cross-statistic is shrunk like the Gram (same
@@ -97,7 +99,8 @@ def analyze_target(
         d = np.asarray(output_diag, dtype=np.float64)
         root = np.sqrt(np.maximum(d, max(float(d.mean()), 1e-300) * 1e-6))
         b = b * root
-    max_rank = None if options.full_rank else math.ceil(target.k_equiv)
+    if max_rank is None and not options.full_rank:
+        max_rank = math.ceil(target.k_equiv)
     if device != "cpu" and not compensate:
         from flarc.rewrite.device import whitened_spectrum_torch
 

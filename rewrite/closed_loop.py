@@ -1,28 +1,34 @@
 """Closed-loop factorization: each target's statistics come from the model as it will run.
 
 Ranks are chosen first (on the open-loop analysis); then targets are refactorized level by
-level (:func:`flarc.calib.twin.target_levels`), each level's statistics taken from the twin
-graph in which every upstream target already carries its rank-k product, so later layers
-correct for earlier errors instead of inheriting them. With ``compensate`` each target
-reproduces the *original* layer's output from the compressed activations
-(:func:`flarc.rewrite.spectrum.compensated_svd`); the cross-statistic is shrunk like the Gram
-(same intensity, same target ``mu I``), so identical activations give plain whitening exactly.
+level (:func:`flarc.calib.segments.target_levels`), each level's statistics taken from the
+compressed model in which every upstream target already carries its rank-k product, so later
+layers correct for earlier errors instead of inheriting them. The model runs a segment at a
+time (:class:`flarc.calib.segments.SegmentedModel`): one forward pass in all, not one per
+level. With ``compensate`` each target reproduces the *original* layer's output from the
+compressed activations (:func:`flarc.rewrite.spectrum.compensated_svd`), the original model
+running beside the compressed one; the cross-statistic is shrunk like the Gram (same
+intensity, same target ``mu I``), so identical activations give plain whitening exactly.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
+import numpy as np
 import onnx
 
-from flarc.calib.statistics import StatisticsSession, plan_statistics
-from flarc.calib.twin import target_levels, twin_model, twin_name, weight_input
+from flarc.calib.carry import inputs_model
+from flarc.calib.moments import mirror_upper
+from flarc.calib.segments import SegmentedModel, target_levels
+from flarc.calib.statistics import StatisticsSession, mark_masks, plan_statistics
 from flarc.core.errors import OptionError
 from flarc.core.external import split_large_initializers
 from flarc.core.graphs import scopes
-from flarc.core.inputs import Feed
+from flarc.core.inputs import Feed, find_mask_input
 from flarc.core.progress import NoProgress, Progress
-from flarc.core.targets import Weights, stored_weight
+from flarc.core.targets import Target, Weights, stored_weight
 from flarc.rewrite.analysis import Analysis, TargetAnalysis, analyze_target
 from flarc.rewrite.ranks import RankChoice
 
@@ -33,6 +39,9 @@ log = logging.getLogger(__name__)
 # 17.3 (open loop) -> 29.1; Ledoit-Wolf's estimate (about 0.02 there), 19.1 -> 14.7.
 WEAK_SHRINKAGE = 1e-3
 
+# The statistics graph's name for a compressed-model tensor (its original keeps the plain name).
+COMPRESSED = "flarc_cl/"
+
 
 def closed_loop_entries(
     model: onnx.ModelProto,
@@ -42,11 +51,12 @@ def closed_loop_entries(
     compensate: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, TargetAnalysis]:
-    """Closed-loop spectra of every factorized target (others keep their open-loop entry)."""
+    """Closed-loop spectra of every factorized target (others keep their open-loop entry), each
+    kept up to its chosen rank."""
     progress = progress or NoProgress()
     owner = next((s for s in scopes(model)[1:]), None)
     if owner is not None:
-        # The twin copies main-graph nodes only: a branch would read the original's tensors.
+        # A segment runs main-graph nodes only: a branch would read the original's tensors.
         raise OptionError(
             f"--closed-loop does not support models with If/Loop/Scan subgraphs yet (subgraph "
             f"'{'/'.join(owner.path)}'); compress without it"
@@ -56,40 +66,46 @@ def closed_loop_entries(
     if not chosen:
         return entries
     stored = Weights(model)
-    # The twin graph is built on a copy whose large weights are stubs (never copied as protos).
     light, originals = split_large_initializers(model)
-    twin = twin_model(light, chosen)
-    del light
-    weights = {weight_input(u.consumed): stored.consumed(t) for t in chosen for u in t.all_uses}
-    options = analysis.options
     levels = target_levels(model, chosen)
+    wanted = [list(dict.fromkeys(u.input for t in level for u in t.all_uses)) for level in levels]
+    fed = {u.consumed: (t.elem_type, list(t.weight_shape)) for t in chosen for u in t.all_uses}
+    run = SegmentedModel(light, wanted, fed, feeds, originals)
+    mask = find_mask_input(light, analysis.options.mask_input)
+    store = analysis.store if analysis.store is not None and analysis.store.writable else None
+    options = analysis.options
+    # The fed weights each segment's nodes read: targets of earlier levels, factorized by then.
+    reads = [{x for n in seg.nodes for x in n.input} & set(fed) for seg in run.segments]
+    last = {x: i for i, names in enumerate(reads) for x in names}
+    compressed: dict[str, np.ndarray] = {}  # rank-k products, kept until their last reader
     underdetermined: list[TargetAnalysis] = []
     for i, level in enumerate(progress.track(levels, total=len(levels), description="closed loop")):
-        plans = plan_statistics(
-            level, lambda name: twin_name(model, name), partner=compensate, prefix="cl"
+        states = {"compressed": {x: compressed[x] for x in reads[i]}}
+        if compensate:
+            original = {u.consumed: t for t in chosen for u in t.all_uses if u.consumed in reads[i]}
+            states["original"] = {x: stored.consumed(t) for x, t in original.items()}
+        stats = level_statistics(
+            light, level, run.run(i, states), mask, options.precision, compensate, feeds
         )
-        session = StatisticsSession(
-            twin,
-            [],
-            {**feeds[0], **weights},
-            options.mask_input,
-            options.precision,
-            plans=plans,
-            originals=originals,
-        )
-        stats = session.collect(({**f, **weights} for f in feeds), description=f"level {i}")
-        del session
+        del states
+        for x in [x for x in compressed if last[x] <= i]:
+            del compressed[x]
         for t in level:
             diag = (analysis.output_diag or {}).get(t.name) if options.two_sided else None
+            rank = ranks[t.name].rank
             entry = analyze_target(
-                t, stored.consumed(t), stats[t.stat_key], options, compensate, diag
+                t, stored.consumed(t), stats[t.stat_key], options, compensate, diag, max_rank=rank
             )
-            entries[t.name] = entry
             if compensate and entry.rows < t.n and entry.lam < WEAK_SHRINKAGE:
                 underdetermined.append(entry)
-            a, c = entry.spectrum.factors(ranks[t.name].rank)
+            a, c = entry.spectrum.factors(rank)
             for u in t.all_uses:
-                weights[weight_input(u.consumed)] = stored_weight(t, a @ c)
+                if u.consumed in last:  # a later segment runs this target
+                    compressed[u.consumed] = stored_weight(t, a @ c)
+            if store is not None:
+                entry.spectrum = entry.spectrum.stored(store, f"closed/{t.name}")
+            entries[t.name] = entry
+        del stats
     if underdetermined:
         worst = min(underdetermined, key=lambda e: e.lam)
         log.warning(
@@ -103,3 +119,45 @@ def closed_loop_entries(
             worst.lam,
         )
     return entries
+
+
+def level_statistics(
+    model: onnx.ModelProto,
+    level: list[Target],
+    batches: Iterator[tuple[int, dict[str, dict[str, np.ndarray]]]],
+    mask: str | None,
+    precision: str,
+    compensate: bool,
+    feeds: list[Feed],
+) -> dict:
+    """The moments of one level's inputs in the compressed model (with their cross-statistic
+    with the original's when ``compensate``), summed in batch order from the segment's values,
+    by a graph of the statistics nodes alone."""
+    plans = plan_statistics(level, lambda x: COMPRESSED + x, partner=compensate, prefix="cl")
+    _, values = next(batches)
+
+    def feed_of(b: int, values: dict[str, dict[str, np.ndarray]]) -> Feed:
+        got = {COMPRESSED + x: v for x, v in values["compressed"].items()}
+        got.update(values.get("original", {}))
+        if mask is not None and mask in feeds[b]:
+            got[mask] = feeds[b][mask]
+        return got
+
+    sample = feed_of(0, values)
+    if mask is not None and mask in sample:
+        mark_masks(plans, {x: tuple(v.shape) for x, v in sample.items()}, sample[mask].shape)
+    declared = {i.name for i in model.graph.input}
+    graph_inputs = [x for x in sample if x in declared]
+    dtypes = {x: v.dtype for x, v in sample.items() if x not in declared}
+    base = inputs_model(model, dtypes, graph_inputs)
+    session = StatisticsSession(
+        base, level, {}, mask, precision, plans=plans, masks_decided=True, arena=True
+    )
+
+    totals = session.run(sample)  # the first batch's sums start the totals (float64, owned)
+    for b, vals in batches:
+        for key, moments in session.run(feed_of(b, vals)).items():
+            totals[key].add(moments)
+    for moments in totals.values():
+        mirror_upper(moments.gram)  # each batch added only the upper triangle
+    return totals

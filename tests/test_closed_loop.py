@@ -10,13 +10,51 @@ import pytest
 
 from flarc.calib.data import CalibrationSet
 from flarc.calib.moments import Moments
-from flarc.calib.twin import target_levels, twin_model, twin_name, weight_input
+from flarc.calib.segments import SegmentedModel, cut_segments, target_levels
 from flarc.core.targets import constant_tensors, find_targets, stored_weight, weight_matrix
 from flarc.pipeline import AnalysisOptions, analyze
 from flarc.rewrite.closed_loop import closed_loop_entries
 from flarc.rewrite.ranks import RankChoice
 from flarc.rewrite.spectrum import compensated_svd, whitened_svd
 from flarc.rewrite.whiten import whitener
+
+TWIN = "twin/"
+
+
+def twin_model(model: onnx.ModelProto, targets) -> onnx.ModelProto:
+    """A reference independent of the segments: ``model`` plus a renamed copy of every node
+    (``TWIN`` + name) whose targets read their weights from graph inputs ``TWIN + weight``, so
+    one whole-graph run gives the original's and the compressed model's tensors side by side."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    reads = {t.weight: t for t in targets}
+    keep = {i.name for i in model.graph.input} | (set(constant_tensors(model)) - set(reads))
+    twins = []
+    for node in model.graph.node:
+        if all(o in keep for o in node.output):
+            continue  # a shared constant
+        twin = onnx.NodeProto()
+        twin.CopyFrom(node)
+        twin.name = TWIN + node.name
+        twin.input[:] = [i if not i or i in keep else TWIN + i for i in node.input]
+        twin.output[:] = [TWIN + o for o in node.output]
+        twins.append(twin)
+    out.graph.node.extend(twins)
+    for w, t in sorted(reads.items()):
+        out.graph.input.append(
+            onnx.helper.make_tensor_value_info(TWIN + w, t.elem_type, list(t.weight_shape))
+        )
+    out.ir_version = 10
+    return out
+
+
+def run_tensors(model: onnx.ModelProto, names: list[str], feeds) -> list[dict[str, np.ndarray]]:
+    """``names`` on every feed, by one onnxruntime session of the whole graph."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [dict(zip(names, sess.run(names, f), strict=True)) for f in feeds]
 
 
 @pytest.fixture(scope="module")
@@ -72,41 +110,43 @@ def test_first_level_compensated_equals_open_loop(setup):
         assert np.trace(d.T @ g @ d) / np.trace(b1.T @ g @ b1) < 1e-10, t.name
 
 
-def test_compensated_factor_beats_plain_on_its_objective(setup):
-    """For every target, on the compressed activations X_c it actually sees:
-    ||X_o B - X_c B_comp|| <= ||X_o B - X_c B_plain|| (both at the same rank)."""
+@pytest.fixture(scope="module")
+def compensated(setup):
+    """``(k, entries, rows)``: compensated closed-loop entries at rank k and, per target, its
+    unmasked rows ``(X_c, X_o)`` from one run of the whole-graph twin with every factor fed."""
     model, feeds, analysis = setup
     k = 8
     ranks = {t.name: RankChoice(k, "test") for t in analysis.targets}
     entries = closed_loop_entries(model, analysis, ranks, feeds, compensate=True)
-    consts = constant_tensors(model)
-    twin = twin_model(model, analysis.targets)
-    weights = {
-        weight_input(t.weight): stored_weight(t, np.asarray(weight_matrix(t, consts[t.weight])))
-        for t in analysis.targets
-    }
+    weights = {}
     for t in analysis.targets:
         a, c = entries[t.name].spectrum.factors(k)
-        weights[weight_input(t.weight)] = stored_weight(t, a @ c)
-    twin.ir_version = 10
-    outputs = sorted({n for t in analysis.targets for n in (twin_name(model, t.input), t.input)})
-    probe = onnx.ModelProto()
-    probe.CopyFrom(twin)
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in outputs)
-    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    acts = [dict(zip(outputs, sess.run(outputs, {**f, **weights}), strict=True)) for f in feeds]
+        weights[TWIN + t.weight] = stored_weight(t, a @ c)
+    outputs = sorted({n for t in analysis.targets for n in (TWIN + t.input, t.input)})
+    twin = twin_model(model, analysis.targets)
+    acts = run_tensors(twin, outputs, [{**f, **weights} for f in feeds])
+    keep = [f["attention_mask"].reshape(-1) > 0 for f in feeds]
+    rows = {
+        t.name: tuple(
+            np.concatenate(
+                [a[p + t.input].reshape(-1, t.n)[m] for a, m in zip(acts, keep, strict=True)]
+            ).astype(np.float64)
+            for p in (TWIN, "")
+        )
+        for t in analysis.targets
+    }
+    return k, entries, rows
+
+
+def test_compensated_factor_beats_plain_on_its_objective(setup, compensated):
+    """For every target, on the compressed activations X_c it actually sees:
+    ||X_o B - X_c B_comp|| <= ||X_o B - X_c B_plain|| (both at the same rank)."""
+    model, _, analysis = setup
+    k, entries, rows = compensated
+    consts = constant_tensors(model)
     wins = 0
     for t in analysis.targets:
-        keep = [f["attention_mask"].reshape(-1) > 0 for f in feeds]
-        xc = np.concatenate(
-            [
-                a[twin_name(model, t.input)].reshape(-1, t.n)[m]
-                for a, m in zip(acts, keep, strict=True)
-            ]
-        ).astype(np.float64)
-        xo = np.concatenate(
-            [a[t.input].reshape(-1, t.n)[m] for a, m in zip(acts, keep, strict=True)]
-        ).astype(np.float64)
+        xc, xo = rows[t.name]
         b = weight_matrix(t, consts[t.weight])
         a_c, c_c = entries[t.name].spectrum.factors(k)
         a_p, c_p = whitened_svd(b, whitener(Moments.from_rows(xc).gram)[0]).factors(k)
@@ -144,3 +184,62 @@ def test_shrinkage_regularises_an_underdetermined_compensation(setup, caplog):
         entries = closed_loop_entries(model, shrunk, ranks, few, compensate=True)
     assert any(e.rows < e.target.n for e in entries.values())
     assert "fewer calibration rows than inputs" not in caplog.text
+
+
+def test_segments_give_the_whole_graphs_tensors(setup):
+    """Run a segment at a time, each level's inputs are what one run of the whole graph gives;
+    nothing stays carried after the last segment."""
+    model, feeds, analysis = setup
+    levels = target_levels(model, analysis.targets)
+    wanted = [list(dict.fromkeys(t.input for t in level)) for level in levels]
+    run = SegmentedModel(model, wanted, {}, feeds)
+    segments = run.segments
+    ran = [id(n) for s in segments for n in s.nodes]
+    assert len(ran) == len(set(ran))  # every node runs at most once
+    expected = run_tensors(model, [x for names in wanted for x in names], feeds)
+    for i in range(len(levels)):
+        for b, got in run.run(i, {"original": {}}):
+            for x in wanted[i]:
+                np.testing.assert_array_equal(got["original"][x], expected[b][x], err_msg=x)
+    assert all(not carried for carried in run.carried["original"])
+
+
+def test_segment_cut_feeds_what_later_segments_read():
+    """A tensor read two segments later is carried over the segment between; a fed tensor's
+    producer never runs."""
+    g = onnx.helper
+    nodes = [
+        g.make_node("Relu", ["x"], ["a"], name="n0"),
+        g.make_node("Relu", ["a"], ["b"], name="n1"),
+        g.make_node("Cast", ["w0"], ["w"], name="path", to=1),
+        g.make_node("MatMul", ["b", "w"], ["c"], name="n2"),
+        g.make_node("Add", ["c", "a"], ["d"], name="n3"),
+    ]
+    graph = g.make_graph(nodes, "g", [], [])
+    seg = cut_segments(graph, [["b"], ["c"], ["d"]], fed={"w"})
+    assert [[n.name for n in s.nodes] for s in seg] == [["n0", "n1"], ["n2"], ["n3"]]
+    assert seg[0].carried_out == ["a", "b"] and seg[0].outputs == ["a", "b"]
+    assert seg[1].carried_in == ["b"] and seg[1].released == ["b"]
+    assert seg[2].carried_in == ["c", "a"] and sorted(seg[2].released) == ["a", "c"]
+
+
+def test_closed_loop_statistics_are_the_compressed_models(setup, compensated):
+    """Every compensated spectrum equals the one computed from the whole-graph twin's rows:
+    the compressed model's inputs X_c (all upstream targets at their rank) and the original's
+    X_o, padding left out."""
+    model, _, analysis = setup
+    _, entries, rows = compensated
+    consts = constant_tensors(model)
+    for t in analysis.targets:
+        xc, xo = rows[t.name]
+        b = weight_matrix(t, consts[t.weight])
+        w, _ = whitener(xc.T @ xc / len(xc))
+        expected = compensated_svd(b, w, xc.T @ xo / len(xc))
+        np.testing.assert_allclose(
+            entries[t.name].spectrum.sigma,
+            expected.sigma,
+            rtol=1e-4,  # float32 activations: a segment's fusions can differ from the graph's
+            atol=1e-6 * expected.sigma[0],
+            err_msg=t.name,
+        )
+        assert entries[t.name].rows == len(xc)

@@ -262,3 +262,17 @@ def test_text_calibration_is_packed_for_kv_decoders(lm):
         build_parser().parse_args([*base, "--no-pack"]), model, tokens_only=True
     )
     assert any(not f["attention_mask"].all() for f in lines.calibration + lines.heldout)
+
+
+def test_missing_tokenizer_is_a_one_line_error(lm, tmp_path, capsys):
+    """--tokenizer naming a folder that is not there (transformers would try the hub): one
+    line naming it, exit 2, nothing written."""
+    out = tmp_path / "x.onnx"
+    missing = tmp_path / "no-such-tokenizer"
+    capsys.readouterr()
+    code = main(["compress", str(lm["with_past"]), "-o", str(out), "--text", str(lm["text"]),
+                 "--tokenizer", str(missing)])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("flarc: error:")
+    assert str(missing) in err[0]
+    assert not out.exists()
