@@ -199,6 +199,8 @@ METHODS = {
     # The default rule: global allocation weighted by the analysis's K-FAC sensitivities, on
     # two-sided spectra (A^1/2 W D^1/2) since 442d745; one-sided (A^1/2 W, g2-weighted) before.
     "flarc default": (dict(), lambda b: RankOptions(budget=b), False, False),
+    # The default rule's ranks, then closed-loop compensated factors.
+    "flarc default + compensation": (dict(), lambda b: RankOptions(budget=b), True, True),
     "K-FAC weighted, one-sided": (
         dict(two_sided=False),
         lambda b: RankOptions(budget=b),

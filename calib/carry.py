@@ -138,7 +138,7 @@ def spill_activations(
     try:
         sess = fed_session(
             activations_model(model, wanted),
-            session_options(threads, arena=False, prepacking=False),
+            session_options(threads, arena=False, prepacking=False, spinning=False),
             originals,
         )
         for i, feed in enumerate(progress.track(feeds, total=len(feeds), description=description)):

@@ -154,7 +154,7 @@ class SegmentedModel:
         part.metadata_props.extend(self.model.metadata_props)  # where a lazy model's data lies
         for f in self.model.functions:
             part.functions.append(f)
-        options = session_options(self.threads, prepacking=False)
+        options = session_options(self.threads, prepacking=False, spinning=False)
         return fed_session(part, options, self.originals)
 
     def run(self, i: int, states: Mapping[str, Mapping[str, np.ndarray]]):

@@ -468,7 +468,9 @@ class StatisticsSession:
         stats_model = build_statistics_model(model, self.plans, self.mask_input, precision)
         # Without the arena, the large per-batch outputs go back to the system when freed;
         # pre-packed weight copies would put a large model's weights in memory a second time.
-        opts = session_options(threads, arena=arena, prepacking=external_dir(stats_model) is None)
+        opts = session_options(
+            threads, arena=arena, prepacking=external_dir(stats_model) is None, spinning=False
+        )
         self.session = fed_session(stats_model, opts, originals)
         del stats_model, model
         self.output_names = [p.outputs[f] for p in self.plans for f in p.fields]

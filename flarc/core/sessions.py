@@ -41,6 +41,7 @@ def session_options(
     arena: bool = True,
     prepacking: bool = True,
     sequential: bool = False,
+    spinning: bool = True,
 ) -> ort.SessionOptions:
     """Options for every session flarc opens: quiet, ``threads`` intra-op threads, an optimization
     level by name (onnxruntime's default when None), optionally without the CPU arena (freed
@@ -55,6 +56,10 @@ def session_options(
         options.enable_cpu_mem_arena = False
     if not prepacking:
         options.add_session_config_entry("session.disable_prepacking", "1")
+    if not spinning:
+        # Idle intra-op threads sleep: between runs this process does its own BLAS work
+        # (Grams, products), which spinning threads slow down (2x on two cores, measured).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if sequential:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.inter_op_num_threads = 1
