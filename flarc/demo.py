@@ -162,7 +162,8 @@ class DemoResult:
 
 
 def run_demo(budget: float = 0.8, out_dir: Path | None = None, progress=None) -> DemoResult:
-    """Compress MiniLM with the default method at ``budget``; measure embeddings and latency."""
+    """Compress MiniLM with the default method (``--preset best``) at ``budget``; measure
+    embeddings and latency."""
     from flarc.calib.data import CalibrationSet
     from flarc.core.files import file_sha256
     from flarc.core.modelio import load_model, save_model
@@ -183,7 +184,15 @@ def run_demo(budget: float = 0.8, out_dir: Path | None = None, progress=None) ->
     analysis = analyze(
         model, find_targets(model), data, AnalysisOptions(), file_sha256(src), progress
     )
-    result = compress(model, analysis, demo_options(budget), progress=progress)
+    # The CLI's default (--preset best): the default rule's ranks, refitted closed loop.
+    result = compress(
+        model,
+        analysis,
+        demo_options(budget),
+        closed_loop=data.calibration,
+        compensate=True,
+        progress=progress,
+    )
     save_model(result.model, out)
     elapsed = time.perf_counter() - t0
     before, after = open_session(src), open_session(out)

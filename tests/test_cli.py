@@ -424,3 +424,22 @@ def test_compress_lazy_external_model_matches_in_memory(tmp_path, mlp, capsys, m
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
     fail(capsys, compress_argv(src, folder / "out.onnx", tmp_path), "out.onnx.data", "data file")
     assert before == {p.name: sha(p) for p in folder.iterdir()}
+
+
+def test_preset_best_refits_closed_loop_and_fast_does_not(tmp_path, mlp, capsys):
+    """The default rule under the default preset (best) runs the compensated closed loop after
+    the SVDs; --preset fast and an explicit rule (--ratio) stay open loop."""
+
+    def stages(*extra: str) -> list[str]:
+        out = tmp_path / f"{'_'.join(extra) or 'default'}.onnx"
+        argv = ["compress", str(mlp), "-o", str(out), "--calib", str(tmp_path / "calib.npz"),
+                "--align", "4", *extra]  # fmt: skip
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+        return [line.split("] ", 1)[1].split(": started")[0] for line in err.splitlines()
+                if line.startswith("[") and ": started" in line]  # fmt: skip
+
+    best = stages()
+    assert best.index("closed loop") == best.index("whitened SVD") + 1
+    assert "closed loop" not in stages("--preset", "fast")
+    assert "closed loop" not in stages("--ratio", "0.5")

@@ -245,3 +245,19 @@ def test_compress_through_the_pipeline_keeps_both_branches_working(conds):
         y, y0 = _run(result.model, feed), _run(model, feed)
         cos = float((y * y0).sum() / np.linalg.norm(y) / np.linalg.norm(y0))
         assert cos > 0.5
+
+
+def test_preset_best_falls_back_to_open_loop_on_subgraphs(caplog):
+    """The default preset (best) takes an If model open loop and says why; explicit
+    --compensate stays closed loop (which then refuses the subgraph by name)."""
+    from flarc.cli import build_parser
+    from flarc.cli.args import ClosedLoopArgs
+
+    model = _if_model()
+    argv = ["compress", "if.onnx", "-o", "s.onnx", "--calib", "c.npz", "--budget", "0.7"]
+    args = build_parser().parse_args(argv)
+    with caplog.at_level("INFO", logger="flarc.cli.args"):
+        assert ClosedLoopArgs().parse(args, model, has_data=True) == (False, False)
+    assert "--preset best: open loop" in caplog.text and "branch/else_branch" in caplog.text
+    explicit = build_parser().parse_args([*argv, "--compensate"])
+    assert ClosedLoopArgs().parse(explicit, model, has_data=True) == (True, True)

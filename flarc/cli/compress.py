@@ -11,7 +11,7 @@ from flarc.cli.analyze import ANALYSIS_GROUPS, CALIBRATION, analysis_for
 from flarc.cli.args import ClosedLoopArgs, LatencyArgs, ModelArgs, OutputArgs, RankArgs
 from flarc.cli.command import Command
 from flarc.cli.display import CliProgress, console
-from flarc.core.errors import DataError, FlarcError
+from flarc.core.errors import FlarcError
 
 RANKS = RankArgs()
 LATENCY = LatencyArgs()
@@ -67,10 +67,8 @@ class Compress(Command):
         options = RANKS.parse(args)
         shapes = CALIBRATION.shapes.parse(args)
         options = LATENCY.parse(args, options, model, analysis, shapes, progress)
-        closed, compensate = CLOSED_LOOP.parse(args)
-        if closed and data is None:
-            raise DataError("--closed-loop needs calibration data (--calib, --text or --synthetic)")
-        loop = data.calibration if closed else None
+        closed, compensate = CLOSED_LOOP.parse(args, model, data is not None)
+        loop = data.calibration if closed and data is not None else None
         result = compress(model, analysis, options, args.force, loop, compensate, progress)
         written = step(progress, "writing", lambda: save_model(result.model, args.output))
         elapsed = time.perf_counter() - t0
