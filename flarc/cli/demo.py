@@ -30,8 +30,9 @@ class Demo(Command):
 
         con = console()
         con.print(
-            "all-MiniLM-L6-v2 on English text of pydoc_data.topics; ranks: the default (global "
-            f"allocation weighted by K-FAC sensitivities), keeping {args.budget:.0%} of target parameters"
+            "all-MiniLM-L6-v2 on English text of pydoc_data.topics; the default method (--preset "
+            "best: global allocation weighted by K-FAC sensitivities, then closed-loop "
+            f"compensated factors), keeping {args.budget:.0%} of target parameters"
         )
         demo = run_demo(args.budget, args.out_dir, CliProgress())
         con.print(f"model: {demo.source}")
