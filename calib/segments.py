@@ -15,7 +15,7 @@ inputs to it, so targets of one level never feed each other and share one segmen
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,7 +157,9 @@ class SegmentedModel:
         options = session_options(self.threads, prepacking=False, spinning=False)
         return fed_session(part, options, self.originals)
 
-    def run(self, i: int, states: Mapping[str, Mapping[str, np.ndarray]]):
+    def run(
+        self, i: int, states: Mapping[str, Mapping[str, np.ndarray]]
+    ) -> Iterator[tuple[int, dict[str, dict[str, np.ndarray]]]]:
         """Run segment ``i`` (the next one) once per batch in each state (name -> the fed weights
         its nodes read) and yield ``(batch, {state: {wanted tensor: value}})`` batch by batch."""
         if i != self.done:

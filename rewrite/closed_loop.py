@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from flarc.calib.carry import inputs_model
-from flarc.calib.moments import mirror_upper
+from flarc.calib.moments import Moments, mirror_upper
 from flarc.calib.segments import SegmentedModel, target_levels
 from flarc.calib.statistics import StatisticsSession, mark_masks, plan_statistics
 from flarc.core.errors import OptionError
@@ -73,6 +73,7 @@ def closed_loop_entries(
     run = SegmentedModel(light, wanted, fed, feeds, originals)
     mask = find_mask_input(light, analysis.options.mask_input)
     store = analysis.store if analysis.store is not None and analysis.store.writable else None
+    index = {t.name: i for i, t in enumerate(analysis.targets)}
     options = analysis.options
     # The fed weights each segment's nodes read: targets of earlier levels, factorized by then.
     reads = [{x for n in seg.nodes for x in n.input} & set(fed) for seg in run.segments]
@@ -103,7 +104,8 @@ def closed_loop_entries(
                 if u.consumed in last:  # a later segment runs this target
                     compressed[u.consumed] = stored_weight(t, a @ c)
             if store is not None:
-                entry.spectrum = entry.spectrum.stored(store, f"closed/{t.name}")
+                # Named by index, as the open-loop spectra: a node name is no safe file name.
+                entry.spectrum = entry.spectrum.stored(store, f"closed/t{index[t.name]}")
             entries[t.name] = entry
         del stats
     if underdetermined:
@@ -129,7 +131,7 @@ def level_statistics(
     precision: str,
     compensate: bool,
     feeds: list[Feed],
-) -> dict:
+) -> dict[str, Moments]:
     """The moments of one level's inputs in the compressed model (with their cross-statistic
     with the original's when ``compensate``), summed in batch order from the segment's values,
     by a graph of the statistics nodes alone."""
