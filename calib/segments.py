@@ -133,7 +133,7 @@ class SegmentedModel:
         if not seg.nodes:
             return None
         reads = self.reads[i]
-        sample = next(iter(self.carried.values()), [{}])[0] if self.carried else {}
+        sample = next(iter(self.carried.values()), [{}])[0]  # batch 0 of a state, typing only
         inputs = [self.inputs[x] for x in reads if x in self.inputs]
         inputs += [
             helper.make_tensor_value_info(x, *self.weights[x]) for x in reads if x in self.weights

@@ -76,7 +76,7 @@ def closed_loop_entries(
     index = {t.name: i for i, t in enumerate(analysis.targets)}
     options = analysis.options
     # The fed weights each segment's nodes read: targets of earlier levels, factorized by then.
-    reads = [{x for n in seg.nodes for x in n.input} & set(fed) for seg in run.segments]
+    reads = [set(names) & set(fed) for names in run.reads]
     last = {x: i for i, names in enumerate(reads) for x in names}
     compressed: dict[str, np.ndarray] = {}  # rank-k products, kept until their last reader
     underdetermined: list[TargetAnalysis] = []
