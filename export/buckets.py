@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -293,9 +293,13 @@ def write_buckets(
     progress: Progress | None = None,
     weights: Mapping[str, float] | None = None,
     alpha: Mapping[str, float] | None = None,
+    refit: Callable[[dict[str, int]], Mapping[str, Spectrum]] | None = None,
 ) -> BuildResult:
     """Write the bucket folder ``output`` (atomically: a temp folder, then one rename); ranks
-    from :func:`plan_buckets` (``weights``: K-FAC sensitivities; ``alpha``: FLRC instead)."""
+    from :func:`plan_buckets` (``weights``: K-FAC sensitivities; ``alpha``: FLRC instead) on
+    ``spectra``. ``refit``, given each factorized target's largest-bucket rank, returns the
+    spectra the factors are cut from instead (each kept at least to that rank): the closed
+    loop, fitted once at the largest bucket, every smaller bucket a row prefix of it."""
     progress = progress or NoProgress()
     out = Path(output)
     if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
@@ -313,6 +317,13 @@ def write_buckets(
     plans = plan_buckets(usable, budgets, align, spectra, weights, alpha)
     # What ranked the targets: FLRC's alpha, or the K-FAC sensitivity (empty: weighted alike).
     importance = dict(alpha if alpha is not None else weights or {})
+    if refit is not None:
+        largest = {
+            t.name: max(r for p in plans if (r := p.ranks[t.name]) is not None)
+            for t in usable
+            if any(p.ranks[t.name] is not None for p in plans)
+        }
+        spectra = {**spectra, **refit(largest)}
     with atomic_folder(out) as tmp:
         stored = _write_factors(tmp / FACTORS_FILE, usable, spectra, plans, progress)
         factorized_everywhere = {

@@ -53,6 +53,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from flarc.calib.sensitivity import OutputGradients
+    from flarc.rewrite.spectrum import Spectrum
 
 log = logging.getLogger(__name__)
 
@@ -393,11 +394,15 @@ def build_buckets(
     progress: Progress | None = None,
     allocate: str = "global",
     compute: Compute | None = None,
+    closed_loop: bool = False,
+    compensate: bool = False,
 ) -> BuildResult:
     """Analyse once, write the buckets. Ranks (``allocate``): "global", the default rule of
     compress (K-FAC sensitivities, nested buckets), or "fisher", FLRC on ``alpha`` (computed
-    with ``fisher_loss`` unless given). ``data`` holds token batches; empty past tensors are
-    added here."""
+    with ``fisher_loss`` unless given). ``closed_loop``: the factors are refitted closed loop
+    (with error compensation when ``compensate``) at the largest bucket's ranks, as compress
+    does at its chosen ranks; smaller buckets are row prefixes of them. ``data`` holds token
+    batches; empty past tensors are added here."""
     if allocate not in ("global", "fisher"):
         raise ModelError(f"bucket allocation '{allocate}': expected global or fisher")
     progress = progress or NoProgress()
@@ -429,6 +434,21 @@ def build_buckets(
     opts["calibration_batches"] = len(data.calibration)
     provenance["options"] = opts
     spectra = {name: e.spectrum for name, e in analysis.entries.items()}
+    refit = None
+    if closed_loop or compensate:
+        from flarc.rewrite.closed_loop import closed_loop_entries
+
+        opts["closed_loop"] = "compensated" if compensate else "plain"
+
+        def refit(largest: dict[str, int]) -> dict[str, Spectrum]:
+            ranks = {
+                t.name: RankChoice(largest.get(t.name), "largest bucket") for t in usable.targets
+            }
+            entries = closed_loop_entries(
+                model, analysis, ranks, data.calibration, compensate, progress
+            )
+            return {name: entries[name].spectrum for name in largest}
+
     return write_buckets(
         model,
         usable.targets,
@@ -440,4 +460,5 @@ def build_buckets(
         progress,
         weights=None if fisher else analysis.sensitivities(),
         alpha=(alpha if alpha is not None else analysis.fisher) if fisher else None,
+        refit=refit,
     )

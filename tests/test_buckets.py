@@ -238,6 +238,9 @@ def test_cli_export_buckets(tiny_lm, tmp_path):
     assert manifest.budgets == [1.0, 0.5]
     assert manifest.data["source"]["sha256"]
     assert manifest.data["options"]["align"] == 16
+    # --preset best (the default): factors refitted closed loop, as compress does.
+    assert manifest.data["options"]["preset"] == "best"
+    assert manifest.data["options"]["closed_loop"] == "compensated"
     assert all(
         r % 16 == 0 or r == t["max_rank"]
         for t in manifest.data["targets"]
@@ -250,3 +253,47 @@ def test_cli_export_buckets(tiny_lm, tmp_path):
     with pytest.raises(FlarcError, match="outside"):
         bad.func(bad)
     assert not (tmp_path / "x").exists()
+
+
+def test_closed_loop_buckets_are_prefixes_of_the_refit_at_the_largest_ranks(tiny_lm, tmp_path):
+    from flarc.calib.data import CalibrationSet
+    from flarc.export.buckets import calibration_for_lm
+    from flarc.pipeline import analyze, build_buckets
+    from flarc.rewrite.analysis import AnalysisOptions
+    from flarc.rewrite.closed_loop import closed_loop_entries
+    from flarc.rewrite.ranks import RankChoice
+
+    model, targets = tiny_lm["model"], tiny_lm["targets"]
+    data = CalibrationSet(lm_token_batches(2), [], "test")
+    budgets = [0.8, 0.5]
+    closed = build_buckets(
+        model, targets, data, budgets, tmp_path / "closed", closed_loop=True, compensate=True
+    ).manifest
+    opened = build_buckets(model, targets, data, budgets, tmp_path / "open").manifest
+    # The ranks are the open-loop plan's; only the factors are refitted.
+    assert [b["ranks"] for b in closed.data["buckets"]] == [
+        b["ranks"] for b in opened.data["buckets"]
+    ]
+    assert closed.data["options"]["closed_loop"] == "compensated"
+    # Independent route: the closed loop of compress at the largest bucket's ranks.
+    feeds = calibration_for_lm(data, layout_from_onnx(model)).calibration
+    analysis = analyze(model, targets, CalibrationSet(feeds, [], "test"), AnalysisOptions())
+    largest = closed.data["buckets"][0]["ranks"]
+    ranks = {name: RankChoice(r, "test") for name, r in largest.items()}
+    entries = closed_loop_entries(model, analysis, ranks, feeds, compensate=True)
+    changed = 0
+    for t in closed.data["targets"]:
+        at, c = read_factor_rows(closed, t["name"], t["stored_rank"])
+        want_a, want_c = entries[t["name"]].spectrum.factors(t["stored_rank"])
+        np.testing.assert_allclose(at.T @ c, want_a @ want_c, rtol=1e-4, atol=1e-5)
+        open_at, open_c = read_factor_rows(opened, t["name"], t["stored_rank"])
+        changed += not np.allclose(at.T @ c, open_at.T @ open_c, rtol=1e-3, atol=1e-4)
+    assert changed > len(closed.data["targets"]) // 2
+    # Every smaller bucket is still a row prefix of the stored (refitted) factors.
+    small = closed.data["buckets"][1]
+    graph = onnx.load(str(closed.path(small["file"])))
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
+    for t in closed.data["targets"]:
+        r = small["ranks"][t["name"]]
+        at, _ = read_factor_rows(closed, t["name"], t["stored_rank"])
+        np.testing.assert_array_equal(inits[f"{t['name']}/lowrank_At"], at[:r])

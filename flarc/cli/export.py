@@ -10,6 +10,7 @@ from rich.table import Table
 
 from flarc.cli.args import (
     CalibrationArgs,
+    ClosedLoopArgs,
     ComputeArgs,
     FisherLossArgs,
     ModelArgs,
@@ -87,6 +88,7 @@ class ExportBuckets(Command):
         calibration,
         TargetArgs(),
         ComputeArgs(),
+        ClosedLoopArgs(),
     )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -121,6 +123,7 @@ class ExportBuckets(Command):
         model = load_model(args.model)
         targets = TargetArgs().parse(args, model, args.model)
         data = self.calibration.parse(args, model, tokens_only=True)
+        closed, compensate = ClosedLoopArgs().parse(args, model, True)
         provenance = {
             "source": {"model": str(args.model), "sha256": file_sha256(args.model)},
             "options": {
@@ -132,6 +135,7 @@ class ExportBuckets(Command):
                 "exclude": args.exclude,
                 "allocate": args.allocate,
                 "fisher_loss": args.fisher_loss,
+                "preset": args.preset,
                 "flarc_version": __version__,
             },
         }
@@ -150,6 +154,8 @@ class ExportBuckets(Command):
                 progress=CliProgress(),
                 allocate=args.allocate,
                 compute=compute,
+                closed_loop=closed,
+                compensate=compensate,
             )
         table = Table(title=f"rank buckets in {out}")
         for col in ("budget", "total rank", "params", "weights MB", "file"):
