@@ -13,7 +13,7 @@ Steps (each cached under ~/.cache/flarc/qwen2.5-0.5b):
    original's own entropies, their mean budget would be 0.8 and 0.7 (the measured mean budget is
    reported). Each schedule loads the buckets it uses, as ``flarc generate`` does: one bucket
    prepacks its own weights, several share one copy (and ``--prepack`` rows show what
-   prepacking them all buys and costs). Reported: tokens/s, token match rate and ROUGE-L against
+   prepacking them all buys and costs), every session on one global thread pool. Reported: tokens/s, token match rate and ROUGE-L against
    the original's tokens per domain, mean budget, and weight memory (RSS).
 
 Writes bench/results/progressive_decoding.{json,md}.
@@ -203,7 +203,11 @@ def main() -> int:
     from flarc.export.schedule import parse_schedule
 
     available = load_manifest(folder, verify=False).budgets
-    original = Generator.from_onnx(onnx_path, args.threads)
+    import onnxruntime as ort
+
+    # As flarc generate: every session of this process on one global thread pool.
+    ort.set_global_thread_pool_sizes(args.threads or 0, 1)
+    original = Generator.from_onnx(onnx_path, args.threads, global_threads=True)
     rows = {}
     refs: dict[str, list[list[int]]] = {d: [] for d in prompts}
     entropies = []
@@ -241,6 +245,7 @@ def main() -> int:
         gen = Generator.from_buckets(
             folder, budgets=used, threads=args.threads, verify=False,
             prepack=True if how is True else (False if how == "all" else None),
+            global_threads=True,
         )  # fmt: skip
         tps, budgets = [], []
         row = {}

@@ -286,3 +286,53 @@ def test_schedule_uses_only_its_buckets_and_one_bucket_prepacks(tiny_lm, gen, mo
     b = gen.generate(PROMPT, 12, "static:0.6", keep_logits=True)
     assert a.tokens == b.tokens
     np.testing.assert_allclose(np.array(a.logits), np.array(b.logits), rtol=1e-4, atol=1e-4)
+
+
+GLOBAL_THREADS_SCRIPT = """
+import json, sys
+import onnxruntime as ort
+from flarc.core.errors import BackendError
+from flarc.export.runtime import Generator
+folder, prompt = sys.argv[1], json.loads(sys.argv[2])
+try:
+    Generator.from_buckets(folder, budgets=[1.0, 0.4], global_threads=True)
+    refused = None
+except BackendError as exc:
+    refused = str(exc)
+ort.set_global_thread_pool_sizes(0, 1)
+gen = Generator.from_buckets(folder, budgets=[1.0, 0.4], global_threads=True)
+tokens = gen.generate(prompt, 10, "steps:1.0@0,0.4@4").tokens
+print(json.dumps({"refused": refused, "tokens": tokens}))
+"""
+
+
+def test_global_thread_pools_decode_the_same_tokens(tiny_lm, gen):
+    """Bucket sessions on the process's global thread pools (as flarc generate runs several
+    buckets) give the tokens of per-session pools; without the pools, a one-line error."""
+    proc = subprocess.run(
+        [sys.executable, "-c", GLOBAL_THREADS_SCRIPT, str(tiny_lm["folder"]), json.dumps(PROMPT)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["refused"] is not None and "set_global_thread_pool_sizes" in out["refused"]
+    assert "\n" not in out["refused"]
+    assert out["tokens"] == gen.generate(PROMPT, 10, "steps:1.0@0,0.4@4").tokens
+
+
+def test_flarc_generate_runs_its_process_on_global_thread_pools(tiny_lm, gen):
+    """``flarc generate`` as the program: its sessions (buckets and the dense comparison) share
+    the global pools it makes, and decode the tokens per-session pools decode."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "flarc.cli", "generate", str(tiny_lm["folder"]), "--prompt-ids",
+         ",".join(map(str, PROMPT)), "--max-new-tokens", "10", "--schedule",
+         "steps:1.0@0,0.4@4", "--compare-dense", "--json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["tokens"] == gen.generate(PROMPT, 10, "steps:1.0@0,0.4@4").tokens
+    assert (
+        out["dense"]["tokens"] == Generator.from_onnx(tiny_lm["onnx"]).generate(PROMPT, 10).tokens
+    )
+    assert "EP Error" not in proc.stderr + proc.stdout  # no session fell back

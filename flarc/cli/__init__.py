@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     where = getattr(args, "model", None)
     try:
+        own = getattr(args, "own_process", None)
+        if own is not None:
+            own(args)
         return int(args.func(args) or 0)
     except FlarcError as exc:
         print(f"flarc: error: {exc}", file=sys.stderr)

@@ -23,11 +23,15 @@ class Command:
         for group in self.groups:  # first: a group's positional comes before the command's own
             group.add(parser)
         self.add_arguments(parser)
-        parser.set_defaults(func=self.run)
+        parser.set_defaults(func=self.run, own_process=self.own_process)
         return parser
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Flags only this command has (positionals first)."""
+
+    def own_process(self, args: argparse.Namespace) -> None:
+        """Process-wide settings the command wants when it is the program (``flarc`` calls this
+        before :meth:`run`; a caller of ``run`` in its own process does not)."""
 
     def run(self, args: argparse.Namespace) -> int:
         """Do the work; raise FlarcError for bad input; return the exit code."""

@@ -42,13 +42,18 @@ def session_options(
     prepacking: bool = True,
     sequential: bool = False,
     spinning: bool = True,
+    global_threads: bool = False,
 ) -> ort.SessionOptions:
     """Options for every session flarc opens: quiet, ``threads`` intra-op threads, an optimization
     level by name (onnxruntime's default when None), optionally without the CPU arena (freed
-    outputs go back to the system) and without pre-packed weight copies (one per MatMul)."""
+    outputs go back to the system) and without pre-packed weight copies (one per MatMul).
+    ``global_threads``: run on the process's global thread pools (``threads`` then ignored),
+    which ``onnxruntime.set_global_thread_pool_sizes`` must have made."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if threads:
+    if global_threads:
+        options.use_per_session_threads = False
+    elif threads:
         options.intra_op_num_threads = threads
     if optimization is not None:
         options.graph_optimization_level = OPTIMIZATION[optimization]
