@@ -144,6 +144,27 @@ def match_rate(a: list[int], b: list[int]) -> float:
     return float(np.mean([x == y for x, y in zip(a[:n], b[:n], strict=True)])) if n else 0.0
 
 
+def perplexities(paths: dict[str, Path], tok, layout, windows: int) -> dict[str, dict[str, float]]:
+    """Teacher-forced perplexity of each model on held-out 256-token windows in domain (the
+    last quarter of pydoc_data.topics) and out of domain (license texts), as
+    bench/quality_lm.py measures it: a stabler quality measure than greedy agreement."""
+    import quality_lm as q
+
+    from flarc.core.sessions import open_session, session_options
+
+    ids, ood = q.pydoc_ids(tok), q.license_ids(tok)
+    evals = {
+        "in": q.feeds_of(q.windows(ids, int(len(ids) * 0.75), windows, 256), 4, layout),
+        "out": q.feeds_of(q.windows(ood, 0, windows, 256), 4, layout),
+    }
+    out = {}
+    for label, path in paths.items():
+        session = open_session(path, session_options(global_threads=True), what=str(path))
+        out[label] = {d: q.perplexity(session, feeds) for d, feeds in evals.items()}
+        del session
+    return out
+
+
 def flarc(*args: str) -> None:
     """Run a flarc command in this process."""
     from flarc.cli import main
@@ -160,6 +181,10 @@ def main() -> int:
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--build-only", action="store_true", help="only build the bucket folder")
+    ap.add_argument(
+        "--ppl-windows", type=int, default=8,
+        help="held-out windows of 256 tokens per domain for each static bucket's perplexity (8)",
+    )  # fmt: skip
     ap.add_argument(
         "--preset", choices=("best", "fast"), default="best",
         help="flarc export buckets --preset (best: factors refitted closed loop; fast: open "
@@ -192,6 +217,8 @@ def main() -> int:
         build_s = float((folder / "build_seconds.txt").read_text())
     if args.build_only:
         return 0
+    import onnx
+
     tok = AutoTokenizer.from_pretrained(str(hf), local_files_only=True)
     domains = {"in": heldout[: args.prompts], "out": license_paragraphs()[: args.prompts]}
     prompts = {
@@ -268,11 +295,22 @@ def main() -> int:
             "prepacked": bool(gen.shared is None),
         }
         del gen
+    from flarc.export.hf import layout_from_onnx
+
+    layout = layout_from_onnx(onnx.load(str(onnx_path), load_external_data=False))
+    manifest_rows = load_manifest(folder, verify=False).data["buckets"]
+    ppl = perplexities(
+        {"original": onnx_path,
+         **{f"static:{b['budget']:g}": folder / b["file"] for b in manifest_rows}},
+        tok, layout, args.ppl_windows,
+    )  # fmt: skip
+    for label, r in rows.items():
+        got = ppl.get(label.split(",")[0])
+        if got is not None:
+            r["ppl_in"], r["ppl_out"] = got["in"], got["out"]
     # Decoding is bound by weight reads: the ideal speed of a static bucket scales with the bytes
     # read per token (every initializer but the embedding table, of which one row is read).
     import math
-
-    import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     gathered = {n.input[0] for n in graph.node if n.op_type == "Gather"}
@@ -324,11 +362,12 @@ def main() -> int:
         "",
         f"{args.prompts} held-out prompts per domain (in: pydoc_data.topics paragraphs the "
         f"buckets were not calibrated on; out: license texts), {n} new tokens, greedy. Match and "
-        "ROUGE-L against the original model's continuation of the same prompt.",
+        "ROUGE-L against the original model's continuation of the same prompt; perplexity "
+        f"teacher-forced on {args.ppl_windows} held-out windows of 256 tokens per domain.",
         "",
         "| schedule | mean budget | tokens/s | speed-up | ideal speed-up | of ideal | "
-        "match in | ROUGE-L in | match out | ROUGE-L out |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "match in | ROUGE-L in | match out | ROUGE-L out | ppl in | ppl out |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     dense_tps = rows["original"]["tokens_per_s"]
     for label, r in rows.items():
@@ -340,7 +379,7 @@ def main() -> int:
             f"| {label} | {r['mean_budget']:.3f} | {r['tokens_per_s']:.2f} | "
             f"{r['tokens_per_s'] / dense_tps:.2f}x | {cells[0]} | {cells[1]} | "
             f"{r['match_in']:.3f} | {r['rouge_l_in']:.3f} | {r['match_out']:.3f} | "
-            f"{r['rouge_l_out']:.3f} |"
+            f"{r['rouge_l_out']:.3f} | {_num(r.get('ppl_in'))} | {_num(r.get('ppl_out'))} |"
         )
     lines += [
         "",
@@ -358,6 +397,10 @@ def main() -> int:
     write_text_atomic(RESULTS / f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}"
 
 
 MEMORY_SCRIPT = (
