@@ -186,9 +186,9 @@ def main() -> int:
         help="held-out windows of 256 tokens per domain for each static bucket's perplexity (8)",
     )  # fmt: skip
     ap.add_argument(
-        "--preset", choices=("best", "fast"), default="best",
-        help="flarc export buckets --preset (best: factors refitted closed loop; fast: open "
-        "loop); fast writes progressive_decoding_fast.*",
+        "--compensate", action="store_true",
+        help="flarc export buckets --compensate (factors refitted closed loop at the largest "
+        "bucket's ranks); writes progressive_decoding_compensated.*",
     )  # fmt: skip
     args = ap.parse_args()
     from transformers import AutoTokenizer
@@ -202,14 +202,15 @@ def main() -> int:
     calib, heldout = texts()
     calib_file = CACHE / "calib.txt"
     calib_file.write_text("\n\n".join(calib), encoding="utf-8")
-    folder = CACHE / ("lm.buckets" if args.preset == "best" else "lm.buckets.fast")
-    stem = "progressive_decoding" + ("" if args.preset == "best" else "_fast")
+    folder = CACHE / ("lm.buckets.compensated" if args.compensate else "lm.buckets")
+    stem = "progressive_decoding" + ("_compensated" if args.compensate else "")
     if not (folder / "manifest.json").is_file():
         t0 = time.perf_counter()
         flarc(
             "export", "buckets", str(onnx_path), "--text", str(calib_file), "--tokenizer",
             str(hf), "--seq-len", "128", "--batch-size", "2",
-            "--max-batches", str(args.calib_batches), "--preset", args.preset, "-o", str(folder),
+            "--max-batches", str(args.calib_batches), "-o", str(folder),
+            *(["--compensate"] if args.compensate else []),
         )  # fmt: skip
         build_s = time.perf_counter() - t0
         (folder / "build_seconds.txt").write_text(f"{build_s:.1f}\n")
@@ -340,7 +341,7 @@ def main() -> int:
     manifest = json.loads((folder / "manifest.json").read_text())
     result = {
         "model": "Qwen2.5-Coder-0.5B-Instruct (GGUF, dequantized)",
-        "preset": args.preset,
+        "compensate": args.compensate,
         "prompts_per_domain": args.prompts,
         "domains": {"in": "pydoc_data.topics (held-out half)", "out": "license texts"},
         "new_tokens": n,
@@ -357,8 +358,8 @@ def main() -> int:
 
     write_text_atomic(RESULTS / f"{stem}.json", json.dumps(result, indent=1) + "\n")
     lines = [
-        f"# Progressive low-rank decoding, Qwen2.5-Coder-0.5B, onnxruntime CPU, --preset "
-        f"{args.preset}",
+        "# Progressive low-rank decoding, Qwen2.5-Coder-0.5B, onnxruntime CPU"
+        + (", --compensate" if args.compensate else ""),
         "",
         f"{args.prompts} held-out prompts per domain (in: pydoc_data.topics paragraphs the "
         f"buckets were not calibrated on; out: license texts), {n} new tokens, greedy. Match and "

@@ -238,9 +238,13 @@ def test_cli_export_buckets(tiny_lm, tmp_path):
     assert manifest.budgets == [1.0, 0.5]
     assert manifest.data["source"]["sha256"]
     assert manifest.data["options"]["align"] == 16
-    # --preset best (the default): factors refitted closed loop, as compress does.
-    assert manifest.data["options"]["preset"] == "best"
-    assert manifest.data["options"]["closed_loop"] == "compensated"
+    assert "closed_loop" not in manifest.data["options"]  # open loop unless asked
+    comp = _parser().parse_args(
+        ["export", "buckets", str(tiny_lm["onnx"]), "--calib", str(tmp_path / "calib.npz"),
+         "--budgets", "0.5", "--compensate", "-o", str(tmp_path / "comp")]
+    )  # fmt: skip
+    assert comp.func(comp) == 0
+    assert load_manifest(tmp_path / "comp").data["options"]["closed_loop"] == "compensated"
     assert all(
         r % 16 == 0 or r == t["max_rank"]
         for t in manifest.data["targets"]

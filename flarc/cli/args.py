@@ -616,12 +616,17 @@ class LatencyArgs(ArgGroup):
 
 
 class ClosedLoopArgs(ArgGroup):
-    """``--preset`` / ``--closed-loop`` / ``--compensate``."""
+    """``--preset`` / ``--closed-loop`` / ``--compensate`` (``presets=False``: the two flags
+    alone, open loop unless given)."""
 
     title = "closed loop"
 
+    def __init__(self, presets: bool = True) -> None:
+        self.presets = presets
+
     def add_to(self, g) -> None:
-        g.add_argument("--preset", choices=("best", "fast"), default="best", help=PRESET_HELP)
+        if self.presets:
+            g.add_argument("--preset", choices=("best", "fast"), default="best", help=PRESET_HELP)
         g.add_argument("--closed-loop", action="store_true", help=CLOSED_LOOP_HELP)
         g.add_argument("--compensate", action="store_true", help=COMPENSATE_HELP)
 
@@ -637,7 +642,7 @@ class ClosedLoopArgs(ArgGroup):
                     "--closed-loop needs calibration data (--calib, --text or --synthetic)"
                 )
             return True, bool(args.compensate)
-        if args.preset == "fast" or not RankArgs.needs_sensitivity(args):
+        if getattr(args, "preset", "fast") == "fast" or not RankArgs.needs_sensitivity(args):
             return False, False
         from flarc.core.graphs import scopes
 

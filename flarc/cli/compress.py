@@ -92,7 +92,7 @@ class Compress(Command):
             "model_sha256": sha,
             "output": str(args.output),
             "flarc_version": __version__,
-            "options": {k: v for k, v in vars(args).items() if k != "func"},
+            "options": {k: v for k, v in vars(args).items() if not callable(v)},  # no hooks
             "mask_input": analysis.mask_input,
             "fisher_loss": analysis.fisher_loss,
             "latency": timing,

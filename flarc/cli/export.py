@@ -88,7 +88,9 @@ class ExportBuckets(Command):
         calibration,
         TargetArgs(),
         ComputeArgs(),
-        ClosedLoopArgs(),
+        # No preset: refitting the buckets closed loop measured no better than open loop
+        # (bench/results/progressive_decoding_compensated.md), at twice the build time.
+        ClosedLoopArgs(presets=False),
     )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -123,7 +125,7 @@ class ExportBuckets(Command):
         model = load_model(args.model)
         targets = TargetArgs().parse(args, model, args.model)
         data = self.calibration.parse(args, model, tokens_only=True)
-        closed, compensate = ClosedLoopArgs().parse(args, model, True)
+        closed, compensate = ClosedLoopArgs(presets=False).parse(args, model, True)
         provenance = {
             "source": {"model": str(args.model), "sha256": file_sha256(args.model)},
             "options": {
@@ -135,7 +137,6 @@ class ExportBuckets(Command):
                 "exclude": args.exclude,
                 "allocate": args.allocate,
                 "fisher_loss": args.fisher_loss,
-                "preset": args.preset,
                 "flarc_version": __version__,
             },
         }
