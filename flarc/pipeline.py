@@ -432,13 +432,13 @@ def build_buckets(
     else:
         opts["sensitivity"] = analysis.sensitivity_loss or "none (targets weighted alike)"
     opts["calibration_batches"] = len(data.calibration)
+    if closed_loop or compensate:
+        opts["closed_loop"] = "compensated" if compensate else "plain"
     provenance["options"] = opts
     spectra = {name: e.spectrum for name, e in analysis.entries.items()}
     refit = None
     if closed_loop or compensate:
         from flarc.rewrite.closed_loop import closed_loop_entries
-
-        opts["closed_loop"] = "compensated" if compensate else "plain"
 
         def refit(largest: dict[str, int]) -> dict[str, Spectrum]:
             ranks = {

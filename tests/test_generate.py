@@ -321,16 +321,32 @@ def test_global_thread_pools_decode_the_same_tokens(tiny_lm, gen):
     assert out["tokens"] == gen.generate(PROMPT, 10, "steps:1.0@0,0.4@4").tokens
 
 
+CLI_PROGRAM_SCRIPT = """
+import json, sys
+import onnxruntime as ort
+from flarc.cli import main
+code = main(sys.argv[1:])
+try:  # the pools exist when the program made them: they cannot be made again
+    ort.set_global_thread_pool_sizes(0, 1)
+    pools = False
+except Exception as exc:
+    pools = "already been created" in str(exc)
+print(json.dumps({"code": code, "pools": pools}))
+"""
+
+
 def test_flarc_generate_runs_its_process_on_global_thread_pools(tiny_lm, gen):
     """``flarc generate`` as the program: its sessions (buckets and the dense comparison) share
     the global pools it makes, and decode the tokens per-session pools decode."""
     proc = subprocess.run(
-        [sys.executable, "-m", "flarc.cli", "generate", str(tiny_lm["folder"]), "--prompt-ids",
-         ",".join(map(str, PROMPT)), "--max-new-tokens", "10", "--schedule",
+        [sys.executable, "-c", CLI_PROGRAM_SCRIPT, "generate", str(tiny_lm["folder"]),
+         "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "10", "--schedule",
          "steps:1.0@0,0.4@4", "--compare-dense", "--json"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    *_, line, status = proc.stdout.strip().splitlines()
+    assert json.loads(status) == {"code": 0, "pools": True}
+    out = json.loads(line)
     assert out["tokens"] == gen.generate(PROMPT, 10, "steps:1.0@0,0.4@4").tokens
     assert (
         out["dense"]["tokens"] == Generator.from_onnx(tiny_lm["onnx"]).generate(PROMPT, 10).tokens

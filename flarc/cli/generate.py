@@ -83,6 +83,7 @@ class Generate(Command):
             "--no-verify", action="store_true", help="skip hashing the bucket files"
         )
         parser.add_argument("--json", action="store_true", help="print the result as JSON")
+        parser.set_defaults(global_threads=False)  # own_process sets it
         parser.add_argument(
             "--compare-dense",
             nargs="?",
@@ -124,7 +125,7 @@ class Generate(Command):
         if path.is_file():
             if args.backend != "ort-cpu":
                 raise FlarcError("--backend tensorrt works on bucket folders")
-            gen = Generator.from_onnx(path, args.threads, _global(args))
+            gen = Generator.from_onnx(path, args.threads, args.global_threads)
         else:
             from flarc.export.manifest import load_manifest
             from flarc.export.schedule import parse_schedule
@@ -138,7 +139,7 @@ class Generate(Command):
                 threads=args.threads,
                 verify=not args.no_verify,
                 prepack=args.prepack,
-                global_threads=_global(args),
+                global_threads=args.global_threads,
             )
         eos = getattr(tok, "eos_token_id", None) if tok is not None else None
         shown = {"text": ""}
@@ -212,11 +213,15 @@ def _dense_run(gen, path: Path, args: argparse.Namespace, prompt: list[int], eos
     from flarc.export.runtime import Generator
 
     if args.compare_dense:
-        dense_gen = Generator.from_onnx(args.compare_dense, args.threads, _global(args))
+        dense_gen = Generator.from_onnx(args.compare_dense, args.threads, args.global_threads)
         schedule = None
     elif gen.manifest is not None and 1.0 in gen.manifest.budgets:
         dense_gen = Generator.from_buckets(
-            path, budgets=[1.0], threads=args.threads, verify=False, global_threads=_global(args)
+            path,
+            budgets=[1.0],
+            threads=args.threads,
+            verify=False,
+            global_threads=args.global_threads,
         )
         schedule = "static:1"
     else:
@@ -226,7 +231,7 @@ def _dense_run(gen, path: Path, args: argparse.Namespace, prompt: list[int], eos
                 f"{path}: no 1.0 bucket and no source model to compare with; give "
                 "--compare-dense ONNX"
             )
-        dense_gen = Generator.from_onnx(source, args.threads, _global(args))
+        dense_gen = Generator.from_onnx(source, args.threads, args.global_threads)
         schedule = None
     ref = dense_gen.generate(
         prompt,
@@ -250,8 +255,3 @@ def agreement(tokens: list[int], dense: list[int]) -> dict:
     if first is None and len(tokens) != len(dense):
         first = n
     return {"compared": n, "agreement": sum(same) / n if n else 1.0, "first_divergence": first}
-
-
-def _global(args: argparse.Namespace) -> bool:
-    """Whether this process runs its sessions on global thread pools (:meth:`own_process`)."""
-    return bool(getattr(args, "global_threads", False))
