@@ -5,8 +5,13 @@ all weights are stored once.
 Budget. A bucket's budget is the fraction of the targets' dense parameters it keeps, the unit of
 every budget in flarc (``--budget``). Below 1, ranks come from the default rule of compress, the
 global allocation weighted by K-FAC sensitivities (:func:`flarc.rewrite.allocate.global_ranks`),
-nested: each bucket's ranks are at most the next larger bucket's, so every bucket is a row prefix
-of the largest; or, with ``allocate="fisher"``, from FLRC's Fisher allocation
+which keeps a target dense where its factors would cost more error than they save. Nested: a
+target's rank never grows from a bucket to a smaller one (dense counts as the largest rank; a
+factorized target is never dense again), so every bucket's factors are row prefixes of the
+largest factorized rank. A target dense in a larger bucket and factorized in a smaller one is
+stored twice (its weight and its factors); those parameters stay within ``spare`` x the largest
+bucket's target parameters (a price on them in the allocation, bisected). With
+``allocate="fisher"``, ranks are FLRC's Fisher allocation
 (:func:`flarc.rewrite.allocate.fisher_ranks`). Either way each rank is a multiple of ``align``
 below ``k_equiv``, so every factorized target is smaller than its dense weight. A budget of 1.0
 keeps everything: the bucket is the dense model (its targets keep their original weights).
@@ -46,21 +51,22 @@ from flarc.export.hf import CacheLayout, empty_cache, layout_from_onnx
 from flarc.export.manifest import FORMAT, FORMAT_VERSION, Manifest, file_entries, write_manifest
 from flarc.rewrite.allocate import fisher_ranks, global_ranks
 from flarc.rewrite.pairs import factorize
-from flarc.rewrite.search import rank_grid
 from flarc.rewrite.spectrum import Spectrum
 
 log = logging.getLogger(__name__)
 
 BUDGET_DEFINITION = (
     "budget b: the fraction of the targets' dense parameters a bucket keeps; b < 1: ranks of the "
-    "global allocation weighted by K-FAC sensitivities, each bucket's at most the next larger "
-    "one's (or FLRC's r_t ~ alpha_t with allocate fisher), multiples of align below k_equiv; "
+    "global allocation weighted by K-FAC sensitivities (a target may stay dense), each bucket's "
+    "ranks at most the next larger one's, dense counting as the largest (or FLRC's "
+    "r_t ~ alpha_t with allocate fisher), multiples of align below k_equiv; "
     "b = 1.0: the dense targets (original weights)"
 )
 ALIGN_BYTES = 64
 DENSE_MIN_BYTES = 1024
 FACTORS_FILE = "factors.bin"
 DENSE_FILE = "dense.bin"
+SPARE = 0.05  # parameters stored twice, as a fraction of the largest bucket's (memory <= ~1.05x)
 
 
 def parse_budgets(text: str) -> list[float]:
@@ -98,27 +104,103 @@ def plan_buckets(
     spectra: Mapping[str, Spectrum] | None = None,
     weights: Mapping[str, float] | None = None,
     alpha: Mapping[str, float] | None = None,
+    spare: float = SPARE,
 ) -> list[BucketPlan]:
     """The ranks of every bucket (module doc), largest budget first: FLRC's when ``alpha`` is
-    given, else the nested global allocation over ``spectra`` weighted by ``weights``."""
+    given, else the nested global allocation over ``spectra`` weighted by ``weights``, in which
+    the parameters of targets stored twice (dense in a larger bucket, factorized in a smaller
+    one) stay within ``spare`` x the largest bucket below 1.0's target parameters.
+
+    The global allocation runs from the smallest bucket up, where the budget is tightest: it is
+    free there, and each larger bucket may raise a rank or turn a factorized target dense."""
     if alpha is None and spectra is None:
         raise ValueError("plan_buckets needs spectra (global allocation) or alpha (FLRC)")
-    plans = []
-    caps = None
-    for b in sorted(budgets, reverse=True):
-        if b >= 1.0:
-            plans.append(BucketPlan(b, dict.fromkeys((t.name for t in targets), None)))
-            continue
-        if alpha is not None:
-            choices = fisher_ranks(targets, alpha, b, align)
-        else:
-            if caps is None:  # the largest bucket: any rank below k_equiv
-                caps = {t.name: max(rank_grid(t, align), default=align) for t in targets}
-            choices = global_ranks(targets, spectra, b, align, weights=weights, caps=caps)
-        ranks = {t.name: choices[t.name].rank for t in targets}
-        caps = {name: k for name, k in ranks.items() if k is not None}
-        plans.append(BucketPlan(b, ranks))
+    if spare < 0:
+        raise ValueError(f"spare {spare} < 0")
+    ordered = sorted(budgets, reverse=True)
+    plans = [BucketPlan(b, dict.fromkeys((t.name for t in targets), None)) for b in ordered]
+    below = [p for p in plans if p.budget < 1.0]  # 1.0 keeps the dense targets
+    if alpha is not None:
+        for plan in below:
+            choices = fisher_ranks(targets, alpha, plan.budget, align)
+            plan.ranks = {name: c.rank for name, c in choices.items()}
+        return plans
+    room = spare * below[0].budget * sum(t.params for t in targets) if below else 0.0
+    floors: dict[str, int | None] | None = None  # the next smaller bucket's ranks
+    for plan in reversed(below):
+        plan.ranks, twice = _nested_ranks(
+            targets, plan.budget, align, spectra, weights, floors, room
+        )
+        room -= twice
+        floors = plan.ranks
     return plans
+
+
+def _nested_ranks(
+    targets: list[Target],
+    budget: float,
+    align: int,
+    spectra: Mapping[str, Spectrum],
+    weights: Mapping[str, float] | None,
+    floors: Mapping[str, int | None] | None,
+    room: float,
+) -> tuple[dict[str, int | None], float]:
+    """One bucket's ranks above the next smaller bucket's ``floors`` (an int: at least that rank,
+    or dense; None: dense there, so dense here), and the parameters it newly stores twice.
+
+    A target factorized at rank k below and dense here keeps its k-rank factors beside its
+    weight. While those exceed ``room`` they are priced: the allocation minimises the weighted
+    error plus ``mu`` x the parameters stored twice, with the smallest ``mu`` that fits
+    (bisected on a log scale); a large enough ``mu`` always fits, since staying factorized is
+    always allowed."""
+    if floors is None:
+        choices = global_ranks(targets, spectra, budget, align, weights=weights)
+        return {name: c.rank for name, c in choices.items()}, 0.0
+    below = dict(floors)
+
+    def allowed(t: Target, k: int | None) -> bool:
+        low = below[t.name]
+        return k is None if low is None else k is None or k >= low
+
+    def plan(mu: float) -> tuple[dict[str, int | None], float]:
+        def penalty(t: Target, k: int | None) -> float:
+            low = below[t.name]
+            return mu * t.rank_params(low) if k is None and low is not None else 0.0
+
+        choices = global_ranks(
+            targets, spectra, budget, align, weights=weights, allowed=allowed, penalty=penalty
+        )
+        ranks = {name: c.rank for name, c in choices.items()}
+        twice = sum(
+            t.rank_params(low)
+            for t in targets
+            if ranks[t.name] is None and (low := below[t.name]) is not None
+        )
+        return ranks, twice
+
+    best = plan(0.0)
+    if best[1] <= room:
+        return best
+    # The price at which storing a target's factors twice weighs as much as their error.
+    scale = max(
+        (1.0 if weights is None else float(weights[t.name]))
+        * spectra[t.name].error(low)
+        / t.rank_params(low)
+        for t in targets
+        if (low := below[t.name]) is not None
+    )
+    lo, hi = (math.log(max(scale, 1e-300)) + d for d in (-14.0, 14.0))  # e^14 ~ 1e6
+    best = plan(math.exp(hi))
+    for _ in range(24):
+        mid = (lo + hi) / 2
+        ranks, twice = plan(math.exp(mid))
+        if twice <= room:
+            hi, best = mid, (ranks, twice)
+        else:
+            lo = mid
+    if best[1] > room:  # not expected: a factorized target may always stay factorized
+        log.warning("bucket %g: %d parameters stored twice, over the spare", budget, best[1])
+    return best
 
 
 def lm_feeds(feeds: list[Feed], layout: CacheLayout) -> list[Feed]:
@@ -294,12 +376,14 @@ def write_buckets(
     weights: Mapping[str, float] | None = None,
     alpha: Mapping[str, float] | None = None,
     refit: Callable[[dict[str, int]], Mapping[str, Spectrum]] | None = None,
+    spare: float = SPARE,
 ) -> BuildResult:
     """Write the bucket folder ``output`` (atomically: a temp folder, then one rename); ranks
-    from :func:`plan_buckets` (``weights``: K-FAC sensitivities; ``alpha``: FLRC instead) on
-    ``spectra``. ``refit``, given each factorized target's largest-bucket rank, returns the
-    spectra the factors are cut from instead (each kept at least to that rank): the closed
-    loop, fitted once at the largest bucket, every smaller bucket a row prefix of it."""
+    from :func:`plan_buckets` (``weights``: K-FAC sensitivities; ``alpha``: FLRC instead;
+    ``spare``: parameters stored twice) on ``spectra``. ``refit``, given each factorized
+    target's largest factorized rank, returns the spectra the factors are cut from instead (each
+    kept at least to that rank): the closed loop, fitted once at those ranks, every bucket's
+    factors a row prefix of it."""
     progress = progress or NoProgress()
     out = Path(output)
     if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
@@ -314,7 +398,7 @@ def write_buckets(
     if not usable:
         raise ModelError("no MatMul/Gemm targets to put in buckets")
     budgets = sorted(budgets, reverse=True)
-    plans = plan_buckets(usable, budgets, align, spectra, weights, alpha)
+    plans = plan_buckets(usable, budgets, align, spectra, weights, alpha, spare)
     # What ranked the targets: FLRC's alpha, or the K-FAC sensitivity (empty: weighted alike).
     importance = dict(alpha if alpha is not None else weights or {})
     if refit is not None:
@@ -361,6 +445,7 @@ def write_buckets(
                 **(provenance or {}).get("options", {}),
                 "budgets": budgets,
                 "align": align,
+                "spare": spare,
             },
             "budget_definition": BUDGET_DEFINITION,
             "cache": {

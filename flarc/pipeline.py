@@ -32,7 +32,7 @@ from flarc.core.modelio import check_model_any_size, is_large, stored_tensors, t
 from flarc.core.progress import NoProgress, Progress, step
 from flarc.core.store import Store
 from flarc.core.targets import Skipped, Target, TargetSet, Weights, stored_bytes
-from flarc.export.buckets import BuildResult, calibration_for_lm, write_buckets
+from flarc.export.buckets import SPARE, BuildResult, calibration_for_lm, write_buckets
 from flarc.export.hf import layout_from_onnx
 from flarc.rewrite.analysis import Analysis, AnalysisOptions, derive_spectra
 from flarc.rewrite.guard import guard_tolerance, output_guard
@@ -396,13 +396,15 @@ def build_buckets(
     compute: Compute | None = None,
     closed_loop: bool = False,
     compensate: bool = False,
+    spare: float = SPARE,
 ) -> BuildResult:
     """Analyse once, write the buckets. Ranks (``allocate``): "global", the default rule of
-    compress (K-FAC sensitivities, nested buckets), or "fisher", FLRC on ``alpha`` (computed
-    with ``fisher_loss`` unless given). ``closed_loop``: the factors are refitted closed loop
-    (with error compensation when ``compensate``) at the largest bucket's ranks, as compress
-    does at its chosen ranks; smaller buckets are row prefixes of them. ``data`` holds token
-    batches; empty past tensors are added here."""
+    compress (K-FAC sensitivities, nested buckets, at most ``spare`` x the largest bucket's
+    target parameters stored twice), or "fisher", FLRC on ``alpha`` (computed with
+    ``fisher_loss`` unless given). ``closed_loop``: the factors are refitted closed loop (with
+    error compensation when ``compensate``) at each target's largest factorized rank, as
+    compress does at its chosen ranks; every bucket's factors are row prefixes of them. ``data``
+    holds token batches; empty past tensors are added here."""
     if allocate not in ("global", "fisher"):
         raise ModelError(f"bucket allocation '{allocate}': expected global or fisher")
     progress = progress or NoProgress()
@@ -461,4 +463,5 @@ def build_buckets(
         weights=None if fisher else analysis.sensitivities(),
         alpha=(alpha if alpha is not None else analysis.fisher) if fisher else None,
         refit=refit,
+        spare=spare,
     )

@@ -129,23 +129,32 @@ def global_ranks(
     cost: Cost = parameter_cost,
     weights: Mapping[str, float] | None = None,
     label: str = "params",
-    caps: Mapping[str, int] | None = None,
+    allowed: Callable[[Target, int | None], bool] | None = None,
+    penalty: Callable[[Target, int | None], float] | None = None,
 ) -> dict[str, RankChoice]:
     """Minimise the (weighted) total whitened error under ``budget`` x the dense cost.
 
-    With ``caps`` (nested rank buckets), target t takes only ranks up to ``caps[t]`` and never
-    "dense" (a target without a grid rank then keeps its smallest one)."""
+    Each target chooses among its grid ranks and "dense" (None): those ``allowed`` says (rank
+    buckets: nesting), each at its error plus ``penalty`` (rank buckets: a Lagrange price on
+    weights stored twice); the choices report the error without the penalty."""
     _check_budget(budget)
     options: dict[str, list[tuple[float, float, int | None]]] = {}
     for t in targets:
         w = 1.0 if weights is None else float(weights[t.name])
-        grid = rank_grid(t, align)
-        if caps is not None:
-            grid = [k for k in grid if k <= caps[t.name]] or grid[:1]
-        pts = [(cost(t, k), w * spectra[t.name].error(k), k) for k in grid]
-        if caps is None or not pts:
-            pts.append((cost(t, None), 0.0, None))
-        options[t.name] = pts
+        ks = [*rank_grid(t, align), None]
+        if allowed is not None:
+            ks = [k for k in ks if allowed(t, k)]
+            if not ks:
+                raise ValueError(f"{t.name}: no rank allowed")
+        options[t.name] = [
+            (
+                cost(t, k),
+                (0.0 if k is None else w * spectra[t.name].error(k))
+                + (0.0 if penalty is None else penalty(t, k)),
+                k,
+            )
+            for k in ks
+        ]
     limit = budget * sum(cost(t, None) for t in targets)
     current = {name: min(pts, key=lambda p: (p[0], p[1])) for name, pts in options.items()}
     used = sum(p[0] for p in current.values())
@@ -194,6 +203,8 @@ def global_ranks(
     by_name = {t.name: t for t in targets}
     out = {}
     for name, (_, err, k) in current.items():
+        if penalty is not None:
+            err -= penalty(by_name[name], k)
         if k is None:
             out[name] = RankChoice(None, f"dense: kept by global {label} budget {budget:g}", 0.0)
         elif k >= by_name[name].k_equiv:

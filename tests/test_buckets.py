@@ -21,7 +21,7 @@ from flarc.export.buckets import parse_budgets, plan_buckets, read_factor_rows
 from flarc.export.hf import example_inputs, layout_from_onnx
 from flarc.export.manifest import load_manifest
 from flarc.export.runtime import Generator
-from flarc.rewrite.allocate import fisher_ranks
+from flarc.rewrite.allocate import fisher_ranks, global_ranks
 from flarc.rewrite.spectrum import Spectrum
 
 from _models import lm_token_batches
@@ -54,10 +54,15 @@ def _plan_targets() -> list[Target]:
     ]
 
 
+def _spent(targets: list[Target], plan) -> int:
+    return sum(t.params if (r := plan.ranks[t.name]) is None else t.rank_params(r) for t in targets)
+
+
 def _check_spent(targets: list[Target], plan) -> None:
     dense = sum(t.params for t in targets)
-    assert all(r % 8 == 0 and 8 <= r < t.k_equiv for t in targets for r in [plan.ranks[t.name]])
-    spent = sum(t.rank_params(plan.ranks[t.name]) for t in targets)
+    ranks = [(t, plan.ranks[t.name]) for t in targets]
+    assert all(r % 8 == 0 and 8 <= r < t.k_equiv for t, r in ranks if r is not None)
+    spent = _spent(targets, plan)
     assert plan.budget * dense - 8 * sum(t.n + t.m for t in targets) <= spent <= plan.budget * dense
 
 
@@ -77,29 +82,76 @@ def test_fisher_bucket_plans_follow_the_one_allocator():
     assert parse_budgets("0.4,1,0.8") == [1.0, 0.8, 0.4]
 
 
-def test_global_bucket_plans_are_nested_and_spend_their_budget():
-    """The default: the weighted global allocation per bucket, each bucket's ranks at most the
-    next larger bucket's (row prefixes), never dense below 1.0, the budget met from below."""
-    targets = _plan_targets()
+def _plan_spectra(targets: list[Target]) -> dict[str, Spectrum]:
     rng = np.random.default_rng(0)
-    spectra = {
+    return {
         t.name: Spectrum(
             np.sort(rng.random(min(t.n, t.m)) ** p)[::-1], np.zeros((t.n, 1)), np.zeros((1, t.m))
         )
         for t, p in zip(targets, (1, 3, 6, 2), strict=True)
     }
+
+
+def _stored_twice(targets: list[Target], plans) -> int:
+    """Parameters of targets dense in one bucket and factorized in another (their largest rank)."""
+    out = 0
+    for t in targets:
+        ranks = [p.ranks[t.name] for p in plans]
+        if None in ranks and any(r is not None for r in ranks):
+            out += t.rank_params(max(r for r in ranks if r is not None))
+    return out
+
+
+@pytest.mark.parametrize("spare", [0.0, 0.05, 0.3, 10.0])
+def test_global_bucket_plans_are_nested_and_spend_their_budget(spare):
+    """The default: the weighted global allocation per bucket; a target's rank never grows from
+    a bucket to the next smaller one (dense counts as the largest rank, and a factorized target
+    never turns dense again), so factors are row prefixes; the budget met from below; weights
+    stored twice within ``spare``; the smallest bucket is compress's allocation at its budget."""
+    targets = _plan_targets()
+    spectra = _plan_spectra(targets)
     weights = {"a": 1.0, "b": 5.0, "c": 0.2, "d": 2.0}
-    plans = plan_buckets(targets, [0.75, 0.6, 0.45, 0.3], 8, spectra, weights)
+    budgets = [0.75, 0.6, 0.45, 0.3]
+    plans = plan_buckets(targets, budgets, 8, spectra, weights, spare=spare)
+    assert [p.budget for p in plans] == budgets
     for big, small in itertools.pairwise(plans):
-        assert all(small.ranks[t.name] <= big.ranks[t.name] for t in targets)
+        for t in targets:
+            b, s = big.ranks[t.name], small.ranks[t.name]
+            assert b is None or (s is not None and s <= b)
     for plan in plans:
         _check_spent(targets, plan)
+    dense = sum(t.params for t in targets)
+    assert _stored_twice(targets, plans) <= spare * 0.75 * dense
+    want = global_ranks(targets, spectra, 0.3, 8, weights=weights)
+    assert plans[-1].ranks == {name: c.rank for name, c in want.items()}
     # a larger bucket never has a larger weighted error
     errors = [
-        sum(weights[t.name] * spectra[t.name].error(p.ranks[t.name]) for t in targets)
+        sum(weights[t.name] * spectra[t.name].error(r) for t in targets if (r := p.ranks[t.name]))
         for p in plans
     ]
     assert errors == sorted(errors)
+
+
+def test_spare_trades_memory_for_dense_targets():
+    """Without spare nothing is stored twice (a target dense in the largest bucket is dense in
+    every bucket). With unlimited spare, larger buckets turn factorized targets dense, and no
+    bucket has a larger weighted error, one a smaller."""
+    targets = _plan_targets()
+    spectra = _plan_spectra(targets)
+    weights = {"a": 1.0, "b": 5.0, "c": 0.2, "d": 2.0}
+    budgets = [0.75, 0.6, 0.45, 0.3]
+    tight = plan_buckets(targets, budgets, 8, spectra, weights, spare=0.0)
+    assert _stored_twice(targets, tight) == 0
+    loose = plan_buckets(targets, budgets, 8, spectra, weights, spare=10.0)
+    assert _stored_twice(targets, loose) > 0
+
+    def error(plan) -> float:
+        return sum(
+            weights[t.name] * spectra[t.name].error(r) for t in targets if (r := plan.ranks[t.name])
+        )
+
+    assert all(error(a) <= error(b) + 1e-12 for a, b in zip(loose, tight, strict=True))
+    assert any(error(a) < error(b) for a, b in zip(loose, tight, strict=True))
 
 
 def test_every_bucket_is_a_valid_standalone_model(tiny_lm):
@@ -239,12 +291,22 @@ def test_cli_export_buckets(tiny_lm, tmp_path):
     assert manifest.data["source"]["sha256"]
     assert manifest.data["options"]["align"] == 16
     assert "closed_loop" not in manifest.data["options"]  # open loop unless asked
+    assert manifest.data["options"]["spare"] == 0.05
     comp = _parser().parse_args(
         ["export", "buckets", str(tiny_lm["onnx"]), "--calib", str(tmp_path / "calib.npz"),
-         "--budgets", "0.5", "--compensate", "-o", str(tmp_path / "comp")]
+         "--budgets", "0.8,0.5", "--spare", "0", "--compensate", "-o", str(tmp_path / "comp")]
     )  # fmt: skip
     assert comp.func(comp) == 0
-    assert load_manifest(tmp_path / "comp").data["options"]["closed_loop"] == "compensated"
+    compensated = load_manifest(tmp_path / "comp").data
+    assert compensated["options"]["closed_loop"] == "compensated"
+    assert compensated["options"]["spare"] == 0.0
+    # --spare 0: nothing stored twice, so the two files hold the largest bucket (and padding)
+    files = compensated["files"]
+    largest = compensated["buckets"][0]["weight_bytes"]
+    padding = 2 * 64 * (len(compensated["targets"]) + 1)
+    assert files["dense.bin"]["bytes"] + files["factors.bin"]["bytes"] <= largest + padding
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["export", "buckets", "m.onnx", "-o", "x", "--spare", "-1"])
     assert all(
         r % 16 == 0 or r == t["max_rank"]
         for t in manifest.data["targets"]
@@ -259,7 +321,7 @@ def test_cli_export_buckets(tiny_lm, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_closed_loop_buckets_are_prefixes_of_the_refit_at_the_largest_ranks(tiny_lm, tmp_path):
+def test_closed_loop_buckets_are_prefixes_of_the_refit_at_the_stored_ranks(tiny_lm, tmp_path):
     from flarc.calib.data import CalibrationSet
     from flarc.export.buckets import calibration_for_lm
     from flarc.pipeline import analyze, build_buckets
@@ -279,11 +341,12 @@ def test_closed_loop_buckets_are_prefixes_of_the_refit_at_the_largest_ranks(tiny
         b["ranks"] for b in opened.data["buckets"]
     ]
     assert closed.data["options"]["closed_loop"] == "compensated"
-    # Independent route: the closed loop of compress at the largest bucket's ranks.
+    # Independent route: the closed loop of compress at the stored ranks.
     feeds = calibration_for_lm(data, layout_from_onnx(model)).calibration
     analysis = analyze(model, targets, CalibrationSet(feeds, [], "test"), AnalysisOptions())
-    largest = closed.data["buckets"][0]["ranks"]
-    ranks = {name: RankChoice(r, "test") for name, r in largest.items()}
+    # every target at its stored rank (its largest factorized one; dense where never factorized)
+    stored = {t["name"]: t["stored_rank"] for t in closed.data["targets"]}
+    ranks = {t.name: RankChoice(stored.get(t.name), "test") for t in targets.targets}
     entries = closed_loop_entries(model, analysis, ranks, feeds, compensate=True)
     changed = 0
     for t in closed.data["targets"]:

@@ -17,6 +17,7 @@ from flarc.cli.args import (
     OutputArgs,
     ShapeArgs,
     TargetArgs,
+    non_negative_float,
     positive_int,
 )
 from flarc.cli.command import Command, CommandGroup
@@ -26,10 +27,17 @@ from flarc.core.errors import FlarcError
 BUDGETS_HELP = (
     "comma-separated bucket budgets in (0, 1] (0.9,0.8,0.7,0.6): the fraction of the targets' "
     "dense parameters each bucket keeps, as --budget everywhere. Below 1, the default rule's "
-    "ranks (the global allocation weighted by sensitivities, nested: each bucket a row prefix of "
-    "the next larger; --allocate fisher: FLRC's), multiples of --align below k_equiv, so every "
-    "bucket is smaller than the dense model; 1.0 is the dense model itself (its targets' "
-    "original weights stored next to the factors: more memory for the set)"
+    "ranks (the global allocation weighted by sensitivities, which may keep a target dense; "
+    "nested: a rank never grows towards smaller buckets, so factors are row prefixes; "
+    "--allocate fisher: FLRC's), multiples of --align below k_equiv, so every bucket is smaller "
+    "than the dense model; 1.0 is the dense model itself (its targets' original weights stored "
+    "next to the factors: more memory for the set)"
+)
+SPARE_HELP = (
+    "weights a bucket set may store twice (a target dense in a larger bucket, factorized in a "
+    "smaller one), as a fraction of the largest bucket's target parameters (0.05): memory of all "
+    "buckets about 1 + this times the largest's; 0 keeps such targets dense throughout where "
+    "the budget allows"
 )
 SHAPES = ShapeArgs(
     "input shape such as input_ids:1x128 (repeatable); unset symbolic dims: first axis 1, "
@@ -98,6 +106,7 @@ class ExportBuckets(Command):
         parser.add_argument(
             "--align", type=positive_int, default=8, help="ranks are multiples of this (8)"
         )
+        parser.add_argument("--spare", type=non_negative_float, default=0.05, help=SPARE_HELP)
         parser.add_argument(
             "--allocate",
             choices=("global", "fisher"),
@@ -157,6 +166,7 @@ class ExportBuckets(Command):
                 compute=compute,
                 closed_loop=closed,
                 compensate=compensate,
+                spare=args.spare,
             )
         table = Table(title=f"rank buckets in {out}")
         for col in ("budget", "total rank", "params", "weights MB", "file"):
