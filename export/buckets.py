@@ -66,7 +66,7 @@ ALIGN_BYTES = 64
 DENSE_MIN_BYTES = 1024
 FACTORS_FILE = "factors.bin"
 DENSE_FILE = "dense.bin"
-SPARE = 0.05  # parameters stored twice, as a fraction of the largest bucket's (memory <= ~1.05x)
+SPARE = 0.05  # weights stored twice: 0.05 x the largest bucket's target parameters at most
 
 
 def parse_budgets(text: str) -> list[float]:

@@ -7,7 +7,9 @@ row prefix), handed to onnxruntime as an OrtValue through
 ``SessionOptions.add_initializer`` (which keeps the caller's buffer;
 ``add_external_initializers`` would copy it), so no session reads or owns a copy. Prepacking is
 then disabled (``session.disable_prepacking``): onnxruntime would otherwise repack each constant
-MatMul/Gemm weight into a private buffer per session. A single bucket has nothing to share: its
+MatMul/Gemm weight into a private buffer per session. Unprepacked, a dense MatMul weight runs
+faster transposed (:mod:`flarc.export.ort_form`), so its range of ``dense.bin`` is transposed in
+place once and every shared session reads it as ``FusedMatMul(transB=1)``. A single bucket has nothing to share: its
 session reads its files and prepacks (measured faster at batch-1 decode), and so does any set of
 buckets with ``prepack=True``, at one private copy per bucket. :func:`weight_memory_report`
 measures the resident memory either way takes. Every session runs the onnxruntime form of the
@@ -56,19 +58,23 @@ def rss_bytes() -> int:
 
 
 class SharedWeights:
-    """The folder's weight files, each read once; views of them as numpy arrays and OrtValues."""
+    """The folder's weight files, each read once; views of them as numpy arrays and OrtValues.
 
-    def __init__(self, folder: Path, names: list[str]) -> None:
+    A 2-D tensor of a file in ``exclusive`` (one whose byte ranges each hold one tensor, such as
+    ``dense.bin``; not ``factors.bin``, whose row prefixes overlap) may be transposed in place,
+    once, for every session: see :func:`flarc.export.ort_form.transpose_matmul_weights`."""
+
+    def __init__(self, folder: Path, names: list[str], exclusive: tuple[str, ...] = ()) -> None:
         self.folder = folder
         self.buffers = {name: np.fromfile(folder / name, dtype=np.uint8) for name in names}
+        self.exclusive = set(exclusive)
+        self._transposed: set[tuple[str, int]] = set()  # (file, offset) stored as [N, K]
         self._values: list = []  # OrtValues must outlive the sessions that use them
 
-    def view(self, tensor: onnx.TensorProto) -> np.ndarray:
-        """``tensor``'s data as a view into its file's buffer (no copy), typed and shaped as the
-        tensor; ModelError when its file is not one of the manifest's weight files or its byte
-        range does not fit."""
+    def _range(self, tensor: onnx.TensorProto) -> tuple[str, np.ndarray, np.dtype, int, int]:
         info = {e.key: e.value for e in tensor.external_data}
-        buf = self.buffers.get(info.get("location", ""))
+        location = info.get("location", "")
+        buf = self.buffers.get(location)
         if buf is None:
             raise ModelError(
                 f"tensor '{tensor.name}': external file '{info.get('location')}' "
@@ -79,13 +85,41 @@ class SharedWeights:
         count = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
         if length != count * dtype.itemsize or offset + length > buf.size:
             raise ModelError(f"tensor '{tensor.name}': external range does not fit its shape")
-        return buf[offset : offset + length].view(dtype).reshape(tuple(tensor.dims))
+        return location, buf[offset : offset + length].view(dtype), dtype, offset, length
 
-    def ort_value(self, tensor: onnx.TensorProto):
-        """An OrtValue over :meth:`view` (no copy), kept alive as long as these weights."""
+    def view(self, tensor: onnx.TensorProto) -> np.ndarray:
+        """``tensor``'s data as a view into its file's buffer (no copy), typed and shaped as the
+        tensor (a copy when its range was transposed for another session); ModelError when its
+        file is not one of the manifest's weight files or its byte range does not fit."""
+        location, flat, _, offset, _ = self._range(tensor)
+        if (location, offset) in self._transposed:
+            return np.ascontiguousarray(flat.reshape(tensor.dims[1], tensor.dims[0]).T)
+        return flat.reshape(tuple(tensor.dims))
+
+    def can_transpose(self, tensor: onnx.TensorProto) -> bool:
+        """Whether ``tensor`` (2-D, as declared in the bucket file) may be stored transposed."""
+        info = {e.key: e.value for e in tensor.external_data}
+        return len(tensor.dims) == 2 and info.get("location") in self.exclusive
+
+    def transposed(self, tensor: onnx.TensorProto) -> np.ndarray:
+        """``tensor`` (``[K, N]`` in its file) as ``[N, K]``: its byte range is transposed in
+        place the first time (every later view of it sees the transposed layout)."""
+        if not self.can_transpose(tensor):
+            raise ModelError(f"tensor '{tensor.name}': its byte range cannot be transposed")
+        location, flat, _, offset, _ = self._range(tensor)
+        k, n = tensor.dims
+        if (location, offset) not in self._transposed:
+            flat[:] = flat.reshape(k, n).T.ravel()  # ravel of a transposed view is a copy
+            self._transposed.add((location, offset))
+        return flat.reshape(n, k)
+
+    def ort_value(self, tensor: onnx.TensorProto, transposed: bool = False):
+        """An OrtValue over :meth:`view` (or :meth:`transposed`), no copy, kept alive as long as
+        these weights."""
         import onnxruntime as ort
 
-        value = ort.OrtValue.ortvalue_from_numpy(self.view(tensor))
+        array = self.transposed(tensor) if transposed else self.view(tensor)
+        value = ort.OrtValue.ortvalue_from_numpy(array)
         self._values.append(value)
         return value
 
@@ -110,19 +144,32 @@ class OrtRunner:
         global_threads: bool = False,
     ) -> None:
         from flarc.core.external import mark_external_dir
-        from flarc.export.ort_form import fuse_prefix_pairs
+        from flarc.export.ort_form import (
+            fuse_prefix_pairs,
+            transpose_matmul_weights,
+            transposed_weight_candidates,
+        )
 
         prepack = shared is None if prepack is None else prepack
         so = session_options(
             threads, arena=arena, prepacking=prepack, global_threads=global_threads
         )
         graph = onnx.load(str(path), load_external_data=False)
-        if shared is not None:
-            for t in graph.graph.initializer:
-                if t.data_location == onnx.TensorProto.EXTERNAL:
-                    # add_initializer keeps the caller's buffer; add_external_initializers copies.
-                    so.add_initializer(t.name, shared.ort_value(t))
         model, self.fused = fuse_prefix_pairs(graph)
+        self.transposed = 0
+        if shared is not None:
+            external = [
+                t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+            ]
+            flip = set()
+            if not prepack:  # unprepacked MatMuls run faster over B^T (ort_form's doc)
+                flip = transposed_weight_candidates(
+                    model, {t.name for t in external if shared.can_transpose(t)}
+                )
+            for t in external:
+                # add_initializer keeps the caller's buffer; add_external_initializers copies.
+                so.add_initializer(t.name, shared.ort_value(t, transposed=t.name in flip))
+            self.transposed = transpose_matmul_weights(model, flip)
         mark_external_dir(model, path.parent)  # the rest of its data: mapped from its files
         try:
             self.session = open_session(model, so, what=str(path))
@@ -312,7 +359,9 @@ class Generator:
         shared = None
         if share_weights and not prepack:
             w = manifest.data["weights"]
-            shared = SharedWeights(manifest.folder, [w["factors"], w["dense"]])
+            shared = SharedWeights(
+                manifest.folder, [w["factors"], w["dense"]], exclusive=(w["dense"],)
+            )
         runners = {
             r["budget"]: OrtRunner(
                 manifest.path(r["file"]), shared, threads, prepack, global_threads=global_threads

@@ -286,6 +286,15 @@ def test_schedule_uses_only_its_buckets_and_one_bucket_prepacks(tiny_lm, gen, mo
     b = gen.generate(PROMPT, 12, "static:0.6", keep_logits=True)
     assert a.tokens == b.tokens
     np.testing.assert_allclose(np.array(a.logits), np.array(b.logits), rtol=1e-4, atol=1e-4)
+    # Shared, unprepacked sessions run dense MatMul weights transposed (FusedMatMul, transB=1;
+    # the bytes of dense.bin transposed in place once): the same logits as the prepacked file.
+    assert gen.runners[1.0].transposed > 0 and one.runners[0.6].transposed == 0
+    dense = Generator.from_buckets(tiny_lm["folder"], budgets=[1.0], verify=False)
+    assert dense.runners[1.0].transposed == 0
+    a = dense.generate(PROMPT, 12, "static:1.0", keep_logits=True)
+    b = gen.generate(PROMPT, 12, "static:1.0", keep_logits=True)
+    assert a.tokens == b.tokens
+    np.testing.assert_allclose(np.array(a.logits), np.array(b.logits), rtol=1e-4, atol=1e-4)
 
 
 GLOBAL_THREADS_SCRIPT = """
