@@ -9,8 +9,8 @@ row prefix), handed to onnxruntime as an OrtValue through
 then disabled (``session.disable_prepacking``): onnxruntime would otherwise repack each constant
 MatMul/Gemm weight into a private buffer per session. Unprepacked, a dense MatMul weight runs
 faster transposed (:mod:`flarc.export.ort_form`), so its range of ``dense.bin`` is transposed in
-place once and every shared session reads it as ``FusedMatMul(transB=1)``. A single bucket has nothing to share: its
-session reads its files and prepacks (measured faster at batch-1 decode), and so does any set of
+place once and every shared session reads it as ``FusedMatMul(transB=1)``. A single bucket has
+nothing to share: its session reads its files and prepacks (measured faster at batch-1 decode), and so does any set of
 buckets with ``prepack=True``, at one private copy per bucket. :func:`weight_memory_report`
 measures the resident memory either way takes. Every session runs the onnxruntime form of the
 bucket graph (:mod:`flarc.export.ort_form`: each pair as FusedMatMul -> MatMul).
@@ -71,7 +71,8 @@ class SharedWeights:
         self._transposed: set[tuple[str, int]] = set()  # (file, offset) stored as [N, K]
         self._values: list = []  # OrtValues must outlive the sessions that use them
 
-    def _range(self, tensor: onnx.TensorProto) -> tuple[str, np.ndarray, np.dtype, int, int]:
+    def _range(self, tensor: onnx.TensorProto) -> tuple[str, np.ndarray, int]:
+        """``(file, data as a flat typed view, offset)`` of an external tensor."""
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
         buf = self.buffers.get(location)
@@ -85,13 +86,13 @@ class SharedWeights:
         count = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
         if length != count * dtype.itemsize or offset + length > buf.size:
             raise ModelError(f"tensor '{tensor.name}': external range does not fit its shape")
-        return location, buf[offset : offset + length].view(dtype), dtype, offset, length
+        return location, buf[offset : offset + length].view(dtype), offset
 
     def view(self, tensor: onnx.TensorProto) -> np.ndarray:
         """``tensor``'s data as a view into its file's buffer (no copy), typed and shaped as the
         tensor (a copy when its range was transposed for another session); ModelError when its
         file is not one of the manifest's weight files or its byte range does not fit."""
-        location, flat, _, offset, _ = self._range(tensor)
+        location, flat, offset = self._range(tensor)
         if (location, offset) in self._transposed:
             return np.ascontiguousarray(flat.reshape(tensor.dims[1], tensor.dims[0]).T)
         return flat.reshape(tuple(tensor.dims))
@@ -106,7 +107,7 @@ class SharedWeights:
         place the first time (every later view of it sees the transposed layout)."""
         if not self.can_transpose(tensor):
             raise ModelError(f"tensor '{tensor.name}': its byte range cannot be transposed")
-        location, flat, _, offset, _ = self._range(tensor)
+        location, flat, offset = self._range(tensor)
         k, n = tensor.dims
         if (location, offset) not in self._transposed:
             flat[:] = flat.reshape(k, n).T.ravel()  # ravel of a transposed view is a copy
