@@ -35,9 +35,9 @@ BUDGETS_HELP = (
 )
 SPARE_HELP = (
     "weights a bucket set may store twice (a target dense in a larger bucket, factorized in a "
-    "smaller one), as a fraction of the largest bucket's target parameters (0.05): memory of all "
-    "buckets about 1 + this times the largest's; 0 keeps such targets dense throughout where "
-    "the budget allows"
+    "smaller one), as a fraction of the largest bucket's target parameters (0.05; --allocate "
+    "global): memory of all buckets about 1 + this times the largest's; 0: the dense targets of "
+    "every bucket are the smallest bucket's"
 )
 SHAPES = ShapeArgs(
     "input shape such as input_ids:1x128 (repeatable); unset symbolic dims: first axis 1, "
