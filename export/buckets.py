@@ -247,17 +247,17 @@ def _write_factors(
     path: Path,
     targets: list[Target],
     spectra: dict[str, Spectrum],
-    plans: list[BucketPlan],
+    largest: dict[str, int],
     progress: Progress,
 ) -> dict[str, StoredTarget]:
-    """Every factorized target's largest-bucket factors once: ``A^T [s, n]`` then ``C [s, m]``."""
+    """Every factorized target's factors at its ``largest`` rank, once: ``A^T [s, n]`` then
+    ``C [s, m]``."""
     stored = {}
     with open(path, "wb") as fh:
         for t in progress.track(targets, total=len(targets), description="writing factors"):
-            ranks = [p.ranks[t.name] for p in plans if p.ranks[t.name] is not None]
-            if not ranks:
+            if t.name not in largest:
                 continue
-            s = max(ranks)
+            s = largest[t.name]
             a, c = spectra[t.name].factors(s)
             dtype = np.dtype(t.dtype)
             at_offset = _align(fh)
@@ -401,15 +401,15 @@ def write_buckets(
     plans = plan_buckets(usable, budgets, align, spectra, weights, alpha, spare)
     # What ranked the targets: FLRC's alpha, or the K-FAC sensitivity (empty: weighted alike).
     importance = dict(alpha if alpha is not None else weights or {})
+    largest = {  # each factorized target's largest rank: its stored factors
+        t.name: max(r for p in plans if (r := p.ranks[t.name]) is not None)
+        for t in usable
+        if any(p.ranks[t.name] is not None for p in plans)
+    }
     if refit is not None:
-        largest = {
-            t.name: max(r for p in plans if (r := p.ranks[t.name]) is not None)
-            for t in usable
-            if any(p.ranks[t.name] is not None for p in plans)
-        }
         spectra = {**spectra, **refit(largest)}
     with atomic_folder(out) as tmp:
-        stored = _write_factors(tmp / FACTORS_FILE, usable, spectra, plans, progress)
+        stored = _write_factors(tmp / FACTORS_FILE, usable, spectra, largest, progress)
         factorized_everywhere = {
             st.target.weight
             for st in stored.values()
