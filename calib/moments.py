@@ -111,7 +111,7 @@ class Moments:
         s = self.gram / self.count
         if centered:
             mean = self.sum1 / self.count
-            s = s - np.outer(mean, mean)
+            s -= np.outer(mean, mean)
         return s
 
     def fourth_moment(self, centered: bool = False) -> float:

@@ -35,14 +35,22 @@ class Shrunk:
     mu: float
 
 
-def ledoit_wolf_lambda(moments: Moments, centered: bool = False) -> float:
+def _fro2(s: np.ndarray) -> float:
+    """``||s||_F^2`` as one BLAS dot over the contiguous elements (no squared temporary)."""
+    flat = np.ascontiguousarray(s).ravel()
+    return float(np.dot(flat, flat))
+
+
+def ledoit_wolf_lambda(
+    moments: Moments, centered: bool = False, s: np.ndarray | None = None
+) -> float:
     """The Ledoit-Wolf intensity (module docstring), in [0, 1]; 0 when ``S`` is already a scaled
-    identity."""
-    s = moments.covariance(centered)
+    identity. ``s``: ``moments.covariance(centered)`` when the caller has it."""
+    s = moments.covariance(centered) if s is None else s
     n = s.shape[0]
     n_rows = moments.count
     mu = np.trace(s) / n
-    s_fro2 = float(np.sum(s * s))
+    s_fro2 = _fro2(s)
     d2 = (s_fro2 - 2 * mu * np.trace(s) + n * mu * mu) / n
     b2 = (moments.fourth_moment(centered) / n_rows - s_fro2) / (n * n_rows)
     if d2 <= 0:
@@ -50,11 +58,12 @@ def ledoit_wolf_lambda(moments: Moments, centered: bool = False) -> float:
     return float(min(b2, d2) / d2) if b2 > 0 else 0.0
 
 
-def oas_lambda(moments: Moments, centered: bool = False) -> float:
-    """The OAS intensity (module docstring), in [0, 1]; 1 when its denominator is zero."""
-    s = moments.covariance(centered)
+def oas_lambda(moments: Moments, centered: bool = False, s: np.ndarray | None = None) -> float:
+    """The OAS intensity (module docstring), in [0, 1]; 1 when its denominator is zero. ``s``:
+    ``moments.covariance(centered)`` when the caller has it."""
+    s = moments.covariance(centered) if s is None else s
     n = s.shape[0]
-    alpha = float(np.mean(s * s))
+    alpha = _fro2(s) / (n * n)
     mu = np.trace(s) / n
     num = alpha + mu * mu
     den = (moments.count + 1) * (alpha - mu * mu / n)
@@ -68,19 +77,21 @@ def shrink(
     lam: float | None = None,
 ) -> Shrunk:
     """The shrunk second moment of ``moments`` (``lam`` given: fixed intensity, method ignored)."""
+    # A new array (the statistic divided by its count), shrunk in place: on a 4864^2 statistic
+    # every extra temporary costs as much as the intensity's arithmetic.
     s = moments.covariance(centered)
     mu = float(np.trace(s) / s.shape[0])
     if lam is None:
         if method == "ledoit-wolf":
-            lam = ledoit_wolf_lambda(moments, centered)
+            lam = ledoit_wolf_lambda(moments, centered, s)
         elif method == "oas":
-            lam = oas_lambda(moments, centered)
+            lam = oas_lambda(moments, centered, s)
         elif method == "none":
             lam = 0.0
         else:
             raise OptionError(f"unknown shrinkage '{method}' (choose from {', '.join(METHODS)})")
     if not 0.0 <= lam <= 1.0:
         raise OptionError(f"shrinkage intensity {lam} is outside [0, 1]")
-    out = (1.0 - lam) * s
-    out[np.diag_indices_from(out)] += lam * mu
-    return Shrunk(out, float(lam), mu)
+    s *= 1.0 - lam
+    s[np.diag_indices_from(s)] += lam * mu
+    return Shrunk(s, float(lam), mu)

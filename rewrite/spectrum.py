@@ -78,9 +78,8 @@ def _put(store: Store, name: str, value: np.ndarray | StoredArray, fortran: bool
 
 def whitened_svd(b: np.ndarray, whitener: Whitener, max_rank: int | None = None) -> Spectrum:
     """SVD of ``L^T B`` for ``B: [n, m]``, keeping ``max_rank`` directions (default: all)."""
-    whitened = [whitener.apply_t(np.asarray(b, dtype=np.float64))]
-    del b  # the only reference when the caller passes a temporary: free it before the SVD
-    return _spectrum(whitened, whitener, max_rank)
+    b = np.asarray(b, dtype=np.float64)
+    return _spectrum([whitener.apply_t(b)], whitener, max_rank, preimage=b)
 
 
 # Below this ratio of a kept singular value to the largest, the Gram route loses digits in U or
@@ -88,14 +87,18 @@ def whitened_svd(b: np.ndarray, whitener: Whitener, max_rank: int | None = None)
 GRAM_ROUTE_MIN_RATIO = 1e-5
 
 
-def leading_svd(a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def leading_svd(
+    a: np.ndarray, rank: int, left: bool = True
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """``(U[:, :r], s, V^T[:r])`` of ``a`` (every singular value ``s``, ``r = min(rank, len(s))``).
 
     By the symmetric eigendecomposition of the smaller Gram, ``a^T a`` or ``a a^T`` (several
     times fewer operations than a full SVD when ``a`` is far from square, and only ``r`` vectors
     are mapped back), unless a kept singular value is below ``GRAM_ROUTE_MIN_RATIO`` of the
     largest, where squaring would cost accuracy: then LAPACK's divide-and-conquer SVD.
-    ``s`` is exact to ``eps s_0^2`` in ``s^2``, which is what truncation errors sum."""
+    ``s`` is exact to ``eps s_0^2`` in ``s^2``, which is what truncation errors sum. With
+    ``left=False``, ``U`` is None where a tall ``a`` took the Gram route (its caller maps ``V``
+    itself)."""
     n, m = a.shape
     r = min(rank, n, m)
     tall = n >= m
@@ -109,7 +112,7 @@ def leading_svd(a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.nd
     if r and s[r - 1] > GRAM_ROUTE_MIN_RATIO * s[0]:
         keep = np.ascontiguousarray(q[:, ::-1][:, :r])
         if tall:
-            return (a @ keep) / s[:r], s, keep.T.copy()
+            return (a @ keep) / s[:r] if left else None, s, keep.T.copy()
         return keep, s, (keep.T @ a) / s[:r, None]
     u, s, vt = scipy.linalg.svd(
         np.asfortranarray(a),
@@ -121,12 +124,23 @@ def leading_svd(a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return u[:, :r], s, vt[:r].copy()
 
 
-def _spectrum(whitened: list[np.ndarray], whitener: Whitener, max_rank: int | None) -> Spectrum:
+def _spectrum(
+    whitened: list[np.ndarray],
+    whitener: Whitener,
+    max_rank: int | None,
+    preimage: np.ndarray | None = None,
+) -> Spectrum:
     """SVD of a whitened target ``L^T B_hat`` (:func:`leading_svd`), mapped back through
-    ``L^{-T}``. ``whitened`` holds the matrix and is emptied, so nothing else keeps it alive."""
+    ``L^{-T}``. ``whitened`` holds the matrix and is emptied, so nothing else keeps it alive.
+
+    Given ``preimage = B_hat``, a tall target's basis is ``L^{-T} U = L^{-T} L^T B_hat V / s =
+    B_hat V / s``: one product with ``B_hat`` instead of forming ``U`` and solving with ``L``
+    (on a 4864 x 896 down projection, a fifth of the arithmetic, and no ``cond(L)`` in it)."""
     a = whitened.pop()
-    u, s, vt = leading_svd(a, min(a.shape) if max_rank is None else max_rank)
+    u, s, vt = leading_svd(a, min(a.shape) if max_rank is None else max_rank, left=preimage is None)
     del a
+    if u is None:  # formed transposed, so the basis is Fortran-ordered as the store keeps it
+        return Spectrum(sigma=s, basis=((vt @ preimage.T) / s[: len(vt), None]).T, vt=vt)
     return Spectrum(sigma=s, basis=whitener.solve_t(u), vt=vt)
 
 

@@ -192,6 +192,33 @@ def test_baseline_whitenings_are_their_definitions():
 
 
 @pytest.mark.parametrize("shape", [(40, 12), (12, 40), (30, 30)])
+@pytest.mark.parametrize("kind", ["cholesky", "eig"])
+def test_whitened_svd_factors_are_the_whitened_truncation(shape, kind):
+    """Every rank's ``A C`` is ``L^{-T} trunc_k(L^T B)`` by numpy's SVD and explicit inverses,
+    on tall, wide and square weights (a tall one's basis is formed as ``B V / s``) with an
+    ill-conditioned statistic; ``basis`` keeps ``H``-orthonormal columns."""
+    from flarc.rewrite.spectrum import whitened_svd
+    from flarc.rewrite.whiten import whitener
+
+    n, m = shape
+    rng = np.random.default_rng(n * m)
+    x = rng.standard_normal((3 * n, n)) * np.logspace(0, -2.5, n)
+    h = x.T @ x
+    b = rng.standard_normal((n, m))
+    w = whitener(h, kind)[0]
+    spec = whitened_svd(b, w, max_rank=min(n, m) - 2)
+    lt = np.linalg.cholesky(h).T if kind == "cholesky" else w.scale[:, None] * w.factor.T
+    u0, s0, vt0 = np.linalg.svd(lt @ b, full_matrices=False)
+    np.testing.assert_allclose(spec.sigma, s0, rtol=1e-9, atol=1e-12 * s0[0])
+    for k in (1, 3, spec.max_rank):
+        a, c = spec.factors(k)
+        expected = np.linalg.solve(lt, (u0[:, :k] * s0[:k]) @ vt0[:k])
+        np.testing.assert_allclose(a @ c, expected, atol=1e-8 * np.abs(b).max())
+    basis = np.asarray(spec.basis)
+    np.testing.assert_allclose(basis.T @ h @ basis, np.eye(spec.max_rank), atol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40), (30, 30)])
 @pytest.mark.parametrize("deficient", [False, True])
 def test_leading_svd_matches_lapack(shape, deficient):
     """The Gram route (and its fallback for rank-deficient matrices) against numpy's SVD:
