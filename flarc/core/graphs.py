@@ -109,6 +109,12 @@ def all_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [node for scope in scopes(model) for node in scope.graph.node]
 
 
+def producer_map(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """The node that computes each tensor, over every graph of ``model`` (names are unique
+    across a model's graphs)."""
+    return {o: node for node in all_nodes(model) for o in node.output if o}
+
+
 def scope_of(model: onnx.ModelProto, path: tuple[str, ...]) -> Scope:
     """The scope at ``path`` (ModelError-free: a bad path is a bug, KeyError)."""
     for scope in scopes(model):

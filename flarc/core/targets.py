@@ -3,6 +3,7 @@ docs/design.md section 2, and why every other weight-bearing node was left alone
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import defaultdict
 from collections.abc import Mapping
@@ -14,7 +15,7 @@ from onnx import helper, numpy_helper
 
 from flarc.core.errors import ModelError
 from flarc.core.external import declared_nbytes, external_dir, tensor_array
-from flarc.core.graphs import Scope, all_nodes, graph_node_names, scopes
+from flarc.core.graphs import Scope, graph_node_names, producer_map, scopes
 from flarc.core.weightpath import (
     PathError,
     PathTracer,
@@ -23,6 +24,7 @@ from flarc.core.weightpath import (
     consumed_shape,
     evaluate,
     path_model,
+    path_nodes,
 )
 
 
@@ -270,13 +272,13 @@ class _Candidate:
     producers: tuple[str, ...]  # flarc names of the path's nodes
 
 
-def _layout_signature(model: onnx.ModelProto, path: WeightPath) -> tuple:
+def _layout_signature(producer: Mapping[str, onnx.NodeProto], path: WeightPath) -> tuple:
     """What the layout nodes of a path do, Identity left out: equal signatures read the anchor
     in the same layout."""
-    wanted = set(path.layout_nodes)
+    layout = dataclasses.replace(path, storage_nodes=())
     sig = []
-    for node in all_nodes(model):
-        if any(o in wanted for o in node.output) and node.op_type != "Identity":
+    for node in path_nodes(layout, producer):
+        if node.op_type != "Identity":
             attrs = tuple(
                 sorted((a.name, str(helper.get_attribute_value(a))) for a in node.attribute)
             )
@@ -309,6 +311,7 @@ def find_targets(
     readers: dict[str, list[str]] = defaultdict(list)
     graph_outputs: set[str] = set()
     by_node: dict[str, onnx.NodeProto] = {}
+    producer = producer_map(model)  # the path nodes of every candidate, looked up once
     for sc in scopes(model):
         parent = sc.path[:-2]
         if not sc.path:
@@ -375,7 +378,7 @@ def find_targets(
             else:
                 skip(str(why))
             continue
-        dims = consumed_shape(model, path, consts)
+        dims = consumed_shape(model, path, consts, producer)
         if dims is None:
             skip(f"the shape of weight '{path.source}' after its path is unknown")
             continue
@@ -439,13 +442,13 @@ def find_targets(
             skip_all(f"weight '{first.path.source}' is a graph output; left dense")
             continue
         key = (first.n, first.m, first.conv, first.use.op_type == "Conv", first.dims)
-        layout = _layout_signature(model, first.path)
+        layout = _layout_signature(producer, first.path)
         for c in group[1:]:
             same = (c.n, c.m, c.conv, c.use.op_type == "Conv", c.dims) == key
             if (
                 not same
                 or c.use.transposed != first.use.transposed
-                or _layout_signature(model, c.path) != layout
+                or _layout_signature(producer, c.path) != layout
             ):
                 skip_all(
                     f"nodes '{first.use.node}' and '{c.use.node}' read weight "
@@ -493,12 +496,12 @@ def stored_bytes(model: onnx.ModelProto, targets: list[Target]) -> dict[str, int
     """Bytes each target's weight takes in the file: its stored tensor and the constants its
     path reads (scales, zero points), by target name."""
     consts = all_constant_tensors(model)
-    producers = {o: n for n in all_nodes(model) for o in n.output}
+    producer = producer_map(model)
     out = {}
     for t in targets:
         names = {t.weight}
         for o in t.path:
-            node = producers.get(o)
+            node = producer.get(o)
             names.update(i for i in (node.input if node is not None else ()) if i in consts)
         out[t.name] = sum(declared_nbytes(consts[n], n) or 0 for n in names)
     return out
@@ -524,6 +527,7 @@ class Weights:
         self.model = model
         self.tensors = all_constant_tensors(model)
         self.folder = external_dir(model)
+        self._producer: dict[str, onnx.NodeProto] | None = None
 
     @property
     def lazy(self) -> bool:
@@ -544,7 +548,10 @@ class Weights:
             target.storage,
             target.dtype,
         )
-        return evaluate(path_model(self.model, path, self.tensors, output), LazyArrays(self))
+        if self._producer is None:
+            self._producer = producer_map(self.model)
+        graph = path_model(self.model, path, self.tensors, output, self._producer)
+        return evaluate(graph, LazyArrays(self))
 
     def layout(self, target: Target) -> tuple[str, ...]:
         """The layout part of the target's path (after its anchor)."""

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from flarc.core.graphs import all_nodes
+from flarc.core.graphs import producer_map
 
 LAYOUT_OPS = ("Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
 FLOAT_TYPES = (
@@ -245,17 +245,28 @@ class PathTracer:
         )
 
 
+def path_nodes(path: WeightPath, producer: Mapping[str, onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """The nodes of ``path``, source side first (in graph order), from ``producer``
+    (:func:`flarc.core.graphs.producer_map`)."""
+    out: dict[int, onnx.NodeProto] = {}
+    for o in path.nodes:
+        node = producer.get(o)
+        if node is not None:
+            out.setdefault(id(node), node)
+    return list(out.values())
+
+
 def path_model(
     model: onnx.ModelProto,
     path: WeightPath,
     consts: Mapping[str, onnx.TensorProto],
     output: str | None = None,
+    producer: Mapping[str, onnx.NodeProto] | None = None,
 ) -> onnx.ModelProto:
     """The path as a model of its own: its nodes, the constants they read as typed graph inputs
     (fed by :func:`evaluate`, never copied into the proto), and ``output`` (the consumed tensor
-    by default) as the only output."""
-    wanted = set(path.nodes)
-    nodes = [n for n in all_nodes(model) if any(o in wanted for o in n.output)]
+    by default) as the only output. ``producer``: the model's, when the caller has it."""
+    nodes = path_nodes(path, producer if producer is not None else producer_map(model))
     reads = sorted({i for n in nodes for i in n.input if i} | {path.source})
     inputs = [
         helper.make_tensor_value_info(r, consts[r].data_type, list(consts[r].dims))
@@ -300,13 +311,18 @@ def evaluate(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> np.nda
 
 
 def consumed_shape(
-    model: onnx.ModelProto, path: WeightPath, consts: Mapping[str, onnx.TensorProto]
+    model: onnx.ModelProto,
+    path: WeightPath,
+    consts: Mapping[str, onnx.TensorProto],
+    producer: Mapping[str, onnx.NodeProto] | None = None,
 ) -> tuple[int, ...] | None:
     """The shape of the tensor the node reads: the stored shape when no layout node is on the
-    path, else onnx shape inference over the path (no weight data read)."""
+    path, else onnx shape inference over the path (no weight data read). ``producer``: the
+    model's (:func:`flarc.core.graphs.producer_map`), when the caller has it."""
     source = consts[path.source]
-    wanted = set(path.nodes)
-    nodes = [n for n in all_nodes(model) if any(o in wanted for o in n.output)]
+    if not path.nodes:
+        return tuple(int(d) for d in source.dims)
+    nodes = path_nodes(path, producer if producer is not None else producer_map(model))
     if not any(n.op_type in LAYOUT_OPS for n in nodes):
         return tuple(int(d) for d in source.dims)
     reads = sorted({i for n in nodes for i in n.input if i and i in consts})
