@@ -91,6 +91,12 @@ class Moments:
     def n(self) -> int:
         return self.gram.shape[0]
 
+    def loaded(self) -> Moments:
+        """These sums with a stored Gram read into memory (themselves when it is in memory)."""
+        if isinstance(self.gram, StoredArray):
+            return dataclasses.replace(self, gram=self.gram.load())
+        return self
+
     def add(self, other: Moments) -> None:
         """Add ``other``'s sums to these, in place (``cross`` too, when ``other`` has one)."""
         self.gram += other.gram
@@ -184,10 +190,7 @@ class LazyMoments(Mapping[str, Moments]):
         self._items = items  # their ``gram`` is an array or a StoredArray
 
     def __getitem__(self, key: str) -> Moments:
-        m = self._items[key]
-        return (
-            dataclasses.replace(m, gram=as_array(m.gram)) if isinstance(m.gram, StoredArray) else m
-        )
+        return self._items[key].loaded()
 
     def raw(self) -> dict[str, Moments]:
         """The moments as held: stored Grams stay stored (for copying them file to file)."""

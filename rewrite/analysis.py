@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from flarc.calib.moments import Moments
+from flarc.calib.moments import LazyMoments, Moments
 from flarc.calib.shrinkage import shrink
 from flarc.core.executor import Executor, JobHints, LocalExecutor
 from flarc.core.inputs import Feed
@@ -89,6 +89,7 @@ def analyze_target(
     A ``device`` other than ``cpu`` (a torch device, ``cuda``) whitens and decomposes there
     (:mod:`flarc.rewrite.device`; not with ``compensate``).
     """
+    moments = moments.loaded()  # a stored Gram is read here, in the job, not by its submitter
     shrunk = shrink(moments, options.shrinkage, options.centered, options.shrinkage_lambda)
     b = weight_matrix(target, weight)
     root = None
@@ -154,7 +155,9 @@ def derive_spectra(
     if device != "cpu" and isinstance(executor, LocalExecutor):
         executor = LocalExecutor(1, executor.job_threads)  # one GPU: one job at a time
     diags = output_diag if output_diag and options.two_sided else {}
-    jobs = TargetJobs(targets, weights, stats, options, diags, device)
+    # Local jobs read a stored Gram themselves; another executor's get it read here.
+    local = isinstance(executor, LocalExecutor)
+    jobs = TargetJobs(targets, weights, stats, options, diags, device, handles=local)
     done: dict[int, TargetAnalysis] = {}
     results = executor.map(
         analyze_target, jobs, jobs.hints(), gpus=1.0 if device == "cuda" else 0.0
@@ -170,8 +173,10 @@ def derive_spectra(
 
 
 class TargetJobs(Sequence[tuple]):
-    """The arguments of :func:`analyze_target` for each target, read when a job is submitted
-    (a weight and its Gram, so only jobs in flight hold theirs)."""
+    """The arguments of :func:`analyze_target` for each target, made when a job is submitted
+    (a weight and its Gram, so only jobs in flight hold theirs). With ``handles`` a stored Gram
+    is passed as its file's handle and read by the job (in this process: the read overlaps the
+    other jobs' arithmetic instead of holding up the next submission)."""
 
     def __init__(
         self,
@@ -181,8 +186,10 @@ class TargetJobs(Sequence[tuple]):
         options: AnalysisOptions,
         diags: Mapping[str, np.ndarray],
         device: str,
+        handles: bool = False,
     ) -> None:
-        self.targets, self.weights, self.stats = targets, weights, stats
+        self.targets, self.weights = targets, weights
+        self.stats = stats.raw() if handles and isinstance(stats, LazyMoments) else stats
         self.options, self.diags, self.device = options, diags, device
 
     def __len__(self) -> int:
