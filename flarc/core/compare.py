@@ -17,7 +17,7 @@ import onnx
 from flarc.core.inputs import Feed
 from flarc.core.polygraphy import accuracy_results, quiet, simple_compare_func
 from flarc.core.progress import NoProgress, Progress
-from flarc.core.sessions import lean_session_options, open_session
+from flarc.core.sessions import fed_session, lean_session_options, open_session
 from flarc.core.sums import PairSums, blocks
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,10 @@ def compare_streamed(
     with tempfile.TemporaryDirectory(prefix="flarc-compare-") as tmp:
         folder = Path(tmp)
         index = _save_outputs(reference, feeds, folder, progress)
-        session = _session_of(candidate, folder / "candidate")
-        names = [o.name for o in session.get_outputs() if o.name in index]
+        # Fed, not written: a large rewrite's factors are files outside the model's folder,
+        # which a session from a file would need a full copy of the model beside.
+        session = fed_session(candidate, lean_session_options(candidate))
+        names = [o.name for o in session.session.get_outputs() if o.name in index]
         sums = {n: PairSums() for n in names}
         passed = dict.fromkeys(names, True)
         described = progress.track(feeds, total=len(feeds), description="comparison: compressed")
