@@ -79,7 +79,11 @@ def _put(store: Store, name: str, value: np.ndarray | StoredArray, fortran: bool
 def whitened_svd(b: np.ndarray, whitener: Whitener, max_rank: int | None = None) -> Spectrum:
     """SVD of ``L^T B`` for ``B: [n, m]``, keeping ``max_rank`` directions (default: all)."""
     b = np.asarray(b, dtype=np.float64)
-    return _spectrum([whitener.apply_t(b)], whitener, max_rank, preimage=b)
+    whitened = [whitener.apply_t(b)]
+    # A tall target's basis is formed from B itself (:func:`_spectrum`); a wide one's is not.
+    preimage = b if b.shape[0] >= b.shape[1] else None
+    del b
+    return _spectrum(whitened, whitener, max_rank, preimage)
 
 
 # Below this ratio of a kept singular value to the largest, the Gram route loses digits in U or
