@@ -25,7 +25,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from flarc.core.graphs import prune_to_outputs
+from flarc.core.graphs import prune_to_outputs, scopes
 
 FUSED_DOMAIN = "com.microsoft"
 
@@ -101,8 +101,8 @@ def _pair(
 def transposed_weight_candidates(
     model: onnx.ModelProto, names: set[str] | frozenset[str]
 ) -> set[str]:
-    """The 2-D initializers among ``names`` that every reader uses as a MatMul's ``B`` (and no
-    graph output exposes): those :func:`transpose_matmul_weights` may store transposed."""
+    """The 2-D initializers among ``names`` that every reader, in any graph, uses as a main-graph
+    MatMul's ``B`` (and no graph output exposes): those :func:`transpose_matmul_weights` may store transposed."""
     graph = model.graph
     dims = {t.name: len(t.dims) for t in graph.initializer if t.name in names}
     outputs = {o.name for o in graph.output}
@@ -113,6 +113,8 @@ def transposed_weight_candidates(
                 n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and i == 1
             ):
                 ok.discard(name)
+    for scope in scopes(model)[1:]:  # a subgraph's reader is not rewritten: keep its layout
+        ok.difference_update(i for n in scope.graph.node for i in n.input)
     return ok
 
 

@@ -246,7 +246,7 @@ class PathTracer:
 
 
 def path_nodes(path: WeightPath, producer: Mapping[str, onnx.NodeProto]) -> list[onnx.NodeProto]:
-    """The nodes of ``path``, source side first (in graph order), from ``producer``
+    """The nodes of ``path``, source side first (the order data flows in), from ``producer``
     (:func:`flarc.core.graphs.producer_map`)."""
     out: dict[int, onnx.NodeProto] = {}
     for o in path.nodes:
