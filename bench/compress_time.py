@@ -123,9 +123,11 @@ def main() -> int:
             row["ppl_in"] = round(scores["in_domain"], 2)
             row["ppl_out"] = round(scores["out_of_domain"], 2)
             print(json.dumps(row), flush=True)
+    from flarc.core.files import write_text_atomic
+
     RESULTS.mkdir(exist_ok=True)
     result = {"date": date.today().isoformat(), "model": "Qwen2.5-Coder-0.5B", "rows": rows}
-    (RESULTS / "compress_time.json").write_text(json.dumps(result, indent=1))
+    write_text_atomic(RESULTS / "compress_time.json", json.dumps(result, indent=1) + "\n")
     stages = list(dict.fromkeys(s for r in rows for s in r["stages_s"]))
     lines = [
         f"# `flarc compress` time by stage: Qwen2.5-Coder-0.5B, {result['date']}",
@@ -147,7 +149,7 @@ def main() -> int:
             f"| {s} s | " + " | ".join(str(r["stages_s"].get(s, "-")) for r in rows) + " |"
         )
     lines.append("| other s | " + " | ".join(str(r["other_s"]) for r in rows) + " |")
-    (RESULTS / "compress_time.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(RESULTS / "compress_time.md", "\n".join(lines) + "\n")
     return 0
 
 
