@@ -438,9 +438,10 @@ class Generator:
         result = GenerationResult(prompt, [], [], [], 0.0, 0.0)
         ids = np.asarray(prompt, dtype=np.int64)
         previous: float | None = None
+        history: list[tuple[float, float]] = []  # (budget, entropy) of each step so far
         for t in range(max_new_tokens):
             start = time.perf_counter()
-            budget = schedule.budget(t, previous)
+            budget = schedule.budget(t, previous, history)
             logits = self.step(budget, ids, cache)[-1]
             h = entropy(logits) if schedule.needs_entropy or keep_logits else float("nan")
             token = (
@@ -457,6 +458,7 @@ class Generator:
             if keep_logits:
                 result.logits.append(np.array(logits))
             previous = h
+            history.append((budget, h))
             if on_token is not None:
                 on_token(token)
             if token in stops:

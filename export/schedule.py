@@ -12,6 +12,13 @@ the prompt, which produces the first new token). Spellings:
   ``H <= LOW`` -> smallest bucket, ``H >= HIGH`` -> largest, in between the smallest bucket
   whose budget is at least ``b_min + (H - LOW) / (HIGH - LOW) * (b_max - b_min)``: more rank
   when the model is uncertain.
+- ``entropy:MEAN``: the same idea at a mean budget the user fixes, with no thresholds to tune.
+  It decodes with the two buckets around MEAN (those next to it when MEAN is a bucket): HI, LO,
+  with HI's share of steps ``f = (MEAN - LO) / (HI - LO)``. Step 0 uses HI; step t+1 uses HI when
+  step t's entropy ranks in the top ``f`` of the entropies of steps 0..t-1 (more rank where the
+  model is least sure), LO otherwise, and then a budget account overrides the choice when the
+  running mean would stray from MEAN by more than ``PACE_SLACK * (HI - LO)`` summed over the
+  steps: after n steps the mean budget is within ``(PACE_SLACK + 1) * (HI - LO) / n`` of MEAN.
 
 Every budget named must be one of the folder's buckets.
 """
@@ -19,11 +26,15 @@ Every budget named must be one of the folder's buckets.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from flarc.core.errors import FlarcError
+
+# How far (in HI - LO steps, summed) an entropy:MEAN schedule's spending may run ahead or behind.
+PACE_SLACK = 2.0
 
 
 def _match(budget: float, available: list[float], spec: str) -> float:
@@ -43,21 +54,30 @@ def _number(text: str, spec: str, kind=float):
 
 @dataclass(frozen=True)
 class Schedule:
-    """A parsed schedule; ``budget(step, entropy)`` names the bucket of a step."""
+    """A parsed schedule; ``budget(step, entropy, history)`` names the bucket of a step."""
 
-    kind: str  # static | steps | entropy
+    kind: str  # static | steps | entropy | paced (entropy:MEAN)
     spec: str
     budgets: tuple[float, ...]  # the buckets available, largest first
     steps: tuple[tuple[int, float], ...] = ()  # (start step, budget), for steps/static
     low: float = 0.0
     high: float = 0.0
+    mean: float = 0.0
 
     def first(self) -> float:
         """The budget of step 0 (the prefill)."""
         return self.budget(0, None)
 
-    def budget(self, step: int, previous_entropy: float | None) -> float:
-        """Budget for ``step``; ``previous_entropy`` is H at step - 1 (None at step 0)."""
+    def budget(
+        self,
+        step: int,
+        previous_entropy: float | None,
+        history: Sequence[tuple[float, float]] = (),
+    ) -> float:
+        """Budget for ``step``; ``previous_entropy`` is H at step - 1 (None at step 0);
+        ``history`` is (budget, entropy) of every earlier step, which ``entropy:MEAN`` reads."""
+        if self.kind == "paced":
+            return paced_budget(self.mean, self.budgets, history)
         if self.kind == "entropy":
             if previous_entropy is None:
                 return self.budgets[0]
@@ -73,11 +93,13 @@ class Schedule:
         """The buckets this schedule can pick, largest first (only these need a session)."""
         if self.kind == "entropy":
             return self.budgets
+        if self.kind == "paced":
+            return tuple(sorted(set(pace_pair(self.mean, self.budgets)[:2]), reverse=True))
         return tuple(sorted({b for _, b in self.steps}, reverse=True))
 
     @property
     def needs_entropy(self) -> bool:
-        return self.kind == "entropy"
+        return self.kind in ("entropy", "paced")
 
 
 def entropy_budget(h: float, low: float, high: float, budgets: tuple[float, ...]) -> float:
@@ -91,13 +113,50 @@ def entropy_budget(h: float, low: float, high: float, budgets: tuple[float, ...]
     return min(b for b in budgets if b >= want - 1e-9)
 
 
+def pace_pair(mean: float, budgets: tuple[float, ...]) -> tuple[float, float, float]:
+    """``(HI, LO, f)`` of an ``entropy:MEAN`` schedule: the buckets around ``mean`` (its
+    neighbours when it is a bucket; both ``mean`` at either end) and HI's share of steps."""
+    ordered = sorted(budgets)
+    above = [b for b in ordered if b > mean + 1e-9]
+    below = [b for b in ordered if b < mean - 1e-9]
+    if not above or not below:
+        b = min(ordered, key=lambda x: abs(x - mean))
+        return b, b, 1.0
+    hi, lo = above[0], below[-1]
+    return hi, lo, (mean - lo) / (hi - lo)
+
+
+def paced_budget(
+    mean: float, budgets: tuple[float, ...], history: Sequence[tuple[float, float]]
+) -> float:
+    """The ``entropy:MEAN`` rule of the module docstring; ``history`` is (budget, entropy) of
+    the steps before this one."""
+    hi, lo, share = pace_pair(mean, budgets)
+    if hi == lo or not history:
+        return hi
+    # What this step may use with the running mean at MEAN, and how far it may stray.
+    credit = mean * (len(history) + 1) - sum(b for b, _ in history)
+    slack = PACE_SLACK * (hi - lo)
+    if credit < hi - slack:
+        return lo
+    if credit > lo + slack:
+        return hi
+    h, earlier = history[-1][1], [e for _, e in history[:-1]]
+    if not earlier:
+        return hi
+    rank = sum(e < h for e in earlier) / len(earlier)  # the share of earlier steps below H
+    return hi if rank >= 1 - share else lo
+
+
 def parse_schedule(spec: str, available: list[float]) -> Schedule:
     """Parse ``spec`` against the folder's bucket budgets (module docstring for the grammar)."""
     budgets = tuple(sorted(available, reverse=True))
     kind, _, rest = spec.partition(":")
     kind = kind.strip().lower()
     if not rest:
-        raise FlarcError(f"schedule '{spec}': expected static:B, steps:B@T,... or entropy:LOW:HIGH")
+        raise FlarcError(
+            f"schedule '{spec}': expected static:B, steps:B@T,..., entropy:LOW:HIGH or entropy:MEAN"
+        )
     if kind == "static":
         b = _match(_number(rest, spec), budgets, spec)
         return Schedule("static", spec, budgets, ((0, b),))
@@ -122,7 +181,13 @@ def parse_schedule(spec: str, available: list[float]) -> Schedule:
     if kind == "entropy":
         low_text, sep, high_text = rest.partition(":")
         if not sep:
-            raise FlarcError(f"schedule '{spec}': expected entropy:LOW:HIGH (nats)")
+            mean = _number(rest, spec)
+            if not min(budgets) - 1e-9 <= mean <= max(budgets) + 1e-9:
+                raise FlarcError(
+                    f"schedule '{spec}': mean budget {mean:g} is outside the buckets "
+                    f"({min(budgets):g} to {max(budgets):g})"
+                )
+            return Schedule("paced", spec, budgets, mean=mean)
         low, high = _number(low_text, spec), _number(high_text, spec)
         if not 0 <= low < high:
             raise FlarcError(f"schedule '{spec}': need 0 <= LOW < HIGH, got {low:g}, {high:g}")

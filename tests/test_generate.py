@@ -17,7 +17,14 @@ from flarc.core.modelio import load_model
 from flarc.core.targets import find_targets
 from flarc.export.hf import export_hf
 from flarc.export.runtime import Generator, KVCache
-from flarc.export.schedule import entropy, entropy_budget, parse_schedule
+from flarc.export.schedule import (
+    PACE_SLACK,
+    entropy,
+    entropy_budget,
+    pace_pair,
+    paced_budget,
+    parse_schedule,
+)
 from flarc.pipeline import build_buckets
 
 from _models import lm_token_batches, save_tiny_qwen2
@@ -91,6 +98,7 @@ def test_schedule_parsing_and_rules():
         ("steps:1.0@0,0.8@32,0.6@16", "must increase"),
         ("static:0.7", "no bucket with budget 0.7"),
         ("entropy:3:1", "LOW < HIGH"),
+        ("entropy:0.3", "outside the buckets"),
         ("linear:1", "unknown kind"),
         ("steps:1.0", "BUDGET@STEP"),
     ]:
@@ -115,6 +123,49 @@ def test_entropy_schedule_follows_the_rule(gen):
     for t in range(1, 12):
         assert run.budgets[t] == entropy_budget(run.entropies[t - 1], low, high, tuple(gen.budgets))
     assert len(set(run.budgets)) > 1
+
+
+def test_paced_entropy_schedule_keeps_its_mean_and_spends_on_uncertain_steps():
+    """entropy:MEAN mixes the two buckets around MEAN, keeps the running mean within its account
+    at every step, and gives the larger bucket to the steps after the most uncertain ones."""
+    budgets = (1.0, 0.8, 0.6, 0.4)
+    assert pace_pair(0.8, budgets) == (1.0, 0.6, pytest.approx(0.5))
+    assert pace_pair(0.75, budgets) == (0.8, 0.6, pytest.approx(0.75))
+    assert pace_pair(1.0, budgets)[:2] == (1.0, 1.0)
+    assert parse_schedule("entropy:0.75", list(budgets)).used == (0.8, 0.6)
+    rng = np.random.default_rng(0)
+    for mean in (0.5, 0.7, 0.8, 0.95):
+        hi, lo, _ = pace_pair(mean, budgets)
+        # Entropies with long calm and long uncertain stretches: the account must step in.
+        h = np.abs(rng.standard_normal(400)) * np.repeat(rng.choice([0.2, 3.0], 10), 40)
+        history: list[tuple[float, float]] = []
+        for t, e in enumerate(h):
+            b = paced_budget(mean, budgets, history)
+            assert b in (hi, lo)
+            history.append((b, float(e)))
+            drift = sum(x for x, _ in history) - mean * (t + 1)
+            assert abs(drift) <= (PACE_SLACK + 1) * (hi - lo) + 1e-9
+        chosen = np.array([b for b, _ in history[1:]])
+        before = h[:-1]  # step t's entropy picked step t + 1's bucket
+        assert before[chosen == hi].mean() > before[chosen == lo].mean()
+    # With i.i.d. entropies the account never needs to step in: the choice is the rank rule.
+    h = rng.exponential(size=200)
+    history = []
+    for e in h:
+        history.append((paced_budget(0.8, budgets, history), float(e)))
+    for t in range(2, len(h)):
+        rank = np.mean(h[: t - 1] < h[t - 1])
+        credit = 0.8 * (t + 1) - sum(b for b, _ in history[:t])
+        if 0.6 + 0.4 * PACE_SLACK >= credit >= 1.0 - 0.4 * PACE_SLACK:
+            assert history[t][0] == (1.0 if rank >= 0.5 else 0.6)
+
+
+def test_paced_entropy_schedule_drives_generation(gen):
+    run = gen.generate(PROMPT, 24, "entropy:0.8", keep_logits=True)
+    history = list(zip(run.budgets, run.entropies, strict=True))
+    assert run.budgets == [paced_budget(0.8, (1.0, 0.8, 0.6, 0.4), history[:t]) for t in range(24)]
+    assert set(run.budgets) == {1.0, 0.6}
+    assert abs(run.mean_budget - 0.8) <= (PACE_SLACK + 1) * 0.4 / 24
 
 
 def test_sampling_is_seeded_and_top_p_narrows(gen):

@@ -17,8 +17,9 @@ SCHEDULE_HELP = (
     "which bucket decodes each step: 'static:B'; 'steps:1.0@0,0.8@32,0.6@96' (bucket by index "
     "of the generated token, budgets non-increasing); 'entropy:LOW:HIGH' (next step's bucket "
     "from the entropy H in nats of the current next-token distribution: H<=LOW smallest, "
-    "H>=HIGH largest, between the smallest bucket >= linear interpolation). Default: the "
-    "largest bucket"
+    "H>=HIGH largest, between the smallest bucket >= linear interpolation); 'entropy:MEAN' "
+    "(the two buckets around mean budget MEAN, the larger after the most uncertain steps, the "
+    "running mean held at MEAN). Default: the largest bucket"
 )
 
 
