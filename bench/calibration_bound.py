@@ -81,7 +81,7 @@ def main() -> int:
     model, targets, data = load(args.model, args.batches)
     store = Store.for_model(is_large(model))
     t0 = time.perf_counter()
-    stats, heldout, _ = collect_moments(
+    stats, heldout, _, _ = collect_moments(
         model, targets.targets, data, Checkpoint(store, "statistics", {})
     )
     seconds = time.perf_counter() - t0

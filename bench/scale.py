@@ -179,7 +179,7 @@ def child(args: argparse.Namespace) -> dict:
     out: dict = {"variant": args.child, "workers": args.workers, "targets": len(targets)}
     try:
         t0 = time.perf_counter()
-        stats, _, _ = collect_moments(
+        stats, _, _, _ = collect_moments(
             model, targets, data, Checkpoint(store, "statistics", {}), executor=executor
         )
         out["statistics_s"] = time.perf_counter() - t0

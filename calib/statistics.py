@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -668,7 +669,8 @@ def collect_moments(
     mask_input: str | None = None,
     progress: Progress | None = None,
     executor: Executor | None = None,
-) -> tuple[LazyMoments, LazyMoments, str | None]:
+    keep_inputs: bool = False,
+) -> Collected:
     """Calibration and held-out moments of every statistic, and the mask input if one was used.
 
     The calibration sums are saved through ``checkpoint`` (the statistics of the store); the
@@ -678,7 +680,8 @@ def collect_moments(
     the next one starts: memory holds one group, not all. In this process the groups read the
     target inputs that one forward pass spilled to disk (:func:`carry_inputs`); on other
     executors each group re-runs the graph up to its layers. ``executor`` says where the batches
-    run (:func:`sums_in`); the sums are the same bits on every executor.
+    run (:func:`sums_in`); the sums are the same bits on every executor. With ``keep_inputs``
+    the carried target inputs outlive the statistics (:class:`Collected`; the caller closes them).
     """
     store = checkpoint.store
     budget = max(STAT_GROUP_MIN_BYTES, tensor_nbytes(model) // 8) if is_large(model) else None
@@ -727,10 +730,23 @@ def collect_moments(
             del group
             if store.on_disk:
                 release_free_memory()
-    finally:
+    except BaseException:
         if carried is not None:
             carried.close()
-    return LazyMoments(stats), LazyMoments(heldout), mask
+        raise
+    if carried is not None and not keep_inputs:
+        carried.close()
+        carried = None
+    return Collected(LazyMoments(stats), LazyMoments(heldout), mask, carried)
+
+
+class Collected(NamedTuple):
+    """What :func:`collect_moments` gathered."""
+
+    stats: LazyMoments  # calibration moments
+    heldout: LazyMoments  # held-out moments
+    mask: str | None  # the mask input, if one was used
+    inputs: CarriedInputs | None  # target inputs carried on disk, when kept
 
 
 class CarriedInputs:
@@ -770,6 +786,17 @@ class CarriedInputs:
             return local.stream(lambda: session, shard_sums, shards)
 
         return self.mask, run, feeds[:n], feeds[n:]
+
+    def serves(self, feeds: list[Feed]) -> bool:
+        """Whether ``feeds`` are the calibration batches these inputs were carried from."""
+        ours = self.data.calibration
+        return len(feeds) == len(ours) and all(a is b for a, b in zip(feeds, ours, strict=True))
+
+    def calibration_values(self, batch: int, names: Iterable[str]) -> dict[str, np.ndarray]:
+        """Tensors ``names`` of calibration batch ``batch`` as the original model computed them
+        (graph inputs from the batch itself)."""
+        feed = CarriedFeed(self.spill, batch, self.data.calibration[batch], tuple(names))
+        return {n: feed[n] for n in names}
 
     def close(self) -> None:
         self.spill.close()

@@ -106,7 +106,7 @@ def analyze(
         }
     every = checkpoint_every if checkpoint is not None else None
     sums = Checkpoint(store, "statistics", identity, every, resume)
-    stats, heldout, mask = collect_moments(
+    stats, heldout, mask, carried = collect_moments(
         model,
         targets.targets,
         data,
@@ -115,6 +115,7 @@ def analyze(
         options.mask_input,
         progress,
         compute.executor,
+        keep_inputs=True,  # a compensated closed loop reads the original's inputs from them
     )
     targets = without_rows(targets, stats.raw())
     fisher = None
@@ -167,6 +168,7 @@ def analyze(
         probe_feeds=data.calibration[:MAX_KEPT_FEEDS],
         heldout_is_calibration=not data.heldout,
         store=store,
+        carried=carried,
     )
 
 

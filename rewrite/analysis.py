@@ -19,6 +19,7 @@ import numpy as np
 
 from flarc.calib.moments import LazyMoments, Moments
 from flarc.calib.shrinkage import shrink
+from flarc.calib.statistics import CarriedInputs
 from flarc.core.executor import Executor, JobHints, LocalExecutor
 from flarc.core.inputs import Feed
 from flarc.core.progress import NoProgress, Progress
@@ -266,6 +267,8 @@ class Analysis:
     heldout_is_calibration: bool = False  # no batch could be held out
     extra: dict = field(default_factory=dict)
     store: Store | None = field(default=None, repr=False)  # where the large arrays live
+    # The original's target inputs on each calibration batch, on disk (large models only).
+    carried: CarriedInputs | None = field(default=None, repr=False)
 
     def sensitivities(self) -> dict[str, float] | None:
         """Loss per unit of each target's relative whitened error (:mod:`flarc.calib.

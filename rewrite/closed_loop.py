@@ -7,7 +7,8 @@ layers correct for earlier errors instead of inheriting them. The model runs a s
 time (:class:`flarc.calib.segments.SegmentedModel`): one forward pass in all, not one per
 level. With ``compensate`` each target reproduces the *original* layer's output from the
 compressed activations (:func:`flarc.rewrite.spectrum.compensated_svd`), the original model
-running beside the compressed one; the cross-statistic is shrunk like the Gram (same
+running beside the compressed one (or, where the statistics carried the original's inputs to
+disk, read from there); the cross-statistic is shrunk like the Gram (same
 intensity, same target ``mu I``), so identical activations give plain whitening exactly.
 """
 
@@ -22,7 +23,12 @@ import onnx
 from flarc.calib.carry import inputs_model
 from flarc.calib.moments import Moments, mirror_upper
 from flarc.calib.segments import SegmentedModel, target_levels
-from flarc.calib.statistics import StatisticsSession, mark_masks, plan_statistics
+from flarc.calib.statistics import (
+    CarriedInputs,
+    StatisticsSession,
+    mark_masks,
+    plan_statistics,
+)
 from flarc.core.errors import OptionError
 from flarc.core.external import split_large_initializers
 from flarc.core.graphs import scopes
@@ -66,6 +72,10 @@ def closed_loop_entries(
     if not chosen:
         return entries
     stored = Weights(model)
+    # The original's inputs, carried to disk by the statistics' forward pass: read, not re-run.
+    carried = analysis.carried if compensate else None
+    if carried is not None and not carried.serves(feeds):
+        carried = None
     light, originals = split_large_initializers(model)
     levels = target_levels(model, chosen)
     wanted = [list(dict.fromkeys(u.input for t in level for u in t.all_uses)) for level in levels]
@@ -82,12 +92,13 @@ def closed_loop_entries(
     underdetermined: list[TargetAnalysis] = []
     for i, level in enumerate(progress.track(levels, total=len(levels), description="closed loop")):
         states = {"compressed": {x: compressed[x] for x in reads[i]}}
-        if compensate:
+        if compensate and carried is None:
             original = {u.consumed: t for t in chosen for u in t.all_uses if u.consumed in reads[i]}
             states["original"] = {x: stored.consumed(t) for x, t in original.items()}
-        stats = level_statistics(
-            light, level, run.run(i, states), mask, options.precision, compensate, feeds
-        )
+        batches = run.run(i, states)
+        if carried is not None:
+            batches = _with_carried(batches, carried, wanted[i])
+        stats = level_statistics(light, level, batches, mask, options.precision, compensate, feeds)
         del states
         for x in [x for x in compressed if last[x] <= i]:
             del compressed[x]
@@ -121,6 +132,17 @@ def closed_loop_entries(
             worst.lam,
         )
     return entries
+
+
+def _with_carried(
+    batches: Iterator[tuple[int, dict[str, dict[str, np.ndarray]]]],
+    carried: CarriedInputs,
+    names: list[str],
+) -> Iterator[tuple[int, dict[str, dict[str, np.ndarray]]]]:
+    """``batches`` with each one's ``original`` state read from the carried inputs."""
+    for b, values in batches:
+        values["original"] = carried.calibration_values(b, names)
+        yield b, values
 
 
 def level_statistics(

@@ -137,7 +137,10 @@ def test_carried_activations_equal_rerunning_the_graph_per_group(
     options = AnalysisOptions(two_sided=False)
     carried = analyze(model, targets, data, options)
     assert len(spills) == 1 and spills[0] is not None
-    assert not spills[0].root.exists()  # the activations are gone once the sums are saved
+    # The activations outlive the sums only as the analysis' carried inputs, removed with them.
+    assert carried.carried is not None and carried.carried.spill is spills[0]
+    carried.carried.close()
+    assert not spills[0].root.exists()
     monkeypatch.setattr(flarc.calib.carry, "SPARE_BYTES", 1 << 62)  # no room on disk
     spills.clear()
     rerun = analyze(model, targets, data, options)
@@ -148,6 +151,41 @@ def test_carried_activations_equal_rerunning_the_graph_per_group(
             for field in ("gram", "sum1", "sum2x"):
                 np.testing.assert_array_equal(getattr(a[key], field), getattr(b[key], field))
             assert (a[key].count, a[key].sum4) == (b[key].count, b[key].sum4)
+
+
+def test_compensated_closed_loop_reads_the_carried_inputs(small_lm, spill_everything, monkeypatch):
+    """Where the statistics carried the original's inputs to disk, the compensated closed loop
+    runs only the compressed model and reads the original's side from them: the same factors as
+    when it runs the original beside the compressed model (other feeds: it does that again)."""
+    from flarc.calib.segments import SegmentedModel
+    from flarc.rewrite.closed_loop import closed_loop_entries
+    from flarc.rewrite.ranks import RankChoice
+
+    model, data = small_lm
+    analysis = analyze(model, find_targets(model), data, AnalysisOptions(two_sided=False))
+    assert analysis.carried is not None
+    states = []
+    real = SegmentedModel.run
+
+    def spy(self, i, given):
+        states.append(tuple(given))
+        return real(self, i, given)
+
+    monkeypatch.setattr(SegmentedModel, "run", spy)
+    ranks = {t.name: RankChoice(max(1, min(t.n, t.m) // 3), "test") for t in analysis.targets}
+    read = closed_loop_entries(model, analysis, ranks, data.calibration, compensate=True)
+    assert states and set(states) == {("compressed",)}
+    states.clear()
+    copies = [dict(f) for f in data.calibration]  # equal batches, but not the carried ones
+    ran = closed_loop_entries(model, analysis, ranks, copies, compensate=True)
+    assert set(states) == {("compressed", "original")}
+    for t in analysis.targets:
+        k = ranks[t.name].rank
+        a1, c1 = ran[t.name].spectrum.factors(k)
+        a2, c2 = read[t.name].spectrum.factors(k)
+        g = analysis.stats[t.stat_key].gram
+        d, b = a2 @ c2 - a1 @ c1, a1 @ c1
+        assert np.trace(d.T @ g @ d) / np.trace(b.T @ g @ b) < 1e-9, t.name
 
 
 def test_grouped_statistics_resume_from_checkpoint(small_lm, spill_everything, tmp_path):
