@@ -681,7 +681,8 @@ def collect_moments(
     target inputs that one forward pass spilled to disk (:func:`carry_inputs`); on other
     executors each group re-runs the graph up to its layers. ``executor`` says where the batches
     run (:func:`sums_in`); the sums are the same bits on every executor. With ``keep_inputs``
-    the carried target inputs outlive the statistics (:class:`Collected`; the caller closes them).
+    the carried target inputs outlive the statistics (:class:`Collected`): the caller owns them,
+    and their folder goes with :meth:`CarriedInputs.close` or when they are garbage-collected.
     """
     store = checkpoint.store
     budget = max(STAT_GROUP_MIN_BYTES, tensor_nbytes(model) // 8) if is_large(model) else None

@@ -115,7 +115,7 @@ def analyze(
         options.mask_input,
         progress,
         compute.executor,
-        keep_inputs=True,  # a compensated closed loop reads the original's inputs from them
+        keep_inputs=True,  # the compensated closed loop reads them; removed with the analysis
     )
     targets = without_rows(targets, stats.raw())
     fisher = None
