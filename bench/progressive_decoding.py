@@ -10,12 +10,13 @@ Steps (each cached under ~/.cache/flarc/qwen2.5-0.5b):
    same text) and out of domain (license texts) with: the original model; static 0.9, 0.8, 0.7
    and 0.6; steps schedules whose mean budgets are 0.8 and 0.7; ``entropy:0.8`` and
    ``entropy:0.7`` (the paced entropy rule: the two buckets around the mean, the larger after the
-   most uncertain steps, held at that mean budget). Each schedule loads the buckets it uses, as ``flarc generate`` does: one bucket
-   prepacks its own weights, several share one copy (and ``--prepack`` rows show what
-   prepacking them all buys and costs), every session on one global thread pool. Reported:
-   tokens/s, token match rate and ROUGE-L against the original's tokens per domain (with the
-   standard error over prompts), each schedule's per-prompt ROUGE-L difference from static 0.8
-   (paired: mean and standard error), mean budget, and weight memory (RSS).
+   most uncertain steps, held at that mean budget). Each schedule loads the buckets it uses, as
+   ``flarc generate`` does: one bucket prepacks its own weights, several share one copy (and
+   ``--prepack`` rows show what prepacking them all buys and costs), every session on one
+   global thread pool. Reported: tokens/s, token match rate and ROUGE-L against the original's
+   tokens per domain (with the standard error over prompts), each schedule's per-prompt ROUGE-L
+   difference from static 0.8 (paired: mean and standard error), mean budget, and weight memory
+   (RSS).
 
 Writes bench/results/progressive_decoding.{json,md}.
 """
@@ -94,6 +95,15 @@ def license_paragraphs() -> list[str]:
                 if len(p.split()) >= 60:
                     out.append(p)
     return out
+
+
+def prompt_ids(tok, heldout: list[str], count: int, words: int) -> dict[str, list[list[int]]]:
+    """Token ids of the first ``words`` words of ``count`` prompt paragraphs per domain: held-out
+    pydoc paragraphs in domain, license texts out of domain."""
+    domains = {"in": heldout[:count], "out": license_paragraphs()[:count]}
+    return {
+        d: [tok(" ".join(p.split()[:words]))["input_ids"] for p in ps] for d, ps in domains.items()
+    }
 
 
 def rouge_l(a: list[int], b: list[int]) -> float:
@@ -201,11 +211,7 @@ def main() -> int:
     import onnx
 
     tok = AutoTokenizer.from_pretrained(str(hf), local_files_only=True)
-    domains = {"in": heldout[: args.prompts], "out": license_paragraphs()[: args.prompts]}
-    prompts = {
-        d: [tok(" ".join(p.split()[: args.prompt_words]))["input_ids"] for p in ps]
-        for d, ps in domains.items()
-    }
+    prompts = prompt_ids(tok, heldout, args.prompts, args.prompt_words)
     n = args.new_tokens
     from flarc.export.manifest import load_manifest
     from flarc.export.schedule import parse_schedule

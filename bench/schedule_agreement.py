@@ -31,13 +31,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    """Row-wise log-probabilities, in float64."""
+    from scipy.special import log_softmax as scipy_log_softmax
 
-
-def _pm(row: dict, key: str) -> str:
-    return f"{row[key]:.3f} +- {row[key + '_se']:.3f}" if key in row else ""
+    return scipy_log_softmax(np.asarray(logits, dtype=np.float64), axis=-1)
 
 
 def forced(
@@ -78,11 +75,7 @@ def main() -> int:
         raise SystemExit(f"{folder}: no buckets; run bench/progressive_decoding.py first")
     tok = AutoTokenizer.from_pretrained(str(pd.CACHE / "hf"), local_files_only=True)
     _, heldout = pd.texts()
-    domains = {"in": heldout[: args.prompts], "out": pd.license_paragraphs()[: args.prompts]}
-    prompts = {
-        d: [tok(" ".join(p.split()[: args.prompt_words]))["input_ids"] for p in ps]
-        for d, ps in domains.items()
-    }
+    prompts = pd.prompt_ids(tok, heldout, args.prompts, args.prompt_words)
     n = args.new_tokens
     q = n // 4
     schedules = [
@@ -154,9 +147,9 @@ def main() -> int:
     ]
     for spec, r in rows.items():
         lines.append(
-            f"| {spec} | {r['mean_budget']:.3f} | {_pm(r, 'top1_in')} | {_pm(r, 'kl_in')} | "
-            f"{_pm(r, 'top1_out')} | {_pm(r, 'kl_out')} | {_pm(r, 'kl_in_vs_static08')} | "
-            f"{_pm(r, 'kl_out_vs_static08')} |"
+            f"| {spec} | {r['mean_budget']:.3f} | {pd._pm(r, 'top1_in')} | {pd._pm(r, 'kl_in')} | "
+            f"{pd._pm(r, 'top1_out')} | {pd._pm(r, 'kl_out')} | {pd._pm(r, 'kl_in_vs_static08')} | "
+            f"{pd._pm(r, 'kl_out_vs_static08')} |"
         )
     write_text_atomic(RESULTS / "schedule_agreement.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
