@@ -35,6 +35,7 @@ import numpy as np
 
 CACHE = Path.home() / ".cache" / "flarc" / "qwen2.5-0.5b"
 RESULTS = Path(__file__).resolve().parent / "results"
+DOMAINS = {"in": "in domain", "out": "out of domain"}
 
 
 def hf_folder() -> Path:
@@ -177,6 +178,12 @@ def main() -> int:
         help="flarc export buckets --compensate (factors refitted closed loop at the largest "
         "bucket's ranks); writes progressive_decoding_compensated.*",
     )  # fmt: skip
+    ap.add_argument(
+        "--paired", nargs="+", metavar="SCHEDULE",
+        help="only these schedules and static:0.8, ROUGE-L paired against static 0.8 (more "
+        "prompts for the price); writes progressive_decoding_paired.*",
+    )  # fmt: skip
+    ap.add_argument("--domains", nargs="+", choices=("in", "out"), default=["in", "out"])
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -212,9 +219,9 @@ def main() -> int:
 
     tok = AutoTokenizer.from_pretrained(str(hf), local_files_only=True)
     prompts = prompt_ids(tok, heldout, args.prompts, args.prompt_words)
+    prompts = {d: prompts[d] for d in args.domains}
     n = args.new_tokens
     from flarc.export.manifest import load_manifest
-    from flarc.export.schedule import parse_schedule
 
     available = load_manifest(folder, verify=False).budgets
     import onnxruntime as ort
@@ -235,6 +242,8 @@ def main() -> int:
                         **{f"{k}_{d}": 1.0 for d in prompts for k in ("match", "rouge_l")},
                         **{f"rouge_l_{d}_se": 0.0 for d in prompts}}  # fmt: skip
     del original
+    if args.paired:
+        return paired_only(args, folder, available, prompts, refs, rows["original"])
     # Each steps schedule has the mean budget of a static one over n steps (quarters of n).
     q = n // 4
     mean08 = f"steps:0.9@0,0.8@{q},0.7@{3 * q}"
@@ -251,45 +260,9 @@ def main() -> int:
         "static:0.6": ("static:0.6", None),
         "static:0.6, all four buckets loaded (shared)": ("static:0.6", "all"),
     }
-    per_prompt: dict[str, dict[str, list[float]]] = {}
-    for label, (spec, how) in schedules.items():
-        # As flarc generate: the buckets the schedule uses; one prepacks, several share.
-        used = available if how == "all" else list(parse_schedule(spec, available).used)
-        gen = Generator.from_buckets(
-            folder, budgets=used, threads=args.threads, verify=False,
-            prepack=True if how is True else (False if how == "all" else None),
-            global_threads=True,
-        )  # fmt: skip
-        tps, budgets = [], []
-        row = {}
-        for d, ps in prompts.items():
-            matches, rouges = [], []
-            for p, ref in zip(ps, refs[d], strict=True):
-                gen.generate(p, 4, spec)
-                r = gen.generate(p, n, spec)
-                tps.append(r.tokens_per_s)
-                matches.append(match_rate(r.tokens, ref))
-                rouges.append(rouge_l(r.tokens, ref))
-                budgets.append(r.mean_budget)
-            row[f"match_{d}"] = float(np.mean(matches))
-            row[f"rouge_l_{d}"] = float(np.mean(rouges))
-            row[f"rouge_l_{d}_se"] = standard_error(rouges)
-            per_prompt.setdefault(label, {})[d] = rouges
-        rows[label] = {
-            "tokens_per_s": float(np.mean(tps)),
-            "mean_budget": float(np.mean(budgets)),
-            **row,
-            "buckets_loaded": used,
-            "prepacked": bool(gen.shared is None),
-        }
-        del gen
-    # Paired against static 0.8 (the same prompts): the spread between prompts cancels.
-    for label, r in rows.items():
-        for d in prompts:
-            if label in per_prompt:
-                diff = np.subtract(per_prompt[label][d], per_prompt["static:0.8"][d])
-                r[f"rouge_l_{d}_vs_static08"] = float(np.mean(diff))
-                r[f"rouge_l_{d}_vs_static08_se"] = standard_error(diff)
+    decoded, per_prompt = decode(folder, available, schedules, prompts, refs, n, args.threads)
+    rows.update(decoded)
+    paired(rows, per_prompt, prompts)
     from flarc.export.hf import layout_from_onnx
 
     layout = layout_from_onnx(onnx.load(str(onnx_path), load_external_data=False))
@@ -398,6 +371,117 @@ def main() -> int:
     for name, m in memory.items():
         lines.append(f"| {name} | {m['rss_delta_bytes'] / 1e6:.0f} | {m['ratio']:.3f} |")
     write_text_atomic(RESULTS / f"{stem}.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def decode(
+    folder: Path,
+    available: list[float],
+    schedules: dict,
+    prompts: dict,
+    refs: dict,
+    n: int,
+    threads: int | None,
+) -> tuple[dict[str, dict], dict[str, dict[str, list[float]]]]:
+    """Each schedule's row (tokens/s, mean budget, match and ROUGE-L per domain against the
+    original's continuations ``refs``) and its per-prompt ROUGE-L, label -> domain -> list."""
+    from flarc.export.runtime import Generator
+    from flarc.export.schedule import parse_schedule
+
+    rows: dict[str, dict] = {}
+    per_prompt: dict[str, dict[str, list[float]]] = {}
+    for label, (spec, how) in schedules.items():
+        # As flarc generate: the buckets the schedule uses; one prepacks, several share.
+        used = available if how == "all" else list(parse_schedule(spec, available).used)
+        gen = Generator.from_buckets(
+            folder, budgets=used, threads=threads, verify=False,
+            prepack=True if how is True else (False if how == "all" else None),
+            global_threads=True,
+        )  # fmt: skip
+        tps, budgets = [], []
+        row = {}
+        for d, ps in prompts.items():
+            matches, rouges = [], []
+            for p, ref in zip(ps, refs[d], strict=True):
+                gen.generate(p, 4, spec)
+                r = gen.generate(p, n, spec)
+                tps.append(r.tokens_per_s)
+                matches.append(match_rate(r.tokens, ref))
+                rouges.append(rouge_l(r.tokens, ref))
+                budgets.append(r.mean_budget)
+            row[f"match_{d}"] = float(np.mean(matches))
+            row[f"rouge_l_{d}"] = float(np.mean(rouges))
+            row[f"rouge_l_{d}_se"] = standard_error(rouges)
+            per_prompt.setdefault(label, {})[d] = rouges
+        rows[label] = {
+            "tokens_per_s": float(np.mean(tps)),
+            "mean_budget": float(np.mean(budgets)),
+            **row,
+            "buckets_loaded": used,
+            "prepacked": bool(gen.shared is None),
+        }
+        del gen
+    return rows, per_prompt
+
+
+def paired(rows: dict, per_prompt: dict, prompts: dict) -> None:
+    """Each row's per-prompt ROUGE-L difference from static 0.8 on the same prompts (mean and
+    standard error), in place: the spread between prompts cancels."""
+    for label, r in rows.items():
+        for d in prompts:
+            if label in per_prompt:
+                diff = np.subtract(per_prompt[label][d], per_prompt["static:0.8"][d])
+                r[f"rouge_l_{d}_vs_static08"] = float(np.mean(diff))
+                r[f"rouge_l_{d}_vs_static08_se"] = standard_error(diff)
+
+
+def paired_only(
+    args: argparse.Namespace,
+    folder: Path,
+    available: list[float],
+    prompts: dict,
+    refs: dict,
+    dense: dict,
+) -> int:
+    """``--paired``: static 0.8 and the given schedules on the same prompts, each one's ROUGE-L
+    paired against static 0.8; writes progressive_decoding_paired.{json,md}."""
+    from flarc.core.files import write_text_atomic
+
+    schedules = {s: (s, None) for s in dict.fromkeys(["static:0.8", *args.paired])}
+    rows, per_prompt = decode(
+        folder, available, schedules, prompts, refs, args.new_tokens, args.threads
+    )
+    paired(rows, per_prompt, prompts)
+    result = {
+        "prompts_per_domain": {d: len(ps) for d, ps in prompts.items()},
+        "new_tokens": args.new_tokens,
+        "dense_tokens_per_s": dense["tokens_per_s"],
+        "schedules": rows,
+        "per_prompt_rouge_l": per_prompt,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(
+        RESULTS / "progressive_decoding_paired.json", json.dumps(result, indent=1) + "\n"
+    )
+    lines = [
+        "# Progressive decoding, ROUGE-L paired against static 0.8 (Qwen2.5-Coder-0.5B)",
+        "",
+        f"{', '.join(f'{len(ps)} prompts {DOMAINS[d]}' for d, ps in prompts.items())}; "
+        f"{args.new_tokens} new tokens, greedy; ROUGE-L against the original's continuation. "
+        "Paired: the mean per-prompt difference from static 0.8 +- its standard error.",
+        "",
+        "| schedule | mean budget | tokens/s | "
+        + " | ".join(f"ROUGE-L {d} | {d} - static 0.8" for d in prompts)
+        + " |",
+        "|---|---|---|" + "---|---|" * len(prompts),
+    ]
+    for label, r in rows.items():
+        cells = " | ".join(
+            f"{_pm(r, f'rouge_l_{d}')} | {_pm(r, f'rouge_l_{d}_vs_static08')}" for d in prompts
+        )
+        lines.append(f"| {label} | {r['mean_budget']:.3f} | {r['tokens_per_s']:.2f} | {cells} |")
+    write_text_atomic(RESULTS / "progressive_decoding_paired.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -127,11 +127,13 @@ def tokenize(
     batch_size: int,
     pack: bool = False,
     max_sequences: int | None = None,
+    holdout: float = 0.0,
 ) -> list[Feed]:
     """Token batches for a language model: ``input_ids``, ``attention_mask`` (+ type/position ids).
 
-    Each text is one sequence (padded to the longest of its batch, truncated at ``seq_len``),
-    or with ``pack`` the texts (a whole document each, line breaks kept) are one token stream,
+    Each text is one sequence (padded to the longest of its batch, truncated at ``seq_len``;
+    texts of similar length share a batch, :func:`by_length`, on each side of the ``holdout``
+    split that :func:`split_holdout` will make), or with ``pack`` the texts (a whole document each, line breaks kept) are one token stream,
     each followed by the end-of-text token, cut
     into windows of ``seq_len`` (no padding, no text cut off; what a causal language model's
     calibration usually is). ``max_sequences`` keeps the first windows. A model exported with a
@@ -177,6 +179,8 @@ def tokenize(
         ]
     else:
         texts = texts if max_sequences is None else texts[:max_sequences]
+        if not declared:  # a fixed length pads every text to it: nothing to gain
+            texts = by_length(texts, tok, seq_len, step, holdout)
         encs = [
             tok(
                 texts[i : i + step],
@@ -195,6 +199,22 @@ def tokenize(
             feed["position_ids"] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         feeds.append({**feed, **prefill_inputs(specs, feed["input_ids"].shape[0])})
     return rebatch(feeds, specs, "text")
+
+
+def by_length(texts: list[str], tok: Any, seq_len: int, step: int, holdout: float) -> list[str]:
+    """``texts`` in order of token count (stable), sorted separately in the batches that will
+    calibrate and in those :func:`split_holdout` will hold out: batches of ``step`` texts of
+    similar length pad little (half the positions of pydoc sentences in text order), and every
+    text stays on its side of the split. The statistics sum rows, so the order does not matter."""
+    batches = -(-len(texts) // step)
+    cut = (batches - holdout_count(batches, holdout)) * step
+    counts = [
+        len(ids)
+        for ids in tok(texts, truncation=True, max_length=seq_len, verbose=False)["input_ids"]
+    ]
+    order = sorted(range(cut), key=counts.__getitem__)
+    order += sorted(range(cut, len(texts)), key=counts.__getitem__)
+    return [texts[i] for i in order]
 
 
 def packed_windows(texts: list[str], tok: Any, length: int, limit: int | None = None) -> np.ndarray:
@@ -460,11 +480,17 @@ class CalibrationSet:
 
 
 def split_holdout(feeds: list[Feed], holdout: float) -> tuple[list[Feed], list[Feed]]:
-    """The last ``holdout`` fraction of batches is held out (at least one when there are two)."""
-    if holdout <= 0 or len(feeds) < 2:
-        return feeds, []
-    n_hold = min(len(feeds) - 1, max(1, round(len(feeds) * holdout)))
-    return feeds[:-n_hold], feeds[-n_hold:]
+    """The last ``holdout`` fraction of batches is held out (:func:`holdout_count`)."""
+    n_hold = holdout_count(len(feeds), holdout)
+    return (feeds[:-n_hold], feeds[-n_hold:]) if n_hold else (feeds, [])
+
+
+def holdout_count(batches: int, holdout: float) -> int:
+    """How many of ``batches`` are held out: the ``holdout`` fraction, at least one when there
+    are two, never all."""
+    if holdout <= 0 or batches < 2:
+        return 0
+    return min(batches - 1, max(1, round(batches * holdout)))
 
 
 def load_calibration(

@@ -182,7 +182,13 @@ def run_demo(budget: float = 0.8, out_dir: Path | None = None, progress=None) ->
     data = CalibrationSet(minilm_feeds(calib_sents), minilm_feeds(held_sents), "pydoc_data.topics")
     t0 = time.perf_counter()
     analysis = analyze(
-        model, find_targets(model), data, AnalysisOptions(), file_sha256(src), progress
+        model,
+        find_targets(model),
+        data,
+        AnalysisOptions(),
+        file_sha256(src),
+        progress,
+        keep_inputs=True,  # for the compensated closed loop below
     )
     # The CLI's default (--preset best): the default rule's ranks, refitted closed loop.
     result = compress(

@@ -72,6 +72,7 @@ def analyze(
     resume: bool = False,
     checkpoint_every: int = 8,
     compute: Compute | None = None,
+    keep_inputs: bool = False,
 ) -> Analysis:
     """Statistics on calibration (and held-out) data, then the whitened spectrum of every target.
 
@@ -79,7 +80,10 @@ def analyze(
     where the calibration sums are saved every ``checkpoint_every`` batches and from which
     ``resume`` continues a run of the same model, options and data. ``compute`` says where
     calibration shards and per-target factorizations run (this process by default) and on
-    which device; the result is the same on every executor.
+    which device; the result is the same on every executor. ``keep_inputs``: the calibration
+    forward pass carries every target's input to disk and the analysis keeps them
+    (:attr:`Analysis.carried`), for a compensated closed loop on the same batches to read
+    instead of running the original model again (``compress(..., compensate=True)``).
     """
     options = options or AnalysisOptions()
     compute = compute or Compute()
@@ -115,7 +119,7 @@ def analyze(
         options.mask_input,
         progress,
         compute.executor,
-        keep_inputs=True,  # the compensated closed loop reads them; removed with the analysis
+        keep_inputs=keep_inputs,
     )
     targets = without_rows(targets, stats.raw())
     fisher = None
@@ -426,7 +430,9 @@ def build_buckets(
         fisher=fisher_loss if fisher and alpha is None else None,
         sensitivity=not fisher,
     )
-    analysis = analyze(model, usable, data, options, progress=progress, compute=compute)
+    analysis = analyze(
+        model, usable, data, options, progress=progress, compute=compute, keep_inputs=compensate
+    )
     provenance = dict(provenance or {})
     opts = dict(provenance.get("options", {}))
     opts["analysis"] = asdict(options)

@@ -18,6 +18,7 @@ from flarc.calib.data import (
     iter_rebatch,
     load_calibration,
     rebatch,
+    split_holdout,
     synthetic_feeds,
     tokenize,
 )
@@ -336,6 +337,43 @@ def test_uint8_nhwc_image_model_compresses_end_to_end(tmp_path):
     cosine = float(np.sum(y * y_ref) / np.linalg.norm(y) / np.linalg.norm(y_ref))
     assert cosine > 0.5
     assert result.comparison and np.isfinite(result.comparison[0].cosine)
+
+
+def test_tokenize_batches_texts_of_similar_length_on_each_side_of_the_split():
+    """Unpacked, texts are batched in order of token count, sorted separately in the batches
+    that calibrate and in those split_holdout holds out: every text is tokenized exactly as
+    alone (up to padding) and stays on its side, and padding shrinks."""
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    from flarc.demo import minilm_folder
+
+    specs = [spec(name, "b", "s", dtype=np.int64) for name in ("input_ids", "attention_mask")]
+    rng = np.random.default_rng(0)
+    texts = [
+        " ".join(["word"] * int(n)) + f" number {i}" for i, n in enumerate(rng.integers(1, 40, 22))
+    ]
+    tok = AutoTokenizer.from_pretrained(str(minilm_folder()), local_files_only=True)
+    alone = {tuple(tok(t)["input_ids"]) for t in texts}
+
+    def rows(feeds):
+        return [
+            tuple(ids[mask.astype(bool)])
+            for f in feeds
+            for ids, mask in zip(f["input_ids"], f["attention_mask"], strict=True)
+        ]
+
+    feeds = tokenize(texts, minilm_folder(), specs, 128, 4, holdout=0.25)
+    calib, held = split_holdout(feeds, 0.25)
+    assert (len(calib), len(held)) == (4, 2)  # 6 batches of 4 (the last of 2), 2 held out
+    assert set(rows(calib)) == {tuple(tok(t)["input_ids"]) for t in texts[:16]}
+    assert set(rows(held)) == {tuple(tok(t)["input_ids"]) for t in texts[16:]}
+    assert set(rows(feeds)) == alone
+    counts = [len(r) for r in rows(calib)]
+    assert counts == sorted(counts)
+    batches = [texts[i : i + 4] for i in range(0, len(texts), 4)]
+    in_text_order = sum(len(b) * max(len(tok(t)["input_ids"]) for t in b) for b in batches)
+    assert sum(f["input_ids"].size for f in feeds) < in_text_order
 
 
 def test_tokenize_packs_texts_into_full_windows():

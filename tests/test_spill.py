@@ -121,6 +121,16 @@ def test_spilled_grouped_analysis_equals_in_memory(
     assert compress(model, loaded, opts).model.SerializeToString() == a
 
 
+def assert_same_sums(one, other) -> None:
+    """Two analyses' calibration and held-out sums are the same bits."""
+    for a, b in ((one.stats, other.stats), (one.heldout_stats, other.heldout_stats)):
+        assert list(a) == list(b)
+        for key in b:
+            for field in ("gram", "sum1", "sum2x"):
+                np.testing.assert_array_equal(getattr(a[key], field), getattr(b[key], field))
+            assert (a[key].count, a[key].sum4) == (b[key].count, b[key].sum4)
+
+
 def test_carried_activations_equal_rerunning_the_graph_per_group(
     small_lm, spill_everything, monkeypatch
 ):
@@ -135,7 +145,7 @@ def test_carried_activations_equal_rerunning_the_graph_per_group(
 
     monkeypatch.setattr(flarc.calib.statistics, "spill_activations", spy)
     options = AnalysisOptions(two_sided=False)
-    carried = analyze(model, targets, data, options)
+    carried = analyze(model, targets, data, options, keep_inputs=True)
     assert len(spills) == 1 and spills[0] is not None
     # The activations outlive the sums only as the analysis' carried inputs, removed with them.
     assert carried.carried is not None and carried.carried.spill is spills[0]
@@ -145,12 +155,7 @@ def test_carried_activations_equal_rerunning_the_graph_per_group(
     spills.clear()
     rerun = analyze(model, targets, data, options)
     assert spills == [None]  # so each group re-ran the graph
-    for a, b in ((carried.stats, rerun.stats), (carried.heldout_stats, rerun.heldout_stats)):
-        assert list(a) == list(b)
-        for key in b:
-            for field in ("gram", "sum1", "sum2x"):
-                np.testing.assert_array_equal(getattr(a[key], field), getattr(b[key], field))
-            assert (a[key].count, a[key].sum4) == (b[key].count, b[key].sum4)
+    assert_same_sums(carried, rerun)
 
 
 def test_compensated_closed_loop_reads_the_carried_inputs(small_lm, spill_everything, monkeypatch):
@@ -162,7 +167,8 @@ def test_compensated_closed_loop_reads_the_carried_inputs(small_lm, spill_everyt
     from flarc.rewrite.ranks import RankChoice
 
     model, data = small_lm
-    analysis = analyze(model, find_targets(model), data, AnalysisOptions(two_sided=False))
+    options = AnalysisOptions(two_sided=False)
+    analysis = analyze(model, find_targets(model), data, options, keep_inputs=True)
     assert analysis.carried is not None
     states = []
     real = SegmentedModel.run
@@ -186,6 +192,22 @@ def test_compensated_closed_loop_reads_the_carried_inputs(small_lm, spill_everyt
         g = analysis.stats[t.stat_key].gram
         d, b = a2 @ c2 - a1 @ c1, a1 @ c1
         assert np.trace(d.T @ g @ d) / np.trace(b.T @ g @ b) < 1e-9, t.name
+
+
+def test_a_small_model_carries_its_inputs_when_asked(small_lm):
+    """One statistics group: the graph computes the sums itself, unless the caller keeps the
+    inputs for a compensated closed loop; then they are carried, and the sums are the same bits."""
+    model, data = small_lm
+    targets = find_targets(model)
+    options = AnalysisOptions(two_sided=False)
+    plain = analyze(model, targets, data, options)
+    assert plain.carried is None and not plain.store.on_disk
+    kept = analyze(model, targets, data, options, keep_inputs=True)
+    assert kept.carried is not None and kept.carried.serves(data.calibration)
+    assert_same_sums(kept, plain)
+    root = kept.carried.spill.root
+    kept.carried.close()
+    assert not root.exists()
 
 
 def test_grouped_statistics_resume_from_checkpoint(small_lm, spill_everything, tmp_path):

@@ -31,9 +31,10 @@ OUTPUT_HELP = "the analysis folder (e.g. model.analysis)"
 ANALYSIS_GROUPS = (CALIBRATION, CHECKPOINTS, WHITENING, TARGETS, COMPUTE)
 
 
-def analysis_for(args: argparse.Namespace, model, sha: str, progress):
+def analysis_for(args: argparse.Namespace, model, sha: str, progress, keep_inputs: bool = False):
     """``(analysis, calibration data or None)``: the stored analysis of ``--analysis`` (with data
-    only when a source is also given), or a new one from the calibration data."""
+    only when a source is also given), or a new one from the calibration data (``keep_inputs``:
+    :func:`flarc.pipeline.analyze`'s)."""
     from flarc.pipeline import analyze
     from flarc.rewrite.analysis_file import load_analysis
 
@@ -52,7 +53,15 @@ def analysis_for(args: argparse.Namespace, model, sha: str, progress):
     compute = COMPUTE.parse(args)
     with compute.executor:
         analysis = analyze(
-            model, targets, data, options, sha, progress, **CHECKPOINTS.parse(args), compute=compute
+            model,
+            targets,
+            data,
+            options,
+            sha,
+            progress,
+            **CHECKPOINTS.parse(args),
+            compute=compute,
+            keep_inputs=keep_inputs,
         )
     return analysis, data
 

@@ -249,8 +249,9 @@ class CalibrationArgs(ArgGroup):
             # Counted in --batch-size batches, as for --calib, whatever batch the model takes.
             limit = args.max_batches * args.batch_size if args.max_batches else None
             feeds = tokenize(
-                texts, args.tokenizer, specs, args.seq_len, args.batch_size, pack, limit
-            )
+                texts, args.tokenizer, specs, args.seq_len, args.batch_size, pack, limit,
+                args.holdout,
+            )  # fmt: skip
             return load_calibration(feeds, specs, holdout=args.holdout)
         if synthetic:
             shapes = {k: tuple(v) for k, v in self.shapes.parse(args).items()}

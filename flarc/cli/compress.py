@@ -63,11 +63,13 @@ class Compress(Command):
         model = load_model(args.model)
         sha = file_sha256(args.model)
         progress = CliProgress()
-        analysis, data = analysis_for(args, model, sha, progress)
+        # Data comes with a new analysis, or with a stored one when a source is given too.
+        has_data = not getattr(args, "analysis", None) or CALIBRATION.given(args)
+        closed, compensate = CLOSED_LOOP.parse(args, model, has_data)
+        analysis, data = analysis_for(args, model, sha, progress, keep_inputs=compensate)
         options = RANKS.parse(args)
         shapes = CALIBRATION.shapes.parse(args)
         options = LATENCY.parse(args, options, model, analysis, shapes, progress)
-        closed, compensate = CLOSED_LOOP.parse(args, model, data is not None)
         loop = data.calibration if closed and data is not None else None
         result = compress(model, analysis, options, args.force, loop, compensate, progress)
         written = step(progress, "writing", lambda: save_model(result.model, args.output))
