@@ -184,6 +184,7 @@ def main() -> int:
         "prompts for the price); writes progressive_decoding_paired.*",
     )  # fmt: skip
     ap.add_argument("--domains", nargs="+", choices=("in", "out"), default=["in", "out"])
+    ap.add_argument("--tag", help="with --paired: write progressive_decoding_paired_TAG.*")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -445,9 +446,10 @@ def paired_only(
     dense: dict,
 ) -> int:
     """``--paired``: static 0.8 and the given schedules on the same prompts, each one's ROUGE-L
-    paired against static 0.8; writes progressive_decoding_paired.{json,md}."""
+    paired against static 0.8; writes progressive_decoding_paired[_TAG].{json,md}."""
     from flarc.core.files import write_text_atomic
 
+    stem = "progressive_decoding_paired" + (f"_{args.tag}" if args.tag else "")
     schedules = {s: (s, None) for s in dict.fromkeys(["static:0.8", *args.paired])}
     rows, per_prompt = decode(
         folder, available, schedules, prompts, refs, args.new_tokens, args.threads
@@ -461,9 +463,7 @@ def paired_only(
         "per_prompt_rouge_l": per_prompt,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(
-        RESULTS / "progressive_decoding_paired.json", json.dumps(result, indent=1) + "\n"
-    )
+    write_text_atomic(RESULTS / f"{stem}.json", json.dumps(result, indent=1) + "\n")
     lines = [
         "# Progressive decoding, ROUGE-L paired against static 0.8 (Qwen2.5-Coder-0.5B)",
         "",
@@ -481,7 +481,7 @@ def paired_only(
             f"{_pm(r, f'rouge_l_{d}')} | {_pm(r, f'rouge_l_{d}_vs_static08')}" for d in prompts
         )
         lines.append(f"| {label} | {r['mean_budget']:.3f} | {r['tokens_per_s']:.2f} | {cells} |")
-    write_text_atomic(RESULTS / "progressive_decoding_paired.md", "\n".join(lines) + "\n")
+    write_text_atomic(RESULTS / f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -202,18 +202,26 @@ def tokenize(
 
 
 def by_length(texts: list[str], tok: Any, seq_len: int, step: int, holdout: float) -> list[str]:
-    """``texts`` in order of token count (stable), sorted separately in the batches that will
-    calibrate and in those :func:`split_holdout` will hold out: batches of ``step`` texts of
-    similar length pad little (half the positions of pydoc sentences in text order), and every
-    text stays on its side of the split. The statistics sum rows, so the order does not matter."""
+    """``texts`` reordered so that each batch of ``step`` holds texts of similar token count
+    (half the padded positions of pydoc sentences in text order), separately in the batches
+    that will calibrate and in those :func:`split_holdout` will hold out, so every text stays
+    on its side of the split. The full batches of a side come in a fixed random order, so that
+    what reads only the first batches (the sensitivities' backward pass) sees every length; a
+    partial batch stays last. The statistics sum rows: the order does not change them."""
     batches = -(-len(texts) // step)
-    cut = (batches - holdout_count(batches, holdout)) * step
+    cut = min(len(texts), (batches - holdout_count(batches, holdout)) * step)
     counts = [
         len(ids)
         for ids in tok(texts, truncation=True, max_length=seq_len, verbose=False)["input_ids"]
     ]
-    order = sorted(range(cut), key=counts.__getitem__)
-    order += sorted(range(cut, len(texts)), key=counts.__getitem__)
+    rng = np.random.default_rng(0)
+    order: list[int] = []
+    for side in (range(cut), range(cut, len(texts))):
+        ranked = sorted(side, key=counts.__getitem__)
+        chunks = [ranked[i : i + step] for i in range(0, len(ranked), step)]
+        full = [c for c in chunks if len(c) == step]
+        order += [i for k in rng.permutation(len(full)) for i in full[k]]
+        order += [i for c in chunks if len(c) < step for i in c]
     return [texts[i] for i in order]
 
 

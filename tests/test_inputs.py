@@ -4,6 +4,7 @@ fixed sequence length pads the text, and a declared dim the data disagrees with 
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import numpy as np
@@ -340,9 +341,10 @@ def test_uint8_nhwc_image_model_compresses_end_to_end(tmp_path):
 
 
 def test_tokenize_batches_texts_of_similar_length_on_each_side_of_the_split():
-    """Unpacked, texts are batched in order of token count, sorted separately in the batches
-    that calibrate and in those split_holdout holds out: every text is tokenized exactly as
-    alone (up to padding) and stays on its side, and padding shrinks."""
+    """Unpacked, texts of similar token count share a batch, separately in the batches that
+    calibrate and in those split_holdout holds out: every text is tokenized exactly as alone
+    (up to padding) and stays on its side, padding shrinks, and the batches come in no order
+    of length (what reads the first batches sees every length)."""
     pytest.importorskip("transformers")
     from transformers import AutoTokenizer
 
@@ -369,11 +371,16 @@ def test_tokenize_batches_texts_of_similar_length_on_each_side_of_the_split():
     assert set(rows(calib)) == {tuple(tok(t)["input_ids"]) for t in texts[:16]}
     assert set(rows(held)) == {tuple(tok(t)["input_ids"]) for t in texts[16:]}
     assert set(rows(feeds)) == alone
-    counts = [len(r) for r in rows(calib)]
-    assert counts == sorted(counts)
+    for side in (calib, held):  # each batch holds a band of lengths that no other one enters
+        bands = sorted((min(c), max(c)) for f in side for c in [f["attention_mask"].sum(1)])
+        assert all(hi <= lo for (_, hi), (lo, _) in itertools.pairwise(bands))
+    first = [int(f["attention_mask"].sum(1).max()) for f in calib]
+    assert first != sorted(first)  # but the batches come in no order of length
     batches = [texts[i : i + 4] for i in range(0, len(texts), 4)]
     in_text_order = sum(len(b) * max(len(tok(t)["input_ids"]) for t in b) for b in batches)
     assert sum(f["input_ids"].size for f in feeds) < in_text_order
+    whole = tokenize(texts, minilm_folder(), specs, 128, 4)  # nothing held out, a partial batch
+    assert set(rows(whole)) == alone and len(rows(whole)) == len(texts)
 
 
 def test_tokenize_packs_texts_into_full_windows():
