@@ -133,8 +133,8 @@ def tokenize(
 
     Each text is one sequence (padded to the longest of its batch, truncated at ``seq_len``;
     texts of similar length share a batch, :func:`by_length`, on each side of the ``holdout``
-    split that :func:`split_holdout` will make), or with ``pack`` the texts (a whole document each, line breaks kept) are one token stream,
-    each followed by the end-of-text token, cut
+    split that :func:`split_holdout` will make), or with ``pack`` the texts (a whole document
+    each, line breaks kept) are one token stream, each followed by the end-of-text token, cut
     into windows of ``seq_len`` (no padding, no text cut off; what a causal language model's
     calibration usually is). ``max_sequences`` keeps the first windows. A model exported with a
     fixed batch gets batches of exactly that many sequences, and one with a fixed sequence
