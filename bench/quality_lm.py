@@ -347,7 +347,10 @@ def base_analysis(model, targets, calib, compare):
 
     data = CalibrationSet(calib, compare, "pydoc_data.topics")
     t0 = time.perf_counter()
-    analysis = analyze(model, targets, data, checkpoint=WORK / "store", resume=True)
+    # Carried inputs kept: the compensated rows' closed loop reads them instead of re-running.
+    analysis = analyze(
+        model, targets, data, checkpoint=WORK / "store", resume=True, keep_inputs=True
+    )
     if "statistics" not in timings():
         note_time("statistics", time.perf_counter() - t0)
     log(f"base analysis: {time.perf_counter() - t0:.1f}s")
