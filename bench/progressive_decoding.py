@@ -18,7 +18,9 @@ Steps (each cached under ~/.cache/flarc/qwen2.5-0.5b):
    difference from static 0.8 (paired: mean and standard error), mean budget, and weight memory
    (RSS).
 
-Writes bench/results/progressive_decoding.{json,md}.
+Writes bench/results/progressive_decoding.{json,md}. ``--paired SCHEDULE ...`` runs only static
+0.8 and those schedules, each one's ROUGE-L paired against static 0.8, so that more prompts fit
+(``--prompts 64 --domains out``); it writes progressive_decoding_paired[_TAG].{json,md}.
 """
 
 from __future__ import annotations
@@ -183,9 +185,14 @@ def main() -> int:
         help="only these schedules and static:0.8, ROUGE-L paired against static 0.8 (more "
         "prompts for the price); writes progressive_decoding_paired.*",
     )  # fmt: skip
-    ap.add_argument("--domains", nargs="+", choices=("in", "out"), default=["in", "out"])
+    ap.add_argument(
+        "--domains", nargs="+", choices=("in", "out"), default=["in", "out"],
+        help="with --paired: the prompt domains (both)",
+    )  # fmt: skip
     ap.add_argument("--tag", help="with --paired: write progressive_decoding_paired_TAG.*")
     args = ap.parse_args()
+    if not args.paired and (args.tag or set(args.domains) != {"in", "out"}):
+        ap.error("--domains and --tag go with --paired")
     from transformers import AutoTokenizer
 
     from flarc.export.runtime import Generator
