@@ -31,6 +31,12 @@ OUTPUT_HELP = "the analysis folder (e.g. model.analysis)"
 ANALYSIS_GROUPS = (CALIBRATION, CHECKPOINTS, WHITENING, TARGETS, COMPUTE)
 
 
+def brings_data(args: argparse.Namespace) -> bool:
+    """Whether :func:`analysis_for` gives calibration data: always with a new analysis, with a
+    stored one (``--analysis``) only when a source is given too."""
+    return not getattr(args, "analysis", None) or CALIBRATION.given(args)
+
+
 def analysis_for(args: argparse.Namespace, model, sha: str, progress, keep_inputs: bool = False):
     """``(analysis, calibration data or None)``: the stored analysis of ``--analysis`` (with data
     only when a source is also given), or a new one from the calibration data (``keep_inputs``:
@@ -45,8 +51,7 @@ def analysis_for(args: argparse.Namespace, model, sha: str, progress, keep_input
             raise DataError(
                 f"{args.analysis}: has no Fisher importances; run 'flarc analyze --fisher'"
             )
-        data = CALIBRATION.parse(args, model) if CALIBRATION.given(args) else None
-        return analysis, data
+        return analysis, CALIBRATION.parse(args, model) if brings_data(args) else None
     targets = TARGETS.parse(args, model, args.model)
     data = CALIBRATION.parse(args, model)
     options = WHITENING.parse(args, fisher)

@@ -7,7 +7,7 @@ import argparse
 import time
 from pathlib import Path
 
-from flarc.cli.analyze import ANALYSIS_GROUPS, CALIBRATION, analysis_for
+from flarc.cli.analyze import ANALYSIS_GROUPS, CALIBRATION, analysis_for, brings_data
 from flarc.cli.args import ClosedLoopArgs, LatencyArgs, ModelArgs, OutputArgs, RankArgs
 from flarc.cli.command import Command
 from flarc.cli.display import CliProgress, console
@@ -63,9 +63,7 @@ class Compress(Command):
         model = load_model(args.model)
         sha = file_sha256(args.model)
         progress = CliProgress()
-        # Data comes with a new analysis, or with a stored one when a source is given too.
-        has_data = not getattr(args, "analysis", None) or CALIBRATION.given(args)
-        closed, compensate = CLOSED_LOOP.parse(args, model, has_data)
+        closed, compensate = CLOSED_LOOP.parse(args, model, brings_data(args))
         analysis, data = analysis_for(args, model, sha, progress, keep_inputs=compensate)
         options = RANKS.parse(args)
         shapes = CALIBRATION.shapes.parse(args)
