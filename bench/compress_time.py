@@ -43,30 +43,29 @@ def seconds(h: str, m: str, s: str) -> int:
 
 def stage_times(log: str) -> dict[str, int]:
     """Seconds per stage from the CLI's timed lines, a stage's ``started`` to its ``done``. The
-    statistics groups (``name (k/n)``, calibration and held-out interleaved) count as one stage,
-    from the first group's start to the last group's end."""
+    groups of one stage (``name (k/n)``: the calibration statistics' 24, the held-out ones'
+    few) count as ``name (grouped)``, from the first group's start to the last group's end."""
     begun: dict[str, int] = {}
     out: dict[str, int] = {}
-    groups: list[int] = []
+    groups: dict[str, list[int]] = {}
     for line in log.splitlines():
         m = LINE.match(line)
         if not m:
             continue
         t, name, what = seconds(*m.groups()[:3]), m.group(4), m.group(5)
         if GROUP.search(name):
-            groups.append(t)
+            groups.setdefault(GROUP.sub("", name) + " (grouped)", []).append(t)
         elif what.startswith("started"):
             begun[name] = t
         elif name in begun:
             out[name] = out.get(name, 0) + t - begun.pop(name)
-    if groups:
-        out["statistics (grouped)"] = max(groups) - min(groups)
+    out.update({name: max(ts) - min(ts) for name, ts in groups.items()})
     return dict(sorted(out.items(), key=lambda kv: _first(log, kv[0])))
 
 
 def _first(log: str, name: str) -> int:
     """Where a stage first appears in the log (stages in the order they ran)."""
-    at = log.find("statistics (" if name == "statistics (grouped)" else f"] {name}: ")
+    at = log.find(f"] {name.removesuffix(' (grouped)')}")
     return at if at >= 0 else len(log)
 
 

@@ -59,6 +59,11 @@ class ActivationSpill:
     def read(self, batch: int, name: str) -> np.ndarray:
         return np.load(self._path(batch, name), allow_pickle=False)
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` removed the arrays."""
+        return not self.root.exists()
+
     def close(self) -> None:
         self._tmp.cleanup()
 

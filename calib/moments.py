@@ -12,7 +12,7 @@ so batches add up exactly and a statistic never holds an activation tensor.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -195,6 +195,10 @@ class LazyMoments(Mapping[str, Moments]):
     def raw(self) -> dict[str, Moments]:
         """The moments as held: stored Grams stay stored (for copying them file to file)."""
         return dict(self._items)
+
+    def need(self, keys: Iterable[str]) -> None:
+        """Make the moments of ``keys`` ready in one go, where they are computed on demand
+        (:class:`flarc.calib.statistics.OnDemandMoments`); here they all are already."""
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from flarc.calib.moments import Moments, gram_upper
+from flarc.calib.moments import LazyMoments, Moments, gram_upper
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.targets import Target, Weights, weight_view
 from flarc.rewrite.analysis import Analysis
@@ -98,6 +98,8 @@ def target_rows(
     # Two-sided spectra measure loss, not the output error: predict that from the Gram.
     two_sided = analysis.options.two_sided and analysis.output_diag is not None
     targets = analysis.targets
+    if isinstance(analysis.heldout_stats, LazyMoments):  # those computed on demand, in one go
+        analysis.heldout_stats.need(t.stat_key for t in targets if ranks[t.name].rank is not None)
     for t in progress.track(targets, total=len(targets), description="held-out errors"):
         e = analysis.entries[t.name]
         choice = ranks[t.name]

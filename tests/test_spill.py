@@ -12,7 +12,7 @@ import flarc.calib.statistics
 import flarc.core.modelio
 from flarc.calib.data import CalibrationSet
 from flarc.calib.moments import LazyMoments
-from flarc.calib.statistics import plan_statistics, statistic_groups
+from flarc.calib.statistics import collect_statistics, plan_statistics, statistic_groups
 from flarc.core.store import CURRENT, Store, StoredArray
 from flarc.core.targets import find_targets
 from flarc.pipeline import AnalysisOptions, analyze, compress
@@ -129,6 +129,27 @@ def assert_same_sums(one, other) -> None:
             for field in ("gram", "sum1", "sum2x"):
                 np.testing.assert_array_equal(getattr(a[key], field), getattr(b[key], field))
             assert (a[key].count, a[key].sum4) == (b[key].count, b[key].sum4)
+
+
+def test_heldout_moments_are_computed_for_the_statistics_asked_only(small_lm, spill_everything):
+    """Held-out sums come when needed, one store group per request holding only the keys asked
+    (those of factorized targets, for the held-out errors), and are the bits of a direct pass
+    over the held-out batches."""
+    model, data = small_lm
+    targets = find_targets(model)
+    analysis = analyze(model, targets, data, AnalysisOptions(two_sided=False))
+    held, store = analysis.heldout_stats, analysis.store
+    keys = list(held)
+    assert len(keys) > 2 and store.group("heldout/part0") is None  # nothing computed yet
+    held.need([keys[1], keys[1]])
+    assert store.group("heldout/part0")[1]["keys"] == [keys[1]]
+    reference = collect_statistics(model, targets.targets, data.heldout)
+    for key in [keys[1], keys[0], *keys]:
+        for field in ("gram", "sum1", "sum2x"):
+            np.testing.assert_array_equal(getattr(held[key], field), getattr(reference[key], field))
+        assert (held[key].count, held[key].sum4) == (reference[key].count, reference[key].sum4)
+    assert store.group("heldout/part1")[1]["keys"] == [keys[0]]  # each key computed once
+    assert held.get("no such statistic") is None
 
 
 def test_carried_activations_equal_rerunning_the_graph_per_group(
