@@ -23,7 +23,7 @@ from flarc.calib.data import CalibrationSet
 from flarc.calib.moments import Moments
 from flarc.calib.statistics import collect_moments
 from flarc.core.compare import OutputComparison, compare_models, compare_streamed
-from flarc.core.errors import DataError, ModelError
+from flarc.core.errors import DataError, ModelError, OptionError
 from flarc.core.executor import Compute
 from flarc.core.external import FactorFile
 from flarc.core.inputs import Feed, find_mask_input
@@ -313,6 +313,11 @@ def compress(
     (:mod:`flarc.rewrite.closed_loop`), with error compensation when ``compensate``.
     """
     weights = Weights(model)
+    if not analysis.options.directions and (not closed_loop or options.reads_factors):
+        raise OptionError(
+            "the analysis kept singular values only (AnalysisOptions(directions=False)): its "
+            "factors come from the closed loop alone, with ranks chosen by singular values"
+        )
     ranks = choose_ranks(analysis, options, model, analysis.probe_feeds, progress)
     if closed_loop:
         from flarc.rewrite.closed_loop import closed_loop_entries

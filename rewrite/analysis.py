@@ -29,7 +29,15 @@ from flarc.rewrite.spectrum import Spectrum, compensated_svd, whitened_svd
 from flarc.rewrite.whiten import whitener
 
 # The options a spectrum depends on (the statistics fix the rest).
-SPECTRUM_OPTIONS = ("shrinkage", "centered", "shrinkage_lambda", "whiten", "full_rank", "two_sided")
+SPECTRUM_OPTIONS = (
+    "shrinkage",
+    "centered",
+    "shrinkage_lambda",
+    "whiten",
+    "full_rank",
+    "two_sided",
+    "directions",
+)
 
 
 @dataclass
@@ -51,10 +59,16 @@ class AnalysisOptions:
     # Truncate A^{1/2} W D^{1/2} (D: the loss gradient's diagonal second moment per output
     # channel, from the sensitivity pass) instead of A^{1/2} W; off without sensitivities.
     two_sided: bool = True
+    # Keep each spectrum's directions (basis and V^T up to k_equiv); without them only the
+    # singular values, for ranks chosen by them alone and factors refitted in closed loop
+    # (the CLI's default): no eigenvectors, no basis products, nothing large written.
+    directions: bool = True
 
     def spectra_key(self) -> str:
         """A short name for the spectra these options give from the same statistics."""
         chosen = {k: asdict(self)[k] for k in SPECTRUM_OPTIONS}
+        if self.directions:  # the keys of spectra with directions are those of older runs
+            del chosen["directions"]
         if self.two_sided:  # the output weights come from these batches of the same data
             chosen["sensitivity"] = [self.sensitivity_batches, self.seed]
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
@@ -101,7 +115,9 @@ def analyze_target(
         d = np.asarray(output_diag, dtype=np.float64)
         root = np.sqrt(np.maximum(d, max(float(d.mean()), 1e-300) * 1e-6))
         b = b * root
-    if max_rank is None and not options.full_rank:
+    if max_rank is None and not options.directions:
+        max_rank = 0
+    elif max_rank is None and not options.full_rank:
         max_rank = math.ceil(target.k_equiv)
     if device != "cpu" and not compensate:
         from flarc.rewrite.device import whitened_spectrum_torch

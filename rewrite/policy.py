@@ -65,6 +65,15 @@ class RankOptions:
     output_batches: int = 2  # calibration batches the output criterion runs on
     output_metric: str = "mse"  # mse (normalised squared error) | kl (softmax of *logits*)
 
+    @property
+    def reads_factors(self) -> bool:
+        """Whether choosing ranks by these options reads the spectra's factors (measured output
+        or weight errors of rank-k products), not only their singular values."""
+        if self.allocate is None and self.search == "bisect":
+            return self.criterion != "whitened" or self.threshold == "auto"
+        rule = self.allocate or self.search or self.energy is not None or self.ratio is not None
+        return (self.allocate == "global" or not rule) and self.output_weighted
+
 
 def _fast_enough(opts: RankOptions, target: Target, k: int) -> bool:
     return opts.latency is None or opts.latency.lat_recov(target, k) <= opts.max_lat_recov

@@ -110,6 +110,12 @@ def leading_svd(
     # the one eigh reads with lower=False.
     a = np.asarray(a, dtype=np.float64)
     gram = gram_upper(a if tall else a.T)
+    if r == 0:  # the singular values alone: no eigenvectors (a fraction of eigh's arithmetic)
+        e = scipy.linalg.eigh(
+            gram, lower=False, eigvals_only=True, overwrite_a=True, check_finite=False
+        )
+        s = np.sqrt(np.clip(e[::-1], 0.0, None))
+        return np.zeros((n, 0)) if left or not tall else None, s, np.zeros((0, m))
     e, q = scipy.linalg.eigh(gram, lower=False, overwrite_a=True, check_finite=False, driver="evd")
     del gram
     s = np.sqrt(np.clip(e[::-1], 0.0, None))
@@ -145,7 +151,7 @@ def _spectrum(
     del a
     if u is None:  # formed transposed, so the basis is Fortran-ordered as the store keeps it
         return Spectrum(sigma=s, basis=((vt @ preimage.T) / s[: len(vt), None]).T, vt=vt)
-    return Spectrum(sigma=s, basis=whitener.solve_t(u), vt=vt)
+    return Spectrum(sigma=s, basis=whitener.solve_t(u) if u.size else u, vt=vt)
 
 
 def compensated_svd(

@@ -243,3 +243,55 @@ def test_closed_loop_statistics_are_the_compressed_models(setup, compensated):
             err_msg=t.name,
         )
         assert entries[t.name].rows == len(xc)
+
+
+def test_an_analysis_of_singular_values_only_gives_the_same_closed_loop_model(tiny_encoder):
+    """``directions=False`` keeps every singular value (those of the full spectra, to rounding)
+    and no direction; the compensated closed loop refits the factorized targets from scratch, so
+    ranks and the written model are those of the analysis with directions. Without the closed
+    loop, or with a rule that reads factors, compress refuses it."""
+    from flarc.core.errors import OptionError
+    from flarc.pipeline import compress
+    from flarc.rewrite.policy import RankOptions
+
+    case = tiny_encoder(seed=2, batches=4, batch=8, pad_from=11)
+    data = CalibrationSet(case.feeds[:3], case.feeds[3:], "t")
+    targets = find_targets(case.model)
+    full = analyze(case.model, targets, data, AnalysisOptions(), keep_inputs=True)
+    bare = analyze(case.model, targets, data, AnalysisOptions(directions=False), keep_inputs=True)
+    assert full.options.spectra_key() != bare.options.spectra_key()
+    for name, e in bare.entries.items():
+        s = full.entries[name].spectrum.sigma
+        np.testing.assert_allclose(e.spectrum.sigma, s, rtol=0, atol=1e-12 * s[0])
+        assert e.spectrum.max_rank == 0 and e.spectrum.vt.shape == (0, e.target.m)
+    opts = RankOptions(budget=0.7)
+    loop = data.calibration
+    a = compress(case.model, full, opts, closed_loop=loop, compensate=True)
+    b = compress(case.model, bare, opts, closed_loop=loop, compensate=True)
+    assert {n: c.rank for n, c in a.ranks.items()} == {n: c.rank for n, c in b.ranks.items()}
+    assert any(c.rank for c in b.ranks.values())
+    assert a.model.SerializeToString() == b.model.SerializeToString()
+    with pytest.raises(OptionError, match="singular values only"):
+        compress(case.model, bare, opts)
+    with pytest.raises(OptionError, match="singular values only"):
+        compress(case.model, bare, RankOptions(output_weighted=True), closed_loop=loop)
+
+
+@pytest.mark.parametrize(
+    "options, reads",
+    [
+        ({}, False),
+        ({"output_weighted": True}, True),
+        ({"allocate": "global", "output_weighted": True}, True),
+        ({"ratio": 0.5, "output_weighted": True}, False),
+        ({"energy": 0.9}, False),
+        ({"allocate": "fisher"}, False),
+        ({"search": "bisect"}, False),
+        ({"search": "bisect", "criterion": "cosine"}, True),
+        ({"search": "bisect", "criterion": "output", "threshold": "auto", "budget": 0.8}, True),
+    ],
+)
+def test_rank_options_say_whether_they_read_factors(options, reads):
+    from flarc.rewrite.policy import RankOptions
+
+    assert RankOptions(**options).reads_factors is reads

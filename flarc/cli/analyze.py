@@ -4,6 +4,7 @@ stored, so that ranks can be chosen again in seconds (``flarc compress --analysi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 from flarc.cli.args import (
@@ -37,10 +38,18 @@ def brings_data(args: argparse.Namespace) -> bool:
     return not getattr(args, "analysis", None) or CALIBRATION.given(args)
 
 
-def analysis_for(args: argparse.Namespace, model, sha: str, progress, keep_inputs: bool = False):
+def analysis_for(
+    args: argparse.Namespace,
+    model,
+    sha: str,
+    progress,
+    keep_inputs: bool = False,
+    directions: bool = True,
+):
     """``(analysis, calibration data or None)``: the stored analysis of ``--analysis`` (with data
     only when a source is also given), or a new one from the calibration data (``keep_inputs``:
-    :func:`flarc.pipeline.analyze`'s)."""
+    :func:`flarc.pipeline.analyze`'s; without ``directions``, spectra of singular values only:
+    :attr:`AnalysisOptions.directions`)."""
     from flarc.pipeline import analyze
     from flarc.rewrite.analysis_file import load_analysis
 
@@ -54,7 +63,7 @@ def analysis_for(args: argparse.Namespace, model, sha: str, progress, keep_input
         return analysis, CALIBRATION.parse(args, model) if brings_data(args) else None
     targets = TARGETS.parse(args, model, args.model)
     data = CALIBRATION.parse(args, model)
-    options = WHITENING.parse(args, fisher)
+    options = dataclasses.replace(WHITENING.parse(args, fisher), directions=directions)
     compute = COMPUTE.parse(args)
     with compute.executor:
         analysis = analyze(

@@ -64,8 +64,10 @@ class Compress(Command):
         sha = file_sha256(args.model)
         progress = CliProgress()
         closed, compensate = CLOSED_LOOP.parse(args, model, brings_data(args))
-        analysis, data = analysis_for(args, model, sha, progress, keep_inputs=compensate)
         options = RANKS.parse(args)
+        # The closed loop refits every factorized target: the open loop's directions go unread.
+        directions = not closed or options.reads_factors
+        analysis, data = analysis_for(args, model, sha, progress, compensate, directions)
         shapes = CALIBRATION.shapes.parse(args)
         options = LATENCY.parse(args, options, model, analysis, shapes, progress)
         loop = data.calibration if closed and data is not None else None
