@@ -185,7 +185,7 @@ def run_demo(budget: float = 0.8, out_dir: Path | None = None, progress=None) ->
         model,
         find_targets(model),
         data,
-        AnalysisOptions(),
+        AnalysisOptions(directions=False),  # the closed loop below refits every factor
         file_sha256(src),
         progress,
         keep_inputs=True,  # for the compensated closed loop below
