@@ -102,7 +102,7 @@ def leading_svd(
     largest, where squaring would cost accuracy: then LAPACK's divide-and-conquer SVD.
     ``s`` is exact to ``eps s_0^2`` in ``s^2``, which is what truncation errors sum. With
     ``left=False``, ``U`` is None where a tall ``a`` took the Gram route (its caller maps ``V``
-    itself)."""
+    itself). ``rank`` 0: the singular values alone, from the Gram's eigenvalues."""
     n, m = a.shape
     r = min(rank, n, m)
     tall = n >= m
