@@ -145,7 +145,7 @@ def tokenize(
         raise DataError("--text needs the 'transformers' package (pip install flarc[hf])") from None
     try:
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    except OSError as exc:  # no such folder, or no tokenizer files in it: bad input
+    except (OSError, ValueError) as exc:  # no such folder, or no tokenizer in it: bad input
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
             f"--tokenizer {tokenizer_dir}: no tokenizer found there ({first})"

@@ -407,3 +407,21 @@ def test_tokenize_packs_texts_into_full_windows():
     assert np.concatenate([f["input_ids"] for f in first]).tolist() == windows[:3].tolist()
     one = tokenize(texts[:1], minilm_folder(), specs, 64, 4, pack=True)  # shorter than a window
     assert one[0]["input_ids"].reshape(-1).tolist() == stream[: len(one[0]["input_ids"][0])]
+
+
+@pytest.mark.parametrize("files", [[], ["__init__.py"]])
+def test_a_folder_without_a_tokenizer_is_bad_input(tmp_path, files):
+    """A missing or tokenizer-less --tokenizer folder (transformers raises OSError or ValueError)
+    is a one-line DataError naming the folder, not an internal error."""
+    pytest.importorskip("transformers")
+    from flarc.calib.data import tokenize
+    from flarc.core.errors import DataError
+
+    folder = tmp_path / "tok"
+    if files:
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text("")
+    specs = [InputSpec("input_ids", np.dtype(np.int64), ("batch", "seq"))]
+    with pytest.raises(DataError, match=f"--tokenizer {folder}"):
+        tokenize(["some text"], folder, specs, 8, 1)
