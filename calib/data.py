@@ -119,6 +119,23 @@ def fixed_seq_len(specs: list[InputSpec]) -> int | None:
     return None
 
 
+def load_tokenizer(folder: str | Path, flag: str = "--tokenizer") -> Any:
+    """The local Hugging Face tokenizer in ``folder``; DataError (one line) when transformers is
+    missing (``flag`` names what needs it) or the folder holds no tokenizer (transformers raises
+    OSError for a missing folder, ValueError for one without tokenizer files)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise DataError(
+            f"{flag} needs the 'transformers' package (pip install flarc[hf])"
+        ) from None
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"--tokenizer {folder}: no tokenizer found there ({first})") from None
+
+
 def tokenize(
     texts: list[str],
     tokenizer_dir: str | Path,
@@ -139,17 +156,7 @@ def tokenize(
     calibration usually is). ``max_sequences`` keeps the first windows. A model exported with a
     fixed batch gets batches of exactly that many sequences, and one with a fixed sequence
     length gets sequences of that length (``seq_len`` is then ignored)."""
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise DataError("--text needs the 'transformers' package (pip install flarc[hf])") from None
-    try:
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    except (OSError, ValueError) as exc:  # no such folder, or no tokenizer in it: bad input
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(
-            f"--tokenizer {tokenizer_dir}: no tokenizer found there ({first})"
-        ) from None
+    tok = load_tokenizer(tokenizer_dir, "--text")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     wanted = {s.name for s in specs}

@@ -24,17 +24,11 @@ SCHEDULE_HELP = (
 
 
 def load_tokenizer(path: str | None):
-    """A local Hugging Face tokenizer, or None without a path."""
-    if path is None:
-        return None
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise DataError("--tokenizer needs the 'transformers' package") from None
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a tokenizer folder ({exc})") from None
+    """A local Hugging Face tokenizer (:func:`flarc.calib.data.load_tokenizer`), or None without
+    a path."""
+    from flarc.calib.data import load_tokenizer as load
+
+    return None if path is None else load(path)
 
 
 class Generate(Command):
