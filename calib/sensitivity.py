@@ -56,6 +56,8 @@ from flarc.calib.onnx_torch import TorchGraph
 from flarc.core.errors import DataError, ModelError
 from flarc.core.inputs import (
     batch_mask,
+    batch_rows,
+    batch_size,
     find_mask_input,
     fixed_batch,
     is_logits_name,
@@ -120,17 +122,6 @@ def _gaussian_loss(
         term = (noise * rows).sum() / max(energy, 1e-30) ** 0.5
         total = term if total is None else total + term
     return total
-
-
-def _batch_size(feed: Mapping[str, np.ndarray]) -> int:
-    return next((int(np.shape(v)[0]) for v in feed.values() if np.ndim(v)), 1)
-
-
-def _rows(feed: Mapping[str, np.ndarray], start: int, stop: int, size: int) -> dict:
-    """Sequences ``start:stop`` of a batch of ``size`` (inputs without that axis 0 unchanged)."""
-    return {
-        k: v[start:stop] if np.ndim(v) and np.shape(v)[0] == size else v for k, v in feed.items()
-    }
 
 
 def _sampled_sum(
@@ -200,14 +191,14 @@ def output_gradients(
     for index, batch in enumerate(
         (progress or NoProgress()).track(batches, len(batches), "output sensitivities")
     ):
-        size = _batch_size(batch)
+        size = batch_size(batch)
         if kind is None:
             # The loss is chosen from the outputs of one sequence (or the batch, if fixed).
-            first = _rows(batch, 0, 1, size) if splittable and size > 1 else batch
+            first = batch_rows(batch, 0, 1, size) if splittable and size > 1 else batch
             with torch.no_grad():
                 values = graph.run(first, graph.outputs)
             kind, outs = resolve_outputs(values)
-            per_sequence = values[outs[0]].numel() // max(1, _batch_size(first))
+            per_sequence = values[outs[0]].numel() // max(1, batch_size(first))
             del values
         mask = batch_mask(batch, mask_input)
         step = size
@@ -219,7 +210,7 @@ def output_gradients(
         total = None
         counted = False
         for start in range(0, size, step):
-            part = batch if step == size else _rows(batch, start, start + step, size)
+            part = batch if step == size else batch_rows(batch, start, start + step, size)
             part_mask = batch_mask(part, mask_input)
             with torch.enable_grad():
                 values = graph.run(part, list(dict.fromkeys([*outs, *taps])))
@@ -228,7 +219,7 @@ def output_gradients(
                     logits = values[outs[0]]
                     part_rows = logits.numel() // logits.shape[-1]
                     if total is None:
-                        rows = size * part_rows // _batch_size(part)
+                        rows = size * part_rows // batch_size(part)
                         has_mask = mask is not None and mask.size == rows
                         total = float(mask.sum()) if has_mask else float(rows)
                     loss = _sampled_sum(logits, part_mask, draws.random(part_rows))

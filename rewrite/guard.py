@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from flarc.core.inputs import Feed
+from flarc.core.inputs import Feed, batch_rows, batch_size, fixed_batch, model_inputs
 from flarc.core.lazy import LazyMapping
 from flarc.core.memory import release_free_memory
 from flarc.core.modelio import model_opset
@@ -110,11 +110,15 @@ def output_guard(
     feeds: list[Feed],
     large: bool = False,
 ) -> float:
-    """``||y_new - y_dense|| / ||y_dense||`` over ``feeds`` (a large model: the first only)."""
+    """``||y_new - y_dense|| / ||y_dense||`` over ``feeds`` (a large model: the first sequence
+    of the first, or the whole first batch when the model's batch is fixed)."""
     if not factors:
         return 0.0
-    # A large model's outputs (a language model's logits) are large: one batch checks a rewrite.
     feeds = feeds[: 1 if large else 2]
+    if large and fixed_batch(model_inputs(model)) is None:
+        # A rewrite bug shows on any input: one sequence checks it at a fraction of a batch's
+        # cost, and a language model's logits for a whole batch are large.
+        feeds = [batch_rows(feeds[0], 0, 1, batch_size(feeds[0]))]
     model, new_model = without_activation_qdq(model), without_activation_qdq(new_model)
     probe = OutputErrorProbe(model, targets, feeds)
     try:

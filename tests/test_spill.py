@@ -280,7 +280,7 @@ def test_lazy_model_compresses_to_the_same_model_as_in_memory(small_lm, spill_ev
     assert b.spill is not None and a.spill is None
     assert [r.to_dict() for r in a.rows] == [r.to_dict() for r in b.rows]
     assert [c.to_dict() for c in a.comparison] == [c.to_dict() for c in b.comparison]
-    assert a.guard < 1e-6 and b.guard < 1e-6  # the large-model guard runs on one batch
+    assert a.guard < 1e-6 and b.guard < 1e-6  # the large-model guard runs on one sequence
     va = _loaded_values(tmp_path / "eager" / "small.onnx")
     vb = _loaded_values(tmp_path / "lazy" / "small.onnx")
     assert va.keys() == vb.keys()
@@ -379,3 +379,31 @@ def test_timing_sessions_run_lazy_models_as_in_memory(small_lm, spill_everything
         want = backend._session(ref, "eager").run(None, feed)
         for x, y in zip(got, want, strict=True):
             np.testing.assert_array_equal(x, y)
+
+
+def test_large_model_guard_checks_the_first_sequence_and_catches_a_wrong_pair(small_lm):
+    """A large model's guard runs the first sequence of the first held-out batch (a dynamic
+    batch): the same number as the guard of that sequence alone, and a pair that is not its
+    dense product is still caught by it."""
+    from flarc.core.inputs import batch_rows, batch_size
+    from flarc.rewrite.guard import output_guard
+    from flarc.rewrite.pairs import factorize
+
+    model, data = small_lm
+    targets = find_targets(model).targets
+    rng = np.random.default_rng(0)
+    factors = {t.name: (rng.standard_normal((t.n, 4)), rng.standard_normal((4, t.m)))
+               for t in targets[-2:]}  # fmt: skip
+    feeds = data.heldout
+    assert batch_size(feeds[0]) > 1
+    first = [batch_rows(feeds[0], 0, 1, batch_size(feeds[0]))]
+    good = factorize(model, targets, factors)
+    large = output_guard(model, good, targets, factors, feeds, large=True)
+    assert large == output_guard(model, good, targets, factors, first, large=False)
+    assert large < 1e-5
+    wrong = {
+        **factors,
+        targets[-1].name: (factors[targets[-1].name][0] * 1.1, factors[targets[-1].name][1]),
+    }
+    bad = factorize(model, targets, wrong)
+    assert output_guard(model, bad, targets, factors, feeds, large=True) > 1e-3

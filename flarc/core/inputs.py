@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,18 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         )
         specs.append(InputSpec(vi.name, dtype, dims))
     return specs
+
+
+def batch_size(feed: Mapping[str, np.ndarray]) -> int:
+    """The batch of ``feed``: axis 0 of its first input of rank >= 1 (1 when none has one)."""
+    return next((int(np.shape(v)[0]) for v in feed.values() if np.ndim(v)), 1)
+
+
+def batch_rows(feed: Mapping[str, np.ndarray], start: int, stop: int, size: int) -> Feed:
+    """Sequences ``start:stop`` of a batch of ``size`` (inputs without that axis 0 unchanged)."""
+    return {
+        k: v[start:stop] if np.ndim(v) and np.shape(v)[0] == size else v for k, v in feed.items()
+    }
 
 
 def fixed_batch(specs: list[InputSpec]) -> int | None:
