@@ -280,7 +280,8 @@ class CheckpointArgs(ArgGroup):
             type=int,
             default=8,
             metavar="N",
-            help="batches per checkpoint (8)",
+            help="batches per checkpoint (8; a save waits for the end of the shard, up to 8 "
+            "consecutive batches whose products are stacked)",
         )
         g.add_argument(
             "--resume",
