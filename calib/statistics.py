@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 FIELDS = ("gram", "count", "sum4", "sum1", "sum2x")
 # A shard is the consecutive batches one product stacks (:meth:`StatisticsSession.moments`):
 # as many as keep the rows of every statistic within SHARD_BYTES (estimated from the feeds),
-# at most MAX_SHARD_BATCHES. The partition depends on the data and plans alone, so every
-# executor adds the same products in the same order.
+# at most MAX_SHARD_BATCHES (:func:`shard_ends`). The partition depends on the data and plans
+# alone, so every executor adds the same products in the same order.
 SHARD_BYTES = 256 << 20
 MAX_SHARD_BATCHES = 8
 
@@ -541,6 +541,7 @@ class StatisticsSession:
             progress,
             description,
             checkpoint,
+            mask_input=self.mask_input,
         )
 
 
@@ -549,18 +550,28 @@ def shard_sums(session: StatisticsSession, feeds: list[Feed]) -> dict[str, Momen
     return session.moments([session.outputs(feed) for feed in feeds])
 
 
-def shard_batches(plans: list[StatPlan], feeds: list[Feed]) -> int:
-    """Batches per shard: as many as keep every statistic's rows within ``SHARD_BYTES`` (in
-    float64), at most ``MAX_SHARD_BATCHES``. A batch's rows are taken as its largest input's
-    element count (a token model's positions; more than the patches or tokens of an image
-    model, so the estimate errs toward smaller shards). Not a checkpoint's ``every``: a run
-    resumed with another one adds the same products."""
-    if not feeds:
-        return 1
-    rows = max(max((int(np.size(v)) for v in f.values()), default=1) for f in feeds)
-    width = sum(p.n * (2 if p.partner is not None else 1) for p in plans if not p.graphs)
-    per_batch = max(1, rows * width * 8)
-    return int(max(1, min(SHARD_BYTES // per_batch, MAX_SHARD_BATCHES)))
+def shard_ends(
+    plans: list[StatPlan], feeds: list[Feed], mask_input: str | None = None
+) -> list[int]:
+    """Where each shard ends: consecutive batches, as many as keep every statistic's rows
+    within ``SHARD_BYTES`` (in float64), at most ``MAX_SHARD_BATCHES``. A batch's rows are
+    taken as its largest input's element count (a token model's positions; more than the
+    patches or tokens of an image model, so the estimate errs toward smaller shards), or its
+    unmasked positions for a masked statistic. Not a checkpoint's ``every``: a run resumed
+    with another one adds the same products."""
+    with_rows = [p for p in plans if not p.graphs]  # an If branch's Gram is summed in the graph
+    masked = sum(p.n * (1 + (p.partner is not None)) for p in with_rows if all(p.masks))
+    other = sum(p.n * (1 + (p.partner is not None)) for p in with_rows if not all(p.masks))
+    ends, size, held = [], 0, 0
+    for i, f in enumerate(feeds):
+        positions = max((int(np.size(v)) for v in f.values()), default=1)
+        kept = int(np.count_nonzero(f[mask_input])) if mask_input in f else positions
+        nbytes = 8 * (kept * masked + positions * other)
+        if size and (held + nbytes > SHARD_BYTES or size == MAX_SHARD_BATCHES):
+            ends.append(i)
+            size, held = 0, 0
+        size, held = size + 1, held + nbytes
+    return [*ends, len(feeds)] if feeds else []
 
 
 def reduce_shards(
@@ -570,25 +581,26 @@ def reduce_shards(
     progress: Progress | None = None,
     description: str = "calibrating",
     checkpoint: Checkpoint | None = None,
-    batches_per_shard: int | None = None,
     identity_feeds: list[Feed] | None = None,
+    mask_input: str | None = None,
 ) -> dict[str, Moments]:
-    """Sum the moments of ``feeds`` over shards of consecutive batches (``batches_per_shard``,
-    default :func:`shard_batches`): ``run`` gives each shard's :func:`shard_sums` in shard
-    order (wherever it computes them), and they are added to float64 totals in that order, so
-    every executor gives the same bits.
+    """Sum the moments of ``feeds`` over shards of consecutive batches (:func:`shard_ends`):
+    ``run`` gives each shard's :func:`shard_sums` in shard order (wherever it computes them),
+    and they are added to float64 totals in that order, so every executor gives the same bits.
 
     With ``checkpoint``, the running totals are saved at the end of a shard once another
     ``every`` batches are done (and always after the last one) and, when resuming, the saved
     totals are the starting point and the loop continues at the next shard: the order of
     additions is unchanged, so the result is bit-identical. ``identity_feeds``: the batches
-    the checkpoint's identity names when ``feeds`` are stand-ins for them (carried activations).
+    the checkpoint's identity names (and the shards are sized from) when ``feeds`` are stand-ins
+    for them (carried activations); ``mask_input``: the feeds' attention mask, if the plans use
+    one.
     """
     progress = progress or NoProgress()
     feeds = list(feeds) if not isinstance(feeds, list) else feeds
     every = checkpoint.every if checkpoint is not None else None
     # Sized from the real batches (carried stand-ins would read their arrays from disk).
-    size = batches_per_shard or shard_batches(plans, identity_feeds or feeds)
+    ends = shard_ends(plans, identity_feeds or feeds, mask_input)
     totals = {p.key: Moments.zeros(p.n) for p in plans}
     start = 0
     if checkpoint is not None:
@@ -601,13 +613,14 @@ def reduce_shards(
                 ],
                 "feeds": feeds_digest(identity_feeds if identity_feeds is not None else feeds),
                 "batches": len(feeds),
-                # Another shard size adds in another order (1, the batch order, is not recorded).
-                **({"shard_batches": size} if size != 1 else {}),
+                # Other shards add in another order (one batch each, the batch order, is not
+                # recorded).
+                **({"shard_ends": ends} if len(ends) != len(feeds) else {}),
             }
         saved = checkpoint.load({p.key: p.n for p in plans})
         if saved is not None:
             start, totals = saved
-    shards = [feeds[i : i + size] for i in range(start, len(feeds), size)]
+    shards = [feeds[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True) if a >= start]
     done = start
     sums = progress.track(run(shards), total=len(shards), description=description)
     whole = True  # whether every total's Gram has both triangles
@@ -775,6 +788,7 @@ def collect_moments(
                 "calibration statistics" + label,
                 part,
                 identity_feeds=data.calibration,
+                mask_input=found,
             )
             if store.on_disk:  # the saved sums, their Grams read when used
                 group = part.saved()
@@ -827,9 +841,9 @@ class HeldoutSums:
         for g, group in enumerate(groups):
             label = f" ({g + 1}/{len(groups)})" if len(groups) > 1 else ""
             if self.carried is not None and not self.carried.spill.closed:
-                _, run, _, feeds = self.carried.sums(self.targets, group, self.precision)
+                found, run, _, feeds = self.carried.sums(self.targets, group, self.precision)
             else:
-                _, run = sums_in(
+                found, run = sums_in(
                     None,
                     self.model,
                     self.targets,
@@ -839,7 +853,15 @@ class HeldoutSums:
                     self.precision,
                 )
                 feeds = self.data.heldout
-            sums = reduce_shards(group, feeds, run, progress, "held-out statistics" + label)
+            sums = reduce_shards(
+                group,
+                feeds,
+                run,
+                progress,
+                "held-out statistics" + label,
+                identity_feeds=self.data.heldout,
+                mask_input=found,
+            )
             del run
             if self.store.on_disk:  # the Grams read when used, as the calibration ones
                 held = Checkpoint(self.store, f"heldout/part{self.saves}", {})

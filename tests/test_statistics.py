@@ -153,3 +153,30 @@ def test_fixed_and_no_shrinkage():
     np.testing.assert_allclose(fixed.covariance, 0.95 * s + 0.05 * np.trace(s) / 6 * np.eye(6))
     with pytest.raises(ValueError):
         shrink(m, lam=1.5)
+
+
+def test_shards_cover_the_batches_in_order_within_the_byte_budget(monkeypatch):
+    """Shards are consecutive batches, every batch in exactly one, each within the budget of
+    stacked float64 rows (a masked statistic counts unmasked positions) and the batch cap,
+    and a shard ends only where the next batch would break one of the two."""
+    import flarc.calib.statistics as st
+
+    monkeypatch.setattr(st, "SHARD_BYTES", 8 * 100 * 1000)
+    plans = [st.StatPlan("a", "x", 100, masked=True), st.StatPlan("b", "y", 100, partner="z")]
+    rng = np.random.default_rng(0)
+    feeds, sizes = [], []
+    for _ in range(40):
+        length = int(rng.integers(1, 40))
+        mask = (rng.random((2, length)) < 0.7).astype(np.int64)
+        feeds.append({"input_ids": np.zeros((2, length), np.int64), "attention_mask": mask})
+        # a: 100 wide on the unmasked positions; b: 100 wide with its partner, every position.
+        sizes.append(8 * (100 * int(mask.sum()) + 200 * 2 * length))
+    ends = st.shard_ends(plans, feeds, "attention_mask")
+    assert ends[-1] == len(feeds) and ends == sorted(set(ends))
+    for a, b in zip([0, *ends[:-1]], ends, strict=True):
+        held = sum(sizes[a:b])
+        assert b - a <= st.MAX_SHARD_BATCHES
+        assert b - a == 1 or held <= st.SHARD_BYTES
+        if b < len(feeds):  # the next batch did not fit
+            assert b - a == st.MAX_SHARD_BATCHES or held + sizes[b] > st.SHARD_BYTES
+    assert len(ends) < len(feeds)  # some shards stack several batches
