@@ -25,7 +25,7 @@ from flarc.core.inputs import Feed
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.store import Store
 from flarc.core.targets import Skipped, Target, Weights, weight_matrix
-from flarc.rewrite.spectrum import Spectrum, compensated_svd, whitened_svd
+from flarc.rewrite.spectrum import Spectrum, compensated_svd, projected_sigma, whitened_svd
 from flarc.rewrite.whiten import whitener
 
 # The options a spectrum depends on (the statistics fix the rest).
@@ -119,7 +119,20 @@ def analyze_target(
         max_rank = 0
     elif max_rank is None and not options.full_rank:
         max_rank = math.ceil(target.k_equiv)
-    if device != "cpu" and not compensate:
+    # Singular values alone of a tall target, with H positive definite (shrunk toward a
+    # positive mu I): every whitening of H gives them, and B^T H B needs no factor of H.
+    projected = (
+        max_rank == 0
+        and b.shape[0] > b.shape[1]
+        and not compensate
+        and device == "cpu"
+        and options.whiten in ("cholesky", "eig")
+        and shrunk.lam > 0
+        and shrunk.mu > 0
+    )
+    if projected:
+        spectrum, kind, fell_back = projected_sigma(b, shrunk.covariance), options.whiten, False
+    elif device != "cpu" and not compensate:
         from flarc.rewrite.device import whitened_spectrum_torch
 
         spectrum, kind, fell_back = whitened_spectrum_torch(

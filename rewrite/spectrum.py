@@ -154,6 +154,23 @@ def _spectrum(
     return Spectrum(sigma=s, basis=whitener.solve_t(u) if u.size else u, vt=vt)
 
 
+def projected_sigma(b: np.ndarray, h: np.ndarray) -> Spectrum:
+    """The singular values of ``L^T B`` for any ``L L^T = H`` (no directions), from the
+    eigenvalues of ``B^T H B = (L^T B)^T (L^T B)``: for a tall ``B: [n, m]`` one product with
+    ``H`` instead of factoring it and multiplying by the factor (half the arithmetic on a
+    4864 x 896 down projection). The squares are exact to ``eps s_0^2``, as
+    :func:`leading_svd`'s Gram route."""
+    b = np.asarray(b, dtype=np.float64)
+    gram = b.T @ (np.asarray(h, dtype=np.float64) @ b)
+    gram += gram.T  # symmetric to rounding: its upper triangle, averaged with the lower
+    gram *= 0.5
+    e = scipy.linalg.eigh(
+        gram, lower=False, eigvals_only=True, overwrite_a=True, check_finite=False
+    )
+    sigma = np.sqrt(np.clip(e[::-1], 0.0, None))
+    return Spectrum(sigma=sigma, basis=np.zeros((b.shape[0], 0)), vt=np.zeros((0, b.shape[1])))
+
+
 def compensated_svd(
     b: np.ndarray, whitener: Whitener, cross: np.ndarray, max_rank: int | None = None
 ) -> Spectrum:

@@ -218,6 +218,40 @@ def test_whitened_svd_factors_are_the_whitened_truncation(shape, kind):
     np.testing.assert_allclose(basis.T @ h @ basis, np.eye(spec.max_rank), atol=1e-8)
 
 
+@pytest.mark.parametrize("centered", [False, True])
+def test_singular_values_of_a_tall_target_need_no_factor_of_h(centered, monkeypatch):
+    """A tall target's singular values alone (the closed loop's analysis) come from the
+    eigenvalues of B^T H B: LAPACK's singular values of L^T B for the Cholesky factor of the
+    shrunk H, to eps s_0^2, and the same through analyze_target as with its directions."""
+    import flarc.rewrite.analysis
+    from flarc.calib.moments import Moments
+    from flarc.calib.shrinkage import shrink
+    from flarc.core.targets import Target
+    from flarc.rewrite.analysis import AnalysisOptions, analyze_target
+    from flarc.rewrite.spectrum import projected_sigma
+
+    rng = np.random.default_rng(7)
+    n, m = 48, 10
+    x = rng.standard_normal((30, n)) * np.logspace(0, -3, n) + 0.3  # fewer rows than inputs
+    moments = Moments.from_rows(x)
+    h = shrink(moments, centered=centered).covariance
+    b = rng.standard_normal((n, m))
+    s0 = np.linalg.svd(np.linalg.cholesky(h).T @ b, compute_uv=False)
+    s = projected_sigma(b, h).sigma
+    np.testing.assert_allclose(s**2, s0**2, rtol=1e-12, atol=1e-13 * s0[0] ** 2)
+    t = Target("t", "MatMul", "x", "y", "w", (n, m), n, m, False, "float32")
+    full = analyze_target(t, b, moments, AnalysisOptions(centered=centered))
+
+    def no_factor(*args, **kwargs):
+        raise AssertionError("H was factored")
+
+    monkeypatch.setattr(flarc.rewrite.analysis, "whitener", no_factor)
+    bare = analyze_target(t, b, moments, AnalysisOptions(directions=False, centered=centered))
+    assert bare.spectrum.max_rank == 0 and bare.whitening == full.whitening == "cholesky"
+    np.testing.assert_allclose(bare.spectrum.sigma**2, s0**2, rtol=1e-12, atol=1e-13 * s0[0] ** 2)
+    np.testing.assert_allclose(full.spectrum.sigma**2, s0**2, rtol=1e-9, atol=1e-12 * s0[0] ** 2)
+
+
 @pytest.mark.parametrize("shape", [(40, 12), (12, 40), (30, 30)])
 @pytest.mark.parametrize("deficient", [False, True])
 def test_leading_svd_matches_lapack(shape, deficient):
