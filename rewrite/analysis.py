@@ -25,7 +25,7 @@ from flarc.core.inputs import Feed
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.store import Store
 from flarc.core.targets import Skipped, Target, Weights, weight_matrix
-from flarc.rewrite.spectrum import Spectrum, compensated_svd, projected_sigma, whitened_svd
+from flarc.rewrite.spectrum import Spectrum, compensated_svd, projected_spectrum, whitened_svd
 from flarc.rewrite.whiten import whitener
 
 # The options a spectrum depends on (the statistics fix the rest).
@@ -119,26 +119,27 @@ def analyze_target(
         max_rank = 0
     elif max_rank is None and not options.full_rank:
         max_rank = math.ceil(target.k_equiv)
-    # Singular values alone of a tall target, with H positive definite (shrunk toward a
-    # positive mu I): every whitening of H gives them, and B^T H B needs no factor of H.
-    projected = (
-        max_rank == 0
-        and b.shape[0] > b.shape[1]
+    # A tall target with H positive definite (shrunk toward a positive mu I): every whitening
+    # of H gives the same SVD, read from B^T H B with no factor of H.
+    spectrum = None
+    if (
+        b.shape[0] > b.shape[1]
         and not compensate
         and device == "cpu"
         and options.whiten in ("cholesky", "eig")
         and shrunk.lam > 0
         and shrunk.mu > 0
-    )
-    if projected:
-        spectrum, kind, fell_back = projected_sigma(b, shrunk.covariance), options.whiten, False
-    elif device != "cpu" and not compensate:
+    ):
+        full = min(b.shape) if max_rank is None else max_rank
+        spectrum = projected_spectrum(b, shrunk.covariance, full)
+        kind, fell_back = options.whiten, False
+    if spectrum is None and device != "cpu" and not compensate:
         from flarc.rewrite.device import whitened_spectrum_torch
 
         spectrum, kind, fell_back = whitened_spectrum_torch(
             b, shrunk.covariance, options.whiten, target.name, max_rank, device
         )
-    else:
+    elif spectrum is None:
         w, fell_back = whitener(shrunk.covariance, options.whiten, target.name)
         kind = w.kind
         if compensate:

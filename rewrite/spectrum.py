@@ -154,21 +154,32 @@ def _spectrum(
     return Spectrum(sigma=s, basis=whitener.solve_t(u) if u.size else u, vt=vt)
 
 
-def projected_sigma(b: np.ndarray, h: np.ndarray) -> Spectrum:
-    """The singular values of ``L^T B`` for any ``L L^T = H`` (no directions), from the
-    eigenvalues of ``B^T H B = (L^T B)^T (L^T B)``: for a tall ``B: [n, m]`` one product with
-    ``H`` instead of factoring it and multiplying by the factor (half the arithmetic on a
-    4864 x 896 down projection). The squares are exact to ``eps s_0^2``, as
-    :func:`leading_svd`'s Gram route."""
+def projected_spectrum(b: np.ndarray, h: np.ndarray, max_rank: int) -> Spectrum | None:
+    """The whitened SVD of a tall ``B: [n, m]`` (:func:`whitened_svd`, any ``L L^T = H``) from
+    the eigendecomposition of ``B^T H B = (L^T B)^T (L^T B) = V diag(s^2) V^T``, with the basis
+    ``L^{-T} U = B V / s`` (``U = L^T B V / s``): one product with ``H`` instead of factoring
+    it and multiplying by the factor (half the arithmetic on a 4864 x 896 down projection).
+    The squares are exact to ``eps s_0^2``, as :func:`leading_svd`'s Gram route; None where a
+    kept singular value is below ``GRAM_ROUTE_MIN_RATIO`` of the largest (the caller factors
+    ``H`` and takes LAPACK's SVD)."""
     b = np.asarray(b, dtype=np.float64)
     gram = b.T @ (np.asarray(h, dtype=np.float64) @ b)
     gram += gram.T  # symmetric to rounding: its upper triangle, averaged with the lower
     gram *= 0.5
-    e = scipy.linalg.eigh(
-        gram, lower=False, eigvals_only=True, overwrite_a=True, check_finite=False
-    )
+    r = min(max_rank, b.shape[1])
+    if r == 0:
+        e = scipy.linalg.eigh(
+            gram, lower=False, eigvals_only=True, overwrite_a=True, check_finite=False
+        )
+        sigma = np.sqrt(np.clip(e[::-1], 0.0, None))
+        return Spectrum(sigma, np.zeros((b.shape[0], 0)), np.zeros((0, b.shape[1])))
+    e, q = scipy.linalg.eigh(gram, lower=False, overwrite_a=True, check_finite=False, driver="evd")
     sigma = np.sqrt(np.clip(e[::-1], 0.0, None))
-    return Spectrum(sigma=sigma, basis=np.zeros((b.shape[0], 0)), vt=np.zeros((0, b.shape[1])))
+    if not sigma[r - 1] > GRAM_ROUTE_MIN_RATIO * sigma[0]:
+        return None
+    vt = np.ascontiguousarray(q[:, ::-1][:, :r].T)
+    # Formed transposed, so the basis is Fortran-ordered as the store keeps it.
+    return Spectrum(sigma, ((vt @ b.T) / sigma[:r, None]).T, vt)
 
 
 def compensated_svd(

@@ -219,16 +219,17 @@ def test_whitened_svd_factors_are_the_whitened_truncation(shape, kind):
 
 
 @pytest.mark.parametrize("centered", [False, True])
-def test_singular_values_of_a_tall_target_need_no_factor_of_h(centered, monkeypatch):
-    """A tall target's singular values alone (the closed loop's analysis) come from the
-    eigenvalues of B^T H B: LAPACK's singular values of L^T B for the Cholesky factor of the
-    shrunk H, to eps s_0^2, and the same through analyze_target as with its directions."""
+def test_a_tall_targets_spectrum_needs_no_factor_of_h(centered, monkeypatch):
+    """A tall target's whitened SVD comes from the eigendecomposition of B^T H B, its basis
+    B V / s: LAPACK's SVD of L^T B for the Cholesky factor of the shrunk H (singular values to
+    eps s_0^2, the rank-k truncations), with and without directions, H never factored. Where a
+    kept singular value is almost zero, H is factored and LAPACK's SVD taken, as before."""
     import flarc.rewrite.analysis
     from flarc.calib.moments import Moments
     from flarc.calib.shrinkage import shrink
     from flarc.core.targets import Target
     from flarc.rewrite.analysis import AnalysisOptions, analyze_target
-    from flarc.rewrite.spectrum import projected_sigma
+    from flarc.rewrite.whiten import whitener
 
     rng = np.random.default_rng(7)
     n, m = 48, 10
@@ -236,20 +237,33 @@ def test_singular_values_of_a_tall_target_need_no_factor_of_h(centered, monkeypa
     moments = Moments.from_rows(x)
     h = shrink(moments, centered=centered).covariance
     b = rng.standard_normal((n, m))
-    s0 = np.linalg.svd(np.linalg.cholesky(h).T @ b, compute_uv=False)
-    s = projected_sigma(b, h).sigma
-    np.testing.assert_allclose(s**2, s0**2, rtol=1e-12, atol=1e-13 * s0[0] ** 2)
+    lt = np.linalg.cholesky(h).T
+    u0, s0, vt0 = np.linalg.svd(lt @ b, full_matrices=False)
     t = Target("t", "MatMul", "x", "y", "w", (n, m), n, m, False, "float32")
-    full = analyze_target(t, b, moments, AnalysisOptions(centered=centered))
+    factored = []
 
-    def no_factor(*args, **kwargs):
-        raise AssertionError("H was factored")
+    def spy(*args, **kwargs):
+        factored.append(args[0].shape)
+        return whitener(*args, **kwargs)
 
-    monkeypatch.setattr(flarc.rewrite.analysis, "whitener", no_factor)
+    monkeypatch.setattr(flarc.rewrite.analysis, "whitener", spy)
     bare = analyze_target(t, b, moments, AnalysisOptions(directions=False, centered=centered))
-    assert bare.spectrum.max_rank == 0 and bare.whitening == full.whitening == "cholesky"
-    np.testing.assert_allclose(bare.spectrum.sigma**2, s0**2, rtol=1e-12, atol=1e-13 * s0[0] ** 2)
-    np.testing.assert_allclose(full.spectrum.sigma**2, s0**2, rtol=1e-9, atol=1e-12 * s0[0] ** 2)
+    full = analyze_target(t, b, moments, AnalysisOptions(centered=centered, full_rank=True))
+    assert not factored
+    assert bare.spectrum.max_rank == 0 and full.spectrum.max_rank == m
+    assert bare.whitening == full.whitening == "cholesky"
+    for e in (bare, full):
+        np.testing.assert_allclose(e.spectrum.sigma**2, s0**2, rtol=1e-12, atol=1e-13 * s0[0] ** 2)
+    for k in (1, 4, m):
+        a, c = full.spectrum.factors(k)
+        expected = np.linalg.solve(lt, (u0[:, :k] * s0[:k]) @ vt0[:k])
+        np.testing.assert_allclose(a @ c, expected, atol=1e-9 * np.abs(b).max())
+    # A near-null output direction: its singular value is below the Gram route's reach.
+    b[:, -1] = b[:, 0] * (1 + 1e-13)
+    deficient = analyze_target(t, b, moments, AnalysisOptions(centered=centered, full_rank=True))
+    assert factored == [(n, n)]
+    s_ref = np.linalg.svd(lt @ b, compute_uv=False)
+    np.testing.assert_allclose(deficient.spectrum.sigma, s_ref, rtol=1e-9, atol=1e-12 * s_ref[0])
 
 
 @pytest.mark.parametrize("shape", [(40, 12), (12, 40), (30, 30)])
