@@ -493,10 +493,10 @@ class StatisticsSession:
         return {p.key: {f: values.pop(p.outputs[f]) for f in p.fields} for p in self.plans}
 
     def moments(self, batches: list[dict[str, dict[str, np.ndarray]]]) -> dict[str, Moments]:
-        """The :class:`Moments` of several feeds' :meth:`outputs` (consumed): each Gram (upper triangle)
-        and cross-statistic is one product of the batches' rows stacked (a product over a few
-        hundred rows is bound by memory traffic, not arithmetic: 2.3x the time of one over the
-        same rows stacked for a 1536-wide input); the other sums add in batch order."""
+        """The :class:`Moments` of several feeds' :meth:`outputs` (consumed): each Gram (upper
+        triangle) and cross-statistic is one product of the batches' rows stacked (a product
+        over a few hundred rows is bound by memory traffic, not arithmetic: 2.3x the time of one
+        over the same rows stacked for a 1536-wide input); the other sums add in batch order."""
         out = {}
         for p in self.plans:
             # Each batch's arrays leave ``batches`` as they are stacked: one copy at a time.

@@ -164,7 +164,7 @@ def projected_spectrum(b: np.ndarray, h: np.ndarray, max_rank: int) -> Spectrum 
     ``H`` and takes LAPACK's SVD)."""
     b = np.asarray(b, dtype=np.float64)
     gram = b.T @ (np.asarray(h, dtype=np.float64) @ b)
-    gram += gram.T  # symmetric to rounding: its upper triangle, averaged with the lower
+    gram += gram.T  # exactly symmetric (the product is so only to rounding)
     gram *= 0.5
     r = min(max_rank, b.shape[1])
     if r == 0:
