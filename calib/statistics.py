@@ -506,20 +506,20 @@ class StatisticsSession:
                 rows = _stacked([v.pop("rows") for v in vs])
                 gram = gram_upper(rows)
             else:
-                gram = _summed([np.asarray(v["gram"], dtype=np.float64) for v in vs])
+                gram = _in_order([np.asarray(v["gram"], dtype=np.float64) for v in vs])
             cross = None
             if "partner_rows" in vs[0]:
                 cross = rows.T @ _stacked([v.pop("partner_rows") for v in vs])
             elif "cross" in vs[0]:
-                cross = _summed([np.asarray(v["cross"], dtype=np.float64) for v in vs])
+                cross = _in_order([np.asarray(v["cross"], dtype=np.float64) for v in vs])
             del rows
             sums = [(int(v["count"]), float(v["sum4"])) for v in vs]
             out[p.key] = Moments(
                 gram=np.asarray(gram, dtype=np.float64),
                 count=sum(c for c, _ in sums),
-                sum4=_added([f for _, f in sums]),
-                sum1=_summed([np.asarray(v["sum1"], dtype=np.float64) for v in vs]),
-                sum2x=_summed([np.asarray(v["sum2x"], dtype=np.float64) for v in vs]),
+                sum4=_in_order([f for _, f in sums]),
+                sum1=_in_order([np.asarray(v["sum1"], dtype=np.float64) for v in vs]),
+                sum2x=_in_order([np.asarray(v["sum2x"], dtype=np.float64) for v in vs]),
                 cross=None if cross is None else np.asarray(cross, dtype=np.float64),
             )
         return out
@@ -658,20 +658,10 @@ def _stacked(arrays: list[np.ndarray]) -> np.ndarray:
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
 
 
-def _summed(arrays: list[np.ndarray]) -> np.ndarray:
-    """Arrays added in order (the first's own array when alone)."""
-    total = arrays[0]
-    for a in arrays[1:]:
-        total = total + a
-    return total
-
-
-def _added(values: list[float]) -> float:
-    """Floats added in order, as :meth:`Moments.add` adds them."""
-    total = values[0]
-    for v in values[1:]:
-        total += v
-    return total
+def _in_order(values: list) -> np.ndarray | float:
+    """Arrays or floats added in order, as :meth:`Moments.add` adds them (the first's own
+    value when alone)."""
+    return sum(values[1:], values[0])
 
 
 def _mirror(totals: dict[str, Moments]) -> bool:

@@ -29,6 +29,7 @@ from flarc.calib.statistics import (
     StatisticsSession,
     mark_masks,
     plan_statistics,
+    shard_ends,
 )
 from flarc.core.errors import OptionError
 from flarc.core.external import split_large_initializers
@@ -45,10 +46,6 @@ log = logging.getLogger(__name__)
 # Qwen2.5-0.5B at a 20% cut (4096 rows, 4864 down_proj inputs): intensity 1e-6, perplexity
 # 17.3 (open loop) -> 29.1; Ledoit-Wolf's estimate (about 0.02 there), 19.1 -> 14.7.
 WEAK_SHRINKAGE = 1e-3
-
-# Bytes of one statistic's rows (and partner rows) a level stacks before its Gram and cross
-# products: over a few hundred rows a product is bound by memory traffic (calib.statistics).
-LEVEL_CHUNK_BYTES = 128 << 20
 
 # The statistics graph's name for a compressed-model tensor (its original keeps the plain name).
 COMPRESSED = "flarc_cl/"
@@ -161,8 +158,9 @@ def level_statistics(
 ) -> dict[str, Moments]:
     """The moments of one level's inputs in the compressed model (with their cross-statistic
     with the original's when ``compensate``), from the segment's values by a graph of the
-    statistics nodes alone: the products over the rows of consecutive batches stacked up to
-    ``LEVEL_CHUNK_BYTES`` per statistic, the chunks added in batch order."""
+    statistics nodes alone: the products over the rows of each shard of consecutive batches
+    stacked, as the calibration's (:func:`flarc.calib.statistics.shard_ends`), the shards added
+    in batch order."""
     plans = plan_statistics(level, lambda x: COMPRESSED + x, partner=compensate, prefix="cl")
     _, values = next(batches)  # batch 0 (segments run in batch order)
 
@@ -184,28 +182,19 @@ def level_statistics(
         base, level, {}, mask, precision, plans=plans, masks_decided=True, arena=True
     )
 
+    # The calibration's shards (calib.statistics.shard_ends): stacked rows for each product.
+    ends = set(shard_ends(plans, feeds, mask))
     totals: dict[str, Moments] = {}
     chunk: list[dict[str, dict[str, np.ndarray]]] = []
-    held: dict[str, int] = {}  # bytes of rows the chunk holds per statistic
-
-    def add_chunk() -> None:
-        for key, moments in session.moments(chunk).items():
-            if key in totals:
-                totals[key].add(moments)
-            else:  # the first chunk's sums start the totals (float64, owned)
-                totals[key] = moments
-        chunk.clear()
-        held.clear()
-
     for b, vals in itertools.chain([(0, values)], batches):
-        out = session.outputs(feed_of(b, vals))
-        chunk.append(out)
-        for key, fields in out.items():
-            held[key] = held.get(key, 0) + sum(a.nbytes for a in fields.values())
-        if max(held.values(), default=0) >= LEVEL_CHUNK_BYTES:
-            add_chunk()
-    if chunk:
-        add_chunk()
+        chunk.append(session.outputs(feed_of(b, vals)))
+        if b + 1 in ends:
+            for key, moments in session.moments(chunk).items():
+                if key in totals:
+                    totals[key].add(moments)
+                else:  # the first shard's sums start the totals (float64, owned)
+                    totals[key] = moments
+            chunk.clear()
     for moments in totals.values():
         mirror_upper(moments.gram)  # each batch added only the upper triangle
     return totals

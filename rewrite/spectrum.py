@@ -91,6 +91,23 @@ def whitened_svd(b: np.ndarray, whitener: Whitener, max_rank: int | None = None)
 GRAM_ROUTE_MIN_RATIO = 1e-5
 
 
+def gram_eigen(gram: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(s, keep)`` from ``gram = a^T a`` (its upper triangle read, then overwritten): every
+    singular value of ``a``, descending, and the ``r`` leading eigenvectors (C-ordered), or
+    None where a kept singular value is below ``GRAM_ROUTE_MIN_RATIO`` of the largest. ``r``
+    0: the eigenvalues alone (a fraction of eigh's arithmetic), ``keep`` with no column."""
+    if r == 0:
+        e = scipy.linalg.eigh(
+            gram, lower=False, eigvals_only=True, overwrite_a=True, check_finite=False
+        )
+        return np.sqrt(np.clip(e[::-1], 0.0, None)), np.zeros((gram.shape[0], 0))
+    e, q = scipy.linalg.eigh(gram, lower=False, overwrite_a=True, check_finite=False, driver="evd")
+    s = np.sqrt(np.clip(e[::-1], 0.0, None))
+    if not s[r - 1] > GRAM_ROUTE_MIN_RATIO * s[0]:
+        return s, None
+    return s, np.ascontiguousarray(q[:, ::-1][:, :r])
+
+
 def leading_svd(
     a: np.ndarray, rank: int, left: bool = True
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
@@ -109,18 +126,10 @@ def leading_svd(
     # The smaller Gram's upper triangle (symmetric update, half a general product), which is
     # the one eigh reads with lower=False.
     a = np.asarray(a, dtype=np.float64)
-    gram = gram_upper(a if tall else a.T)
-    if r == 0:  # the singular values alone: no eigenvectors (a fraction of eigh's arithmetic)
-        e = scipy.linalg.eigh(
-            gram, lower=False, eigvals_only=True, overwrite_a=True, check_finite=False
-        )
-        s = np.sqrt(np.clip(e[::-1], 0.0, None))
+    s, keep = gram_eigen(gram_upper(a if tall else a.T), r)
+    if r == 0:  # the singular values alone
         return np.zeros((n, 0)) if left or not tall else None, s, np.zeros((0, m))
-    e, q = scipy.linalg.eigh(gram, lower=False, overwrite_a=True, check_finite=False, driver="evd")
-    del gram
-    s = np.sqrt(np.clip(e[::-1], 0.0, None))
-    if r and s[r - 1] > GRAM_ROUTE_MIN_RATIO * s[0]:
-        keep = np.ascontiguousarray(q[:, ::-1][:, :r])
+    if keep is not None:
         if tall:
             return (a @ keep) / s[:r] if left else None, s, keep.T.copy()
         return keep, s, (keep.T @ a) / s[:r, None]
@@ -164,22 +173,14 @@ def projected_spectrum(b: np.ndarray, h: np.ndarray, max_rank: int) -> Spectrum 
     ``H`` and takes LAPACK's SVD)."""
     b = np.asarray(b, dtype=np.float64)
     gram = b.T @ (np.asarray(h, dtype=np.float64) @ b)
-    gram += gram.T  # exactly symmetric (the product is so only to rounding)
+    gram += gram.T  # the two triangles averaged (the product is symmetric only to rounding)
     gram *= 0.5
-    r = min(max_rank, b.shape[1])
-    if r == 0:
-        e = scipy.linalg.eigh(
-            gram, lower=False, eigvals_only=True, overwrite_a=True, check_finite=False
-        )
-        sigma = np.sqrt(np.clip(e[::-1], 0.0, None))
-        return Spectrum(sigma, np.zeros((b.shape[0], 0)), np.zeros((0, b.shape[1])))
-    e, q = scipy.linalg.eigh(gram, lower=False, overwrite_a=True, check_finite=False, driver="evd")
-    sigma = np.sqrt(np.clip(e[::-1], 0.0, None))
-    if not sigma[r - 1] > GRAM_ROUTE_MIN_RATIO * sigma[0]:
+    sigma, keep = gram_eigen(gram, min(max_rank, b.shape[1]))
+    if keep is None:
         return None
-    vt = np.ascontiguousarray(q[:, ::-1][:, :r].T)
+    vt = keep.T.copy()
     # Formed transposed, so the basis is Fortran-ordered as the store keeps it.
-    return Spectrum(sigma, ((vt @ b.T) / sigma[:r, None]).T, vt)
+    return Spectrum(sigma, ((vt @ b.T) / sigma[: len(vt), None]).T, vt)
 
 
 def compensated_svd(

@@ -87,15 +87,15 @@ def test_without_truncation_closed_loop_equals_open_loop(setup):
 
 
 def test_level_statistics_do_not_depend_on_how_batches_are_stacked(setup, monkeypatch):
-    """A level's products over one chunk of every batch's rows or over each batch alone (the
-    chunk budget below one batch): the first level's spectra (nothing upstream compressed, so
+    """A level's products over one shard of every batch's rows or over each batch alone (the
+    shard budget below one batch): the first level's spectra (nothing upstream compressed, so
     the same rows) agree to rounding, and every target's row count is the same."""
-    import flarc.rewrite.closed_loop as cl
+    import flarc.calib.statistics as st
 
     model, feeds, analysis = setup
     ranks = {t.name: RankChoice(max(1, min(t.n, t.m) // 2), "half") for t in analysis.targets}
     stacked = closed_loop_entries(model, analysis, ranks, feeds, compensate=True)
-    monkeypatch.setattr(cl, "LEVEL_CHUNK_BYTES", 1)
+    monkeypatch.setattr(st, "SHARD_BYTES", 1)
     alone = closed_loop_entries(model, analysis, ranks, feeds, compensate=True)
     for t in target_levels(model, analysis.targets)[0]:
         s, s_alone = stacked[t.name].spectrum.sigma, alone[t.name].spectrum.sigma
