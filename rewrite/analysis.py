@@ -314,6 +314,14 @@ class Analysis:
             for t in self.targets
         }
 
+    def close(self) -> None:
+        """Remove this run's temporary files: carried inputs and a temporary store (a saved
+        analysis' folder stays). Nothing of the analysis is read afterwards."""
+        if self.carried is not None:
+            self.carried.close()
+        if self.store is not None:
+            self.store.close()
+
     @property
     def heldout_label(self) -> str:
         return "calibration (no held-out batch)" if self.heldout_is_calibration else "held-out"

@@ -447,3 +447,43 @@ def test_preset_best_refits_closed_loop_and_fast_does_not(tmp_path, mlp, capsys)
     fast = stages("--preset", "fast")
     assert "closed loop" not in fast and "calibration forward pass" not in fast
     assert "closed loop" not in stages("--ratio", "0.5")
+
+
+def test_a_large_compress_removes_its_temporaries_while_it_writes(
+    tmp_path, mlp, capsys, monkeypatch
+):
+    """The analysis' store and carried inputs (a large model's, here forced) are removed while
+    the model is written (not after, nor at interpreter exit); the model is written whole."""
+    import tempfile
+    import threading
+
+    import flarc.calib.statistics
+    import flarc.core.modelio
+    from flarc.rewrite.analysis import Analysis
+
+    monkeypatch.setattr(flarc.core.modelio, "LARGE_MODEL_BYTES", 0)
+    monkeypatch.setattr(flarc.calib.statistics, "STAT_GROUP_MIN_BYTES", 0)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    removed = threading.Event()
+    seen: dict[str, list[str]] = {}
+    close, save = Analysis.close, flarc.core.modelio.save_model
+
+    def closing(self) -> None:
+        seen["before"] = sorted(p.name.split("-")[1] for p in scratch.iterdir())
+        close(self)
+        seen["after"] = sorted(p.name.split("-")[1] for p in scratch.iterdir())
+        removed.set()
+
+    def saving(*args, **kwargs):
+        assert removed.wait(timeout=60), "the temporaries were not removed during the writing"
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(Analysis, "close", closing)
+    monkeypatch.setattr(flarc.core.modelio, "save_model", saving)
+    out = tmp_path / "small.onnx"
+    code = main([*compress_argv(mlp, out, tmp_path)[:-4], "--budget", "0.6", "--align", "4"])
+    assert code == 0, capsys.readouterr().err
+    assert seen == {"before": ["store"], "after": []}  # the carried inputs live in the store
+    assert onnx.load(str(out)).graph.node

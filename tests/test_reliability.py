@@ -313,3 +313,30 @@ def test_same_inputs_give_byte_identical_outputs(tmp_path, extra):
     assert outputs[0][0] == outputs[1][0], "the output model differs between two identical runs"
     assert outputs[0][1] == outputs[1][1], "the report differs between two identical runs"
     assert sha(model) == before
+
+
+def test_removals_run_while_the_block_runs_and_a_failure_is_only_logged(tmp_path, caplog):
+    """removing_meanwhile: the removals run beside the block (a removal waiting for the block's
+    signal finishes), are done when the block ends, and one that fails is logged, not raised."""
+    import shutil
+    import threading
+
+    from flarc.core.files import removing_meanwhile
+
+    folder = tmp_path / "dead"
+    folder.mkdir()
+    (folder / "a.npy").write_bytes(b"x" * 1000)
+    signal_ = threading.Event()
+    seen = []
+
+    def remove_after_signal() -> None:
+        seen.append(signal_.wait(timeout=30))  # False only if the block never ran alongside
+        shutil.rmtree(folder)
+
+    def fail() -> None:
+        raise PermissionError("denied")
+
+    with removing_meanwhile([fail, remove_after_signal]):
+        signal_.set()
+    assert seen == [True] and not folder.exists()
+    assert "could not remove temporary files: denied" in caplog.text

@@ -40,7 +40,7 @@ class Compress(Command):
         parser.add_argument("--plot", metavar="PNG", help="plot the rank allocation")
 
     def run(self, args: argparse.Namespace) -> int:
-        from flarc.core.files import check_output_path, file_sha256
+        from flarc.core.files import check_output_path, file_sha256, removing_meanwhile
         from flarc.core.modelio import load_model, save_model
         from flarc.core.progress import step
         from flarc.core.version import __version__
@@ -72,7 +72,9 @@ class Compress(Command):
         options = LATENCY.parse(args, options, model, analysis, shapes, progress)
         loop = data.calibration if closed and data is not None else None
         result = compress(model, analysis, options, args.force, loop, compensate, progress)
-        written = step(progress, "writing", lambda: save_model(result.model, args.output))
+        # The analysis' temporaries are dead now: removed while the model is written.
+        with removing_meanwhile([analysis.close]):
+            written = step(progress, "writing", lambda: save_model(result.model, args.output))
         elapsed = time.perf_counter() - t0
         con.print(rows_table(result.rows))
         con.print(comparison_table(result, analysis.heldout_label))

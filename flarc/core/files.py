@@ -6,13 +6,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from flarc.core.errors import FlarcError
+
+log = logging.getLogger(__name__)
 
 
 def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]) -> Path:
@@ -119,3 +123,27 @@ def read_versioned_json(
     if data.get(version_key) != version:
         raise error(f"{path}: {what} {version_key} {data.get(version_key)!r}, expected {version}")
     return data
+
+
+@contextlib.contextmanager
+def removing_meanwhile(removals: Iterable[Callable[[], None]]) -> Iterator[None]:
+    """Run ``removals`` (each removes temporary files no one reads any more) in a thread while
+    the block runs, and wait for them at its end. Unlinking gigabytes is disk-bound, not CPU
+    work (a disk mounted with ``discard`` trims every freed extent: 6 GB took 5.7 s, 0.5 s of
+    it CPU), so it overlaps with the block's work. A failed removal is logged, not raised:
+    the files are temporaries."""
+    removals = list(removals)
+
+    def remove_all() -> None:
+        for remove in removals:
+            try:
+                remove()
+            except OSError as exc:
+                log.warning("could not remove temporary files: %s", exc)
+
+    thread = threading.Thread(target=remove_all, name="flarc-remove", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
