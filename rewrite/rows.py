@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from flarc.calib.moments import LazyMoments, Moments, gram_upper
+from flarc.core.executor import JobHints, LocalExecutor
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.targets import Target, Weights, weight_view
 from flarc.rewrite.analysis import Analysis
@@ -86,33 +87,52 @@ def output_errors(
     ]
 
 
+def _hints(t: Target, k: int) -> JobHints:
+    """Cost ~ ``A C`` and the two ``n x n`` products (``D D^T``, ``B B^T``); memory ~ the
+    factors, the float64 blocks of ``B`` and its residual, and the Grams and products."""
+    block = min(t.m, HELDOUT_BLOCK)
+    cost = 2.0 * t.n * t.m * (k + min(t.n, t.m))
+    return JobHints(cost, 8 * (k * (t.n + t.m) + 3 * t.n * block + 4 * t.n * t.n))
+
+
 def target_rows(
     analysis: Analysis,
     ranks: dict[str, RankChoice],
     weights: Weights,
     progress: Progress | None = None,
 ) -> list[TargetRow]:
-    """A row per target, in graph order."""
-    rows = []
+    """A row per target, in graph order. The factorized targets' errors are jobs of a
+    :class:`LocalExecutor` (two at a time on two cores, each reading its own factors, weight
+    and Grams while the other multiplies)."""
     progress = progress or NoProgress()
     # Two-sided spectra measure loss, not the output error: predict that from the Gram.
     two_sided = analysis.options.two_sided and analysis.output_diag is not None
     targets = analysis.targets
+    chosen = [t for t in targets if ranks[t.name].rank is not None]
     if isinstance(analysis.heldout_stats, LazyMoments):  # those computed on demand, in one go
-        analysis.heldout_stats.need(t.stat_key for t in targets if ranks[t.name].rank is not None)
-    for t in progress.track(targets, total=len(targets), description="held-out errors"):
+        analysis.heldout_stats.need(t.stat_key for t in chosen)
+
+    def errors(t: Target) -> tuple[float | None, float]:
+        """``(measured on held-out rows, predicted)`` at the target's rank."""
+        e = analysis.entries[t.name]
+        k = ranks[t.name].rank
+        a, c = e.spectrum.factors(k)
+        grams = [analysis.heldout_stats.get(t.stat_key)]
+        if two_sided:
+            grams.append(analysis.stats.get(t.stat_key))
+        measured, *calibrated = output_errors(grams, t, a, c, weights.consumed(t))
+        return measured, calibrated[0] if two_sided else e.spectrum.error(k)
+
+    hints = [_hints(t, ranks[t.name].rank) for t in chosen]
+    results = LocalExecutor().map(errors, [(t,) for t in chosen], hints)
+    found = dict(progress.track(results, total=len(chosen), description="held-out errors"))
+    measured = {t.name: found[i] for i, t in enumerate(chosen)}
+    rows = []
+    for t in targets:
         e = analysis.entries[t.name]
         choice = ranks[t.name]
         k = choice.rank
-        measured = None
-        predicted = 0.0
-        if k is not None:
-            a, c = e.spectrum.factors(k)
-            grams = [analysis.heldout_stats.get(t.stat_key)]
-            if two_sided:
-                grams.append(analysis.stats.get(t.stat_key))
-            measured, *calibrated = output_errors(grams, t, a, c, weights.consumed(t))
-            predicted = calibrated[0] if two_sided else e.spectrum.error(k)
+        heldout, predicted = measured.get(t.name, (None, 0.0))
         rows.append(
             TargetRow(
                 name=t.name,
@@ -124,7 +144,7 @@ def target_rows(
                 params=t.params,
                 kept_params=t.rank_params(k) if k is not None else t.params,
                 predicted_error=predicted,
-                heldout_error=measured,
+                heldout_error=heldout,
                 shrinkage=e.lam,
                 whitening=e.whitening,
                 rows=e.rows,
