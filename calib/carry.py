@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from flarc.core.files import naming_write_errors
 from flarc.core.graphs import prune_to_outputs
 from flarc.core.inputs import Feed
 from flarc.core.progress import NoProgress, Progress
@@ -52,7 +53,9 @@ class ActivationSpill:
     def write(self, batch: int, arrays: Mapping[str, np.ndarray]) -> None:
         (self.root / str(batch)).mkdir(exist_ok=True)
         for name, value in arrays.items():
-            np.save(self._path(batch, name), np.ascontiguousarray(value), allow_pickle=False)
+            path = self._path(batch, name)
+            with naming_write_errors(path):
+                np.save(path, np.ascontiguousarray(value), allow_pickle=False)
             self.shapes.setdefault(name, tuple(value.shape))
             self.dtypes.setdefault(name, value.dtype)
 

@@ -73,7 +73,9 @@ class Moments:
     sum4: float
     sum1: np.ndarray  # [n]
     sum2x: np.ndarray  # [n]
-    cross: np.ndarray | None = None  # [n, n] sum_k x_k p_k^T with a partner tensor (closed loop)
+    # sum_k x_k p_k^T with a partner tensor (closed loop): [n, n] with the original's input,
+    # [n, m] (m != n) with its output for a tall target
+    cross: np.ndarray | None = None
 
     @classmethod
     def zeros(cls, n: int) -> Moments:

@@ -492,11 +492,18 @@ class StatisticsSession:
         )
         return {p.key: {f: values.pop(p.outputs[f]) for f in p.fields} for p in self.plans}
 
-    def moments(self, batches: list[dict[str, dict[str, np.ndarray]]]) -> dict[str, Moments]:
+    def moments(
+        self,
+        batches: list[dict[str, dict[str, np.ndarray]]],
+        partner_weights: Mapping[str, np.ndarray] | None = None,
+    ) -> dict[str, Moments]:
         """The :class:`Moments` of several feeds' :meth:`outputs` (consumed): each Gram (upper
         triangle) and cross-statistic is one product of the batches' rows stacked (a product
         over a few hundred rows is bound by memory traffic, not arithmetic: 2.3x the time of one
-        over the same rows stacked for a 1536-wide input); the other sums add in batch order."""
+        over the same rows stacked for a 1536-wide input); the other sums add in batch order.
+        A key in ``partner_weights`` gets its cross-statistic with the partner's rows times that
+        matrix, ``X^T (P B)`` (a tall ``B``'s output: ``2 N n m`` operations, not ``N n^2``)."""
+        partner_weights = partner_weights or {}
         out = {}
         for p in self.plans:
             # Each batch's arrays leave ``batches`` as they are stacked: one copy at a time.
@@ -509,7 +516,11 @@ class StatisticsSession:
                 gram = _in_order([np.asarray(v["gram"], dtype=np.float64) for v in vs])
             cross = None
             if "partner_rows" in vs[0]:
-                cross = rows.T @ _stacked([v.pop("partner_rows") for v in vs])
+                partner = _stacked([v.pop("partner_rows") for v in vs])
+                if p.key in partner_weights:
+                    partner = partner @ partner_weights[p.key]
+                cross = rows.T @ partner
+                del partner
             elif "cross" in vs[0]:
                 cross = _in_order([np.asarray(v["cross"], dtype=np.float64) for v in vs])
             del rows

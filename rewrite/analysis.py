@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from flarc.calib.moments import LazyMoments, Moments
-from flarc.calib.shrinkage import shrink
+from flarc.calib.shrinkage import Shrunk, shrink
 from flarc.calib.statistics import CarriedInputs
 from flarc.core.executor import Executor, JobHints, LocalExecutor
 from flarc.core.inputs import Feed
@@ -106,7 +106,7 @@ def analyze_target(
     """
     moments = moments.loaded()  # a stored Gram is read here, in the job, not by its submitter
     shrunk = shrink(moments, options.shrinkage, options.centered, options.shrinkage_lambda)
-    b = weight_matrix(target, weight)
+    b = raw = weight_matrix(target, weight)
     root = None
     if output_diag is not None:
         # Two-sided: columns weighted by sqrt(D) before the SVD, V^T unweighted after it, so
@@ -143,16 +143,30 @@ def analyze_target(
         w, fell_back = whitener(shrunk.covariance, options.whiten, target.name)
         kind = w.kind
         if compensate:
-            cross = (1.0 - shrunk.lam) * moments.cross / moments.count
-            cross[np.diag_indices_from(cross)] += shrunk.lam * shrunk.mu
-            spectrum = compensated_svd(b, w, cross, max_rank)
+            spectrum = compensated_svd(_shrunk_cross_b(moments, shrunk, raw, b, root), w, max_rank)
         else:
             spectrum = whitened_svd(b, w, max_rank)
-    del b
+    del b, raw
     kind = "eig (fallback)" if fell_back else kind
     if root is not None:
         spectrum.vt = np.asarray(spectrum.vt) / root
     return TargetAnalysis(target, spectrum, shrunk.lam, kind, moments.count)
+
+
+def _shrunk_cross_b(
+    moments: Moments, shrunk: Shrunk, raw: np.ndarray, b: np.ndarray, root: np.ndarray | None
+) -> np.ndarray:
+    """``C B`` for the compensated SVD, the cross-statistic shrunk like the Gram (same intensity,
+    same target ``mu I``): ``moments.cross`` is ``X_c^T X_o`` ([n, n], times ``b``, the weight as
+    analysed), or ``X_c^T (X_o B)`` ([n, m], m != n: the closed loop multiplied the original's
+    rows by the raw weight first), whose columns two-sided whitening then weights by ``root``."""
+    scale = (1.0 - shrunk.lam) / moments.count
+    if moments.cross.shape[1] == raw.shape[0]:
+        cross = scale * moments.cross
+        cross[np.diag_indices_from(cross)] += shrunk.lam * shrunk.mu
+        return cross @ b
+    cross_b = scale * moments.cross + (shrunk.lam * shrunk.mu) * raw
+    return cross_b if root is None else cross_b * root
 
 
 def derive_spectra(

@@ -14,6 +14,7 @@ intensity, same target ``mu I``), so identical activations give plain whitening 
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -38,7 +39,7 @@ from flarc.core.external import split_large_initializers
 from flarc.core.graphs import scopes
 from flarc.core.inputs import Feed, find_mask_input
 from flarc.core.progress import NoProgress, Progress
-from flarc.core.targets import Target, Weights, stored_weight
+from flarc.core.targets import Target, Weights, stored_weight, weight_matrix
 from flarc.rewrite.analysis import Analysis, TargetAnalysis, analyze_target, spectrum_hints
 from flarc.rewrite.ranks import RankChoice
 
@@ -102,7 +103,11 @@ def closed_loop_entries(
         batches = run.run(i, states)
         if carried is not None:
             batches = _with_carried(batches, carried, wanted[i])
-        stats = level_statistics(light, level, batches, mask, options.precision, compensate, feeds)
+        outputs = _output_partners(level, stored) if compensate else {}
+        stats = level_statistics(
+            light, level, batches, mask, options.precision, compensate, feeds, outputs
+        )
+        del outputs
         del states
         for x in [x for x in compressed if last[x] <= i]:
             del compressed[x]
@@ -145,6 +150,20 @@ def closed_loop_entries(
     return entries
 
 
+def _output_partners(level: list[Target], stored: Weights) -> dict[str, np.ndarray]:
+    """``stat_key -> B`` (float64) for the level's tall MatMul/Gemm targets (``2 m <= n``) that
+    have their statistic to themselves: their cross-statistic is taken with the original's
+    output ``X_o B`` (``2 N n m`` operations, an ``[n, m]`` result) instead of its input
+    (``N n^2``, ``[n, n]``), the same ``C B``. On Qwen2.5-0.5B's down projections (4864 x 896)
+    that is 2.7x fewer."""
+    sharing = collections.Counter(t.stat_key for t in level)
+    return {
+        t.stat_key: weight_matrix(t, stored.consumed(t))
+        for t in level
+        if sharing[t.stat_key] == 1 and t.conv is None and 2 * t.m <= t.n
+    }
+
+
 def _with_carried(
     batches: Iterator[tuple[int, dict[str, dict[str, np.ndarray]]]],
     carried: CarriedInputs,
@@ -164,9 +183,11 @@ def level_statistics(
     precision: str,
     compensate: bool,
     feeds: list[Feed],
+    outputs: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Moments]:
     """The moments of one level's inputs in the compressed model (with their cross-statistic
-    with the original's when ``compensate``), from the segment's values by a graph of the
+    with the original's when ``compensate``: with its input, or for a key in ``outputs``, with
+    its output, the input times that weight), from the segment's values by a graph of the
     statistics nodes alone: the products over the rows of each shard of consecutive batches
     stacked, as the calibration's (:func:`flarc.calib.statistics.shard_ends`), the shards added
     in batch order."""
@@ -198,7 +219,7 @@ def level_statistics(
     for b, vals in itertools.chain([(0, values)], batches):
         chunk.append(session.outputs(feed_of(b, vals)))
         if b + 1 in ends:
-            for key, moments in session.moments(chunk).items():
+            for key, moments in session.moments(chunk, outputs).items():
                 if key in totals:
                     totals[key].add(moments)
                 else:  # the first shard's sums start the totals (float64, owned)

@@ -184,14 +184,15 @@ def projected_spectrum(b: np.ndarray, h: np.ndarray, max_rank: int) -> Spectrum 
 
 
 def compensated_svd(
-    b: np.ndarray, whitener: Whitener, cross: np.ndarray, max_rank: int | None = None
+    cross_b: np.ndarray, whitener: Whitener, max_rank: int | None = None
 ) -> Spectrum:
-    """Error compensation (closed loop): the rank-k ``B_hat`` minimising ``||X_o B - X_c B_hat||``.
+    """Error compensation (closed loop): the rank-k ``B_hat`` minimising ``||X_o B - X_c B_hat||``,
+    from ``cross_b = C B`` with ``C = X_c^T X_o`` (or ``X_c^T (X_o B)``, the same product).
 
-    With ``H_c = X_c^T X_c = L L^T`` and ``C = X_c^T X_o``, expanding the objective gives
+    With ``H_c = X_c^T X_c = L L^T``, expanding the objective gives
     ``||L^T B_hat - L^{-1} C B||_F^2 + const``, so ``L^T B_hat = trunc_k(L^{-1} C B)`` and
     ``B_hat = L^{-T} U_k diag(s_k) V_k^T`` from the SVD of ``L^{-1} C B``. When the two
     activations agree, ``C = H_c`` and ``L^{-1} C B = L^T B``: plain whitening.
     """
-    whitened = [whitener.solve(cross @ np.asarray(b, dtype=np.float64))]
+    whitened = [whitener.solve(np.asarray(cross_b, dtype=np.float64))]
     return _spectrum(whitened, whitener, max_rank)

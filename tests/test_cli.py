@@ -487,3 +487,23 @@ def test_a_large_compress_removes_its_temporaries_while_it_writes(
     assert code == 0, capsys.readouterr().err
     assert seen == {"before": ["store"], "after": []}  # the carried inputs live in the store
     assert onnx.load(str(out)).graph.node
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, mlp, capsys, monkeypatch):
+    """numpy reports a full disk as an OSError naming neither file nor errno; the run ends with
+    one line naming the file it was writing (exit 2), not as an internal error."""
+    import flarc.calib.statistics
+    import flarc.core.modelio
+
+    monkeypatch.setattr(flarc.core.modelio, "LARGE_MODEL_BYTES", 0)  # arrays go to a store
+    monkeypatch.setattr(flarc.calib.statistics, "STAT_GROUP_MIN_BYTES", 0)
+
+    def full(*args, **kwargs):
+        raise OSError("1000000 requested and 0 written")
+
+    monkeypatch.setattr(np.lib.format, "write_array", full)
+    monkeypatch.setattr(np, "save", full)
+    out = tmp_path / "small.onnx"
+    line = fail(capsys, compress_argv(mlp, out, tmp_path), "could not write", "requested and 0")
+    assert ".npy" in line and not out.exists()
+    assert main(compress_argv(mlp, out, tmp_path)) == 2

@@ -104,13 +104,51 @@ def test_level_statistics_do_not_depend_on_how_batches_are_stacked(setup, monkey
     assert all(stacked[t.name].rows == alone[t.name].rows for t in analysis.targets)
 
 
+def test_a_tall_targets_cross_statistic_with_the_output_equals_the_one_with_the_input(
+    tiny_encoder, monkeypatch
+):
+    """Compensated closed loop: a tall target's cross-statistic taken with the original's output
+    ``X_c^T (X_o B)`` gives the spectra and factors of ``(X_c^T X_o) B``, with Ledoit-Wolf
+    shrinkage (its ``mu I`` term) and two-sided whitening (its column weights)."""
+    import flarc.rewrite.closed_loop as cl
+
+    case = tiny_encoder(seed=2, batches=3, batch=8, pad_from=11)
+    data = CalibrationSet(case.feeds, [], "t")
+    analysis = analyze(case.model, find_targets(case.model), data, AnalysisOptions(full_rank=True))
+    assert analysis.output_diag is not None and analysis.options.two_sided
+    ranks = {t.name: RankChoice(max(1, min(t.n, t.m) // 2), "half") for t in analysis.targets}
+    partners, chosen = cl._output_partners, []
+
+    def spy(level, stored):
+        got = partners(level, stored)
+        chosen.extend(got)
+        return got
+
+    monkeypatch.setattr(cl, "_output_partners", spy)
+    by_output = closed_loop_entries(case.model, analysis, ranks, case.feeds, compensate=True)
+    tall = [t for t in analysis.targets if 2 * t.m <= t.n]  # the down projections
+    assert tall and sorted(chosen) == sorted(t.stat_key for t in tall)
+    monkeypatch.setattr(cl, "_output_partners", lambda level, stored: {})
+    by_input = closed_loop_entries(case.model, analysis, ranks, case.feeds, compensate=True)
+    for t in analysis.targets:
+        a, b = by_output[t.name], by_input[t.name]
+        assert a.lam == pytest.approx(b.lam, rel=1e-12) and a.lam > 0
+        s, s_in = a.spectrum.sigma, b.spectrum.sigma
+        np.testing.assert_allclose(s**2, s_in**2, rtol=1e-8, atol=1e-12 * s_in[0] ** 2)
+        (a1, c1), (a2, c2) = (
+            a.spectrum.factors(ranks[t.name].rank),
+            b.spectrum.factors(ranks[t.name].rank),
+        )
+        np.testing.assert_allclose(a1 @ c1, a2 @ c2, rtol=1e-6, atol=1e-9 * np.abs(a2 @ c2).max())
+
+
 def test_compensation_with_identical_activations_is_plain_whitening():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((200, 12)) @ rng.standard_normal((12, 12))
     b = rng.standard_normal((12, 7))
     h = x.T @ x
     w, _ = whitener(h)
-    plain, comp = whitened_svd(b, w), compensated_svd(b, w, h)
+    plain, comp = whitened_svd(b, w), compensated_svd(h @ b, w)
     np.testing.assert_allclose(comp.sigma, plain.sigma, rtol=1e-10)
     for k in (1, 3, 7):
         (a1, c1), (a2, c2) = plain.factors(k), comp.factors(k)
@@ -254,7 +292,7 @@ def test_closed_loop_statistics_are_the_compressed_models(setup, compensated):
         xc, xo = rows[t.name]
         b = weight_matrix(t, consts[t.weight])
         w, _ = whitener(xc.T @ xc / len(xc))
-        expected = compensated_svd(b, w, xc.T @ xo / len(xc))
+        expected = compensated_svd(xc.T @ xo @ b / len(xc), w)
         np.testing.assert_allclose(
             entries[t.name].spectrum.sigma,
             expected.sigma,

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from flarc.core.files import naming_write_errors
 from flarc.core.inputs import Feed
 from flarc.core.polygraphy import accuracy_results, quiet, simple_compare_func
 from flarc.core.progress import NoProgress, Progress
@@ -84,7 +85,8 @@ def _save_outputs(
     for i, feed in enumerate(described):
         for j, y in enumerate(session.run(names, feed)):
             if np.issubdtype(y.dtype, np.number):
-                np.save(folder / f"{i}-{j}.npy", y)
+                with naming_write_errors(folder / f"{i}-{j}.npy"):
+                    np.save(folder / f"{i}-{j}.npy", y)
     return {name: j for j, name in enumerate(names)}
 
 

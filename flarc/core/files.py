@@ -4,6 +4,7 @@ rename), an output never replaces an input, and inputs are identified by their S
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -49,6 +50,19 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def naming_write_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an OSError of the block that names no file as one naming ``path``: numpy's
+    writers report a full disk as ``OSError('... requested and 0 written')`` with neither
+    file nor errno, which would read as a bug instead of a disk to free (the CLI's one line)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno or errno.EIO, f"could not write ({exc})", str(path)) from exc
 
 
 def write_bytes_atomic(final: str | os.PathLike, data: bytes) -> None:

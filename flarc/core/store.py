@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from flarc.core.files import naming_write_errors
+
 CURRENT = "CURRENT"
 META = "meta.json"
 
@@ -121,7 +123,7 @@ def _fsync_dir(folder: Path, sync: bool = True) -> None:
 
 def _write_npy(path: Path, array: np.ndarray, fortran: bool, sync: bool = True) -> None:
     array = np.asarray(array, order="F" if fortran else "C")  # 0-d arrays stay 0-d
-    with open(path, "wb") as fh:
+    with naming_write_errors(path), open(path, "wb") as fh:
         np.lib.format.write_array(fh, array, allow_pickle=False)
         fh.flush()
         if sync:
