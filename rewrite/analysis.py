@@ -247,17 +247,14 @@ class TargetJobs(Sequence[tuple]):
         return (t, weight, self.stats[t.stat_key], self.options, False, diag, self.device)
 
     def hints(self) -> list[JobHints]:
-        """:func:`spectrum_hints` of each target."""
-        return [spectrum_hints(t) for t in self.targets]
-
-
-def spectrum_hints(t: Target) -> JobHints:
-    """What :func:`analyze_target` costs: the flops of the Cholesky, ``L^T B``, the Gram and its
-    eigendecomposition; memory ~ the Gram, its factor, the weight, the whitened weight and the
-    small Gram."""
-    n, m, s = t.n, t.m, min(t.n, t.m)
-    cost = n**3 / 3 + n * n * m + s * s * (n + m) + 4 * s**3
-    return JobHints(float(cost), 8 * (2 * n * n + 2 * n * m + 2 * s * s))
+        """Cost ~ the flops of the Cholesky, ``L^T B``, the Gram and its eigendecomposition;
+        memory ~ the Gram, its factor, the weight, the whitened weight and the small Gram."""
+        out = []
+        for t in self.targets:
+            n, m, s = t.n, t.m, min(t.n, t.m)
+            cost = n**3 / 3 + n * n * m + s * s * (n + m) + 4 * s**3
+            out.append(JobHints(float(cost), 8 * (2 * n * n + 2 * n * m + 2 * s * s)))
+        return out
 
 
 def read_spectra(store: Store, key: str, targets: list[Target]) -> dict[str, TargetAnalysis] | None:

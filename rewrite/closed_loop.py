@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -34,13 +33,12 @@ from flarc.calib.statistics import (
     shard_ends,
 )
 from flarc.core.errors import OptionError
-from flarc.core.executor import LocalExecutor
 from flarc.core.external import split_large_initializers
 from flarc.core.graphs import scopes
 from flarc.core.inputs import Feed, find_mask_input
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.targets import Target, Weights, stored_weight, weight_matrix
-from flarc.rewrite.analysis import Analysis, TargetAnalysis, analyze_target, spectrum_hints
+from flarc.rewrite.analysis import Analysis, TargetAnalysis, analyze_target
 from flarc.rewrite.ranks import RankChoice
 
 log = logging.getLogger(__name__)
@@ -111,19 +109,12 @@ def closed_loop_entries(
         del states
         for x in [x for x in compressed if last[x] <= i]:
             del compressed[x]
-        diags = analysis.output_diag if options.two_sided else None
-        jobs = [
-            (t, stored.consumed(t), stats[t.stat_key], options, compensate,
-             (diags or {}).get(t.name), "cpu", ranks[t.name].rank)
-            for t in level
-        ]  # fmt: skip
-        # A level's targets are independent: one per core at a time (as the open loop's); a
-        # target alone gets every core's BLAS thread.
-        pool = LocalExecutor() if len(level) > 1 else LocalExecutor(1, os.cpu_count() or 1)
-        found = dict(pool.map(analyze_target, jobs, [spectrum_hints(t) for t in level]))
-        del jobs
-        for j, t in enumerate(level):
-            entry, rank = found.pop(j), ranks[t.name].rank
+        for t in level:
+            diag = (analysis.output_diag or {}).get(t.name) if options.two_sided else None
+            rank = ranks[t.name].rank
+            entry = analyze_target(
+                t, stored.consumed(t), stats[t.stat_key], options, compensate, diag, max_rank=rank
+            )
             if compensate and entry.rows < t.n and entry.lam < WEAK_SHRINKAGE:
                 underdetermined.append(entry)
             a, c = entry.spectrum.factors(rank)
