@@ -494,6 +494,11 @@ class CalibrationSet:
         return not self.heldout
 
 
+# Batches held out by default: one in eight. Calibration data decides quality (a quarter held
+# out cost Qwen2.5-0.5B 15.0 -> 15.4 perplexity at a 20% cut), and the checks need few rows.
+HOLDOUT = 0.125
+
+
 def split_holdout(feeds: list[Feed], holdout: float) -> tuple[list[Feed], list[Feed]]:
     """The last ``holdout`` fraction of batches is held out (:func:`holdout_count`)."""
     n_hold = holdout_count(len(feeds), holdout)
@@ -512,7 +517,7 @@ def load_calibration(
     source: str | Path | Iterable[Feed] | Any,
     specs: list[InputSpec],
     batch_size: int = 8,
-    holdout: float = 0.25,
+    holdout: float = HOLDOUT,
     max_batches: int | None = None,
 ) -> CalibrationSet:
     """Feeds from any supported source, checked against ``specs`` and split for held-out checks.

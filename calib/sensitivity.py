@@ -53,6 +53,7 @@ from flarc.calib.fisher import (
     resolve_dtype,
 )
 from flarc.calib.onnx_torch import TorchGraph
+from flarc.calib.shrinkage import diagonal_lambda, shrink_diagonal
 from flarc.core.errors import DataError, ModelError
 from flarc.core.inputs import (
     batch_mask,
@@ -86,6 +87,29 @@ class OutputGradients:
     batches: int
     # target name -> [m] mean over rows of (dL/dy_j)^2 per output channel (G's diagonal)
     diag: dict[str, np.ndarray] = field(default_factory=dict)
+    # target name -> [m] the variance of each ``diag`` entry as an estimate, from the spread of
+    # its per-sample means (a sample: one item of the batch axis); None with one sample only
+    diag_variance: dict[str, np.ndarray | None] = field(default_factory=dict)
+
+    def shrunk_diag(self, lam: float | None = None) -> dict[str, np.ndarray]:
+        """``diag`` shrunk toward its mean (:func:`flarc.calib.shrinkage.shrink_diagonal`), by
+        ``lam``, or by each target's Ledoit-Wolf intensity when None (0 without a variance)."""
+        out, used = {}, []
+        for name, d in self.diag.items():
+            variance = self.diag_variance.get(name)
+            if lam is not None:
+                a = lam
+            else:
+                a = diagonal_lambda(d, variance) if variance is not None else 0.0
+            out[name] = shrink_diagonal(d, a)
+            used.append(a)
+        if used and lam is None:
+            log.info(
+                "output weights D shrunk toward their mean by Ledoit-Wolf: intensity median "
+                "%.3f, range %.3f-%.3f over %d targets",
+                float(np.median(used)), min(used), max(used), len(used),
+            )  # fmt: skip
+        return out
 
 
 def resolve_outputs(outputs: Mapping[str, torch.Tensor]) -> tuple[str, tuple[str, ...]]:
@@ -170,6 +194,8 @@ def output_gradients(
     channel = {u.output: 1 if u.op_type == "Conv" else -1 for t in targets for u in t.all_uses}
     channel_sums: dict[str, np.ndarray] = {}
     channel_rows = dict.fromkeys(taps, 0)
+    # Per-sample channel means: their sum, sum of squares and count give D's variance.
+    sample_sums: dict[str, list] = {}
     kind: str | None = None
     outs: tuple[str, ...] = ()
     per_sequence = 0  # logits elements per sequence (sampled loss)
@@ -185,6 +211,15 @@ def output_gradients(
                 axis = channel[name] % sq.dim()
                 per = sq.sum(dim=[d for d in range(sq.dim()) if d != axis]).numpy()
                 channel_sums[name] = channel_sums.get(name, 0.0) + per
+                moved = sq.movedim(axis, -1)
+                samples = moved.shape[0] if moved.dim() > 1 else 1
+                means = moved.reshape(samples, -1, moved.shape[-1]).mean(dim=1).numpy()
+                first, second, n = sample_sums.get(name, (0.0, 0.0, 0))
+                sample_sums[name] = [
+                    first + means.sum(0),
+                    second + np.square(means).sum(0),
+                    n + samples,
+                ]
             sizes[name] += y.numel()
             channel_rows[name] += y.numel() // y.shape[channel[name]]
 
@@ -243,11 +278,26 @@ def output_gradients(
         count += 1
     if kind is None or not count:
         raise DataError("output sensitivities: no calibration batch with an unmasked position")
-    g2, diag = {}, {}
+    g2, diag, variance = {}, {}, {}
     for t in targets:
         outputs = [u.output for u in t.all_uses]
         g2[t.name] = sum(sums[o] for o in outputs) / max(1, sum(sizes[o] for o in outputs))
         rows = max(1, sum(channel_rows[o] for o in outputs))
         diag[t.name] = sum(channel_sums.get(o, np.zeros(t.m)) for o in outputs) / rows
+        variance[t.name] = _mean_variance([sample_sums[o] for o in outputs if o in sample_sums])
     loss = f"{kind} on " + ", ".join(f"'{o}'" for o in outs)
-    return OutputGradients(g2, loss, count, diag)
+    return OutputGradients(g2, loss, count, diag, variance)
+
+
+def _mean_variance(parts: list) -> np.ndarray | None:
+    """The variance of a mean of ``n`` samples, ``var / n``, from ``(sum, sum of squares, n)``
+    parts pooled; None below two samples."""
+    if not parts:
+        return None
+    first = sum(p[0] for p in parts)
+    second = sum(p[1] for p in parts)
+    n = sum(p[2] for p in parts)
+    if n < 2:
+        return None
+    mean = first / n
+    return np.maximum(second - n * mean * mean, 0.0) / ((n - 1) * n)

@@ -11,6 +11,11 @@ how it picks ``lam``; all of them work from :class:`Moments`, never from the row
 - ``oas`` (Chen et al. 2010, scikit-learn's form):
       a = ||S||_F^2 / n^2,  lam = min((a + mu^2) / ((N + 1)(a - mu^2 / n)), 1)
 - ``none``: lam = 0; ``fixed``: a lam the user chose (a robustness knob).
+
+The same Ledoit-Wolf rule shrinks a vector of estimated means ``d`` (the loss gradient's second
+moment per output channel, calib/sensitivity.py) toward their average ``dbar``:
+      d2 = sum_j (d_j - dbar)^2,   b2 = sum_j var(d_j),   lam = min(b2, d2) / d2
+with ``var(d_j)`` the variance of the estimate ``d_j`` itself (from independent samples).
 """
 
 from __future__ import annotations
@@ -95,3 +100,25 @@ def shrink(
     s *= 1.0 - lam
     s[np.diag_indices_from(s)] += lam * mu
     return Shrunk(s, float(lam), mu)
+
+
+def diagonal_lambda(d: np.ndarray, variance: np.ndarray) -> float:
+    """Ledoit-Wolf's intensity for the estimated means ``d`` ``[m]`` shrunk toward their
+    average, given each estimate's ``variance`` ``[m]`` (module docstring), in [0, 1]; 0 when
+    ``d`` is flat (nothing to shrink)."""
+    d = np.asarray(d, dtype=np.float64)
+    variance = np.asarray(variance, dtype=np.float64)
+    if d.shape != variance.shape:
+        raise ValueError(f"diagonal_lambda: d {d.shape} and variance {variance.shape} differ")
+    d2 = float(np.sum((d - d.mean()) ** 2))
+    b2 = float(np.sum(variance))
+    if not d2 > 0:
+        return 0.0
+    return min(max(b2, 0.0), d2) / d2
+
+
+def shrink_diagonal(d: np.ndarray, lam: float) -> np.ndarray:
+    """``(1 - lam) d + lam mean(d)`` in float64: the same mean, the spread scaled by
+    ``1 - lam``."""
+    d = np.asarray(d, dtype=np.float64)
+    return (1.0 - lam) * d + lam * float(d.mean()) if lam else d

@@ -141,7 +141,7 @@ def analyze(
     if store.on_disk:
         release_free_memory()
     source = statistics_source(store)
-    diag = g2.diag if g2 else None
+    diag = g2.shrunk_diag(options.output_shrinkage) if g2 else None
     entries = derive_spectra(
         targets.targets,
         weights,
@@ -238,6 +238,8 @@ def rewhiten(
     the store can be written (a large model's otherwise go to a temporary store)."""
     if options.two_sided and analysis.output_diag is None:
         options = dataclasses.replace(options, two_sided=False)
+    # D was shrunk as the analysis estimated it: its raw form is not kept.
+    options = dataclasses.replace(options, output_shrinkage=analysis.options.output_shrinkage)
     if options.spectra_key() == analysis.options.spectra_key():
         return dataclasses.replace(analysis, options=options)
     store = analysis.store

@@ -20,6 +20,7 @@ import numpy as np
 from flarc.calib.moments import LazyMoments, Moments
 from flarc.calib.shrinkage import Shrunk, shrink
 from flarc.calib.statistics import CarriedInputs
+from flarc.core.errors import OptionError
 from flarc.core.executor import Executor, JobHints, LocalExecutor
 from flarc.core.inputs import Feed
 from flarc.core.progress import NoProgress, Progress
@@ -59,10 +60,18 @@ class AnalysisOptions:
     # Truncate A^{1/2} W D^{1/2} (D: the loss gradient's diagonal second moment per output
     # channel, from the sensitivity pass) instead of A^{1/2} W; off without sensitivities.
     two_sided: bool = True
+    # Shrinkage of the sensitivities' D toward its mean before two-sided whitening, (1 - a) D +
+    # a mean(D): None = each target's own estimated intensity (calib/shrinkage.py), else a.
+    output_shrinkage: float | None = None
     # Keep each spectrum's directions (basis and V^T up to k_equiv); without them only the
     # singular values, for ranks chosen by them alone and factors refitted in closed loop
     # (the CLI's default): no eigenvectors, no basis products, nothing large written.
     directions: bool = True
+
+    def __post_init__(self) -> None:
+        a = self.output_shrinkage
+        if a is not None and not 0.0 <= a <= 1.0:  # NaN included
+            raise OptionError(f"output shrinkage {self.output_shrinkage}: expected [0, 1]")
 
     def spectra_key(self) -> str:
         """A short name for the spectra these options give from the same statistics."""
@@ -71,6 +80,8 @@ class AnalysisOptions:
             del chosen["directions"]
         if self.two_sided:  # the output weights come from these batches of the same data
             chosen["sensitivity"] = [self.sensitivity_batches, self.seed]
+            if self.output_shrinkage != 0.0:  # unshrunk spectra keep the keys of older runs
+                chosen["output_shrinkage"] = self.output_shrinkage
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -121,7 +121,8 @@ def load_analysis(path: str | os.PathLike, model_sha256: str | None = None) -> A
         raise FlarcError(f"{path}: incomplete analysis ({type(exc).__name__}: {exc})") from None
     return Analysis(
         model_sha256=manifest["model_sha256"],
-        options=AnalysisOptions(**manifest["options"]),
+        # An analysis written before D was shrunk used it as estimated.
+        options=AnalysisOptions(**{"output_shrinkage": 0.0, **manifest["options"]}),
         targets=targets,
         skipped=[Skipped(**s) for s in manifest["skipped"]],
         stats=stats,

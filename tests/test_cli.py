@@ -94,7 +94,7 @@ def test_compress_end_to_end(tmp_path, mlp, capsys):
     ranks = [row["rank"] for row in report["targets"]]
     reference = whitened_reference(mlp, np.load(tmp_path / "calib.npz")["x"], ranks)
     for row, (lam, error) in zip(report["targets"], reference["targets"], strict=True):
-        assert row["rows"] == 48 * 5  # the first six batches of eight samples, five tokens each
+        assert row["rows"] == 56 * 5  # the first seven batches of eight samples, five tokens each
         assert row["shrinkage"] == pytest.approx(lam, rel=1e-6)  # fc2 reads float32 activations
         assert row["predicted_error"] == pytest.approx(error, rel=1e-6)
     cosine = report["comparison"][0]["cosine"]
@@ -106,14 +106,14 @@ def test_compress_end_to_end(tmp_path, mlp, capsys):
 
 def whitened_reference(model_path, x: np.ndarray, ranks: list[int]) -> dict:
     """Mlp3d (``relu(x B1 + b1) B2``) compressed by hand in float64 at ``ranks``: per target the
-    Ledoit-Wolf intensity and relative output error on the calibration rows (the first 48
-    samples; the last two batches of eight are held out), and the held-out output cosine."""
+    Ledoit-Wolf intensity and relative output error on the calibration rows (the first 56
+    samples; the last of eight batches of eight is held out), and the held-out output cosine."""
     model = onnx.load(str(model_path))
     w = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
     b1, b2 = (w[n.input[1]] for n in model.graph.node if n.op_type == "MatMul")
     (bias,) = (w[i] for n in model.graph.node if n.op_type == "Add" for i in n.input if i in w)
     x = x.astype(np.float64)
-    calib, held = x[:48].reshape(-1, x.shape[-1]), x[48:]
+    calib, held = x[:56].reshape(-1, x.shape[-1]), x[56:]
 
     def truncate(rows: np.ndarray, b: np.ndarray, k: int) -> tuple[np.ndarray, float, float]:
         shrunk, lam = ledoit_wolf(rows, assume_centered=True)

@@ -49,7 +49,7 @@ def wide(tmp_path_factory):
     torch.manual_seed(0)
     model = export(Wide(), (torch.randn(4, 8, 96),), folder / "w.onnx", ["x"], {"x": {0: "b"}})
     rng = np.random.default_rng(0)
-    # 200 batches of 4: 150 calibration batches, 50 held out.
+    # 200 batches of 4: 175 calibration batches, 25 held out.
     np.savez(folder / "c.npz", x=rng.standard_normal((800, 8, 96)).astype(np.float32))
     return model, folder / "c.npz"
 
@@ -174,7 +174,7 @@ def test_kill9_then_resume_is_bit_identical(wide, reference, tmp_path):
     assert second > first
     assert not out.exists()
     assert main([*args, "--resume"]) == 0
-    assert manifest(ckpt)["batches_done"] == manifest(ckpt)["batches_total"] == 150
+    assert manifest(ckpt)["batches_done"] == manifest(ckpt)["batches_total"] == 175
     assert_same_statistics(reference, out)
     assert not leftovers(ckpt)
 
@@ -191,7 +191,7 @@ def test_crash_inside_checkpoint_write_keeps_the_old_one(wide, reference, tmp_pa
     # Saves land at the end of the first shard (of consecutive batches whose products are
     # stacked) after every 5 batches: the second of them, intact.
     meta = manifest(ckpt)
-    ends = meta["identity"].get("shard_ends", list(range(1, 151)))
+    ends = meta["identity"].get("shard_ends", list(range(1, 176)))
     saves = [
         end for before, end in zip([0, *ends[:-1]], ends, strict=True) if end // 5 > before // 5
     ]
@@ -266,7 +266,7 @@ def test_completed_checkpoint_resumes_without_running(wide, reference, tmp_path)
     ckpt = tmp_path / "ckpt"
     args = analyze_args(model, calib, tmp_path / "a.analysis", "--checkpoint", str(ckpt))
     assert main(args) == 0
-    assert manifest(ckpt)["batches_done"] == 150  # written after the last batch, too
+    assert manifest(ckpt)["batches_done"] == 175  # written after the last batch, too
     args[3] = str(tmp_path / "b.analysis")
     assert main([*args, "--resume"]) == 0
     assert_same_statistics(reference, tmp_path / "b.analysis")

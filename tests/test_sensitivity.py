@@ -4,6 +4,7 @@ modules, the loss-unit identity on a linear layer, and the default rank rule tha
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import onnx
@@ -16,9 +17,12 @@ from torch.nn import functional as F
 
 from flarc.calib.data import CalibrationSet
 from flarc.calib.sensitivity import output_gradients
+from flarc.calib.shrinkage import diagonal_lambda, shrink_diagonal
 from flarc.cli import main
+from flarc.core.errors import OptionError
 from flarc.core.targets import find_targets
 from flarc.pipeline import AnalysisOptions, analyze, compress
+from flarc.rewrite.analysis_file import load_analysis, save_analysis
 from flarc.rewrite.policy import RankOptions, choose_ranks, output_sensitivity
 
 from _models import example_batch, match_initializers, torch_inputs
@@ -109,22 +113,20 @@ def _linear(n: int = 12, m: int = 10, seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-@pytest.mark.parametrize("two_sided", [False, True])
-def test_sensitivity_times_relative_error_is_the_loss_estimate(two_sided):
+@pytest.mark.parametrize(("two_sided", "spread"), [(False, 0.0), (True, 0.0), (True, 0.3)])
+def test_sensitivity_times_relative_error_is_the_loss_estimate(two_sided, spread):
     """One layer whose output is the model's: g = e / sqrt(E_y) exactly. One-sided, sensitivity
     x err(k) = mean(e^2) ||X dW||^2 / E_y; two-sided (A^{1/2} W D^{1/2}), it is
-    sum_j d_j ||X dW_j||^2 with d_j the mean of g_j^2: K-FAC's estimate, exactly (no shrinkage:
-    the whitened identity is exact)."""
+    sum_j d_j ||X dW_j||^2 with d_j the mean of g_j^2, shrunk toward its mean by ``spread``:
+    K-FAC's estimate, exactly (no input shrinkage: the whitened identity is exact)."""
     model = _linear()
     rng = np.random.default_rng(1)
     mix = rng.standard_normal((12, 12))
     feeds = [{"x": (rng.standard_normal((64, 12)) @ mix).astype(np.float32)} for _ in range(4)]
-    analysis = analyze(
-        model,
-        find_targets(model),
-        CalibrationSet(feeds, [], "t"),
-        AnalysisOptions(shrinkage="none", sensitivity_batches=4, two_sided=two_sided),
+    options = AnalysisOptions(
+        shrinkage="none", sensitivity_batches=4, two_sided=two_sided, output_shrinkage=spread
     )
+    analysis = analyze(model, find_targets(model), CalibrationSet(feeds, [], "t"), options)
     (target,) = analysis.targets
     x = np.concatenate([f["x"] for f in feeds]).astype(np.float64)
     w = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
@@ -136,6 +138,7 @@ def test_sensitivity_times_relative_error_is_the_loss_estimate(two_sided):
         ]
     )
     d = np.mean(g**2, axis=0)
+    d = (1 - spread) * d + spread * np.mean(d)
     sensitivity = analysis.sensitivities()[target.name]
     for k in (1, 3, 5):
         a, c = analysis.entries[target.name].spectrum.factors(k)
@@ -143,6 +146,118 @@ def test_sensitivity_times_relative_error_is_the_loss_estimate(two_sided):
         want = np.sum(d * err) if two_sided else np.mean(d) * np.sum(err)
         got = sensitivity * analysis.entries[target.name].spectrum.error(k)
         np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_the_variance_of_d_comes_from_per_sequence_means():
+    """On ``y = x W`` with ``x [B, S, n]`` the Gaussian loss's gradient is known row by row
+    (module doc): D's variance is the variance over sequences of their per-channel mean of g^2,
+    divided by their number, and the default D is shrunk by its Ledoit-Wolf intensity."""
+    n, m = 12, 10
+    w = np.random.default_rng(0).standard_normal((n, m)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+        "seq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", m])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.standard_normal((3 + b, 7, n)).astype(np.float32)} for b in range(3)]
+    (target,) = find_targets(model).targets
+    got = output_gradients(model, [target], feeds)
+    means = []
+    for b, f in enumerate(feeds):
+        y = f["x"].astype(np.float64) @ w.astype(np.float64)
+        e = np.random.default_rng([0, 2, b, 0]).standard_normal((y.size // m, m))
+        g2 = (e**2 / np.mean(y**2)).reshape(y.shape)
+        means.append(g2.mean(axis=1))  # [sequences, m]
+    means = np.concatenate(means)
+    want = means.var(axis=0, ddof=1) / len(means)
+    np.testing.assert_allclose(got.diag_variance[target.name], want, rtol=1e-6)
+    # Every channel's g is e_j / sqrt(E_y) with e iid: D's spread is all noise, taken flat.
+    assert diagonal_lambda(got.diag[target.name], want) == 1.0
+    d = got.diag[target.name]
+    np.testing.assert_allclose(got.shrunk_diag()[target.name], np.full(m, d.mean()), rtol=1e-12)
+    np.testing.assert_allclose(got.shrunk_diag(0.5)[target.name], shrink_diagonal(d, 0.5))
+    np.testing.assert_allclose(got.shrunk_diag(0.0)[target.name], got.diag[target.name])
+
+
+def _two_layers(n: int = 16, h: int = 12, m: int = 6) -> onnx.ModelProto:
+    """``y = (x W1) W2`` with W2's rows of very different norms: fc1's D is far from flat."""
+    rng = np.random.default_rng(3)
+    w1 = rng.standard_normal((n, h)).astype(np.float32)
+    w2 = (rng.standard_normal((h, m)) * np.geomspace(0.1, 10, h)[:, None]).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["z"], name="fc1"),
+            helper.make_node("MatMul", ["z", "w2"], ["y"], name="fc2"),
+        ],
+        "two",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", m])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_fully_shrunk_output_weights_give_the_one_sided_factors_in_loss_units():
+    """``output_shrinkage=1`` weighs every output channel by mean(D): two-sided whitening is then
+    one-sided whitening with its singular values scaled by sqrt(mean(D)), the same factors; the
+    estimated intensity keeps most of a D whose spread is far above its noise."""
+    model = _two_layers()
+    rng = np.random.default_rng(4)
+    feeds = [{"x": rng.standard_normal((48, 16)).astype(np.float32)} for _ in range(3)]
+    data = CalibrationSet(feeds, [], "t")
+    targets = find_targets(model)
+    one = analyze(model, targets, data, AnalysisOptions(two_sided=False))
+    full = analyze(model, targets, data, AnalysisOptions(output_shrinkage=1.0))
+    raw = analyze(model, targets, data, AnalysisOptions(output_shrinkage=0.0))
+    estimated = analyze(model, targets, data, AnalysisOptions())
+    t = next(t for t in targets.targets if t.name == "fc1")
+    d = raw.output_diag[t.name]
+    assert np.ptp(d) > np.mean(d)  # the estimate itself is far from flat
+    np.testing.assert_allclose(full.output_diag[t.name], np.full(d.size, d.mean()))
+    kept = np.ptp(estimated.output_diag[t.name]) / np.ptp(d)  # 1 - intensity
+    assert 0.9 < kept < 1.0
+    s1, s2 = one.entries[t.name].spectrum, full.entries[t.name].spectrum
+    np.testing.assert_allclose(s2.sigma, s1.sigma * np.sqrt(np.mean(d)), rtol=1e-9)
+    for k in (2, 5):
+        np.testing.assert_allclose(
+            s2.factors(k)[0] @ s2.factors(k)[1], s1.factors(k)[0] @ s1.factors(k)[1], atol=1e-9
+        )
+
+
+@pytest.mark.parametrize("spread", [-0.1, 1.5, float("nan")])
+def test_output_shrinkage_outside_the_unit_interval_is_refused(spread, tiny_encoder, capsys):
+    with pytest.raises(OptionError, match="output shrinkage"):
+        AnalysisOptions(output_shrinkage=spread)
+    case = tiny_encoder()
+    calib = str(case.path.parent / "calib.npz")
+    args = ["compress", str(case.path), "-o", "x.onnx", "--calib", calib]
+    with pytest.raises(SystemExit):
+        main([*args, "--output-shrinkage", str(spread)])
+    assert "--output-shrinkage: expected a number in [0, 1]" in capsys.readouterr().err
+
+
+def test_an_analysis_saved_before_d_was_shrunk_loads_as_unshrunk(tiny_encoder, tmp_path):
+    """A manifest without ``output_shrinkage`` kept D as estimated: it loads with 0, and its
+    spectra under the same key as before."""
+    case = tiny_encoder()
+    model = onnx.load(str(case.path))
+    data = CalibrationSet(case.feeds, [], "t")
+    analysis = analyze(model, find_targets(model), data, AnalysisOptions(output_shrinkage=0.0))
+    save_analysis(analysis, tmp_path / "old.analysis")
+    manifest = tmp_path / "old.analysis" / "manifest.json"
+    old = json.loads(manifest.read_text())
+    del old["options"]["output_shrinkage"]
+    manifest.write_text(json.dumps(old))
+    loaded = load_analysis(tmp_path / "old.analysis")
+    assert loaded.options.output_shrinkage == 0.0
+    assert loaded.options.spectra_key() == analysis.options.spectra_key()
+    assert AnalysisOptions().spectra_key() != analysis.options.spectra_key()
+    for name, d in analysis.output_diag.items():
+        np.testing.assert_array_equal(loaded.output_diag[name], d)
 
 
 def test_sensitivities_rank_like_measured_output_errors(tiny_encoder):

@@ -11,6 +11,7 @@ from typing import Any
 
 import onnx
 
+from flarc.calib.data import HOLDOUT
 from flarc.core.errors import DataError, OptionError
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,17 @@ def non_negative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got '{text}'") from None
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got '{text}'")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got '{text}'") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got '{text}'")
     return value
 
 
@@ -202,8 +214,8 @@ class CalibrationArgs(ArgGroup):
         g.add_argument(
             "--holdout",
             type=float,
-            default=0.25,
-            help="fraction of batches held out for validation (0.25)",
+            default=HOLDOUT,
+            help=f"fraction of batches held out for validation ({HOLDOUT}; at least one of two)",
         )
         g.add_argument(
             "--mask-input",
@@ -406,6 +418,14 @@ class WhiteningArgs(ArgGroup):
             help="calibration batches of the one backward pass that gives the K-FAC loss "
             "sensitivities the default rule weighs targets by (4; 0 = none)",
         )
+        g.add_argument(
+            "--output-shrinkage",
+            type=unit_interval,
+            metavar="A",
+            help="shrink the per-output-channel loss weights D of two-sided whitening toward "
+            "their mean, (1 - A) D + A mean(D), by A instead of each target's Ledoit-Wolf "
+            "intensity (0 = D as estimated, 1 = one weight per target)",
+        )
 
     def parse(self, args: argparse.Namespace, fisher: str | None = None):
         """:class:`AnalysisOptions` (``fisher``: the loss to take importances on, if any)."""
@@ -421,6 +441,7 @@ class WhiteningArgs(ArgGroup):
             fisher=fisher,
             sensitivity=RankArgs.needs_sensitivity(args),
             sensitivity_batches=args.sensitivity_batches,
+            output_shrinkage=args.output_shrinkage,
         )
 
 
