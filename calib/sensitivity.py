@@ -195,7 +195,7 @@ def output_gradients(
     channel_sums: dict[str, np.ndarray] = {}
     channel_rows = dict.fromkeys(taps, 0)
     # Per-sample channel means: their sum, sum of squares and count give D's variance.
-    sample_sums: dict[str, list] = {}
+    sample_sums: dict[str, tuple] = {}
     kind: str | None = None
     outs: tuple[str, ...] = ()
     per_sequence = 0  # logits elements per sequence (sampled loss)
@@ -215,11 +215,11 @@ def output_gradients(
                 samples = moved.shape[0] if moved.dim() > 1 else 1
                 means = moved.reshape(samples, -1, moved.shape[-1]).mean(dim=1).numpy()
                 first, second, n = sample_sums.get(name, (0.0, 0.0, 0))
-                sample_sums[name] = [
+                sample_sums[name] = (
                     first + means.sum(0),
                     second + np.square(means).sum(0),
                     n + samples,
-                ]
+                )
             sizes[name] += y.numel()
             channel_rows[name] += y.numel() // y.shape[channel[name]]
 
