@@ -2,8 +2,9 @@
 
 The bound is the arithmetic a statistics pass cannot avoid, at this machine's measured GEMM
 rates: the targets' forward products (``2 n m`` per row, float32) plus the symmetric Gram of
-every distinct statistic (``n (n + 1)`` per row, float64; the rows are the statistics' own
-counts, so masked positions do not count). Attention and elementwise work are left out, so the
+every distinct statistic (``n (n + 1)`` per row, at the rate of the rows' type,
+``--stats-precision``, float32 by default; the rows are the statistics' own counts, so masked
+positions do not count). Attention and elementwise work are left out, so the
 bound is optimistic. Measured: ``collect_moments`` as ``flarc analyze`` runs it (calibration
 and held-out batches, Gram groups for a large model), wall time.
 
@@ -71,18 +72,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=("minilm", "qwen"), default="minilm")
     ap.add_argument("--batches", type=int, default=8, help="source batches (a quarter held out)")
+    ap.add_argument("--stats-precision", choices=("float32", "float64"), default=None)
     args = ap.parse_args()
     from flarc.calib.checkpoint import Checkpoint
-    from flarc.calib.statistics import collect_moments
+    from flarc.calib.statistics import PRECISION, collect_moments
     from flarc.core.modelio import is_large
     from flarc.core.store import Store
 
+    precision = args.stats_precision or PRECISION
     rate32, rate64 = gemm_rate(np.float32), gemm_rate(np.float64)
     model, targets, data = load(args.model, args.batches)
     store = Store.for_model(is_large(model))
     t0 = time.perf_counter()
     stats, heldout, _, _ = collect_moments(
-        model, targets.targets, data, Checkpoint(store, "statistics", {})
+        model, targets.targets, data, Checkpoint(store, "statistics", {}), precision
     )
     seconds = time.perf_counter() - t0
     forward = gram = 0.0
@@ -94,9 +97,10 @@ def main() -> int:
                 forward += 2.0 * t.n * t.m * m.count
         for m in raw.values():
             gram += float(m.n) * (m.n + 1) * m.count
-    bound = forward / rate32 + gram / rate64
+    bound = forward / rate32 + gram / (rate32 if precision == "float32" else rate64)
     result = {
         "model": args.model,
+        "stats_precision": precision,
         "targets": len(targets.targets),
         "calibration_batches": len(data.calibration),
         "heldout_batches": len(data.heldout),
@@ -117,8 +121,8 @@ def main() -> int:
         f"# Calibration statistics against their arithmetic bound: {args.model}",
         "",
         f"{result['calibration_batches']} calibration + {result['heldout_batches']} held-out "
-        f"batches, {result['targets']} targets; GEMM {rate32 / 1e9:.0f} GFLOP/s float32, "
-        f"{rate64 / 1e9:.0f} GFLOP/s float64 (numpy 3072^2 products).",
+        f"batches, {result['targets']} targets, {precision} rows; GEMM {rate32 / 1e9:.0f} "
+        f"GFLOP/s float32, {rate64 / 1e9:.0f} GFLOP/s float64 (numpy 3072^2 products).",
         "",
         "| forward TFLOP | Gram TFLOP | bound s | measured s | ratio |",
         "|---|---|---|---|---|",

@@ -19,7 +19,7 @@ import numpy as np
 
 from flarc.calib.moments import LazyMoments, Moments
 from flarc.calib.shrinkage import Shrunk, shrink
-from flarc.calib.statistics import CarriedInputs
+from flarc.calib.statistics import PRECISION, CarriedInputs
 from flarc.core.errors import OptionError
 from flarc.core.executor import Executor, JobHints, LocalExecutor
 from flarc.core.inputs import Feed
@@ -49,7 +49,7 @@ class AnalysisOptions:
     centered: bool = False
     shrinkage_lambda: float | None = None  # fixed intensity instead of an estimate
     whiten: str = "cholesky"  # cholesky | eig | diag | none
-    precision: str = "float64"  # accumulation type inside the statistics graph
+    precision: str = PRECISION  # the rows' type in the statistics graph (calib.statistics)
     mask_input: str | None = None
     full_rank: bool = False  # keep every singular direction, not only those below k_equiv
     fisher: str | None = None  # compute Fisher importances with this loss (auto|lm|...)

@@ -60,7 +60,10 @@ def run_tensors(model: onnx.ModelProto, names: list[str], feeds) -> list[dict[st
 @pytest.fixture(scope="module")
 def setup(tiny_encoder):
     case = tiny_encoder(seed=1, batches=4, batch=8, pad_from=11)
-    options = AnalysisOptions(shrinkage="none", full_rank=True, two_sided=False)
+    # float64 rows: these tests check identities to rounding well below float32's (default)
+    options = AnalysisOptions(
+        shrinkage="none", full_rank=True, two_sided=False, precision="float64"
+    )
     data = CalibrationSet(case.feeds, [], "t")
     return case.model, case.feeds, analyze(case.model, find_targets(case.model), data, options)
 
@@ -114,7 +117,8 @@ def test_a_tall_targets_cross_statistic_with_the_output_equals_the_one_with_the_
 
     case = tiny_encoder(seed=2, batches=3, batch=8, pad_from=11)
     data = CalibrationSet(case.feeds, [], "t")
-    analysis = analyze(case.model, find_targets(case.model), data, AnalysisOptions(full_rank=True))
+    options = AnalysisOptions(full_rank=True, precision="float64")
+    analysis = analyze(case.model, find_targets(case.model), data, options)
     assert analysis.output_diag is not None and analysis.options.two_sided
     ranks = {t.name: RankChoice(max(1, min(t.n, t.m) // 2), "half") for t in analysis.targets}
     partners, chosen = cl._output_partners, []

@@ -128,7 +128,7 @@ def test_whitened_error_identity_against_forward_pass(tmp_path, case):
         model,
         targets,
         CalibrationSet(feeds, [], "t"),
-        AnalysisOptions(shrinkage="none", full_rank=True, two_sided=False),
+        AnalysisOptions(shrinkage="none", full_rank=True, two_sided=False, precision="float64"),
     )
     consts = constant_tensors(model)
     # The activations each target sees, from a real forward pass of the original model.

@@ -244,7 +244,7 @@ def test_checkpoint_of_another_model_options_or_data_is_refused(wide, tmp_path, 
     # Other statistics options.
     one_error(
         capsys,
-        analyze_args(model, calib, out, *resume, "--stats-precision", "float32"),
+        analyze_args(model, calib, out, *resume, "--stats-precision", "float64"),
         "precision",
     )
     # Other calibration data, and the same data in another order of batches.

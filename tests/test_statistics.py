@@ -8,13 +8,46 @@ import pytest
 import torch
 from sklearn.covariance import ledoit_wolf, oas
 
-from flarc.calib.moments import Moments, gram_of_rows
+from flarc.calib.moments import Moments, gram_of_rows, panel_product
 from flarc.calib.shrinkage import diagonal_lambda, ledoit_wolf_lambda, shrink, shrink_diagonal
 from flarc.calib.statistics import collect_statistics
 from flarc.core.targets import find_targets
 
 from _models import SmallCnn, export, im2col_rows, token_batch
 from test_factorize import run, with_outputs
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_panel_products_are_the_reference_with_the_same_bits_on_any_thread_count(
+    dtype, monkeypatch
+):
+    """``rows^T rows`` (upper triangle, strict lower zero) and ``rows^T partner`` by panels
+    against float64 numpy, to the rows' own rounding; the bits are the same for 1-3 workers and
+    1 or 2 BLAS threads (panels of 50 columns: uneven, the last one narrower)."""
+    import flarc.calib.moments as moments
+    from flarc.core.executor import blas_threads
+
+    monkeypatch.setattr(moments, "PANEL", 50)
+    rng = np.random.default_rng(3)
+    rows = (rng.standard_normal((1024, 230)) * rng.uniform(0.1, 10, 230)).astype(dtype)
+    partner = rng.standard_normal((1024, 120)).astype(dtype)
+    x, p = rows.astype(np.float64), partner.astype(np.float64)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    gram, cross = x.T @ x, x.T @ p
+    runs = []
+    for workers, threads in [(1, 1), (2, 1), (2, 2), (3, 2)]:
+        with blas_threads(threads):
+            runs.append(
+                (panel_product(rows, workers=workers), panel_product(rows, partner, workers))
+            )
+    for upper, product in runs:
+        assert upper.dtype == product.dtype == np.float64
+        assert not np.tril(upper, -1).any()
+        np.testing.assert_allclose(upper, np.triu(gram), rtol=0, atol=tol * np.abs(gram).max())
+        np.testing.assert_allclose(product, cross, rtol=0, atol=tol * np.abs(cross).max())
+        assert upper.tobytes() == runs[0][0].tobytes()
+        assert product.tobytes() == runs[0][1].tobytes()
+    assert not panel_product(rows[:0]).any() and panel_product(rows[:0]).shape == (230, 230)
 
 
 @pytest.mark.parametrize("precision", ["float64", "float32"])

@@ -408,7 +408,7 @@ def test_a_shared_weight_is_one_target_whose_factors_every_use_reads(tmp_path):
         t1, t2 = sess.run(["t1", "t2"], f)
         rows += [f["x"], t1, t2]
     x = np.concatenate(rows).astype(np.float64)
-    stats = collect_statistics(model, [t], feeds)[t.stat_key]
+    stats = collect_statistics(model, [t], feeds, precision="float64")[t.stat_key]
     assert stats.count == len(x)
     np.testing.assert_allclose(stats.gram, x.T @ x, rtol=1e-10, atol=1e-9)
     # The whitened-error identity for the sum: predicted = measured over all uses' rows.

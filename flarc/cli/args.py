@@ -12,6 +12,7 @@ from typing import Any
 import onnx
 
 from flarc.calib.data import HOLDOUT
+from flarc.calib.statistics import PRECISION
 from flarc.core.errors import DataError, OptionError
 
 log = logging.getLogger(__name__)
@@ -407,8 +408,9 @@ class WhiteningArgs(ArgGroup):
         g.add_argument(
             "--stats-precision",
             choices=("float64", "float32"),
-            default="float64",
-            help="accumulation type of the in-graph statistics (float64)",
+            default=PRECISION,
+            help="the type of the input rows whose products make each statistic; shards of "
+            f"rows are added in float64 either way ({PRECISION})",
         )
         g.add_argument(
             "--sensitivity-batches",

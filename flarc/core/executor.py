@@ -56,6 +56,14 @@ def blas_threads(threads: int) -> Iterator[None]:
         yield
 
 
+def blas_thread_count() -> int:
+    """The threads BLAS may use now (its limit inside :func:`blas_threads`); 1 if unknown."""
+    from threadpoolctl import threadpool_info
+
+    counts = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
+    return max(1, min(counts)) if counts else 1
+
+
 def _pinned(fn: Callable[..., Any], threads: int, args: tuple) -> Any:
     """``fn(*args)`` with BLAS limited to ``threads``: a Ray task (its worker process runs one
     task at a time, so the process-wide limit is the job's own)."""
