@@ -483,6 +483,9 @@ class StatisticsSession:
         self.session = fed_session(stats_model, opts, originals)
         del stats_model, model
         self.output_names = [p.outputs[f] for p in self.plans for f in p.fields]
+        # Panels of the products run on the BLAS threads the session was made with (asked once:
+        # finding the BLAS libraries takes milliseconds).
+        self.workers = blas_thread_count()
 
     def run(self, feed: Feed) -> dict[str, Moments]:
         """One feed's :class:`Moments` (float64) per statistic key; only the upper triangle of
@@ -509,7 +512,7 @@ class StatisticsSession:
         A key in ``partner_weights`` gets its cross-statistic with the partner's rows times that
         matrix, ``X^T (P B)`` (a tall ``B``'s output: ``2 N n m`` operations, not ``N n^2``)."""
         partner_weights = partner_weights or {}
-        workers = blas_thread_count()
+        workers = self.workers
         out = {}
         for p in self.plans:
             # Each batch's arrays leave ``batches`` as they are stacked: one copy at a time.
