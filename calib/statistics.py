@@ -43,8 +43,8 @@ from flarc.core.targets import ConvGeometry, Target
 log = logging.getLogger(__name__)
 
 FIELDS = ("gram", "count", "sum4", "sum1", "sum2x")
-# The rows' type in the statistics graph: float32 rows give float32 products (ssyrk, twice the
-# rate of float64) over a shard, added shard to shard in float64. On Qwen2.5-0.5B's README
+# The rows' type in the statistics graph: float32 rows give float32 products over a shard (twice
+# float64's rate), added shard to shard in float64. On Qwen2.5-0.5B's README
 # command the statistics took 46 s instead of 64 s with the same perplexities to two decimals.
 PRECISION = "float32"
 # A shard is the consecutive batches one product stacks (:meth:`StatisticsSession.moments`):
@@ -512,7 +512,6 @@ class StatisticsSession:
         A key in ``partner_weights`` gets its cross-statistic with the partner's rows times that
         matrix, ``X^T (P B)`` (a tall ``B``'s output: ``2 N n m`` operations, not ``N n^2``)."""
         partner_weights = partner_weights or {}
-        workers = self.workers
         out = {}
         for p in self.plans:
             # Each batch's arrays leave ``batches`` as they are stacked: one copy at a time.
@@ -520,17 +519,17 @@ class StatisticsSession:
             rows = None
             if "rows" in vs[0]:
                 rows = _stacked([v.pop("rows") for v in vs])
-                gram = panel_product(rows, workers=workers)
+                gram = panel_product(rows, workers=self.workers)
             else:
                 gram = _in_order([np.asarray(v["gram"], dtype=np.float64) for v in vs])
             cross = None
             if "partner_rows" in vs[0]:
                 partner = _stacked([v.pop("partner_rows") for v in vs])
                 if p.key in partner_weights:  # P B, back in the rows' type
-                    product = panel_product(partner.T, partner_weights[p.key], workers)
+                    product = panel_product(partner.T, partner_weights[p.key], self.workers)
                     partner = product.astype(rows.dtype, copy=False)
                     del product
-                cross = panel_product(rows, partner, workers)
+                cross = panel_product(rows, partner, self.workers)
                 del partner
             elif "cross" in vs[0]:
                 cross = _in_order([np.asarray(v["cross"], dtype=np.float64) for v in vs])
