@@ -259,6 +259,10 @@ def build_statistics_model(
     graph = stats.graph
     del graph.output[:]
     main = _Builder(graph, model_opset(model))
+    if any(p.graphs for p in plans):
+        # A branch's Gram is onnxruntime's MatMul: float64, as the bits of a float32 product
+        # could depend on its thread count (panel_product's guarantee covers Python's only).
+        precision = "float64"
     acc_type = TensorProto.DOUBLE if precision == "float64" else TensorProto.FLOAT
     acc_np = np.float64 if precision == "float64" else np.float32
     mask_bool = mask_rows = None

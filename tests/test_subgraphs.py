@@ -154,6 +154,31 @@ def test_statistics_inside_branches_equal_a_forward_pass():
     assert stats[by_weight["else_local"].stat_key].count == 6
 
 
+def test_statistics_of_a_model_with_branches_stay_float64():
+    """A branch's Gram is onnxruntime's MatMul, whose float32 bits could follow its thread
+    count: with a statistic inside a branch the whole graph works in float64, whatever the
+    precision asked; a model without branches gets the type asked for."""
+    from flarc.calib.statistics import PRECISION, build_statistics_model, plan_statistics
+
+    assert PRECISION == "float32"
+    model = _if_model(nested=True)
+    plans = plan_statistics(find_targets(model).targets)
+    assert any(p.graphs for p in plans)
+    for precision in ("float32", "float64"):
+        stats = build_statistics_model(
+            model, plan_statistics(find_targets(model).targets), None, precision
+        )
+        types = {o.type.tensor_type.elem_type for o in stats.graph.output}
+        assert types == {TensorProto.DOUBLE, TensorProto.INT64}, precision
+    flat = [p for p in plans if not p.graphs]
+    assert flat  # the main graph's own targets, alone
+    stats = build_statistics_model(model, flat, None, "float32")
+    assert {o.type.tensor_type.elem_type for o in stats.graph.output} == {
+        TensorProto.FLOAT,
+        TensorProto.INT64,
+    }
+
+
 def test_full_rank_reproduces_both_branches_and_weights_stay_stored_once():
     model = _if_model(nested=True)
     found = find_targets(model)
