@@ -157,7 +157,7 @@ def test_statistics_inside_branches_equal_a_forward_pass():
 def test_statistics_of_a_model_with_branches_stay_float64():
     """A branch's Gram is onnxruntime's MatMul, whose float32 bits could follow its thread
     count: with a statistic inside a branch the whole graph works in float64, whatever the
-    precision asked; a model without branches gets the type asked for."""
+    precision asked; statistics with no use in a branch get the type asked for."""
     from flarc.calib.statistics import PRECISION, build_statistics_model, plan_statistics
 
     assert PRECISION == "float32"
@@ -171,7 +171,7 @@ def test_statistics_of_a_model_with_branches_stay_float64():
         types = {o.type.tensor_type.elem_type for o in stats.graph.output}
         assert types == {TensorProto.DOUBLE, TensorProto.INT64}, precision
     flat = [p for p in plans if not p.graphs]
-    assert flat  # the main graph's own targets, alone
+    assert flat  # the main graph's own statistics, alone
     stats = build_statistics_model(model, flat, None, "float32")
     assert {o.type.tensor_type.elem_type for o in stats.graph.output} == {
         TensorProto.FLOAT,
