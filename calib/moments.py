@@ -35,9 +35,7 @@ def gram_upper(rows: np.ndarray) -> np.ndarray:
     BLAS, half the arithmetic of a general product. float32 rows are multiplied in float32
     (``ssyrk``), float64 ones in float64. :func:`mirror_upper` completes the matrix once the
     batches are added up."""
-    rows = np.asarray(rows)
-    if rows.dtype not in (np.float32, np.float64):
-        rows = rows.astype(np.float64)
+    rows = _blas_operand(rows)
     n = rows.shape[1]
     if rows.size == 0:
         return np.zeros((n, n))
