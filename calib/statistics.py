@@ -771,16 +771,17 @@ def collect_moments(
     target inputs that one forward pass spilled to disk (:func:`carry_inputs`); on other
     executors each group re-runs the graph up to its layers. ``executor`` says where the batches
     run (:func:`sums_in`); the sums are the same bits on every executor. With ``keep_inputs``
-    the target inputs are carried in this process whatever the model's size, and outlive the
-    statistics (:class:`Collected`): the caller owns them, and their folder goes with
-    :meth:`CarriedInputs.close` or when they are garbage-collected.
+    the carried target inputs outlive the statistics (:class:`Collected`): the caller owns them,
+    and their folder goes with :meth:`CarriedInputs.close` or when they are garbage-collected.
+    A model of one group carries nothing: its graph computes the sums in the forward pass, and
+    re-running it costs less than writing its inputs to disk and reading them back.
     """
     store = checkpoint.store
     budget = max(STAT_GROUP_MIN_BYTES, tensor_nbytes(model) // 8) if is_large(model) else None
     groups = statistic_groups(plan_statistics(targets), budget)
     carried = None
     local = executor is None or isinstance(executor, LocalExecutor)
-    if local and (len(groups) > 1 or keep_inputs):
+    if local and len(groups) > 1:
         carried = carry_inputs(
             model, [p for g in groups for p in g], data, store, mask_input, progress
         )

@@ -188,7 +188,7 @@ def run_demo(budget: float = 0.8, out_dir: Path | None = None, progress=None) ->
         AnalysisOptions(directions=False),  # the closed loop below refits every factor
         file_sha256(src),
         progress,
-        keep_inputs=True,  # for the compensated closed loop below
+        keep_inputs=True,  # for the compensated closed loop below, where they are carried
     )
     # The CLI's default (--preset best): the default rule's ranks, refitted closed loop.
     result = compress(
