@@ -69,7 +69,7 @@ from flarc.core.targets import Target
 
 log = logging.getLogger(__name__)
 
-# Separates the Gaussian loss's random stream from sample_labels'.
+# Separates the Gaussian loss's random stream from the sampled labels'.
 _GAUSSIAN_STREAM = 2
 # Logits elements per forward pass of the sampled loss: a language model's batch is run a few
 # sequences at a time (same gradients: sequences are independent), so that its logits and the

@@ -14,7 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch.nn import functional as F
 
 from flarc.calib.fisher import (
+    LABEL_ROWS,
     LOSSES,
+    _sampled_rows,
     fisher_importance,
     resolve_loss,
     weight_gradients,
@@ -47,6 +49,25 @@ def _ref_labels(logits: torch.Tensor, seed: int, batch_index: int) -> torch.Tens
     u = np.random.default_rng([seed, batch_index]).random(probs.shape[0])
     labels = [np.searchsorted(np.cumsum(p), ui * p.sum()) for p, ui in zip(probs, u, strict=True)]
     return torch.tensor(labels, dtype=torch.int64).reshape(logits.shape[:-1])
+
+
+def test_sampled_labels_are_the_inverse_cdf_draws_of_the_softmax():
+    """Block by block, unnormalised and bisected: the same labels as counting the float64
+    softmax's cumulative probabilities below each row's draw (rows across several blocks, the
+    draws consumed in row order; a peaked row and a flat one included)."""
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal((2 * LABEL_ROWS + 5, 1000)) * 4).astype(np.float32)
+    logits[0] = -50.0
+    logits[0, 7] = 50.0  # all the mass on class 7
+    logits[1] = 0.0  # uniform
+    probs = torch.softmax(torch.from_numpy(logits).double(), -1).numpy()
+    u = np.random.default_rng([5, 2]).random(len(logits))
+    cdf = np.cumsum(probs, axis=-1)
+    expected = np.minimum((cdf < u[:, None] * cdf[:, -1:]).sum(-1), logits.shape[1] - 1)
+    got = _sampled_rows(torch.from_numpy(logits), 5, 2)
+    np.testing.assert_array_equal(got, expected)
+    assert got[0] == 7 and len(set(got[1:].tolist())) > 1
+    np.testing.assert_array_equal(_sampled_rows(torch.from_numpy(logits[3:]), 0, 0, u[3:]), got[3:])
 
 
 def _ref_loss(
