@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import blas
 
-from flarc.core.executor import blas_threads
+from flarc.core.executor import BlasThreads
 from flarc.core.store import StoredArray, Value, as_array
 
 # Rows of the upper triangle mirrored at a time (a panel that stays in cache while transposed).
@@ -51,7 +51,10 @@ def gram_upper(rows: np.ndarray) -> np.ndarray:
 
 
 def panel_product(
-    rows: np.ndarray, partner: np.ndarray | None = None, workers: int = 1
+    rows: np.ndarray,
+    partner: np.ndarray | None = None,
+    workers: int = 1,
+    blas: BlasThreads | None = None,
 ) -> np.ndarray:
     """``rows^T partner`` as float64, or without ``partner`` the upper triangle of ``rows^T
     rows`` (strict lower triangle zero, as :func:`gram_upper`), for ``rows: [tokens, n]``:
@@ -77,7 +80,7 @@ def panel_product(
         out[:top, start:end] = block
 
     starts = list(range(0, m, PANEL))[::-1]  # the upper triangle's widest panels first
-    with blas_threads(1):
+    with (blas or BlasThreads()).limit(1):
         if workers <= 1 or len(starts) == 1:
             for start in starts:
                 panel(start)

@@ -29,7 +29,7 @@ from flarc.calib.carry import ActivationSpill, CarriedFeed, inputs_model, spill_
 from flarc.calib.checkpoint import Checkpoint, feeds_digest
 from flarc.calib.data import CalibrationSet
 from flarc.calib.moments import LazyMoments, Moments, mirror_upper, panel_product
-from flarc.core.executor import Executor, LocalExecutor, blas_thread_count
+from flarc.core.executor import BlasThreads, Executor, LocalExecutor
 from flarc.core.external import external_dir, split_large_initializers
 from flarc.core.graphs import lift, prune_to_outputs, scope_of
 from flarc.core.inputs import Feed, find_mask_input
@@ -487,9 +487,10 @@ class StatisticsSession:
         self.session = fed_session(stats_model, opts, originals)
         del stats_model, model
         self.output_names = [p.outputs[f] for p in self.plans for f in p.fields]
-        # Panels of the products run on the BLAS threads the session was made with (asked once:
-        # finding the BLAS libraries takes milliseconds).
-        self.workers = blas_thread_count()
+        # Panels of the products run on the BLAS threads the session was made with, each pinned
+        # to one thread through the libraries found once here.
+        self.blas = BlasThreads()
+        self.workers = self.blas.count()
 
     def run(self, feed: Feed) -> dict[str, Moments]:
         """One feed's :class:`Moments` (float64) per statistic key; only the upper triangle of
@@ -523,17 +524,19 @@ class StatisticsSession:
             rows = None
             if "rows" in vs[0]:
                 rows = _stacked([v.pop("rows") for v in vs])
-                gram = panel_product(rows, workers=self.workers)
+                gram = panel_product(rows, workers=self.workers, blas=self.blas)
             else:
                 gram = _in_order([np.asarray(v["gram"], dtype=np.float64) for v in vs])
             cross = None
             if "partner_rows" in vs[0]:
                 partner = _stacked([v.pop("partner_rows") for v in vs])
                 if p.key in partner_weights:  # P B, back in the rows' type
-                    product = panel_product(partner.T, partner_weights[p.key], self.workers)
+                    product = panel_product(
+                        partner.T, partner_weights[p.key], self.workers, self.blas
+                    )
                     partner = product.astype(rows.dtype, copy=False)
                     del product
-                cross = panel_product(rows, partner, self.workers)
+                cross = panel_product(rows, partner, self.workers, self.blas)
                 del partner
             elif "cross" in vs[0]:
                 cross = _in_order([np.asarray(v["cross"], dtype=np.float64) for v in vs])

@@ -23,9 +23,10 @@ def test_panel_products_are_the_reference_with_the_same_bits_on_any_thread_count
 ):
     """``rows^T rows`` (upper triangle, strict lower zero) and ``rows^T partner`` by panels
     against float64 numpy, to the rows' own rounding; the bits are the same for 1-3 workers and
-    1 or 2 BLAS threads (panels of 50 columns: uneven, the last one narrower)."""
+    1 or 2 BLAS threads (panels of 50 columns: uneven, the last one narrower), pinned by a
+    limiter of their own or by the caller's, made once."""
     import flarc.calib.moments as moments
-    from flarc.core.executor import blas_threads
+    from flarc.core.executor import BlasThreads, blas_threads
 
     monkeypatch.setattr(moments, "PANEL", 50)
     rng = np.random.default_rng(3)
@@ -35,11 +36,12 @@ def test_panel_products_are_the_reference_with_the_same_bits_on_any_thread_count
     tol = 1e-12 if dtype == np.float64 else 1e-5
     gram, cross = x.T @ x, x.T @ p
     runs = []
+    shared = BlasThreads()
     for workers, threads in [(1, 1), (2, 1), (2, 2), (3, 2)]:
         with blas_threads(threads):
-            runs.append(
-                (panel_product(rows, workers=workers), panel_product(rows, partner, workers))
-            )
+            for blas in (None, shared):
+                upper = panel_product(rows, workers=workers, blas=blas)
+                runs.append((upper, panel_product(rows, partner, workers, blas)))
     for upper, product in runs:
         assert upper.dtype == product.dtype == np.float64
         assert not np.tril(upper, -1).any()

@@ -21,7 +21,7 @@ import socket
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,21 +47,38 @@ class JobHints:
     memory: int = 0
 
 
-@contextmanager
-def blas_threads(threads: int) -> Iterator[None]:
-    """BLAS/LAPACK limited to ``threads`` threads while inside (process-wide)."""
-    from threadpoolctl import threadpool_limits
+class BlasThreads:
+    """BLAS/LAPACK's thread limit, set and read through the libraries found once, when made:
+    finding them takes milliseconds per use, and a run limits threads around hundreds of
+    products (:func:`flarc.calib.moments.panel_product`). Libraries loaded later are not seen."""
 
-    with threadpool_limits(limits=threads):
-        yield
+    def __init__(self) -> None:
+        from threadpoolctl import ThreadpoolController
+
+        self._controller = ThreadpoolController()
+
+    def count(self) -> int:
+        """The threads BLAS may use now (its limit inside :meth:`limit`); 1 if unknown."""
+        info = self._controller.info()
+        counts = [p["num_threads"] for p in info if p.get("user_api") == "blas"]
+        return max(1, min(counts)) if counts else 1
+
+    @contextmanager
+    def limit(self, threads: int) -> Iterator[None]:
+        """BLAS/LAPACK limited to ``threads`` threads while inside (process-wide)."""
+        with self._controller.limit(limits=threads):
+            yield
+
+
+def blas_threads(threads: int) -> AbstractContextManager[None]:
+    """BLAS/LAPACK limited to ``threads`` threads while inside (process-wide), the libraries
+    loaded now."""
+    return BlasThreads().limit(threads)
 
 
 def blas_thread_count() -> int:
     """The threads BLAS may use now (its limit inside :func:`blas_threads`); 1 if unknown."""
-    from threadpoolctl import threadpool_info
-
-    counts = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
-    return max(1, min(counts)) if counts else 1
+    return BlasThreads().count()
 
 
 def _pinned(fn: Callable[..., Any], threads: int, args: tuple) -> Any:
