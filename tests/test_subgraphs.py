@@ -165,9 +165,7 @@ def test_statistics_of_a_model_with_branches_stay_float64():
     plans = plan_statistics(find_targets(model).targets)
     assert any(p.graphs for p in plans)
     for precision in ("float32", "float64"):
-        stats = build_statistics_model(
-            model, plan_statistics(find_targets(model).targets), None, precision
-        )
+        stats = build_statistics_model(model, plans, None, precision)
         types = {o.type.tensor_type.elem_type for o in stats.graph.output}
         assert types == {TensorProto.DOUBLE, TensorProto.INT64}, precision
     flat = [p for p in plans if not p.graphs]

@@ -76,11 +76,6 @@ def blas_threads(threads: int) -> AbstractContextManager[None]:
     return BlasThreads().limit(threads)
 
 
-def blas_thread_count() -> int:
-    """The threads BLAS may use now (its limit inside :func:`blas_threads`); 1 if unknown."""
-    return BlasThreads().count()
-
-
 def _pinned(fn: Callable[..., Any], threads: int, args: tuple) -> Any:
     """``fn(*args)`` with BLAS limited to ``threads``: a Ray task (its worker process runs one
     task at a time, so the process-wide limit is the job's own)."""
