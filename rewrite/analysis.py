@@ -26,7 +26,14 @@ from flarc.core.inputs import Feed
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.store import Store
 from flarc.core.targets import Skipped, Target, Weights, weight_matrix
-from flarc.rewrite.spectrum import Spectrum, compensated_svd, projected_spectrum, whitened_svd
+from flarc.rewrite.spectrum import (
+    Spectrum,
+    compensated_svd,
+    compensated_wide_svd,
+    gram_route_pays,
+    projected_spectrum,
+    whitened_svd,
+)
 from flarc.rewrite.whiten import whitener
 
 # The options a spectrum depends on (the statistics fix the rest).
@@ -154,7 +161,14 @@ def analyze_target(
         w, fell_back = whitener(shrunk.covariance, options.whiten, target.name)
         kind = w.kind
         if compensate:
-            spectrum = compensated_svd(_shrunk_cross_b(moments, shrunk, raw, b, root), w, max_rank)
+            cross = _shrunk_cross(moments, shrunk, raw.shape[0])
+            if cross is None:  # taken with the original's output: C B itself
+                cross_b = _shrunk_output_cross(moments, shrunk, raw)
+                spectrum = compensated_svd(cross_b if root is None else cross_b * root, w, max_rank)
+            elif max_rank is not None and gram_route_pays(*b.shape, max_rank):
+                spectrum = compensated_wide_svd(cross, b, w, max_rank)
+            else:
+                spectrum = compensated_svd(cross @ b, w, max_rank)
         else:
             spectrum = whitened_svd(b, w, max_rank)
     del b, raw
@@ -164,20 +178,22 @@ def analyze_target(
     return TargetAnalysis(target, spectrum, shrunk.lam, kind, moments.count)
 
 
-def _shrunk_cross_b(
-    moments: Moments, shrunk: Shrunk, raw: np.ndarray, b: np.ndarray, root: np.ndarray | None
-) -> np.ndarray:
-    """``C B`` for the compensated SVD, the cross-statistic shrunk like the Gram (same intensity,
-    same target ``mu I``): ``moments.cross`` is ``X_c^T X_o`` ([n, n], times ``b``, the weight as
-    analysed), or ``X_c^T (X_o B)`` ([n, m], m != n: the closed loop multiplied the original's
-    rows by the raw weight first), whose columns two-sided whitening then weights by ``root``."""
-    scale = (1.0 - shrunk.lam) / moments.count
-    if moments.cross.shape[1] == raw.shape[0]:
-        cross = scale * moments.cross
-        cross[np.diag_indices_from(cross)] += shrunk.lam * shrunk.mu
-        return cross @ b
-    cross_b = scale * moments.cross + (shrunk.lam * shrunk.mu) * raw
-    return cross_b if root is None else cross_b * root
+def _shrunk_cross(moments: Moments, shrunk: Shrunk, n: int) -> np.ndarray | None:
+    """The cross-statistic ``X_c^T X_o`` ([n, n]) shrunk like the Gram (same intensity, same
+    target ``mu I``) for the compensated SVD; None where the closed loop took it with the
+    original's output instead (:func:`_shrunk_output_cross`)."""
+    if moments.cross.shape[1] != n:
+        return None
+    cross = ((1.0 - shrunk.lam) / moments.count) * moments.cross
+    cross[np.diag_indices_from(cross)] += shrunk.lam * shrunk.mu
+    return cross
+
+
+def _shrunk_output_cross(moments: Moments, shrunk: Shrunk, raw: np.ndarray) -> np.ndarray:
+    """``C B`` from ``X_c^T (X_o B)`` ([n, m]: the closed loop multiplied the original's rows by
+    the raw weight first), shrunk as :func:`_shrunk_cross`; two-sided whitening then weights its
+    columns."""
+    return ((1.0 - shrunk.lam) / moments.count) * moments.cross + (shrunk.lam * shrunk.mu) * raw
 
 
 def derive_spectra(

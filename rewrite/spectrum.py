@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-from flarc.calib.moments import gram_upper
+from flarc.calib.moments import gram_upper, mirror_upper
 from flarc.core.store import Store, StoredArray, leading
 from flarc.rewrite.whiten import Whitener
 
@@ -196,3 +196,34 @@ def compensated_svd(
     """
     whitened = [whitener.solve(np.asarray(cross_b, dtype=np.float64))]
     return _spectrum(whitened, whitener, max_rank)
+
+
+def gram_route_pays(n: int, m: int, rank: int) -> bool:
+    """Whether :func:`compensated_wide_svd` takes fewer operations than :func:`compensated_svd`
+    for ``B: [n, m]`` at ``rank``: ``n^2 m / 2 + 3 n^3 + 3/2 r n^2`` against ``2 n^2 m`` (the
+    ``r n m`` of ``V^T`` is in both), i.e. ``m > 2 n + r``."""
+    return m > 2 * n + rank
+
+
+def compensated_wide_svd(
+    cross: np.ndarray, b: np.ndarray, whitener: Whitener, max_rank: int
+) -> Spectrum:
+    """:func:`compensated_svd` of ``C B`` for a wide ``B: [n, m]`` (``C: [n, n]``) without the
+    ``[n, m]`` products: with ``P = L^{-1} C``, the smaller Gram of ``L^{-1} C B`` is
+    ``P (B B^T) P^T`` (one symmetric update with ``B``, then ``n x n`` products), ``U`` its
+    eigenvectors, the basis ``L^{-T} U`` and ``V^T = (U^T P) B / s``. On Qwen2.5-0.5B's gate and
+    up projections (896 x 4864) about a third fewer operations. Where a kept singular value is
+    below ``GRAM_ROUTE_MIN_RATIO`` of the largest, :func:`compensated_svd` itself."""
+    b = np.asarray(b, dtype=np.float64)
+    p = whitener.solve(np.asarray(cross, dtype=np.float64))
+    gram = p @ mirror_upper(gram_upper(b.T)) @ p.T
+    gram += gram.T  # the two triangles averaged (the product is symmetric only to rounding)
+    gram *= 0.5
+    r = min(max_rank, *b.shape)
+    sigma, keep = gram_eigen(gram, r)
+    if keep is None:
+        return compensated_svd(np.asarray(cross, dtype=np.float64) @ b, whitener, max_rank)
+    if r == 0:
+        return Spectrum(sigma, np.zeros((b.shape[0], 0)), np.zeros((0, b.shape[1])))
+    basis = whitener.solve_t(keep)
+    return Spectrum(sigma, basis, ((keep.T @ p) @ b) / sigma[:r, None])

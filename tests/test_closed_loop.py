@@ -15,7 +15,12 @@ from flarc.core.targets import constant_tensors, find_targets, stored_weight, we
 from flarc.pipeline import AnalysisOptions, analyze
 from flarc.rewrite.closed_loop import closed_loop_entries
 from flarc.rewrite.ranks import RankChoice
-from flarc.rewrite.spectrum import compensated_svd, whitened_svd
+from flarc.rewrite.spectrum import (
+    compensated_svd,
+    compensated_wide_svd,
+    gram_route_pays,
+    whitened_svd,
+)
 from flarc.rewrite.whiten import whitener
 
 TWIN = "twin/"
@@ -357,3 +362,32 @@ def test_rank_options_say_whether_they_read_factors(options, reads):
     from flarc.rewrite.policy import RankOptions
 
     assert RankOptions(**options).reads_factors is reads
+
+
+@pytest.mark.parametrize("method", ["cholesky", "eig"])
+def test_wide_compensated_svd_from_the_smaller_gram(method):
+    """The Gram route of a wide target (P (B B^T) P^T, P = L^{-1} C) gives compensated_svd's
+    singular values and rank-k products; a rank-deficient B (a kept singular value at zero)
+    falls back to compensated_svd itself."""
+    rng = np.random.default_rng(3)
+    n, m = 10, 40
+    xo = rng.standard_normal((300, n)) @ rng.standard_normal((n, n))
+    xc = xo + 0.3 * rng.standard_normal((300, n))
+    h, cross = xc.T @ xc, xc.T @ xo
+    w, _ = whitener(h, method)
+    b = rng.standard_normal((n, m))
+    deficient = rng.standard_normal((n, 3)) @ rng.standard_normal((3, m))
+    for weight, ranks in ((b, (1, 4, 8)), (deficient, (6,))):
+        assert gram_route_pays(n, m, max(ranks))
+        for k in ranks:
+            expected, got = (
+                compensated_svd(cross @ weight, w, k),
+                compensated_wide_svd(cross, weight, w, k),
+            )
+            s = expected.sigma
+            np.testing.assert_allclose(got.sigma**2, s**2, rtol=1e-9, atol=1e-12 * s[0] ** 2)
+            (a1, c1), (a2, c2) = expected.factors(k), got.factors(k)
+            np.testing.assert_allclose(
+                a2 @ c2, a1 @ c1, rtol=1e-7, atol=1e-9 * np.abs(a1 @ c1).max()
+            )
+    assert not gram_route_pays(n, 2 * n + 8, 8)
