@@ -80,17 +80,19 @@ def shrink(
     method: str = "ledoit-wolf",
     centered: bool = False,
     lam: float | None = None,
+    floor: float = 0.0,
 ) -> Shrunk:
-    """The shrunk second moment of ``moments`` (``lam`` given: fixed intensity, method ignored)."""
+    """The shrunk second moment of ``moments`` (``lam`` given: fixed intensity, method ignored);
+    an intensity that ``ledoit-wolf`` or ``oas`` estimates is at least ``floor``."""
     # A new array (the statistic divided by its count), shrunk in place: on a 4864^2 statistic
     # every extra temporary costs as much as the intensity's arithmetic.
     s = moments.covariance(centered)
     mu = float(np.trace(s) / s.shape[0])
     if lam is None:
         if method == "ledoit-wolf":
-            lam = ledoit_wolf_lambda(moments, centered, s)
+            lam = max(ledoit_wolf_lambda(moments, centered, s), floor)
         elif method == "oas":
-            lam = oas_lambda(moments, centered, s)
+            lam = max(oas_lambda(moments, centered, s), floor)
         elif method == "none":
             lam = 0.0
         else:

@@ -103,6 +103,14 @@ class TargetAnalysis:
     rows: int  # unmasked rows the statistic was computed from
 
 
+# The least estimated intensity of a compensated fit. Ledoit-Wolf's rule takes rows as
+# independent, but the tokens of one sequence or image are not, and the fit reaches outside the
+# calibration's span: at 0.05 instead of each target's estimate (mostly 0.0003-0.02), 20% cut,
+# Qwen2.5-0.5B 14.61 / 32.80 -> 14.42 / 29.36 perplexity in / out of domain, ViT-S/14 cosine
+# 0.9960 -> 0.9981, MiniLM 0.9728 / 0.9261 -> 0.9726 / 0.9290 (0.2: 0.9977; 0.9670 / 0.9227).
+COMPENSATION_SHRINKAGE = 0.05
+
+
 def analyze_target(
     target: Target,
     weight: np.ndarray,
@@ -118,12 +126,14 @@ def analyze_target(
 
     With ``compensate`` (closed loop), ``moments`` hold the compressed model's rows and their
     cross-statistic with the original's; the cross-statistic is shrunk like the Gram (same
-    intensity, same target ``mu I``), so identical activations give plain whitening exactly.
+    intensity, same target ``mu I``), so identical activations give plain whitening exactly,
+    at an estimated intensity of at least ``COMPENSATION_SHRINKAGE``.
     A ``device`` other than ``cpu`` (a torch device, ``cuda``) whitens and decomposes there
     (:mod:`flarc.rewrite.device`; not with ``compensate``).
     """
     moments = moments.loaded()  # a stored Gram is read here, in the job, not by its submitter
-    shrunk = shrink(moments, options.shrinkage, options.centered, options.shrinkage_lambda)
+    floor = COMPENSATION_SHRINKAGE if compensate else 0.0
+    shrunk = shrink(moments, options.shrinkage, options.centered, options.shrinkage_lambda, floor)
     b = raw = weight_matrix(target, weight)
     root = None
     if output_diag is not None:

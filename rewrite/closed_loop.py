@@ -9,7 +9,8 @@ level. With ``compensate`` each target reproduces the *original* layer's output 
 compressed activations (:func:`flarc.rewrite.spectrum.compensated_svd`), the original model
 running beside the compressed one (or, where the statistics carried the original's inputs to
 disk, read from there); the cross-statistic is shrunk like the Gram (same
-intensity, same target ``mu I``), so identical activations give plain whitening exactly.
+intensity, same target ``mu I``), so identical activations give plain whitening exactly; an
+estimated intensity is at least :data:`flarc.rewrite.analysis.COMPENSATION_SHRINKAGE`.
 """
 
 from __future__ import annotations

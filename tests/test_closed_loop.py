@@ -391,3 +391,31 @@ def test_wide_compensated_svd_from_the_smaller_gram(method):
                 a2 @ c2, a1 @ c1, rtol=1e-7, atol=1e-9 * np.abs(a1 @ c1).max()
             )
     assert not gram_route_pays(n, 2 * n + 8, 8)
+
+
+def test_a_compensated_fit_shrinks_at_least_compensation_shrinkage():
+    """Where Ledoit-Wolf estimates less than COMPENSATION_SHRINKAGE (many rows, few inputs), a
+    compensated fit uses that intensity, and with identical activations it is plain whitening
+    at that intensity; the open loop keeps the estimate."""
+    from flarc.calib.moments import Moments
+    from flarc.calib.shrinkage import shrink
+    from flarc.core.targets import Target
+    from flarc.rewrite.analysis import COMPENSATION_SHRINKAGE, AnalysisOptions, analyze_target
+
+    rng = np.random.default_rng(5)
+    n, m, k = 8, 6, 3
+    x = rng.standard_normal((2000, n)) @ rng.standard_normal((n, n))
+    moments = Moments.from_rows(x)
+    moments.cross = moments.gram.copy()  # the compressed rows are the original's
+    b = rng.standard_normal((n, m))
+    t = Target("t", "MatMul", "x", "y", "w", (n, m), n, m, False, "float32")
+    options = AnalysisOptions(full_rank=True)
+    open_loop = analyze_target(t, b, moments, options)
+    compensated = analyze_target(t, b, moments, options, compensate=True, max_rank=k)
+    assert open_loop.lam < COMPENSATION_SHRINKAGE / 4
+    assert compensated.lam == COMPENSATION_SHRINKAGE
+    w, _ = whitener(shrink(moments, lam=COMPENSATION_SHRINKAGE).covariance)
+    expected = whitened_svd(b, w)
+    np.testing.assert_allclose(compensated.spectrum.sigma, expected.sigma, rtol=1e-10)
+    (a1, c1), (a2, c2) = compensated.spectrum.factors(k), expected.factors(k)
+    np.testing.assert_allclose(a1 @ c1, a2 @ c2, rtol=1e-8, atol=1e-10)

@@ -190,6 +190,24 @@ def test_fixed_and_no_shrinkage():
         shrink(m, lam=1.5)
 
 
+def test_a_floor_raises_an_estimated_intensity_only():
+    """``floor`` raises Ledoit-Wolf's and OAS's estimates (scikit-learn's) below it and keeps
+    those above it; a fixed intensity and 'none' stay as asked."""
+    x = np.random.default_rng(1).standard_normal((400, 6)) @ np.diag([3, 2, 1, 1, 0.5, 0.1])
+    m = Moments.from_rows(x)
+    for method, reference in (("ledoit-wolf", ledoit_wolf), ("oas", oas)):
+        _, lam = reference(x, assume_centered=True)
+        assert 0 < lam < 0.2
+        assert shrink(m, method, floor=0.2).lam == 0.2
+        assert shrink(m, method, floor=lam / 2).lam == pytest.approx(lam, rel=1e-9)
+    s = x.T @ x / 400
+    np.testing.assert_allclose(
+        shrink(m, floor=0.2).covariance, 0.8 * s + 0.2 * np.trace(s) / 6 * np.eye(6)
+    )
+    assert shrink(m, lam=0.01, floor=0.2).lam == 0.01
+    assert shrink(m, "none", floor=0.2).lam == 0.0
+
+
 @pytest.mark.parametrize(("spread", "samples"), [(0.0, 16), (0.3, 16), (1.0, 16), (2.0, 200)])
 def test_diagonal_intensity_recovers_most_of_an_exhaustive_scans_gain(spread, samples):
     """Means of squared Gaussians (D's form) around true values of a given log-spread: over 200
