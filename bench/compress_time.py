@@ -26,9 +26,12 @@ import time
 from datetime import date
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import quality_lm as q
+from calibration_bound import gemm_rate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LINE = re.compile(
@@ -109,6 +112,7 @@ def main() -> int:
         "in_domain": q.feeds_of(q.windows(ids, int(len(ids) * 0.75), 16, 256), 4, layout),
         "out_of_domain": q.feeds_of(q.windows(ood, 0, 16, 256), 4, layout),
     }
+    file_gib = sum(f.stat().st_size for f in q.ONNX.parent.glob(q.ONNX.name + "*")) / 2**30
     rows, outputs = [], []
     with tempfile.TemporaryDirectory(prefix="flarc-compress-time-") as tmp:
         # Every compress child first: a child's peak RSS counts this process's size when it was
@@ -117,6 +121,8 @@ def main() -> int:
             row = run_preset(preset, args.budget, Path(tmp))
             outputs.append(row.pop("output"))
             rows.append(row)
+        # The machine, to compare runs across machines (after the children: no fork holds it).
+        gemm = {d.__name__: round(gemm_rate(d) / 1e9) for d in (np.float32, np.float64)}
         for row, output in zip(rows, outputs, strict=True):
             scores = q.evaluate_path(output, evals, 2)
             row["ppl_in"] = round(scores["in_domain"], 2)
@@ -125,7 +131,8 @@ def main() -> int:
     from flarc.core.files import write_text_atomic
 
     RESULTS.mkdir(exist_ok=True)
-    result = {"date": date.today().isoformat(), "model": "Qwen2.5-Coder-0.5B", "rows": rows}
+    result = {"date": date.today().isoformat(), "model": "Qwen2.5-Coder-0.5B",
+              "model_file_gib": round(file_gib, 2), "gemm_gflops": gemm, "rows": rows}  # fmt: skip
     write_text_atomic(RESULTS / "compress_time.json", json.dumps(result, indent=1) + "\n")
     stages = list(dict.fromkeys(s for r in rows for s in r["stages_s"]))
     lines = [
@@ -134,12 +141,15 @@ def main() -> int:
         "`python bench/compress_time.py`: the README's command (`--seq-len 128 --batch-size 4 "
         "--max-batches 8 --exclude lm_head`), one child process per preset, on 2 cores. Stage "
         "seconds come from the CLI's timed log lines; 'other' is the wall time outside them "
-        "(start-up, removing temporary stores).",
+        "(start-up, removing temporary stores). This machine: numpy's 3072^2 GEMM "
+        f"{gemm['float32']} / {gemm['float64']} GFLOP/s float32 / float64; the model's files "
+        f"{file_gib:.2f} GiB.",
         "",
         "| | " + " | ".join(f"`--preset {r['preset']}`" for r in rows) + " |",
         "|---|" + "---|" * len(rows),
         "| wall s | " + " | ".join(str(r["wall_s"]) for r in rows) + " |",
-        "| peak RSS GiB | " + " | ".join(str(r["peak_rss_gib"]) for r in rows) + " |",
+        "| peak RSS GiB (/ model files) | "
+        + " | ".join(f"{r['peak_rss_gib']} ({r['peak_rss_gib'] / file_gib:.2f}x)" for r in rows) + " |",
         "| perplexity in / out of domain | "
         + " | ".join(f"{r['ppl_in']} / {r['ppl_out']}" for r in rows) + " |",
     ]  # fmt: skip
