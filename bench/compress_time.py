@@ -121,7 +121,8 @@ def main() -> int:
             row = run_preset(preset, args.budget, Path(tmp))
             outputs.append(row.pop("output"))
             rows.append(row)
-        # The machine, to compare runs across machines (after the children: no fork holds it).
+        # The machine, to compare runs across machines; measured after the children ran, so that
+        # its arrays are not in their peak RSS.
         gemm = {d.__name__: round(gemm_rate(d) / 1e9) for d in (np.float32, np.float64)}
         for row, output in zip(rows, outputs, strict=True):
             scores = q.evaluate_path(output, evals, 2)
