@@ -14,6 +14,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +144,10 @@ def spill_activations(
     graph_inputs = {i.name for i in model.graph.input}
     wanted = [n for n in names if n not in graph_inputs]
     spill = ActivationSpill(folder, wanted)
+    # One batch is written while the next one runs: the disk's time hides behind the forward
+    # pass (at most two batches' activations in memory).
+    writer = ThreadPoolExecutor(1, thread_name_prefix="flarc-spill")
+    pending = None
     try:
         sess = fed_session(
             activations_model(model, wanted),
@@ -151,6 +156,9 @@ def spill_activations(
         )
         for i, feed in enumerate(progress.track(feeds, total=len(feeds), description=description)):
             values = dict(zip(wanted, sess.run(wanted, feed), strict=True))
+            if pending is not None:
+                pending.result()
+                pending = None
             if i == 0:
                 need = sum(v.nbytes for v in values.values()) * len(feeds)
                 free = shutil.disk_usage(spill.root).free
@@ -164,9 +172,15 @@ def spill_activations(
                     )
                     spill.close()
                     return None
-            spill.write(i, values)
+            pending = writer.submit(spill.write, i, values)
             del values
+        if pending is not None:
+            pending.result()
         return spill
     except BaseException:
+        if pending is not None:
+            pending.exception()  # the write in flight ends before its folder goes
         spill.close()
         raise
+    finally:
+        writer.shutdown()

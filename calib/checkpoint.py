@@ -17,7 +17,8 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -71,13 +72,17 @@ class Checkpoint:
     every: int | None = None
     resume: bool = False
     checksum: bool = True  # a save to resume from is checked; a finished analysis need not be
+    # Where the last save is written while the caller goes on (:meth:`save`); None: in place.
+    writer: Executor | None = field(default=None, repr=False, compare=False)
+    _pending: Future | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.every is not None and self.every < 1:
             raise DataError(f"--checkpoint-every {self.every}: must be at least 1")
 
-    def part(self, name: str) -> Checkpoint:
-        """The checkpoint of one of several passes (a group of its own)."""
+    def part(self, name: str, writer: Executor | None = None) -> Checkpoint:
+        """The checkpoint of one of several passes (a group of its own), its last save written
+        by ``writer`` if given."""
         return Checkpoint(
             self.store,
             f"{self.group}/{name}",
@@ -85,6 +90,7 @@ class Checkpoint:
             self.every,
             self.resume,
             self.checksum,
+            writer,
         )
 
     @property
@@ -149,7 +155,10 @@ class Checkpoint:
         return done, sums
 
     def save(self, done: int, total: int, sums: dict[str, Moments]) -> None:
-        """Commit the sums after ``done`` of ``total`` batches (atomically, as one group)."""
+        """Commit the sums after ``done`` of ``total`` batches (atomically, as one group). With a
+        ``writer`` the last save is committed there while the caller goes on, its sums left
+        unchanged (:meth:`saved` waits for it); earlier ones, whose sums still grow, in place."""
+        self.wait()
         arrays = moments_arrays(sums)
         meta = {
             "format": FORMAT,
@@ -160,11 +169,21 @@ class Checkpoint:
             "identity": self.identity,
             "checksum": arrays_digest(arrays) if self.resumable and self.checksum else None,
         }
-        self.store.commit(self.group, arrays, meta)
+        if self.writer is not None and done == total:
+            self._pending = self.writer.submit(self.store.commit, self.group, arrays, meta)
+        else:
+            self.store.commit(self.group, arrays, meta)
         log.debug("%s: %d of %d batches", self.where, done, total)
+
+    def wait(self) -> None:
+        """Wait for a save in flight (its error, if any, raised here)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def saved(self) -> dict[str, Moments]:
         """The statistics of the last save, their Grams read when used (a store on disk)."""
+        self.wait()
         found = self.store.group(self.group)
         if found is None:
             raise DataError(f"{self.where}: no statistics saved")

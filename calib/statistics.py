@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -769,8 +770,8 @@ def collect_moments(
     (:class:`OnDemandMoments`), into the store's ``heldout`` groups; the carried inputs they
     read live as long as they do. A large model's statistics are gathered a group at a time,
     their Grams within an eighth of the model's size (held about three times over:
-    onnxruntime's outputs, their copies, the sums), and each group is on disk before the next
-    one starts: memory holds one group, not all. In this process the groups read the
+    onnxruntime's outputs, their copies, the sums), and each group is written to disk while the
+    next one computes: memory holds two groups at most, not all. In this process the groups read the
     target inputs that one forward pass spilled to disk (:func:`carry_inputs`); on other
     executors each group re-runs the graph up to its layers. ``executor`` says where the batches
     run (:func:`sums_in`); the sums are the same bits on every executor. With ``keep_inputs``
@@ -790,10 +791,14 @@ def collect_moments(
         )
     stats: dict[str, Moments] = {}
     mask = None
+    # A group's sums are written to the store while the next group computes: its arrays stay
+    # in memory until then (two groups at most), and are read from the store afterwards.
+    writer = ThreadPoolExecutor(1, thread_name_prefix="flarc-store") if store.on_disk else None
+    writing: Checkpoint | None = None
     try:
         for g, plans in enumerate(groups):
             label = f" ({g + 1}/{len(groups)})" if len(groups) > 1 else ""
-            part = checkpoint if len(groups) == 1 else checkpoint.part(f"part{g}")
+            part = checkpoint if len(groups) == 1 else checkpoint.part(f"part{g}", writer)
             if carried is not None:
                 found, run, calibration, _ = carried.sums(targets, plans, precision)
             else:
@@ -809,20 +814,25 @@ def collect_moments(
                 identity_feeds=data.calibration,
                 mask_input=found,
             )
-            if store.on_disk:  # the saved sums, their Grams read when used
-                group = part.saved()
+            if writing is not None:  # the saved sums, their Grams read when used
+                stats.update(writing.saved())
                 release_free_memory()
+            writing = part if store.on_disk else None
             if any(any(p.masks) for p in plans):
                 mask = found
             del run
             stats.update(group)
             del group
-            if store.on_disk:
-                release_free_memory()
+        if writing is not None:
+            stats.update(writing.saved())
+            release_free_memory()
     except BaseException:
         if carried is not None:
             carried.close()
         raise
+    finally:
+        if writer is not None:
+            writer.shutdown()  # waits for a save in flight
     heldout = OnDemandMoments(
         [p for g in groups for p in g] if data.heldout else [],
         HeldoutSums(model, targets, data, store, budget, precision, mask_input, carried),

@@ -245,6 +245,28 @@ def test_grouped_statistics_resume_from_checkpoint(small_lm, spill_everything, t
         np.testing.assert_array_equal(first.stats[key].gram, again.stats[key].gram)
 
 
+def test_a_group_written_in_the_background_fails_loudly(small_lm, spill_everything, monkeypatch):
+    """Each group's sums are written while the next group computes; a write that fails (a full
+    disk) fails the analysis with its own error, after every group's write has ended."""
+    from flarc.core.store import Store
+
+    model, data = small_lm
+    targets = find_targets(model)
+    real = Store.commit
+    calls = []
+
+    def commit(self, group, arrays, meta):
+        calls.append(group)
+        if group.endswith("part1"):
+            raise OSError(28, "No space left on device")
+        return real(self, group, arrays, meta)
+
+    monkeypatch.setattr(Store, "commit", commit)
+    with pytest.raises(OSError, match="No space left"):
+        analyze(model, targets, data, AnalysisOptions(two_sided=False))
+    assert any(g.endswith("part1") for g in calls)
+
+
 def _saved_external(model: onnx.ModelProto, folder) -> str:
     folder.mkdir()
     path = folder / "m.onnx"
