@@ -771,8 +771,8 @@ def collect_moments(
     read live as long as they do. A large model's statistics are gathered a group at a time,
     their Grams within an eighth of the model's size (held about three times over:
     onnxruntime's outputs, their copies, the sums), and each group is written to disk while the
-    next one computes: memory holds two groups at most, not all. In this process the groups read the
-    target inputs that one forward pass spilled to disk (:func:`carry_inputs`); on other
+    next one computes: memory holds two groups at most, not all. In this process the groups read
+    the target inputs that one forward pass spilled to disk (:func:`carry_inputs`); on other
     executors each group re-runs the graph up to its layers. ``executor`` says where the batches
     run (:func:`sums_in`); the sums are the same bits on every executor. With ``keep_inputs``
     the carried target inputs outlive the statistics (:class:`Collected`): the caller owns them,

@@ -246,8 +246,8 @@ def test_grouped_statistics_resume_from_checkpoint(small_lm, spill_everything, t
 
 
 def test_a_group_written_in_the_background_fails_loudly(small_lm, spill_everything, monkeypatch):
-    """Each group's sums are written while the next group computes; a write that fails (a full
-    disk) fails the analysis with its own error, after every group's write has ended."""
+    """Each group's sums are written while the next group computes; a write that fails there (a
+    full disk) fails the analysis with its own error."""
     from flarc.core.store import Store
 
     model, data = small_lm
