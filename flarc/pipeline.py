@@ -22,7 +22,7 @@ from flarc.calib.checkpoint import Checkpoint, statistics_source
 from flarc.calib.data import CalibrationSet
 from flarc.calib.moments import Moments
 from flarc.calib.statistics import collect_moments
-from flarc.core.compare import OutputComparison, compare_models, compare_streamed
+from flarc.core.compare import OutputComparison, compare_models
 from flarc.core.errors import DataError, ModelError, OptionError
 from flarc.core.executor import Compute
 from flarc.core.external import FactorFile
@@ -362,11 +362,7 @@ def compress(
         log.warning("%s; written because of --force", message)
     if weights.lazy:
         release_free_memory()
-        comparison = compare_streamed(model, new_model, analysis.heldout_feeds, progress=progress)
-    else:
-        comparison = step(
-            progress, "comparison", lambda: compare_models(model, new_model, analysis.heldout_feeds)
-        )
+    comparison = compare_models(model, new_model, analysis.heldout_feeds, progress=progress)
     before = stored_bytes(model, analysis.targets)
     after = factor_nbytes(new_model, [name for name, c in ranks.items() if c.rank is not None])
     rows = [

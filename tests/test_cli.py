@@ -74,8 +74,9 @@ def test_compress_end_to_end(tmp_path, mlp, capsys):
     assert code == 0, err
     # Redirected, progress is timed lines: every stage starts and ends, in pipeline order (no
     # sensitivities: --ratio needs none; held-out statistics when the held-out errors ask).
-    stages = ["calibration statistics", "whitened SVD", "output guard", "comparison",
-              "held-out statistics", "held-out errors", "writing"]  # fmt: skip
+    stages = ["calibration statistics", "whitened SVD", "output guard", "comparison: original",
+              "comparison: compressed", "held-out statistics", "held-out errors",
+              "writing"]  # fmt: skip
     lines = [line.split("] ", 1)[1] for line in err.splitlines() if line.startswith("[")]
     starts = [line.split(": started")[0] for line in lines if ": started" in line]
     assert starts == stages, starts

@@ -1,4 +1,4 @@
-"""Compare two models on the same inputs through polygraphy's comparator (onnxruntime, CPU).
+"""Compare two models on the same inputs (onnxruntime, CPU) by polygraphy's element-wise rule.
 
 Per output: cosine similarity, max and mean absolute error, and max and mean relative error
 (relative to the largest magnitude of the reference output, so zeros do not blow it up).
@@ -16,9 +16,8 @@ import onnx
 
 from flarc.core.files import naming_write_errors
 from flarc.core.inputs import Feed
-from flarc.core.polygraphy import accuracy_results, quiet, simple_compare_func
 from flarc.core.progress import NoProgress, Progress
-from flarc.core.sessions import fed_session, lean_session_options, open_session
+from flarc.core.sessions import FedSession, fed_session, lean_session_options, open_session
 from flarc.core.sums import PairSums, blocks
 
 log = logging.getLogger(__name__)
@@ -43,13 +42,6 @@ class OutputComparison:
         return asdict(self)
 
 
-def _metrics(ref: list[np.ndarray], out: list[np.ndarray]) -> tuple[float, ...]:
-    sums = PairSums()
-    for r, o in zip(ref, out, strict=True):
-        sums.add(r, o)
-    return _summary(sums)
-
-
 def _summary(sums: PairSums) -> tuple[float, ...]:
     """(cosine, max abs, mean abs, max rel, mean rel), relative to the reference's largest
     magnitude."""
@@ -69,18 +61,20 @@ def _within(ref: np.ndarray, out: np.ndarray, rtol: float, atol: float) -> bool:
     return True
 
 
-def _session_of(model: onnx.ModelProto | str, workdir: Path):
-    if not isinstance(model, str):
-        workdir.mkdir()
-    return open_session(model, lean_session_options(), workdir=workdir)
+def _session(model: onnx.ModelProto | str, workdir: Path) -> FedSession:
+    """A checking session for ``model``; a proto's large weights (a large rewrite's factors are
+    files outside the model's folder) are fed, not serialised into a copy of the model."""
+    if isinstance(model, onnx.ModelProto):
+        return fed_session(model, lean_session_options(model))
+    return FedSession(open_session(model, lean_session_options(), workdir=workdir), {})
 
 
 def _save_outputs(
-    model: onnx.ModelProto, feeds: list[Feed], folder: Path, progress: Progress
+    model: onnx.ModelProto | str, feeds: list[Feed], folder: Path, progress: Progress
 ) -> dict[str, int]:
     """Run ``model`` on every feed and save its numeric outputs as ``<feed>-<output>.npy``."""
-    session = _session_of(model, folder / "reference")
-    names = [o.name for o in session.get_outputs()]
+    session = _session(model, folder)
+    names = [o.name for o in session.session.get_outputs()]
     described = progress.track(feeds, total=len(feeds), description="comparison: original")
     for i, feed in enumerate(described):
         for j, y in enumerate(session.run(names, feed)):
@@ -90,24 +84,25 @@ def _save_outputs(
     return {name: j for j, name in enumerate(names)}
 
 
-def compare_streamed(
-    reference: onnx.ModelProto,
-    candidate: onnx.ModelProto,
+def compare_models(
+    reference: onnx.ModelProto | str,
+    candidate: onnx.ModelProto | str,
     feeds: list[Feed],
     rtol: float = 1e-3,
     atol: float = 1e-3,
     progress: Progress | None = None,
 ) -> list[OutputComparison]:
-    """:func:`compare_models` for a large model: one session at a time, the reference's outputs
-    kept on disk and read back one batch at a time, metrics summed in blocks (a language
-    model's logits would otherwise be held for every batch, twice, and again in float64)."""
+    """Run both models on ``feeds`` in onnxruntime (CPU) and compare their common numeric
+    outputs: the metrics, and polygraphy's simple element-wise verdict at ``rtol``/``atol``
+    (tests hold both to polygraphy's Comparator, whose runners would import torch: a second
+    per call). One session at a time; the reference's outputs wait on disk and are read back
+    one batch at a time, the metrics summed in blocks (a language model's logits would
+    otherwise be held for every batch, twice, and again in float64)."""
     progress = progress or NoProgress()
     with tempfile.TemporaryDirectory(prefix="flarc-compare-") as tmp:
         folder = Path(tmp)
         index = _save_outputs(reference, feeds, folder, progress)
-        # Fed, not written: a large rewrite's factors are files outside the model's folder,
-        # which a session from a file would need a full copy of the model beside.
-        session = fed_session(candidate, lean_session_options(candidate))
+        session = _session(candidate, folder)
         names = [o.name for o in session.session.get_outputs() if o.name in index]
         sums = {n: PairSums() for n in names}
         passed = dict.fromkeys(names, True)
@@ -128,50 +123,3 @@ def compare_streamed(
         del session
     order = [n for n in index if n in sums]
     return [OutputComparison(n, *_summary(sums[n]), passed[n]) for n in order]
-
-
-def compare_models(
-    reference: onnx.ModelProto | str,
-    candidate: onnx.ModelProto | str,
-    feeds: list[Feed],
-    rtol: float = 1e-3,
-    atol: float = 1e-3,
-) -> list[OutputComparison]:
-    """Run both models on ``feeds`` with polygraphy's Comparator; metrics per common output."""
-    import onnxruntime as ort
-    from polygraphy.backend.onnxrt import OnnxrtRunner
-    from polygraphy.comparator import Comparator
-
-    def session_of(m: onnx.ModelProto | str, workdir: Path):
-        # A loader, called when polygraphy activates the runner: one session alive at a time.
-        def load() -> ort.InferenceSession:
-            return _session_of(m, workdir)
-
-        return load
-
-    with tempfile.TemporaryDirectory(prefix="flarc-compare-") as tmp:
-        runners = [
-            OnnxrtRunner(session_of(reference, Path(tmp) / "reference"), name="original"),
-            OnnxrtRunner(session_of(candidate, Path(tmp) / "candidate"), name="compressed"),
-        ]
-        with quiet():
-            results = Comparator.run(runners, data_loader=feeds)
-            verdicts = Comparator.compare_accuracy(
-                results, compare_func=simple_compare_func(rtol=rtol, atol=atol, check_shapes=True)
-            )
-    (_, ref_iters), (_, out_iters) = results[0], results[1]
-    passed: dict[str, bool] = {}
-    for result in accuracy_results(verdicts):
-        for it in (it for iterations in result.values() for it in iterations):
-            for name, ok in it.items():
-                passed[name] = passed.get(name, True) and bool(ok)
-    comparisons = []
-    for name in ref_iters[0].keys():
-        if name not in out_iters[0]:
-            continue
-        ref = [it[name] for it in ref_iters]
-        out = [it[name] for it in out_iters]
-        if not np.issubdtype(np.asarray(ref[0]).dtype, np.number):
-            continue
-        comparisons.append(OutputComparison(name, *_metrics(ref, out), passed.get(name, False)))
-    return comparisons
