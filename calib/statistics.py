@@ -872,6 +872,7 @@ class HeldoutSums:
             if self.carried is not None and not self.carried.spill.closed:
                 found, run, _, feeds = self.carried.sums(self.targets, group, self.precision)
             else:
+                # The plans are the calibration's, their mask flags set by its pass.
                 found, run = sums_in(
                     None,
                     self.model,
@@ -880,6 +881,7 @@ class HeldoutSums:
                     self.data,
                     self.mask_input,
                     self.precision,
+                    masks_decided=True,
                 )
                 feeds = self.data.heldout
             sums = reduce_shards(
@@ -1047,18 +1049,29 @@ def sums_in(
     data: CalibrationSet,
     mask_input: str | None,
     precision: str,
+    masks_decided: bool = False,
 ) -> tuple[str | None, Callable[[list[list[Feed]]], Iterable[dict[str, Moments]]]]:
     """The mask input found, and what computes shards' sums for :func:`reduce_shards`: one
     session here for the local executor; otherwise one per worker of ``executor``, each built
-    from the model's graph and these plans (masks decided here, once)."""
+    from the model's graph and these plans (masks decided here, once, unless
+    ``masks_decided``: the plans' flags were set by an earlier pass over the same model)."""
     if executor is None or isinstance(executor, LocalExecutor):
         session = StatisticsSession(
-            model, targets, data.calibration[0], mask_input, precision, plans=plans
+            model,
+            targets,
+            data.calibration[0],
+            mask_input,
+            precision,
+            plans=plans,
+            masks_decided=masks_decided,
         )
         local = LocalExecutor()
         return session.mask_input, lambda shards: local.stream(lambda: session, shard_sums, shards)
     light, originals = split_large_initializers(model)
-    found = decide_masks(light, plans, data.calibration[0], mask_input, originals)
+    if masks_decided:
+        found = find_mask_input(light, mask_input)
+    else:
+        found = decide_masks(light, plans, data.calibration[0], mask_input, originals)
     del light, originals
     setup = StatisticsWorker(model, targets, plans, found, precision, executor.job_threads)
     return found, lambda shards: executor.stream(setup, shard_sums, shards)
