@@ -380,6 +380,8 @@ class WhiteningArgs(ArgGroup):
     title = "whitening"
 
     def add_to(self, g) -> None:
+        from flarc.rewrite.analysis import SENSITIVITY_BATCHES
+
         g.add_argument(
             "--shrinkage",
             choices=("ledoit-wolf", "oas", "none"),
@@ -415,10 +417,10 @@ class WhiteningArgs(ArgGroup):
         g.add_argument(
             "--sensitivity-batches",
             type=int,
-            default=4,
+            default=SENSITIVITY_BATCHES,
             metavar="N",
             help="calibration batches of the one backward pass that gives the K-FAC loss "
-            "sensitivities the default rule weighs targets by (4; 0 = none)",
+            f"sensitivities the default rule weighs targets by ({SENSITIVITY_BATCHES}; 0 = none)",
         )
         g.add_argument(
             "--output-shrinkage",
