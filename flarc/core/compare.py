@@ -61,19 +61,19 @@ def _within(ref: np.ndarray, out: np.ndarray, rtol: float, atol: float) -> bool:
     return True
 
 
-def _session(model: onnx.ModelProto | str, workdir: Path) -> FedSession:
+def _session(model: onnx.ModelProto | str) -> FedSession:
     """A checking session for ``model``; a proto's large weights (a large rewrite's factors are
     files outside the model's folder) are fed, not serialised into a copy of the model."""
     if isinstance(model, onnx.ModelProto):
         return fed_session(model, lean_session_options(model))
-    return FedSession(open_session(model, lean_session_options(), workdir=workdir), {})
+    return FedSession(open_session(model, lean_session_options()), {})
 
 
 def _save_outputs(
     model: onnx.ModelProto | str, feeds: list[Feed], folder: Path, progress: Progress
 ) -> dict[str, int]:
     """Run ``model`` on every feed and save its numeric outputs as ``<feed>-<output>.npy``."""
-    session = _session(model, folder)
+    session = _session(model)
     names = [o.name for o in session.session.get_outputs()]
     described = progress.track(feeds, total=len(feeds), description="comparison: original")
     for i, feed in enumerate(described):
@@ -102,7 +102,7 @@ def compare_models(
     with tempfile.TemporaryDirectory(prefix="flarc-compare-") as tmp:
         folder = Path(tmp)
         index = _save_outputs(reference, feeds, folder, progress)
-        session = _session(candidate, folder)
+        session = _session(candidate)
         names = [o.name for o in session.session.get_outputs() if o.name in index]
         sums = {n: PairSums() for n in names}
         passed = dict.fromkeys(names, True)
