@@ -57,16 +57,20 @@ def output_errors(
     ``grams`` (None where there is none), exact from the Gram; one pass over ``B`` serves them
     all. ``tr(D^T G D) = <G, D D^T>``: the ``n x n`` products ``D D^T`` and ``B B^T`` (symmetric
     updates, ``n^2 m`` multiply-adds for both) serve every Gram, where ``G D`` and ``G B`` would
-    take twice that per Gram."""
+    take twice that per Gram. The products are in the weight's precision, float32 unless it is
+    float64 (half the time of float64 products on Qwen2.5-0.5B: 6 s against 12 s): a reported error
+    is then exact to about ``1e-7 ||B|| / ||D||`` relative, far below its printed digits."""
     num, den = [0.0] * len(grams), [0.0] * len(grams)
     present = [(i, g) for i, g in enumerate(grams) if g is not None]
     if present:
         view = weight_view(target, weight)
+        dtype = np.result_type(view.dtype, np.float32)
+        a = np.asarray(a, dtype=dtype)
         dd, bb = 0.0, 0.0
-        # In blocks of output columns: a large target's float64 B and residual are never whole.
+        # In blocks of output columns: a large target's B and residual are never whole.
         for j in range(0, target.m, HELDOUT_BLOCK):
-            b = np.asarray(view[:, j : j + HELDOUT_BLOCK], dtype=np.float64)
-            d = b - a @ c[:, j : j + HELDOUT_BLOCK]
+            b = np.asarray(view[:, j : j + HELDOUT_BLOCK], dtype=dtype)
+            d = b - a @ np.asarray(c[:, j : j + HELDOUT_BLOCK], dtype=dtype)
             dd = dd + gram_upper(d.T)
             bb = bb + gram_upper(b.T)
         for i, moments in present:
@@ -85,7 +89,7 @@ def _with_upper(g: np.ndarray, upper: np.ndarray) -> float:
 
 def _hints(t: Target, k: int) -> JobHints:
     """Cost ~ ``A C`` and the two ``n x n`` products (``D D^T``, ``B B^T``); memory ~ the
-    factors, the float64 blocks of ``B`` and its residual, and the Grams and products."""
+    factors, the blocks of ``B`` and its residual, and the Grams and products."""
     block = min(t.m, HELDOUT_BLOCK)
     cost = 2.0 * t.n * t.m * (k + t.n)
     return JobHints(cost, 8 * (k * (t.n + t.m) + 3 * t.n * block + 4 * t.n * t.n))
