@@ -123,7 +123,7 @@ class Qwen(Workload):
         ]  # fmt: skip
 
     def folders(self) -> dict[str, str]:
-        return {str(self.q.HF): "hf", str(self.model): "model.onnx"}
+        return {str(self.q.HF): "hf"}
 
     def score(self, outputs: list[Path]) -> list[dict[str, float]]:
         from flarc.core.modelio import load_model
