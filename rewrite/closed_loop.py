@@ -11,6 +11,10 @@ running beside the compressed one (or, where the statistics carried the original
 disk, read from there); the cross-statistic is shrunk like the Gram (same
 intensity, same target ``mu I``), so identical activations give plain whitening exactly; an
 estimated intensity is at least :data:`flarc.rewrite.analysis.COMPENSATION_SHRINKAGE`.
+A model with quantized activations (QDQ) runs as the output guard's float view
+(:func:`flarc.rewrite.guard.without_activation_qdq`): on its grid the compressed model's
+activations flip grid points on rounding-level differences, which a compensated fit would chase
+(the zoo's QDQ MiniLM: 0.8862 cosine on the quantized graph, 0.9033 on the float view).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from flarc.core.inputs import Feed, find_mask_input
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.targets import Target, Weights, stored_weight, weight_matrix
 from flarc.rewrite.analysis import Analysis, TargetAnalysis, analyze_target
+from flarc.rewrite.guard import without_activation_qdq
 from flarc.rewrite.ranks import RankChoice
 
 log = logging.getLogger(__name__)
@@ -81,6 +86,9 @@ def closed_loop_entries(
     if carried is not None and not carried.serves(feeds):
         carried = None
     light, originals = split_large_initializers(model)
+    view = without_activation_qdq(light)  # a copy of the light graph, not of large weights
+    if view is not light:
+        light, carried = view, None  # carried inputs are the quantized graph's
     levels = target_levels(model, chosen)
     wanted = [list(dict.fromkeys(u.input for t in level for u in t.all_uses)) for level in levels]
     fed = {u.consumed: (t.elem_type, list(t.weight_shape)) for t in chosen for u in t.all_uses}

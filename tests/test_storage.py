@@ -484,3 +484,37 @@ def test_guard_bypasses_activation_qdq_only(tmp_path):
         np.abs(got - want).max() < 0.2 * np.abs(_session(qdq).run(None, {"x": x})[0] - want).max()
     )
     assert without_activation_qdq(base) is base  # nothing to bypass: the model itself
+
+
+def test_closed_loop_of_a_qdq_model_fits_its_float_view(tmp_path):
+    """A quantize_static model's closed loop runs the guard's float view (activation QDQ pairs
+    as Clips): the compensated factors are those of the float view's closed loop, not of the
+    quantized graph, whose activations flip grid points the fit would chase (measured on the
+    zoo's QDQ MiniLM: 0.8862 -> 0.9033 cosine on 128 calibration sentences)."""
+    from flarc.calib.data import CalibrationSet
+    from flarc.core.targets import find_targets
+    from flarc.pipeline import analyze
+    from flarc.rewrite.analysis import AnalysisOptions
+    from flarc.rewrite.closed_loop import closed_loop_entries
+    from flarc.rewrite.guard import without_activation_qdq
+    from flarc.rewrite.ranks import RankChoice
+
+    base, shape = _base("mlp", tmp_path)
+    feeds = _calib(shape)
+    qdq = _form("qdq per channel", base, feeds, tmp_path)
+    plain = without_activation_qdq(qdq)
+    assert plain is not qdq
+    options = AnalysisOptions(precision="float64")
+    data = CalibrationSet(feeds, [], "t")
+    analysis = analyze(qdq, find_targets(qdq), data, options)
+    ranks = {t.name: RankChoice(max(1, min(t.n, t.m) // 2), "test") for t in analysis.targets}
+
+    def factors(model):
+        entries = closed_loop_entries(model, analysis, ranks, feeds, compensate=True)
+        return {k: e.spectrum.factors(ranks[k].rank) for k, e in entries.items()}
+
+    got, want = factors(qdq), factors(plain)
+    assert got.keys() == want.keys() and len(got) > 1
+    for k in got:
+        for g, w in zip(got[k], want[k], strict=True):
+            np.testing.assert_array_equal(g, w)
