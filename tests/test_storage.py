@@ -486,11 +486,14 @@ def test_guard_bypasses_activation_qdq_only(tmp_path):
     assert without_activation_qdq(base) is base  # nothing to bypass: the model itself
 
 
-def test_closed_loop_of_a_qdq_model_fits_its_float_view(tmp_path):
+@pytest.mark.parametrize("stubbed", [False, True])
+def test_closed_loop_of_a_qdq_model_fits_its_float_view(tmp_path, stubbed, monkeypatch):
     """A quantize_static model's closed loop runs the guard's float view (activation QDQ pairs
     as Clips): the compensated factors are those of the float view's closed loop, not of the
     quantized graph, whose activations flip grid points the fit would chase (measured on the
-    zoo's QDQ MiniLM: 0.8862 -> 0.9033 cosine on 128 calibration sentences)."""
+    zoo's QDQ MiniLM: 0.8862 -> 0.9033 cosine on 128 calibration sentences). ``stubbed``: the
+    weights are stubs fed from the originals, as a large model's are."""
+    import flarc.rewrite.closed_loop as closed_loop
     from flarc.calib.data import CalibrationSet
     from flarc.core.targets import find_targets
     from flarc.pipeline import analyze
@@ -504,6 +507,9 @@ def test_closed_loop_of_a_qdq_model_fits_its_float_view(tmp_path):
     qdq = _form("qdq per channel", base, feeds, tmp_path)
     plain = without_activation_qdq(qdq)
     assert plain is not qdq
+    if stubbed:
+        split = closed_loop.split_large_initializers
+        monkeypatch.setattr(closed_loop, "split_large_initializers", lambda m: split(m, 64))
     options = AnalysisOptions(precision="float64")
     data = CalibrationSet(feeds, [], "t")
     analysis = analyze(qdq, find_targets(qdq), data, options)
