@@ -14,7 +14,8 @@ estimated intensity is at least :data:`flarc.rewrite.analysis.COMPENSATION_SHRIN
 A model with quantized activations (QDQ) runs as the output guard's float view
 (:func:`flarc.rewrite.guard.without_activation_qdq`): on its grid the compressed model's
 activations flip grid points on rounding-level differences, which a compensated fit would chase
-(the zoo's QDQ MiniLM: 0.8862 cosine on the quantized graph, 0.9033 on the float view).
+(the zoo's QDQ MiniLM, 128 calibration sentences: cosine 0.8862 on the quantized graph, 0.9033
+on the float view).
 """
 
 from __future__ import annotations
