@@ -997,10 +997,18 @@ class CarriedInputs:
         ours = self.data.calibration
         return len(feeds) == len(ours) and all(a is b for a, b in zip(feeds, ours, strict=True))
 
+    def serves_heldout(self, feeds: list[Feed]) -> bool:
+        """Whether ``feeds`` are the first held-out batches these inputs were carried from."""
+        ours = self.data.heldout
+        return len(feeds) <= len(ours) and all(a is b for a, b in zip(feeds, ours, strict=False))
+
     def calibration_values(self, batch: int, names: Iterable[str]) -> dict[str, np.ndarray]:
         """Tensors ``names`` of calibration batch ``batch`` as the original model computed them
-        (graph inputs from the batch itself)."""
-        feed = CarriedFeed(self.spill, batch, self.data.calibration[batch], tuple(names))
+        (graph inputs from the batch itself); a ``batch`` past the calibration's is held-out
+        batch ``batch - len(calibration)``, as the spill numbers them."""
+        count = len(self.data.calibration)
+        feed = self.data.calibration[batch] if batch < count else self.data.heldout[batch - count]
+        feed = CarriedFeed(self.spill, batch, feed, tuple(names))
         return {n: feed[n] for n in names}
 
     def close(self) -> None:

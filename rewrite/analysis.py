@@ -147,8 +147,7 @@ def analyze_target(
         # Two-sided: columns weighted by sqrt(D) before the SVD, V^T unweighted after it, so
         # the truncation minimises tr(dW^T A dW D) and s^2 sums to loss (a dead output's D is
         # floored so that its column is still represented).
-        d = np.asarray(output_diag, dtype=np.float64)
-        root = np.sqrt(np.maximum(d, max(float(d.mean()), 1e-300) * 1e-6))
+        root = output_root(output_diag)
         b = b * root
     if max_rank is None and not options.directions:
         max_rank = 0
@@ -193,6 +192,13 @@ def analyze_target(
     if root is not None:
         spectrum.vt = np.asarray(spectrum.vt) / root
     return TargetAnalysis(target, spectrum, shrunk.lam, kind, moments.count)
+
+
+def output_root(output_diag: np.ndarray) -> np.ndarray:
+    """Two-sided whitening's column weights ``sqrt(D)``, a dead output's ``D`` floored at 1e-6 of
+    the mean so that its column is still represented."""
+    d = np.asarray(output_diag, dtype=np.float64)
+    return np.sqrt(np.maximum(d, max(float(d.mean()), 1e-300) * 1e-6))
 
 
 def _shrunk_cross(moments: Moments, shrunk: Shrunk, n: int) -> np.ndarray | None:

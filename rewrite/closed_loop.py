@@ -11,6 +11,11 @@ running beside the compressed one (or, where the statistics carried the original
 disk, read from there); the cross-statistic is shrunk like the Gram (same
 intensity, same target ``mu I``), so identical activations give plain whitening exactly; an
 estimated intensity is at least :data:`flarc.rewrite.analysis.COMPENSATION_SHRINKAGE`.
+Where the data has held-out batches, the segments run on them too, and each target keeps its
+compensated fit or its plain one (the compressed model's Gram alone, the same shrinkage) by the
+lower compensation error on those batches (:func:`heldout_error`): a compensated fit can learn
+the calibration's own content (ViT-S/14 calibrated on crops of 8 images, 30% cut: cosine 0.9854
+compensated, 0.9898 chosen per target on crops of other images, 0.9911 plain).
 A model with quantized activations (QDQ) runs as the output guard's float view
 (:func:`flarc.rewrite.guard.without_activation_qdq`): on its grid the compressed model's
 activations flip grid points on rounding-level differences, which a compensated fit would chase
@@ -44,7 +49,12 @@ from flarc.core.graphs import scopes
 from flarc.core.inputs import Feed, find_mask_input
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.targets import Target, Weights, stored_weight, weight_matrix
-from flarc.rewrite.analysis import Analysis, TargetAnalysis, analyze_target
+from flarc.rewrite.analysis import (
+    Analysis,
+    TargetAnalysis,
+    analyze_target,
+    output_root,
+)
 from flarc.rewrite.guard import without_activation_qdq
 from flarc.rewrite.ranks import RankChoice
 
@@ -66,6 +76,7 @@ def closed_loop_entries(
     feeds: list[Feed],
     compensate: bool = False,
     progress: Progress | None = None,
+    validate: bool = True,
 ) -> dict[str, TargetAnalysis]:
     """Closed-loop spectra of every factorized target (others keep their open-loop entry), each
     kept up to its chosen rank."""
@@ -84,7 +95,8 @@ def closed_loop_entries(
     stored = Weights(model)
     # The original's inputs, carried to disk by the statistics' forward pass: read, not re-run.
     carried = analysis.carried if compensate else None
-    if carried is not None and not carried.serves(feeds):
+    held = _validation_feeds(analysis, feeds) if compensate and validate else []
+    if carried is not None and not (carried.serves(feeds) and carried.serves_heldout(held)):
         carried = None
     light, originals = split_large_initializers(model)
     view = without_activation_qdq(light)  # a copy of the light graph, not of large weights
@@ -93,7 +105,7 @@ def closed_loop_entries(
     levels = target_levels(model, chosen)
     wanted = [list(dict.fromkeys(u.input for t in level for u in t.all_uses)) for level in levels]
     fed = {u.consumed: (t.elem_type, list(t.weight_shape)) for t in chosen for u in t.all_uses}
-    run = SegmentedModel(light, wanted, fed, feeds, originals)
+    run = SegmentedModel(light, wanted, fed, [*feeds, *held], originals)
     mask = find_mask_input(light, analysis.options.mask_input)
     store = analysis.store if analysis.store is not None and analysis.store.writable else None
     index = {t.name: i for i, t in enumerate(analysis.targets)}
@@ -103,6 +115,7 @@ def closed_loop_entries(
     last = {x: i for i, names in enumerate(reads) for x in names}
     compressed: dict[str, np.ndarray] = {}  # rank-k products, kept until their last reader
     underdetermined: list[TargetAnalysis] = []
+    plain = 0  # targets whose plain fit beat the compensated one on the held-out batches
     for i, level in enumerate(progress.track(levels, total=len(levels), description="closed loop")):
         states = {"compressed": {x: compressed[x] for x in reads[i]}}
         if compensate and carried is None:
@@ -112,8 +125,16 @@ def closed_loop_entries(
         if carried is not None:
             batches = _with_carried(batches, carried, wanted[i])
         outputs = _output_partners(level, stored) if compensate else {}
-        stats = level_statistics(
-            light, level, batches, mask, options.precision, compensate, feeds, outputs
+        stats, held_rows = level_statistics(
+            light,
+            level,
+            batches,
+            mask,
+            options.precision,
+            compensate,
+            [*feeds, *held],
+            outputs,
+            heldout=len(held),
         )
         del outputs
         del states
@@ -122,9 +143,21 @@ def closed_loop_entries(
         for t in level:
             diag = (analysis.output_diag or {}).get(t.name) if options.two_sided else None
             rank = ranks[t.name].rank
-            entry = analyze_target(
-                t, stored.consumed(t), stats[t.stat_key], options, compensate, diag, max_rank=rank
-            )
+            weight = stored.consumed(t)
+            if held_rows:
+                # The plain fit as --closed-loop makes it: the compressed model's Gram alone.
+                fits = [
+                    analyze_target(t, weight, stats[t.stat_key], options, c, diag, max_rank=rank)
+                    for c in (True, False)
+                ]
+                errors = [heldout_error(held_rows, t, weight, f, rank, diag) for f in fits]
+                entry = fits[int(np.argmin(errors))]
+                plain += entry is fits[1]
+            else:
+                entry = analyze_target(
+                    t, weight, stats[t.stat_key], options, compensate, diag, max_rank=rank
+                )
+            del weight
             if compensate and entry.rows < t.n and entry.lam < WEAK_SHRINKAGE:
                 underdetermined.append(entry)
             a, c = entry.spectrum.factors(rank)
@@ -135,7 +168,16 @@ def closed_loop_entries(
                 # Named by index, as the open-loop spectra: a node name is no safe file name.
                 entry.spectrum = entry.spectrum.stored(store, f"closed/t{index[t.name]}")
             entries[t.name] = entry
-        del stats
+        del stats, held_rows
+    if held:
+        log.info(
+            "closed loop: %d of %d targets kept the compensated fit, %d the plain one (the "
+            "lower error on %d held-out batches)",
+            len(chosen) - plain,
+            len(chosen),
+            plain,
+            len(held),
+        )
     if underdetermined:
         worst = min(underdetermined, key=lambda e: e.lam)
         log.warning(
@@ -149,6 +191,40 @@ def closed_loop_entries(
             worst.lam,
         )
     return entries
+
+
+def _validation_feeds(analysis: Analysis, feeds: list[Feed]) -> list[Feed]:
+    """The held-out batches that judge each compensated fit (none where nothing was held out)."""
+    if analysis.heldout_is_calibration:
+        return []
+    return [f for f in analysis.heldout_feeds if not any(f is g for g in feeds)]
+
+
+def heldout_error(
+    held_rows: list[dict[str, dict[str, np.ndarray]]],
+    target: Target,
+    weight: np.ndarray,
+    fit: TargetAnalysis,
+    rank: int,
+    output_diag: np.ndarray | None = None,
+) -> float:
+    """``sum ||(X_c A C - X_o B) diag(r)||^2`` over the held-out batches' rows of ``target``'s
+    statistic: ``A C`` the rank-``rank`` factors of ``fit``, ``B`` the stored ``weight``'s matrix,
+    ``X_c`` the compressed model's rows and ``X_o`` the original's, ``r`` two-sided whitening's
+    column weights (:func:`flarc.rewrite.analysis.output_root`; 1 without ``output_diag``): the
+    error a compensated fit minimises on its own rows, measured where neither fit was made."""
+    a, c = fit.spectrum.factors(rank)
+    b = weight_matrix(target, weight)
+    root = None if output_diag is None else output_root(output_diag)
+    total = 0.0
+    for values in held_rows:
+        rows, partner = values[target.stat_key]["rows"], values[target.stat_key]["partner_rows"]
+        dtype = np.result_type(rows.dtype, np.float32)
+        residual = (rows @ a.astype(dtype)) @ c.astype(dtype) - partner @ b.astype(dtype)
+        if root is not None:
+            residual *= root.astype(dtype)
+        total += float(np.einsum("ij,ij->", residual, residual, dtype=np.float64))
+    return total
 
 
 def _output_partners(level: list[Target], stored: Weights) -> dict[str, np.ndarray]:
@@ -185,7 +261,8 @@ def level_statistics(
     compensate: bool,
     feeds: list[Feed],
     outputs: dict[str, np.ndarray] | None = None,
-) -> dict[str, Moments]:
+    heldout: int = 0,
+) -> tuple[dict[str, Moments], list[dict[str, dict[str, np.ndarray]]]]:
     """The moments of one level's inputs in the compressed model (with their cross-statistic
     with the original's when ``compensate``: with its input, or for a key in ``outputs``, with
     its output, the input times that weight), from the segment's values by a graph of the
@@ -214,10 +291,15 @@ def level_statistics(
     )
 
     # The calibration's shards (calib.statistics.shard_ends): stacked rows for each product.
-    ends = set(shard_ends(plans, feeds, mask))
+    fitted = feeds[: len(feeds) - heldout]
+    ends = set(shard_ends(plans, fitted, mask))
     totals: dict[str, Moments] = {}
     chunk: list[dict[str, dict[str, np.ndarray]]] = []
+    held: list[dict[str, dict[str, np.ndarray]]] = []
     for b, vals in itertools.chain([(0, values)], batches):
+        if b >= len(fitted):
+            held.append(session.outputs(feed_of(b, vals)))
+            continue
         chunk.append(session.outputs(feed_of(b, vals)))
         if b + 1 in ends:
             for key, moments in session.moments(chunk, outputs).items():
@@ -228,4 +310,4 @@ def level_statistics(
             chunk.clear()
     for moments in totals.values():
         mirror_upper(moments.gram)  # each batch added only the upper triangle
-    return totals
+    return totals, held

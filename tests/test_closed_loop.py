@@ -3,6 +3,8 @@ agree, and compensation minimising what it claims to minimise."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -419,3 +421,67 @@ def test_a_compensated_fit_shrinks_at_least_compensation_shrinkage():
     np.testing.assert_allclose(compensated.spectrum.sigma, expected.sigma, rtol=1e-10)
     (a1, c1), (a2, c2) = compensated.spectrum.factors(k), expected.factors(k)
     np.testing.assert_allclose(a1 @ c1, a2 @ c2, rtol=1e-8, atol=1e-10)
+
+
+def test_held_out_batches_choose_between_the_compensated_and_the_plain_fit(
+    tiny_encoder, monkeypatch
+):
+    """With held-out batches, each target keeps whichever of its two closed-loop fits (the
+    compensated and the plain one, from the same statistics) has the lower error
+    ``||(X_c A C - X_o B) diag(r)||`` on them, recomputed here from the whole-graph twin's
+    held-out rows (every final factor fed, padding left out, two-sided weights ``r``); without
+    held-out batches, or with ``validate=False``, every target keeps the compensated fit."""
+    import flarc.rewrite.closed_loop as cl
+    from flarc.rewrite.analysis import output_root
+
+    case = tiny_encoder(seed=3, batches=7, batch=8, pad_from=11)
+    data = CalibrationSet(case.feeds[:4], case.feeds[4:], "t")
+    options = AnalysisOptions(full_rank=True, precision="float64")
+    analysis = analyze(case.model, find_targets(case.model), data, options)
+    assert analysis.output_diag is not None and analysis.options.two_sided
+    ranks = {t.name: RankChoice(max(1, min(t.n, t.m) // 4), "quarter") for t in analysis.targets}
+    fits, real = {}, cl.analyze_target
+
+    def spy(t, weight, moments, options, compensate=False, *args, **kwargs):
+        fit = real(t, weight, moments, options, compensate, *args, **kwargs)
+        fits.setdefault(t.name, []).append(fit)
+        return fit
+
+    monkeypatch.setattr(cl, "analyze_target", spy)
+    entries = closed_loop_entries(case.model, analysis, ranks, data.calibration, compensate=True)
+    assert set(fits) == {t.name for t in analysis.targets}
+
+    weights = {}
+    for t in analysis.targets:
+        a, c = entries[t.name].spectrum.factors(ranks[t.name].rank)
+        weights[TWIN + t.weight] = stored_weight(t, a @ c)
+    outputs = sorted({n for t in analysis.targets for n in (TWIN + t.input, t.input)})
+    twin = twin_model(case.model, analysis.targets)
+    acts = run_tensors(twin, outputs, [{**f, **weights} for f in data.heldout])
+    keep = [f["attention_mask"].reshape(-1) > 0 for f in data.heldout]
+    consts = constant_tensors(case.model)
+    chose = []
+    for t in analysis.targets:
+        xc, xo = (
+            np.concatenate(
+                [a[p + t.input].reshape(-1, t.n)[m] for a, m in zip(acts, keep, strict=True)]
+            )
+            for p in (TWIN, "")
+        )
+        b, root = weight_matrix(t, consts[t.weight]), output_root(analysis.output_diag[t.name])
+        errors = []
+        for fit in fits[t.name]:
+            a, c = fit.spectrum.factors(ranks[t.name].rank)
+            errors.append(np.sum(((xc @ a @ c - xo @ b) * root) ** 2))
+        if abs(errors[0] - errors[1]) > 1e-6 * max(errors):  # a tie may go either way
+            assert entries[t.name] is fits[t.name][int(np.argmin(errors))], t.name
+        chose.append(entries[t.name] is fits[t.name][1])
+    assert 0 < sum(chose) < len(chose)  # both fits win somewhere: the choice was exercised
+
+    for off in (
+        dict(analysis=analysis, validate=False),
+        dict(analysis=dataclasses.replace(analysis, heldout_is_calibration=True)),
+    ):
+        fits.clear()
+        closed_loop_entries(case.model, ranks=ranks, feeds=data.calibration, compensate=True, **off)
+        assert all(len(f) == 1 for f in fits.values())  # the compensated fit alone
