@@ -38,7 +38,8 @@ class Demo(Command):
         con.print(f"model: {demo.source}")
         con.print(
             f"text: {demo.calibration_sentences} calibration and {demo.heldout_sentences} "
-            "held-out sentences"
+            "held-out sentences (the closed loop keeps, per target, the fit with the lower error "
+            "on them)"
         )
         con.print(rows_table(demo.result.rows))
         con.print(comparison_table(demo.result))
@@ -46,7 +47,7 @@ class Demo(Command):
             con.print(line)
         cos = demo.cosines
         con.print(
-            f"sentence-embedding cosine to the original on {len(cos)} held-out sentences: "
+            f"sentence-embedding cosine to the original on {len(cos)} other sentences: "
             f"mean {cos.mean():.4f}, min {cos.min():.4f}"
         )
         for label, (before, after) in demo.latency.items():
