@@ -13,7 +13,7 @@ intensity, same target ``mu I``), so identical activations give plain whitening 
 estimated intensity is at least :data:`flarc.rewrite.analysis.COMPENSATION_SHRINKAGE`.
 Where the data has held-out batches, the segments run on them too, and each target keeps its
 compensated fit or its plain one (the compressed model's Gram alone, the same shrinkage) by the
-lower compensation error on those batches (:func:`heldout_error`): a compensated fit can learn
+lower compensation error on those batches (:func:`heldout_errors`): a compensated fit can learn
 the calibration's own content (ViT-S/14 calibrated on crops of 8 images, 30% cut: cosine 0.9854
 compensated, 0.9898 chosen per target on crops of other images, 0.9911 plain).
 A model with quantized activations (QDQ) runs as the output guard's float view
@@ -150,7 +150,7 @@ def closed_loop_entries(
                     analyze_target(t, weight, stats[t.stat_key], options, c, diag, max_rank=rank)
                     for c in (True, False)
                 ]
-                errors = [heldout_error(held_rows, t, weight, f, rank, diag) for f in fits]
+                errors = heldout_errors(held_rows, t, weight, fits, rank, diag)
                 entry = fits[int(np.argmin(errors))]
                 plain += entry is fits[1]
             else:
@@ -200,31 +200,34 @@ def _validation_feeds(analysis: Analysis, feeds: list[Feed]) -> list[Feed]:
     return [f for f in analysis.heldout_feeds if not any(f is g for g in feeds)]
 
 
-def heldout_error(
+def heldout_errors(
     held_rows: list[dict[str, dict[str, np.ndarray]]],
     target: Target,
     weight: np.ndarray,
-    fit: TargetAnalysis,
+    fits: list[TargetAnalysis],
     rank: int,
     output_diag: np.ndarray | None = None,
-) -> float:
+) -> list[float]:
     """``sum ||(X_c A C - X_o B) diag(r)||^2`` over the held-out batches' rows of ``target``'s
-    statistic: ``A C`` the rank-``rank`` factors of ``fit``, ``B`` the stored ``weight``'s matrix,
-    ``X_c`` the compressed model's rows and ``X_o`` the original's, ``r`` two-sided whitening's
-    column weights (:func:`flarc.rewrite.analysis.output_root`; 1 without ``output_diag``): the
-    error a compensated fit minimises on its own rows, measured where neither fit was made."""
-    a, c = fit.spectrum.factors(rank)
+    statistic for each of ``fits``: ``A C`` its rank-``rank`` factors, ``B`` the stored
+    ``weight``'s matrix, ``X_c`` the compressed model's rows and ``X_o`` the original's, ``r``
+    two-sided whitening's column weights (:func:`flarc.rewrite.analysis.output_root`; 1 without
+    ``output_diag``): the error a compensated fit minimises on its own rows, measured where no
+    fit was made."""
+    factors = [f.spectrum.factors(rank) for f in fits]
     b = weight_matrix(target, weight)
     root = None if output_diag is None else output_root(output_diag)
-    total = 0.0
+    totals = [0.0] * len(fits)
     for values in held_rows:
         rows, partner = values[target.stat_key]["rows"], values[target.stat_key]["partner_rows"]
         dtype = np.result_type(rows.dtype, np.float32)
-        residual = (rows @ a.astype(dtype)) @ c.astype(dtype) - partner @ b.astype(dtype)
-        if root is not None:
-            residual *= root.astype(dtype)
-        total += float(np.einsum("ij,ij->", residual, residual, dtype=np.float64))
-    return total
+        wanted = partner @ b.astype(dtype)  # the original's output, shared by the fits
+        for i, (a, c) in enumerate(factors):
+            residual = (rows @ a.astype(dtype)) @ c.astype(dtype) - wanted
+            if root is not None:
+                residual *= root.astype(dtype)
+            totals[i] += float(np.einsum("ij,ij->", residual, residual, dtype=np.float64))
+    return totals
 
 
 def _output_partners(level: list[Target], stored: Weights) -> dict[str, np.ndarray]:
