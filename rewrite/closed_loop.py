@@ -12,8 +12,8 @@ disk, read from there); the cross-statistic is shrunk like the Gram (same
 intensity, same target ``mu I``), so identical activations give plain whitening exactly; an
 estimated intensity is at least :data:`flarc.rewrite.analysis.COMPENSATION_SHRINKAGE`.
 Where the data has held-out batches, the segments run on them too, and each target keeps its
-compensated fit or its plain one (the compressed model's Gram alone, the same shrinkage) by the
-lower compensation error on those batches (:func:`heldout_errors`): a compensated fit can learn
+compensated fit or its plain one (the compressed model's Gram alone, its own shrinkage, as
+``--closed-loop`` fits it) by the lower compensation error on those batches (:func:`heldout_errors`): a compensated fit can learn
 the calibration's own content (ViT-S/14 calibrated on crops of 8 images, 30% cut: cosine 0.9854
 compensated, 0.9898 chosen per target on crops of other images, 0.9911 plain).
 A model with quantized activations (QDQ) runs as the output guard's float view
@@ -79,7 +79,8 @@ def closed_loop_entries(
     validate: bool = True,
 ) -> dict[str, TargetAnalysis]:
     """Closed-loop spectra of every factorized target (others keep their open-loop entry), each
-    kept up to its chosen rank."""
+    kept up to its chosen rank. With ``compensate`` and ``validate``, the analysis' held-out
+    batches (where it has some) choose each target's compensated or plain fit."""
     progress = progress or NoProgress()
     owner = next((s for s in scopes(model)[1:]), None)
     if owner is not None:
@@ -271,7 +272,8 @@ def level_statistics(
     its output, the input times that weight), from the segment's values by a graph of the
     statistics nodes alone: the products over the rows of each shard of consecutive batches
     stacked, as the calibration's (:func:`flarc.calib.statistics.shard_ends`), the shards added
-    in batch order."""
+    in batch order. The last ``heldout`` of ``feeds`` add nothing: their rows come back per batch
+    (:meth:`StatisticsSession.outputs`), not multiplied."""
     plans = plan_statistics(level, lambda x: COMPRESSED + x, partner=compensate, prefix="cl")
     _, values = next(batches)  # batch 0 (segments run in batch order)
 
