@@ -147,7 +147,7 @@ def vit_setup():
 
 
 METHODS = {
-    # name: (analysis options, rank options(budget), closed loop, compensate)
+    # name: (analysis options, rank options(budget), closed loop, compensate[, validate fits])
     "plain SVD": (
         dict(whiten="none", shrinkage="none"),
         lambda b: RankOptions(ratio=b),
@@ -212,9 +212,17 @@ METHODS = {
     # The default rule: global allocation weighted by the analysis's K-FAC sensitivities, on
     # two-sided spectra (A^1/2 W D^1/2) since 442d745; one-sided (A^1/2 W, g2-weighted) before.
     "flarc default": (dict(), lambda b: RankOptions(budget=b), False, False),
-    # The default rule's ranks, then closed-loop compensated factors (`--preset best`: each
-    # target's compensated or plain fit, by the lower error on flarc's held-out batches).
+    # The default rule's ranks, then closed-loop compensated factors (`--preset best`).
     "flarc default + compensation": (dict(), lambda b: RankOptions(budget=b), True, True),
+    # The same with `--validate-fits`: each target's compensated or plain fit, by the lower
+    # error on flarc's held-out batches.
+    "flarc default + compensation, validated": (
+        dict(),
+        lambda b: RankOptions(budget=b),
+        True,
+        True,
+        True,
+    ),
     # The default rule's ranks, then plain closed-loop factors (`--closed-loop`).
     "flarc default + closed loop": (dict(), lambda b: RankOptions(budget=b), True, False),
     "K-FAC weighted, one-sided": (
@@ -277,7 +285,7 @@ def main() -> None:
         kept_rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     rows = []
     for method in args.methods:
-        a_opts, r_opts, closed, comp = METHODS[method]
+        a_opts, r_opts, closed, comp, *validate = METHODS[method]
         a_opts = {"sensitivity": uses_sensitivity(r_opts(args.budgets[0])), **a_opts}
         key = json.dumps(a_opts, sort_keys=True)
         if key not in analyses:
@@ -293,6 +301,7 @@ def main() -> None:
                 r_opts(budget),
                 closed_loop=data.calibration if closed else None,
                 compensate=comp,
+                validate_fits=bool(validate and validate[0]),
             )
             seconds = time.perf_counter() - t1 + analysis_s
             session = open_session(result.model)

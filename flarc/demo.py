@@ -177,7 +177,7 @@ def run_demo(budget: float = 0.8, out_dir: Path | None = None, progress=None) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"all-MiniLM-L6-v2.b{budget:g}.onnx"
     sentences = english_sentences()
-    # Held out: sentences the closed loop judges its fits on; scored: others, unseen by flarc.
+    # Held out: sentences flarc checks itself on; scored: others, never seen by flarc.
     calib_sents, held_sents, scored = sentences[:512], sentences[512:640], sentences[-256:]
     model = load_model(src)
     data = CalibrationSet(minilm_feeds(calib_sents), minilm_feeds(held_sents), "pydoc_data.topics")

@@ -309,11 +309,14 @@ def compress(
     closed_loop: list[Feed] | None = None,
     compensate: bool = False,
     progress: Progress | None = None,
+    validate_fits: bool = False,
 ) -> CompressResult:
     """Choose ranks, rewrite the graph, check it, guard it, and compare it with the original.
 
     With ``closed_loop`` calibration feeds, the chosen targets are refactorized in closed loop
-    (:mod:`flarc.rewrite.closed_loop`), with error compensation when ``compensate``.
+    (:mod:`flarc.rewrite.closed_loop`), with error compensation when ``compensate``; with
+    ``validate_fits`` too, the analysis' held-out batches choose each target's compensated or
+    plain fit.
     """
     weights = Weights(model)
     if not analysis.options.directions and (not closed_loop or options.reads_factors):
@@ -325,7 +328,9 @@ def compress(
     if closed_loop:
         from flarc.rewrite.closed_loop import closed_loop_entries
 
-        entries = closed_loop_entries(model, analysis, ranks, closed_loop, compensate, progress)
+        entries = closed_loop_entries(
+            model, analysis, ranks, closed_loop, compensate, progress, validate_fits
+        )
         analysis = dataclasses.replace(analysis, entries=entries)
     factors = lazy_factors(analysis, ranks)
     spill = None

@@ -11,8 +11,8 @@ running beside the compressed one (or, where the statistics carried the original
 disk, read from there); the cross-statistic is shrunk like the Gram (same
 intensity, same target ``mu I``), so identical activations give plain whitening exactly; an
 estimated intensity is at least :data:`flarc.rewrite.analysis.COMPENSATION_SHRINKAGE`.
-Where the data has held-out batches, the segments run on them too, and each target keeps its
-compensated fit or its plain one (the compressed model's Gram alone, its own shrinkage, as
+With ``validate`` (``--validate-fits``) and held-out batches, the segments run on them too, and
+each target keeps its compensated fit or its plain one (the compressed model's Gram alone, its own shrinkage, as
 ``--closed-loop`` fits it) by the lower compensation error on those batches (:func:`heldout_errors`): a compensated fit can learn
 the calibration's own content (ViT-S/14 calibrated on crops of 8 images, 30% cut: cosine 0.9854
 compensated, 0.9898 chosen per target on crops of other images, 0.9911 plain).
@@ -76,7 +76,7 @@ def closed_loop_entries(
     feeds: list[Feed],
     compensate: bool = False,
     progress: Progress | None = None,
-    validate: bool = True,
+    validate: bool = False,
 ) -> dict[str, TargetAnalysis]:
     """Closed-loop spectra of every factorized target (others keep their open-loop entry), each
     kept up to its chosen rank. With ``compensate`` and ``validate``, the analysis' held-out

@@ -448,6 +448,13 @@ def test_preset_best_refits_closed_loop_and_fast_does_not(tmp_path, mlp, capsys)
     fast = stages("--preset", "fast")
     assert "closed loop" not in fast and "calibration forward pass" not in fast
     assert "closed loop" not in stages("--ratio", "0.5")
+    # --validate-fits chooses between closed-loop fits: on the open loop it is refused.
+    argv = ["compress", str(mlp), "-o", str(tmp_path / "v.onnx"), "--calib",
+            str(tmp_path / "calib.npz"), "--preset", "fast", "--validate-fits"]  # fmt: skip
+    assert main(argv) != 0
+    assert "--validate-fits" in capsys.readouterr().err
+    assert not (tmp_path / "v.onnx").exists()
+    assert "closed loop" in stages("--validate-fits")
 
 
 def test_a_large_compress_removes_its_temporaries_while_it_writes(

@@ -426,11 +426,12 @@ def test_a_compensated_fit_shrinks_at_least_compensation_shrinkage():
 def test_held_out_batches_choose_between_the_compensated_and_the_plain_fit(
     tiny_encoder, monkeypatch
 ):
-    """With held-out batches, each target keeps whichever of its two closed-loop fits (the
-    compensated and the plain one, from the same statistics) has the lower error
+    """With ``validate`` and held-out batches, each target keeps whichever of its two closed-loop
+    fits (the compensated and the plain one, from the same statistics) has the lower error
     ``||(X_c A C - X_o B) diag(r)||`` on them, recomputed here from the whole-graph twin's
     held-out rows (every final factor fed, padding left out, two-sided weights ``r``); without
-    held-out batches, or with ``validate=False``, every target keeps the compensated fit."""
+    held-out batches, or without ``validate`` (the default), every target keeps the compensated
+    fit."""
     import flarc.rewrite.closed_loop as cl
     from flarc.rewrite.analysis import output_root
 
@@ -448,7 +449,9 @@ def test_held_out_batches_choose_between_the_compensated_and_the_plain_fit(
         return fit
 
     monkeypatch.setattr(cl, "analyze_target", spy)
-    entries = closed_loop_entries(case.model, analysis, ranks, data.calibration, compensate=True)
+    entries = closed_loop_entries(
+        case.model, analysis, ranks, data.calibration, compensate=True, validate=True
+    )
     assert set(fits) == {t.name for t in analysis.targets}
 
     weights = {}
@@ -480,7 +483,7 @@ def test_held_out_batches_choose_between_the_compensated_and_the_plain_fit(
 
     for off in (
         dict(analysis=analysis, validate=False),
-        dict(analysis=dataclasses.replace(analysis, heldout_is_calibration=True)),
+        dict(analysis=dataclasses.replace(analysis, heldout_is_calibration=True), validate=True),
     ):
         fits.clear()
         closed_loop_entries(case.model, ranks=ranks, feeds=data.calibration, compensate=True, **off)

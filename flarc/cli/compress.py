@@ -11,7 +11,7 @@ from flarc.cli.analyze import ANALYSIS_GROUPS, CALIBRATION, analysis_for, brings
 from flarc.cli.args import ClosedLoopArgs, LatencyArgs, ModelArgs, OutputArgs, RankArgs
 from flarc.cli.command import Command
 from flarc.cli.display import CliProgress, console
-from flarc.core.errors import FlarcError
+from flarc.core.errors import FlarcError, OptionError
 
 RANKS = RankArgs()
 LATENCY = LatencyArgs()
@@ -71,7 +71,14 @@ class Compress(Command):
         shapes = CALIBRATION.shapes.parse(args)
         options = LATENCY.parse(args, options, model, analysis, shapes, progress)
         loop = data.calibration if closed and data is not None else None
-        result = compress(model, analysis, options, args.force, loop, compensate, progress)
+        if args.validate_fits and not (loop and compensate):
+            raise OptionError(
+                "--validate-fits chooses between closed-loop fits: it needs the compensated "
+                "closed loop (--preset best or --compensate) and calibration data"
+            )
+        result = compress(
+            model, analysis, options, args.force, loop, compensate, progress, args.validate_fits
+        )
         # The analysis' temporaries are dead now: removed while the model is written.
         with removing_meanwhile([analysis.close]):
             written = step(progress, "writing", lambda: save_model(result.model, args.output))

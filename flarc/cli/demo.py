@@ -38,8 +38,7 @@ class Demo(Command):
         con.print(f"model: {demo.source}")
         con.print(
             f"text: {demo.calibration_sentences} calibration and {demo.heldout_sentences} "
-            "held-out sentences (the closed loop keeps, per target, the fit with the lower error "
-            "on them)"
+            "held-out sentences"
         )
         con.print(rows_table(demo.result.rows))
         con.print(comparison_table(demo.result))
