@@ -12,10 +12,11 @@ disk, read from there); the cross-statistic is shrunk like the Gram (same
 intensity, same target ``mu I``), so identical activations give plain whitening exactly; an
 estimated intensity is at least :data:`flarc.rewrite.analysis.COMPENSATION_SHRINKAGE`.
 With ``validate`` (``--validate-fits``) and held-out batches, the segments run on them too, and
-each target keeps its compensated fit or its plain one (the compressed model's Gram alone, its own shrinkage, as
-``--closed-loop`` fits it) by the lower compensation error on those batches (:func:`heldout_errors`): a compensated fit can learn
-the calibration's own content (ViT-S/14 calibrated on crops of 8 images, 30% cut: cosine 0.9854
-compensated, 0.9898 chosen per target on crops of other images, 0.9911 plain).
+each target keeps its compensated fit or its plain one (the compressed model's Gram alone, its
+own shrinkage, as ``--closed-loop`` fits it) by the lower compensation error on those batches
+(:func:`heldout_errors`): a compensated fit can learn the calibration's own content (ViT-S/14
+calibrated on crops of 8 images, 30% cut: cosine 0.9854 compensated, 0.9898 chosen per target on
+crops of other images, 0.9911 plain).
 A model with quantized activations (QDQ) runs as the output guard's float view
 (:func:`flarc.rewrite.guard.without_activation_qdq`): on its grid the compressed model's
 activations flip grid points on rounding-level differences, which a compensated fit would chase

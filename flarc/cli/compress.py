@@ -64,6 +64,11 @@ class Compress(Command):
         sha = file_sha256(args.model)
         progress = CliProgress()
         closed, compensate = CLOSED_LOOP.parse(args, model, brings_data(args))
+        if args.validate_fits and not compensate:
+            raise OptionError(
+                "--validate-fits chooses between closed-loop fits: it needs the compensated "
+                "closed loop (--preset best or --compensate) and calibration data"
+            )
         options = RANKS.parse(args)
         # The closed loop refits every factorized target: the open loop's directions go unread.
         directions = not closed or options.reads_factors
@@ -71,11 +76,6 @@ class Compress(Command):
         shapes = CALIBRATION.shapes.parse(args)
         options = LATENCY.parse(args, options, model, analysis, shapes, progress)
         loop = data.calibration if closed and data is not None else None
-        if args.validate_fits and not (loop and compensate):
-            raise OptionError(
-                "--validate-fits chooses between closed-loop fits: it needs the compensated "
-                "closed loop (--preset best or --compensate) and calibration data"
-            )
         result = compress(
             model, analysis, options, args.force, loop, compensate, progress, args.validate_fits
         )
