@@ -10,10 +10,10 @@ tables, exit), and the written model's quality in and out of domain.
   --batch-size 4 --max-batches 8 --exclude lm_head``), perplexity on `bench/quality_lm.py`'s
   windows. Needs the cache `bench/quality_lm.py` builds (the ONNX export and
   `calib_pydoc_4096.txt`).
-- ``minilm``: all-MiniLM-L6-v2 (`flarc demo`'s model and sentences: 512 for calibration, the
-  last 256 held out, one per line, ``--no-pack --seq-len 128 --batch-size 16 --holdout
-  0.3333``), embedding cosine to the original on the held-out sentences and on licence prose
-  (`bench/quality.py`'s).
+- ``minilm``: all-MiniLM-L6-v2 (`flarc demo`'s model and sentences: 512 for calibration and
+  sentences 512-767, which flarc holds out, one per line, ``--no-pack --seq-len 128
+  --batch-size 16 --holdout 0.3333``), embedding cosine to the original on the last 256
+  sentences, which flarc never sees, and on licence prose (`bench/quality.py`'s).
 
     python bench/compress_time.py [--model qwen|minilm] [--presets best fast] [--budget 0.8]
 

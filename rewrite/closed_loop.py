@@ -50,12 +50,7 @@ from flarc.core.graphs import scopes
 from flarc.core.inputs import Feed, find_mask_input
 from flarc.core.progress import NoProgress, Progress
 from flarc.core.targets import Target, Weights, stored_weight, weight_matrix
-from flarc.rewrite.analysis import (
-    Analysis,
-    TargetAnalysis,
-    analyze_target,
-    output_root,
-)
+from flarc.rewrite.analysis import Analysis, TargetAnalysis, analyze_target, output_root
 from flarc.rewrite.guard import without_activation_qdq
 from flarc.rewrite.ranks import RankChoice
 
