@@ -189,7 +189,7 @@ def run_demo(budget: float = 0.8, out_dir: Path | None = None, progress=None) ->
         AnalysisOptions(directions=False),  # the closed loop below refits every factor
         file_sha256(src),
         progress,
-        keep_inputs=True,  # read by the closed loop below where carried (several statistic groups)
+        keep_inputs=True,  # the original's side of the closed loop below, read from disk
     )
     # The CLI's default (--preset best): the default rule's ranks, refitted closed loop.
     result = compress(

@@ -80,9 +80,9 @@ def analyze(
     where the calibration sums are saved every ``checkpoint_every`` batches and from which
     ``resume`` continues a run of the same model, options and data. ``compute`` says where
     calibration shards and per-target factorizations run (this process by default) and on
-    which device; the result is the same on every executor. ``keep_inputs``: where the
-    calibration forward pass carried every target's input to disk (a model whose statistics
-    take several groups), the analysis keeps them (:attr:`Analysis.carried`), for a compensated
+    which device; the result is the same on every executor. ``keep_inputs``: the calibration
+    forward pass carries every target's input to disk (where the executor is this process and
+    the disk has room) and the analysis keeps them (:attr:`Analysis.carried`), for a compensated
     closed loop on the same batches to read instead of running the original model again
     (``compress(..., compensate=True)``).
     """

@@ -221,18 +221,20 @@ def test_compensated_closed_loop_reads_the_carried_inputs(small_lm, spill_everyt
         assert np.trace(d.T @ g @ d) / np.trace(b.T @ g @ b) < 1e-9, t.name
 
 
-def test_a_small_model_carries_nothing_even_when_asked(small_lm, spills):
-    """One statistics group: the graph computes the sums itself and no input is spilled, even
-    for a compensated closed loop (re-running the original beside the compressed model costs
-    less than writing its inputs and reading them back); the sums are the same bits."""
+def test_a_small_model_carries_its_inputs_only_when_asked(small_lm, spills):
+    """One statistics group: the graph computes the sums itself and no input is spilled, unless
+    the caller keeps the inputs (a compensated closed loop reads the original's side from them
+    instead of running the original again); the sums are the same bits either way."""
     model, data = small_lm
     targets = find_targets(model)
     options = AnalysisOptions(two_sided=False)
     plain = analyze(model, targets, data, options)
+    assert spills == [] and plain.carried is None and not plain.store.on_disk
     kept = analyze(model, targets, data, options, keep_inputs=True)
-    assert spills == [] and plain.carried is None and kept.carried is None
-    assert not kept.store.on_disk
+    assert len(spills) == 1 and kept.carried is not None and kept.carried.spill is spills[0]
     assert_same_sums(kept, plain)
+    kept.carried.close()
+    assert not spills[0].root.exists()
 
 
 def test_grouped_statistics_resume_from_checkpoint(small_lm, spill_everything, tmp_path):
