@@ -224,17 +224,44 @@ def test_compensated_closed_loop_reads_the_carried_inputs(small_lm, spill_everyt
 def test_a_small_model_carries_its_inputs_only_when_asked(small_lm, spills):
     """One statistics group: the graph computes the sums itself and no input is spilled, unless
     the caller keeps the inputs (a compensated closed loop reads the original's side from them
-    instead of running the original again); the sums are the same bits either way."""
+    instead of running the original again): each carried tensor, of every calibration and
+    held-out batch, is what onnxruntime computes for it, and the sums are the same bits."""
+    import onnxruntime as ort
+
+    from flarc.calib.carry import activations_model
+
     model, data = small_lm
     targets = find_targets(model)
     options = AnalysisOptions(two_sided=False)
     plain = analyze(model, targets, data, options)
     assert spills == [] and plain.carried is None and not plain.store.on_disk
     kept = analyze(model, targets, data, options, keep_inputs=True)
-    assert len(spills) == 1 and kept.carried is not None and kept.carried.spill is spills[0]
+    carried = kept.carried
+    assert len(spills) == 1 and carried is not None and carried.spill is spills[0]
     assert_same_sums(kept, plain)
-    kept.carried.close()
+    names = carried.spill.names
+    assert names and set(names) <= {u.input for t in targets.targets for u in t.all_uses}
+    probe = activations_model(model, names).SerializeToString()
+    session = ort.InferenceSession(probe, providers=["CPUExecutionProvider"])
+    for b, feed in enumerate([*data.calibration, *data.heldout]):
+        got = carried.calibration_values(b, names)
+        for name, want in zip(names, session.run(names, feed), strict=True):
+            np.testing.assert_allclose(got[name], want, rtol=1e-6, atol=1e-6, err_msg=name)
+    carried.close()
     assert not spills[0].root.exists()
+
+
+def test_a_carry_without_room_on_disk_leaves_the_sums_and_carries_nothing(small_lm, monkeypatch):
+    """Where the disk has no room for the carried inputs, nothing is carried (the closed loop
+    will run the original itself) and the sums are still the in-graph pass's bits."""
+    model, data = small_lm
+    targets = find_targets(model)
+    options = AnalysisOptions(two_sided=False)
+    plain = analyze(model, targets, data, options)
+    monkeypatch.setattr(flarc.calib.carry, "SPARE_BYTES", 1 << 62)
+    kept = analyze(model, targets, data, options, keep_inputs=True)
+    assert kept.carried is None
+    assert_same_sums(kept, plain)
 
 
 def test_grouped_statistics_resume_from_checkpoint(small_lm, spill_everything, tmp_path):
