@@ -147,7 +147,8 @@ def vit_setup():
 
 
 METHODS = {
-    # name: (analysis options, rank options(budget), closed loop, compensate[, validate fits])
+    # name: (analysis options, rank options(budget), closed loop, compensate[, compress's other
+    # keyword arguments])
     "plain SVD": (
         dict(whiten="none", shrinkage="none"),
         lambda b: RankOptions(ratio=b),
@@ -221,7 +222,15 @@ METHODS = {
         lambda b: RankOptions(budget=b),
         True,
         True,
+        dict(validate_fits=True),
+    ),
+    # The same with `--compensation-floor 0.4`: compensated fits trust the calibration less.
+    "flarc default + compensation, floor 0.4": (
+        dict(),
+        lambda b: RankOptions(budget=b),
         True,
+        True,
+        dict(compensation_floor=0.4),
     ),
     # The default rule's ranks, then plain closed-loop factors (`--closed-loop`).
     "flarc default + closed loop": (dict(), lambda b: RankOptions(budget=b), True, False),
@@ -285,7 +294,7 @@ def main() -> None:
         kept_rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     rows = []
     for method in args.methods:
-        a_opts, r_opts, closed, comp, *validate = METHODS[method]
+        a_opts, r_opts, closed, comp, *extra = METHODS[method]
         a_opts = {"sensitivity": uses_sensitivity(r_opts(args.budgets[0])), **a_opts}
         key = json.dumps(a_opts, sort_keys=True)
         if key not in analyses:
@@ -301,7 +310,7 @@ def main() -> None:
                 r_opts(budget),
                 closed_loop=data.calibration if closed else None,
                 compensate=comp,
-                validate_fits=bool(validate and validate[0]),
+                **(extra[0] if extra else {}),
             )
             seconds = time.perf_counter() - t1 + analysis_s
             session = open_session(result.model)

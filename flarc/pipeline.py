@@ -310,13 +310,15 @@ def compress(
     compensate: bool = False,
     progress: Progress | None = None,
     validate_fits: bool = False,
+    compensation_floor: float | None = None,
 ) -> CompressResult:
     """Choose ranks, rewrite the graph, check it, guard it, and compare it with the original.
 
     With ``closed_loop`` calibration feeds, the chosen targets are refactorized in closed loop
-    (:mod:`flarc.rewrite.closed_loop`), with error compensation when ``compensate``; with
-    ``validate_fits`` too, the analysis' held-out batches choose each target's compensated or
-    plain fit.
+    (:mod:`flarc.rewrite.closed_loop`), with error compensation when ``compensate`` (its fits'
+    least shrinkage intensity ``compensation_floor``, default
+    :data:`flarc.rewrite.analysis.COMPENSATION_SHRINKAGE`); with ``validate_fits`` too, the
+    analysis' held-out batches choose each target's compensated or plain fit.
     """
     weights = Weights(model)
     if not analysis.options.directions and (not closed_loop or options.reads_factors):
@@ -329,7 +331,14 @@ def compress(
         from flarc.rewrite.closed_loop import closed_loop_entries
 
         entries = closed_loop_entries(
-            model, analysis, ranks, closed_loop, compensate, progress, validate_fits
+            model,
+            analysis,
+            ranks,
+            closed_loop,
+            compensate,
+            progress,
+            validate_fits,
+            compensation_floor,
         )
         analysis = dataclasses.replace(analysis, entries=entries)
     factors = lazy_factors(analysis, ranks)

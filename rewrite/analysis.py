@@ -114,7 +114,7 @@ class TargetAnalysis:
 # calibration's span: at 0.05 instead of each target's estimate (mostly 0.0003-0.02), 20% cut,
 # Qwen2.5-0.5B 14.61 / 32.80 -> 14.42 / 29.36 perplexity in / out of domain, ViT-S/14 cosine
 # 0.9960 -> 0.9981, MiniLM 0.9728 / 0.9261 -> 0.9726 / 0.9290; at 0.2 ViT 0.9977, MiniLM 0.9670 /
-# 0.9227.
+# 0.9227. Past a 20% cut a calibration set of few images wants more (--compensation-floor).
 COMPENSATION_SHRINKAGE = 0.05
 
 
@@ -127,6 +127,7 @@ def analyze_target(
     output_diag: np.ndarray | None = None,
     device: str = "cpu",
     max_rank: int | None = None,
+    floor: float | None = None,
 ) -> TargetAnalysis:
     """Shrink the statistic, whiten, and take the SVD of one target's weight (as stored), its
     directions kept up to ``max_rank`` (default: the options' rule).
@@ -134,12 +135,12 @@ def analyze_target(
     With ``compensate`` (closed loop), ``moments`` hold the compressed model's rows and their
     cross-statistic with the original's; the cross-statistic is shrunk like the Gram (same
     intensity, same target ``mu I``), so identical activations give plain whitening exactly,
-    at an estimated intensity of at least ``COMPENSATION_SHRINKAGE``.
+    at an estimated intensity of at least ``floor`` (default ``COMPENSATION_SHRINKAGE``).
     A ``device`` other than ``cpu`` (a torch device, ``cuda``) whitens and decomposes there
     (:mod:`flarc.rewrite.device`; not with ``compensate``).
     """
     moments = moments.loaded()  # a stored Gram is read here, in the job, not by its submitter
-    floor = COMPENSATION_SHRINKAGE if compensate else 0.0
+    floor = (COMPENSATION_SHRINKAGE if floor is None else floor) if compensate else 0.0
     shrunk = shrink(moments, options.shrinkage, options.centered, options.shrinkage_lambda, floor)
     b = raw = weight_matrix(target, weight)
     root = None

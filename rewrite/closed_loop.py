@@ -73,10 +73,13 @@ def closed_loop_entries(
     compensate: bool = False,
     progress: Progress | None = None,
     validate: bool = False,
+    floor: float | None = None,
 ) -> dict[str, TargetAnalysis]:
     """Closed-loop spectra of every factorized target (others keep their open-loop entry), each
     kept up to its chosen rank. With ``compensate`` and ``validate``, the analysis' held-out
-    batches (where it has some) choose each target's compensated or plain fit."""
+    batches (where it has some) choose each target's compensated or plain fit; ``floor``: the
+    compensated fits' least shrinkage intensity (default
+    :data:`flarc.rewrite.analysis.COMPENSATION_SHRINKAGE`)."""
     progress = progress or NoProgress()
     owner = next((s for s in scopes(model)[1:]), None)
     if owner is not None:
@@ -144,7 +147,9 @@ def closed_loop_entries(
             if held_rows:
                 # The plain fit as --closed-loop makes it: the compressed model's Gram alone.
                 fits = [
-                    analyze_target(t, weight, stats[t.stat_key], options, c, diag, max_rank=rank)
+                    analyze_target(
+                        t, weight, stats[t.stat_key], options, c, diag, max_rank=rank, floor=floor
+                    )
                     for c in (True, False)
                 ]
                 errors = heldout_errors(held_rows, t, weight, fits, rank, diag)
@@ -152,7 +157,14 @@ def closed_loop_entries(
                 plain += entry is fits[1]
             else:
                 entry = analyze_target(
-                    t, weight, stats[t.stat_key], options, compensate, diag, max_rank=rank
+                    t,
+                    weight,
+                    stats[t.stat_key],
+                    options,
+                    compensate,
+                    diag,
+                    max_rank=rank,
+                    floor=floor,
                 )
             del weight
             if compensate and entry.rows < t.n and entry.lam < WEAK_SHRINKAGE:

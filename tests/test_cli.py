@@ -455,6 +455,14 @@ def test_preset_best_refits_closed_loop_and_fast_does_not(tmp_path, mlp, capsys)
     assert "--validate-fits" in capsys.readouterr().err
     assert not (tmp_path / "v.onnx").exists()
     assert "closed loop" in stages("--validate-fits")
+    # --compensation-floor shrinks compensated fits: refused on the open loop and outside [0, 1].
+    for extra in (["--preset", "fast"], ["--compensation-floor", "1.5"]):
+        argv = ["compress", str(mlp), "-o", str(tmp_path / "f.onnx"), "--calib",
+                str(tmp_path / "calib.npz"), "--compensation-floor", "0.4", *extra]  # fmt: skip
+        assert main(argv) != 0
+        assert "--compensation-floor" in capsys.readouterr().err
+        assert not (tmp_path / "f.onnx").exists()
+    assert "closed loop" in stages("--compensation-floor", "0.4")
 
 
 def test_a_large_compress_removes_its_temporaries_while_it_writes(

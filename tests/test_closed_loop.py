@@ -421,6 +421,31 @@ def test_a_compensated_fit_shrinks_at_least_compensation_shrinkage():
     np.testing.assert_allclose(compensated.spectrum.sigma, expected.sigma, rtol=1e-10)
     (a1, c1), (a2, c2) = compensated.spectrum.factors(k), expected.factors(k)
     np.testing.assert_allclose(a1 @ c1, a2 @ c2, rtol=1e-8, atol=1e-10)
+    # Another floor (--compensation-floor): that intensity, the same identity.
+    raised = analyze_target(t, b, moments, options, compensate=True, max_rank=k, floor=0.4)
+    assert raised.lam == 0.4
+    w, _ = whitener(shrink(moments, lam=0.4).covariance)
+    (a1, c1), (a2, c2) = raised.spectrum.factors(k), whitened_svd(b, w).factors(k)
+    np.testing.assert_allclose(a1 @ c1, a2 @ c2, rtol=1e-8, atol=1e-10)
+    assert analyze_target(t, b, moments, options, floor=0.4).lam == open_loop.lam
+
+
+def test_the_compensation_floor_reaches_every_compensated_fit(setup):
+    """``closed_loop_entries(floor=...)`` is the least intensity of every compensated fit; the
+    default is COMPENSATION_SHRINKAGE (with Ledoit-Wolf: a fixed or no shrinkage has no floor)."""
+    import dataclasses
+
+    from flarc.rewrite.analysis import COMPENSATION_SHRINKAGE
+
+    model, feeds, analysis = setup
+    options = dataclasses.replace(analysis.options, shrinkage="ledoit-wolf")
+    analysis = dataclasses.replace(analysis, options=options)
+    ranks = {t.name: RankChoice(8, "test") for t in analysis.targets}
+    default = closed_loop_entries(model, analysis, ranks, feeds, compensate=True)
+    raised = closed_loop_entries(model, analysis, ranks, feeds, compensate=True, floor=0.6)
+    assert all(default[t.name].lam >= COMPENSATION_SHRINKAGE for t in analysis.targets)
+    assert any(default[t.name].lam < 0.6 for t in analysis.targets)
+    assert all(raised[t.name].lam >= 0.6 for t in analysis.targets)
 
 
 def test_held_out_batches_choose_between_the_compensated_and_the_plain_fit(

@@ -69,6 +69,14 @@ class Compress(Command):
                 "--validate-fits chooses between closed-loop fits: it needs the compensated "
                 "closed loop (--preset best or --compensate) and calibration data"
             )
+        floor = args.compensation_floor
+        if floor is not None and not compensate:
+            raise OptionError(
+                "--compensation-floor shrinks compensated fits: it needs the compensated closed "
+                "loop (--preset best or --compensate) and calibration data"
+            )
+        if floor is not None and not 0.0 <= floor <= 1.0:
+            raise OptionError(f"--compensation-floor {floor} is outside [0, 1]")
         options = RANKS.parse(args)
         # The closed loop refits every factorized target: the open loop's directions go unread.
         directions = not closed or options.reads_factors
@@ -77,7 +85,15 @@ class Compress(Command):
         options = LATENCY.parse(args, options, model, analysis, shapes, progress)
         loop = data.calibration if closed and data is not None else None
         result = compress(
-            model, analysis, options, args.force, loop, compensate, progress, args.validate_fits
+            model,
+            analysis,
+            options,
+            args.force,
+            loop,
+            compensate,
+            progress,
+            args.validate_fits,
+            floor,
         )
         # The analysis' temporaries are dead now: removed while the model is written.
         with removing_meanwhile([analysis.close]):
