@@ -144,29 +144,19 @@ def closed_loop_entries(
             diag = (analysis.output_diag or {}).get(t.name) if options.two_sided else None
             rank = ranks[t.name].rank
             weight = stored.consumed(t)
-            if held_rows:
-                # The plain fit as --closed-loop makes it: the compressed model's Gram alone.
-                fits = [
-                    analyze_target(
-                        t, weight, stats[t.stat_key], options, c, diag, max_rank=rank, floor=floor
-                    )
-                    for c in (True, False)
-                ]
-                errors = heldout_errors(held_rows, t, weight, fits, rank, diag)
-                entry = fits[int(np.argmin(errors))]
-                plain += entry is fits[1]
-            else:
-                entry = analyze_target(
-                    t,
-                    weight,
-                    stats[t.stat_key],
-                    options,
-                    compensate,
-                    diag,
-                    max_rank=rank,
-                    floor=floor,
+            # With held-out rows, also the plain fit as --closed-loop makes it (the compressed
+            # model's Gram alone), and the one with the lower held-out error is kept.
+            fits = [
+                analyze_target(
+                    t, weight, stats[t.stat_key], options, c, diag, max_rank=rank, floor=floor
                 )
-            del weight
+                for c in ((True, False) if held_rows else (compensate,))
+            ]
+            entry = fits[0]
+            if held_rows:
+                entry = fits[int(np.argmin(heldout_errors(held_rows, t, weight, fits, rank, diag)))]
+                plain += entry is fits[1]
+            del weight, fits
             if compensate and entry.rows < t.n and entry.lam < WEAK_SHRINKAGE:
                 underdetermined.append(entry)
             a, c = entry.spectrum.factors(rank)
@@ -223,18 +213,19 @@ def heldout_errors(
     two-sided whitening's column weights (:func:`flarc.rewrite.analysis.output_root`; 1 without
     ``output_diag``): the error a compensated fit minimises on its own rows, measured where no
     fit was made."""
-    factors = [f.spectrum.factors(rank) for f in fits]
-    b = weight_matrix(target, weight)
-    root = None if output_diag is None else output_root(output_diag)
+    # Every batch's rows come from one statistics graph: one type, converted to once.
+    dtype = np.result_type(held_rows[0][target.stat_key]["rows"].dtype, np.float32)
+    factors = [[x.astype(dtype) for x in f.spectrum.factors(rank)] for f in fits]
+    b = weight_matrix(target, weight).astype(dtype)
+    root = None if output_diag is None else output_root(output_diag).astype(dtype)
     totals = [0.0] * len(fits)
     for values in held_rows:
         rows, partner = values[target.stat_key]["rows"], values[target.stat_key]["partner_rows"]
-        dtype = np.result_type(rows.dtype, np.float32)
-        wanted = partner @ b.astype(dtype)  # the original's output, shared by the fits
+        wanted = partner @ b  # the original's output, shared by the fits
         for i, (a, c) in enumerate(factors):
-            residual = (rows @ a.astype(dtype)) @ c.astype(dtype) - wanted
+            residual = (rows @ a) @ c - wanted
             if root is not None:
-                residual *= root.astype(dtype)
+                residual *= root
             totals[i] += float(np.einsum("ij,ij->", residual, residual, dtype=np.float64))
     return totals
 
