@@ -4,7 +4,10 @@ Runs the model's CLI command in a child process, its progress redirected to a lo
 line per stage), and reports per preset: wall time, peak RSS (the child's), the time of each
 stage read from the log lines (a stage's ``started`` to its ``done``, whole seconds; the
 statistics groups summed), what falls between stages (start-up, loading, tokenizing, the
-tables, exit), and the written model's quality in and out of domain.
+tables, exit), the child's CPU seconds in user and kernel mode and the bytes it wrote (on the
+2-core virtual machines we measure on, fresh memory is slow: writing a new file costs 3-6 s of
+kernel time per GB, so the kernel's share says where wall time goes beyond the arithmetic),
+and the written model's quality in and out of domain.
 
 - ``qwen``: Qwen2.5-Coder-0.5B, the README's command (packed text, ``--seq-len 128
   --batch-size 4 --max-batches 8 --exclude lm_head``), perplexity on `bench/quality_lm.py`'s
@@ -210,6 +213,8 @@ def run_preset(base: list[str], preset: str, budget: float, work: Path) -> dict:
     peak = usage.ru_maxrss / 2**20  # KiB -> GiB
     stages = stage_times(text)
     return {"preset": preset, "budget": budget, "wall_s": round(wall, 1), "peak_rss_gib": round(peak, 2),
+            "user_s": round(usage.ru_utime, 1), "system_s": round(usage.ru_stime, 1),
+            "written_gib": round(usage.ru_oublock * 512 / 2**30, 2),  # 512-byte blocks
             "stages_s": stages, "other_s": round(wall - sum(stages.values()), 1), "output": out}  # fmt: skip
 
 
@@ -262,6 +267,9 @@ def main() -> int:
         "| wall s | " + " | ".join(str(r["wall_s"]) for r in rows) + " |",
         "| peak RSS GiB (/ model files) | "
         + " | ".join(f"{r['peak_rss_gib']} ({r['peak_rss_gib'] / file_gib:.2f}x)" for r in rows) + " |",
+        "| CPU s user / kernel | "
+        + " | ".join(f"{r['user_s']} / {r['system_s']}" for r in rows) + " |",
+        "| written GiB | " + " | ".join(str(r["written_gib"]) for r in rows) + " |",
         f"| {workload.metric} in / out of domain | "
         + " | ".join(f"{r['in_domain']} / {r['out_of_domain']}" for r in rows) + " |",
     ]  # fmt: skip
