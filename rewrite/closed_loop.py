@@ -10,7 +10,8 @@ compressed activations (:func:`flarc.rewrite.spectrum.compensated_svd`), the ori
 running beside the compressed one (or, where the statistics carried the original's inputs to
 disk, read from there); the cross-statistic is shrunk like the Gram (same
 intensity, same target ``mu I``), so identical activations give plain whitening exactly; an
-estimated intensity is at least :data:`flarc.rewrite.analysis.COMPENSATION_SHRINKAGE`.
+estimated intensity is at least :data:`flarc.rewrite.analysis.COMPENSATION_SHRINKAGE` (or
+``floor``, ``--compensation-floor``).
 With ``validate`` (``--validate-fits``) and held-out batches, the segments run on them too, and
 each target keeps its compensated fit or its plain one (the compressed model's Gram alone, its
 own shrinkage, as ``--closed-loop`` fits it) by the lower compensation error on those batches
